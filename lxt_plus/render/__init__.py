@@ -1,0 +1,111 @@
+"""Renderers for explanations: HTML, terminal, matplotlib, LaTeX, and saving by file suffix.
+
+Every renderer uses the diverging colour scale of :mod:`lxt_plus.render.colors`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import InputError
+
+if TYPE_CHECKING:
+    from ..result import Explanation, GenerationExplanation
+
+__all__ = ["save_explanation", "save_generation"]
+
+EXPLANATION_SUFFIXES = (".png", ".pdf", ".svg", ".html", ".json", ".tex")
+GENERATION_SUFFIXES = (".png", ".pdf", ".svg", ".html", ".json")
+_IMAGE = (".png", ".pdf", ".svg")
+
+
+def _suffix(path: str | os.PathLike[str], valid: tuple[str, ...], what: str) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in valid:
+        raise InputError(f"cannot save {what} as {str(path)!r}: unknown suffix {suffix or '(none)'!r}; "
+                         f"use one of {', '.join(valid)}")
+    return suffix
+
+
+def _page(fragment: str, title: str) -> str:
+    from html import escape
+
+    return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{escape(title)}</title></head>\n'
+            f"<body>{fragment}</body></html>\n")
+
+
+def _save_figure(fig: Any, path: str | os.PathLike[str], dpi: int) -> None:
+    fig.savefig(path, dpi=dpi, bbox_inches="tight", facecolor="white")
+
+
+def save_explanation(exp: Explanation, path: str | os.PathLike[str], dpi: int = 150, **kw: Any) -> None:
+    """Save an explanation, the format chosen by the suffix of ``path``.
+
+    Parameters
+    ----------
+    exp:
+        The explanation.
+    path:
+        Ends in ``.png``/``.pdf``/``.svg`` (matplotlib figure), ``.html`` (a page around
+        :func:`~lxt_plus.render.html.explanation_html`), ``.json`` (:func:`~lxt_plus.serialize.explanation_to_dict`)
+        or ``.tex`` (:func:`~lxt_plus.render.latex.explanation_latex`).
+    dpi:
+        Resolution of ``.png`` files.
+    **kw:
+        Passed on to the renderer (``row``, ``normalize``, ``words``), or to :func:`json.dumps` for ``.json``.
+
+    Raises
+    ------
+    InputError
+        For any other suffix.
+    """
+    suffix = _suffix(path, EXPLANATION_SUFFIXES, "an explanation")
+    if suffix in _IMAGE:
+        from .mpl import plot_explanation
+
+        _save_figure(plot_explanation(exp, **kw), path, dpi)
+        return
+    if suffix == ".html":
+        from .html import explanation_html
+
+        text = _page(explanation_html(exp, **kw), f"lxt_plus: {exp.targets[0].describe()}")
+    elif suffix == ".json":
+        from ..serialize import explanation_to_dict
+
+        text = json.dumps(explanation_to_dict(exp), **kw)
+    else:
+        from .latex import explanation_latex
+
+        text = explanation_latex(exp, **kw)
+    Path(path).write_text(text, encoding="utf-8")
+
+
+def save_generation(gen: GenerationExplanation, path: str | os.PathLike[str], dpi: int = 150, **kw: Any) -> None:
+    """Save a generation explanation as ``.png``/``.pdf``/``.svg``, ``.html`` (interactive) or ``.json``.
+
+    ``**kw`` goes to the renderer (:func:`~lxt_plus.render.mpl.plot_generation`,
+    :func:`~lxt_plus.render.html.generation_html`) or to :func:`json.dumps`.
+
+    Raises
+    ------
+    InputError
+        For any other suffix.
+    """
+    suffix = _suffix(path, GENERATION_SUFFIXES, "a generation explanation")
+    if suffix in _IMAGE:
+        from .mpl import plot_generation
+
+        _save_figure(plot_generation(gen, **kw), path, dpi)
+        return
+    if suffix == ".html":
+        from .html import generation_html
+
+        text = _page(generation_html(gen, **kw), "lxt_plus: generation")
+    else:
+        from ..serialize import generation_to_dict
+
+        text = json.dumps(generation_to_dict(gen), **kw)
+    Path(path).write_text(text, encoding="utf-8")

@@ -1,0 +1,73 @@
+"""What every renderer needs: row selection, display strings, header fields."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import InputError, MissingDependencyError
+from ..words import NEWLINE_SYMBOL, detect_scheme, display_token
+
+if TYPE_CHECKING:
+    from ..result import Explanation
+
+
+def require(module: str, feature: str) -> Any:
+    """Import an optional dependency or say how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        package = module.split(".")[0]
+        raise MissingDependencyError(f"{feature} needs {package}; install it with "
+                                     f"`pip install {package}` or `pip install lxt_plus[demo]`") from exc
+
+
+def row_indices(exp: Explanation, row: int | None) -> list[int]:
+    """Rows to render: ``row`` alone (range-checked), or every row of a batch when ``row`` is None."""
+    n = len(exp)
+    if row is None:
+        return [0] if exp.single else list(range(n))
+    if not -n <= row < n:
+        raise InputError(f"row {row} is out of range for an explanation of {n} row(s)")
+    return [row % n]
+
+
+def row_items(exp: Explanation, r: int, words: bool = False) -> tuple[list[str], torch.Tensor]:
+    """Display strings and ``(n,)`` float relevance of row ``r`` (padding dropped).
+
+    Token strings keep their leading space; WordPiece word starts and merged words get one, so the
+    strings concatenate to readable text.
+    """
+    if exp.modality == "pixels":
+        raise InputError("pixel relevance has no tokens to show; plot it or save it as .png/.pdf/.svg")
+    if exp.modality != "tokens":
+        toks, rel = exp.real_tokens(r)
+        texts = [t if i == 0 else " " + t for i, t in enumerate(toks)]
+    elif words:
+        toks, rel = exp.words(r)
+        texts = [t if i == 0 or toks[i - 1] == NEWLINE_SYMBOL else " " + t for i, t in enumerate(toks)]
+    else:
+        toks, rel = exp.real_tokens(r)
+        texts = [display_token(t) for t in toks]
+        if detect_scheme(toks) == "wordpiece":
+            texts = [s if i == 0 or (t.startswith("##") and len(t) > 2) else " " + s
+                     for i, (s, t) in enumerate(zip(texts, toks, strict=True))]
+    return texts, rel.detach().float().cpu()
+
+
+def header_fields(exp: Explanation, r: int) -> list[tuple[str, str]]:
+    """(name, value) pairs describing row ``r``: target, preset, logit, probability, relevance sum."""
+    fields = [("target", exp.targets[r].describe()), ("preset", exp.rules),
+              ("logit", f"{float(exp.target_logit[r]):.4g}")]
+    if exp.probability is not None:
+        fields.append(("p", f"{float(exp.probability[r]):.3g}"))
+    total = float(exp.batch_relevance[r].detach().float().sum())
+    fields.append(("relevance sum", f"{total:.4g}"))
+    return fields
+
+
+def legend_labels(limit: float) -> tuple[str, str, str]:
+    """Labels of the legend's left end, middle and right end for colour limit ``limit``."""
+    return f"-{limit:.3g}", "0", f"+{limit:.3g}"

@@ -1,0 +1,192 @@
+"""Self-contained HTML views: a token heatmap and an interactive view of a generation.
+
+Fragments carry their own CSS and script and load nothing from outside; every piece of text is
+HTML-escaped and embedded JSON cannot close its ``<script>`` element.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import uuid
+from html import escape
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..words import NEWLINE_SYMBOL, display_token
+from ..words import normalize as _normalize
+from . import colors
+from ._common import header_fields, legend_labels, row_indices, row_items
+
+if TYPE_CHECKING:
+    from ..result import Explanation, GenerationExplanation
+
+__all__ = ["explanation_html", "generation_html"]
+
+_CSS = """<style>
+.lxt{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;color:#1f2328;background:#fff;
+ padding:8px 10px;line-height:1.5;max-width:100%}
+.lxt-row{margin-bottom:12px}
+.lxt-head{font-size:12px;color:#57606a;margin-bottom:4px}
+.lxt-head b{color:#1f2328;font-weight:600}
+.lxt-tokens{font-size:15px;white-space:pre-wrap;word-wrap:break-word;line-height:1.9}
+.lxt-tok{border-radius:3px;padding:1px 0;margin:0 1px}
+.lxt-gen-tok{cursor:pointer;border-bottom:2px dotted #8c959f}
+.lxt-sel{outline:2px solid #1f2328;outline-offset:1px}
+.lxt-legend{margin-top:6px;font-size:11px;color:#57606a;width:240px}
+.lxt-bar{height:12px;border:1px solid #d0d7de;border-radius:2px}
+.lxt-labels{display:flex;justify-content:space-between}
+</style>"""
+
+
+def _legend(limit: float, ids: bool = False) -> str:
+    lo, mid, hi = legend_labels(limit)
+    lo_attr, hi_attr = (' class="lxt-lo"', ' class="lxt-hi"') if ids else ("", "")
+    return (f'<div class="lxt-legend" dir="ltr"><div class="lxt-bar" style="background:{colors.css_gradient()}">'
+            f'</div><div class="lxt-labels"><span{lo_attr}>{escape(lo)}</span><span>{mid}</span>'
+            f'<span{hi_attr}>{escape(hi)}</span></div></div>')
+
+
+def _span(text: str, value: float, norm: float, cls: str = "lxt-tok") -> str:
+    style = f"background:{colors.hex_color(norm)};color:{colors.text_color(norm)}"
+    span = (f'<span class="{cls}" style="{style}" title="relevance {value:+.6g}">'
+            f"{escape(text)}</span>")
+    return span + ("<br>" if NEWLINE_SYMBOL in text else "")
+
+
+def _header(fields: list[tuple[str, str]]) -> str:
+    return '<div class="lxt-head">' + " &middot; ".join(
+        f"{escape(name)} <b>{escape(value)}</b>" for name, value in fields) + "</div>"
+
+
+def _pixels_html(exp: Explanation, r: int, normalize: str) -> str:
+    from .mpl import plot_explanation
+
+    fig = plot_explanation(exp, row=r, normalize=normalize)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return f'<img alt="relevance heatmap" src="data:image/png;base64,{data}">'
+
+
+def explanation_html(exp: Explanation, row: int | None = None, normalize: str = "max",
+                     words: bool = False) -> str:
+    """The explanation as a self-contained HTML fragment.
+
+    Each token is a ``<span>`` coloured by its normalised relevance (red positive, blue negative,
+    white zero) whose ``title`` (hover) gives the exact value; a header names the target, preset,
+    logit and relevance sum, and a legend maps colours to values.
+
+    Parameters
+    ----------
+    exp:
+        The explanation.
+    row:
+        Row of a batch to show; ``None`` shows every row.
+    normalize:
+        ``"max"``, ``"sum"`` or ``"none"``, see :func:`lxt_plus.words.normalize`; applied per row.
+    words:
+        Merge sub-word tokens into words first (relevance summed).
+
+    Returns
+    -------
+    str
+        HTML without external resources, safe to embed (all text is escaped).
+    """
+    parts = [f'<div class="lxt">{_CSS}']
+    for r in row_indices(exp, row):
+        parts.append('<div class="lxt-row">' + _header(header_fields(exp, r)))
+        if exp.modality == "pixels":
+            parts.append(_pixels_html(exp, r, normalize) + "</div>")
+            continue
+        texts, rel = row_items(exp, r, words)
+        norm = _normalize(rel, normalize)
+        spans = "".join(_span(t, float(v), float(n)) for t, v, n in zip(texts, rel, norm, strict=True))
+        parts.append(f'<div class="lxt-tokens" dir="auto">{spans}</div>')
+        parts.append(_legend(colors.color_limit(rel, normalize)) + "</div>")
+    return "".join(parts) + "</div>"
+
+
+def _safe_json(data: object) -> str:
+    """JSON that cannot end a ``<script>`` element or open an HTML comment."""
+    text = json.dumps(data, ensure_ascii=False, allow_nan=False)
+    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                    ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(ch, esc)
+    return text
+
+
+_SCRIPT = """(function(){
+var root=document.getElementById(%s);if(!root)return;
+var d=JSON.parse(root.querySelector('script.lxt-data').textContent);
+var toks=root.querySelectorAll('.lxt-tok');
+function fmt(v){return (v>0?'+':'')+Number(v.toPrecision(6));}
+function show(t){
+ var norm=d.norm[t],raw=d.raw[t],sel=d.start+t;
+ for(var i=0;i<toks.length;i++){
+  var k=Math.round((Math.max(-1,Math.min(1,norm[i]))+1)*d.half);
+  toks[i].style.background=d.bg[k];toks[i].style.color=d.fg[k];
+  toks[i].title='relevance '+fmt(raw[i]);
+  toks[i].classList.toggle('lxt-sel',i===sel);
+ }
+ root.querySelector('.lxt-target').textContent=JSON.stringify(d.tokens[sel]);
+ root.querySelector('.lxt-logit').textContent=d.logits[t];
+ root.querySelector('.lxt-lo').textContent=d.lo[t];
+ root.querySelector('.lxt-hi').textContent=d.hi[t];
+}
+for(var i=d.start;i<toks.length;i++){(function(t){
+ toks[d.start+t].addEventListener('mouseenter',function(){show(t);});
+ toks[d.start+t].addEventListener('click',function(){show(t);});
+})(i-d.start);}
+})();"""
+
+
+def generation_html(gen: GenerationExplanation, normalize: str = "max") -> str:
+    """An interactive HTML view of a generation.
+
+    Shows the prompt and generated tokens; hovering or clicking a generated token colours the sequence
+    by that token's row of ``gen.matrix``. The first generated token is shown initially (also without
+    JavaScript).
+
+    Parameters
+    ----------
+    gen:
+        The generation explanation.
+    normalize:
+        ``"max"``, ``"sum"`` or ``"none"``, applied to each row of the matrix.
+
+    Returns
+    -------
+    str
+        A self-contained HTML fragment with a small inline script; token text is escaped and the
+        embedded JSON data cannot break out of its ``<script>`` element.
+    """
+    matrix = gen.matrix.detach().float().cpu()
+    texts = [display_token(t) for t in gen.tokens]
+    n_gen, start = matrix.shape[0], gen.prompt_length
+    norm = torch.stack([_normalize(m, normalize) for m in matrix]) if n_gen else matrix
+    limits = [legend_labels(colors.color_limit(m, normalize)) for m in matrix]
+    logits = [f"{float(v):.4g}" for v in gen.target_logit]
+    bg, fg = colors.palette()
+    data = {"start": start, "half": (len(bg) - 1) // 2, "bg": bg, "fg": fg, "tokens": texts,
+            "norm": [[round(float(v), 4) for v in row] for row in torch.nan_to_num(norm)],
+            "raw": [[float(f"{float(v):.6g}") for v in row] for row in torch.nan_to_num(matrix)],
+            "logits": logits, "lo": [x[0] for x in limits], "hi": [x[2] for x in limits]}
+    uid = f"lxt-gen-{uuid.uuid4().hex[:12]}"
+    spans = []
+    for i, text in enumerate(texts):
+        cls = "lxt-tok" + (" lxt-gen-tok" if i >= start else "") + (" lxt-sel" if i == start else "")
+        raw, value = (float(matrix[0, i]), float(norm[0, i])) if n_gen else (0.0, 0.0)
+        spans.append(_span(text, raw, value, cls))
+    first = json.dumps(texts[start], ensure_ascii=False) if n_gen else "-"
+    head = (f'<div class="lxt-head">preset <b>{escape(gen.rules)}</b> &middot; explaining '
+            f'<b class="lxt-target">{escape(first)}</b> &middot; logit <b class="lxt-logit">'
+            f'{escape(logits[0] if n_gen else "-")}</b> &middot; hover or click a generated '
+            f"(underlined) token</div>")
+    limit = colors.color_limit(matrix[0], normalize) if n_gen else 1.0
+    return (f'<div class="lxt" id="{uid}">{_CSS}{head}<div class="lxt-tokens" dir="auto">{"".join(spans)}'
+            f"</div>{_legend(limit, ids=True)}"
+            f'<script type="application/json" class="lxt-data">{_safe_json(data)}</script>'
+            f"<script>{_SCRIPT % json.dumps(uid)}</script></div>")

@@ -1,0 +1,203 @@
+"""Matplotlib figures: token heatmaps, pixel heatmaps, feature bars and the generation matrix.
+
+Figures are built with :class:`matplotlib.figure.Figure` directly (no pyplot state), so they work on any
+backend, headless included.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import InputError
+from ..words import NEWLINE_SYMBOL, display_token
+from ..words import normalize as _normalize
+from . import colors
+from ._common import header_fields, legend_labels, require, row_indices, row_items
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from ..result import Explanation, GenerationExplanation
+
+__all__ = ["plot_explanation", "plot_generation"]
+
+FONT_SIZE = 10.0
+CHAR_W = 0.602 * FONT_SIZE / 72  # inches per monospace character
+LINE_H = 2.0 * FONT_SIZE / 72  # inches per text line
+WRAP = 80  # characters per line of a new figure
+LEGEND_W = 30  # characters
+
+
+def _figure(size: tuple[float, float]) -> Figure:
+    require("matplotlib", "plotting")
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=size, layout="constrained")
+
+
+def _title(exp: Explanation, r: int) -> str:
+    return "   ".join(f"{name}: {value}" for name, value in header_fields(exp, r))
+
+
+def _layout(texts: list[str], wrap: int) -> tuple[list[tuple[float, int, float, str]], int]:
+    """Place token boxes on lines: (x, line, width, label) each, and the number of lines."""
+    boxes, x, line = [], 0.0, 0
+    for text in texts:
+        label = text.strip() or "\u2423"  # ␣ for whitespace tokens
+        w = len(label) + 0.6
+        if x > 0 and x + w > wrap:
+            x, line = 0.0, line + 1
+        boxes.append((x, line, w, label))
+        x += w + 0.35
+        if NEWLINE_SYMBOL in text:
+            x, line = 0.0, line + 1
+    return boxes, line + 1 if boxes else 1
+
+
+def _draw_tokens(ax: Axes, texts: list[str], rel: torch.Tensor, normalize: str, wrap: int) -> None:
+    from matplotlib.patches import FancyBboxPatch
+
+    boxes, lines = _layout(texts, wrap)
+    for (x, line, w, label), v in zip(boxes, _normalize(rel, normalize).tolist(), strict=True):
+        ax.add_patch(FancyBboxPatch((x, -line - 0.8), w, 0.6, boxstyle="round,pad=0,rounding_size=0.12",
+                                    facecolor=colors.hex_color(v), edgecolor="#d0d7de", linewidth=0.4))
+        ax.text(x + w / 2, -line - 0.5, label, ha="center", va="center", family="monospace",
+                fontsize=FONT_SIZE, color=colors.text_color(v))
+    # legend: gradient bar with -limit / 0 / +limit labels on a line of its own
+    y = -lines - 0.9
+    x0 = max(0.0, (wrap - LEGEND_W) / 2)
+    ax.imshow(torch.linspace(-1, 1, 256)[None].numpy(), cmap=colors.colormap(), vmin=-1, vmax=1,
+              extent=(x0, x0 + LEGEND_W, y - 0.35, y), aspect="auto", interpolation="bilinear")
+    for xpos, label, ha in zip((x0, x0 + LEGEND_W / 2, x0 + LEGEND_W),
+                               legend_labels(colors.color_limit(rel, normalize)), ("left", "center", "right"),
+                               strict=True):
+        ax.text(xpos, y - 0.5, label, ha=ha, va="top", fontsize=FONT_SIZE * 0.8, color="#57606a")
+    ax.set_xlim(-0.3, wrap + 0.3)
+    ax.set_ylim(-lines - 2.0, 0.0)
+    ax.set_axis_off()
+
+
+def _draw_pixels(fig: Figure, ax: Axes, rel: torch.Tensor, normalize: str) -> None:
+    img = _normalize(rel, normalize)
+    lim = float(img.abs().max()) or 1.0
+    im = ax.imshow(img.numpy(), cmap="bwr", vmin=-lim, vmax=lim, interpolation="nearest")
+    ax.set_axis_off()
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="relevance")
+
+
+def _draw_features(ax: Axes, names: list[str], rel: torch.Tensor, normalize: str) -> None:
+    vals = _normalize(rel, normalize)
+    shade = _normalize(rel, "max")
+    ax.barh(range(len(names)), vals.tolist(), color=[colors.hex_color(v) for v in shade.tolist()],
+            edgecolor="#57606a", linewidth=0.5)
+    ax.axvline(0, color="#1f2328", linewidth=0.8)
+    ax.set_yticks(range(len(names)), [n.strip() for n in names])
+    ax.invert_yaxis()
+    ax.set_xlabel("relevance" + ("" if normalize == "none" else f" (normalised: {normalize})"))
+
+
+def plot_explanation(exp: Explanation, row: int | None = None, normalize: str = "max", words: bool = False,
+                     ax: Axes | None = None) -> Figure:
+    """Plot an explanation.
+
+    Tokens are drawn as coloured boxes wrapped over lines with a colour legend; pixel relevance
+    (``(H, W)`` per row) as an image with a symmetric ``bwr`` colour scale and a colour bar; features as a
+    horizontal signed bar chart.
+
+    Parameters
+    ----------
+    exp:
+        The explanation.
+    row:
+        Row of a batch to plot; ``None`` plots every row (one axes each).
+    normalize:
+        ``"max"``, ``"sum"`` or ``"none"``, applied per row.
+    words:
+        Merge sub-word tokens into words first (tokens only).
+    ax:
+        Axes to draw into (one row only); a new figure is made when ``None``.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    rows = row_indices(exp, row)
+    if ax is not None and len(rows) > 1:
+        raise InputError(f"ax= takes one row but the explanation has {len(rows)}; pass row= as well")
+    items = [row_items(exp, r, words) if exp.modality != "pixels" else ([], torch.empty(0)) for r in rows]
+    if ax is not None:
+        fig = ax.figure
+        axes = [ax]
+        wrap = max(10, int(ax.get_position().width * fig.get_figwidth() / CHAR_W))
+    else:
+        wrap = WRAP
+        if exp.modality == "tokens":
+            heights = [(_layout(texts, wrap)[1] + 3.2) * LINE_H for texts, _ in items]
+            fig = _figure(((wrap + 1) * CHAR_W + 0.3, sum(heights)))
+            axes = list(fig.subplots(len(rows), 1, squeeze=False,
+                                     gridspec_kw={"height_ratios": heights})[:, 0])
+        elif exp.modality == "pixels":
+            fig = _figure((4.2 * len(rows), 3.8))
+            axes = list(fig.subplots(1, len(rows), squeeze=False)[0])
+        else:
+            n = max(len(texts) for texts, _ in items)
+            fig = _figure((6.0, (0.3 * n + 1.2) * len(rows)))
+            axes = list(fig.subplots(len(rows), 1, squeeze=False)[:, 0])
+    for a, r, (texts, rel) in zip(axes, rows, items, strict=True):
+        if exp.modality == "tokens":
+            _draw_tokens(a, texts, rel, normalize, wrap)
+        elif exp.modality == "pixels":
+            _draw_pixels(fig, a, exp.batch_relevance[r].detach().float().cpu(), normalize)
+        else:
+            _draw_features(a, texts, rel, normalize)
+        a.set_title(_title(exp, r), fontsize=FONT_SIZE * 0.85, loc="left", color="#1f2328")
+    return fig
+
+
+def plot_generation(gen: GenerationExplanation, ax: Axes | None = None, normalize: str = "none") -> Figure:
+    """The generation matrix as an image.
+
+    Rows are generated tokens, columns all tokens (prompt, then generated, split by a dashed line);
+    symmetric ``bwr`` colour scale with a colour bar.
+
+    Parameters
+    ----------
+    gen:
+        The generation explanation.
+    ax:
+        Axes to draw into; a new figure is made when ``None``.
+    normalize:
+        ``"none"`` (raw relevance), or ``"max"``/``"sum"`` applied to each row.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    matrix = gen.matrix.detach().float().cpu()
+    if normalize != "none":
+        matrix = torch.stack([_normalize(m, normalize) for m in matrix]) if len(matrix) else matrix
+    n_gen, n_all = matrix.shape
+    if ax is None:
+        fig = _figure((max(4.0, 0.24 * n_all + 2.0), max(2.5, 0.24 * n_gen + 1.8)))
+        ax = fig.subplots()
+    else:
+        fig = ax.figure
+    lim = float(matrix.abs().max()) if matrix.numel() else 0.0
+    im = ax.imshow(matrix.numpy(), cmap="bwr", vmin=-(lim or 1.0), vmax=lim or 1.0, aspect="auto",
+                   interpolation="nearest")
+
+    def short(tok: str) -> str:
+        text = display_token(tok).strip() or "\u2423"
+        return text if len(text) <= 12 else text[:11] + "\u2026"
+
+    ax.set_xticks(range(n_all), [short(t) for t in gen.tokens], rotation=90, fontsize=8)
+    ax.set_yticks(range(n_gen), [short(t) for t in gen.generated_tokens], fontsize=8)
+    ax.axvline(gen.prompt_length - 0.5, color="#1f2328", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("source token")
+    ax.set_ylabel("generated token")
+    ax.set_title(f"preset: {gen.rules}", fontsize=9, loc="left")
+    fig.colorbar(im, ax=ax, label="relevance" + ("" if normalize == "none" else f" ({normalize})"))
+    return fig

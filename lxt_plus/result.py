@@ -1,0 +1,311 @@
+"""The result of an explanation: tokens, signed relevance, the target and the conservation check."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["Explanation", "GenerationExplanation", "Target"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """What was explained for one row.
+
+    Attributes
+    ----------
+    kind:
+        ``"token"`` (causal LM next-token logit), ``"class"`` (classifier logit) or ``"output"``
+        (an index into a plain model's output).
+    ids:
+        Token ids or class indices whose logits are summed.
+    label:
+        Human-readable name (the decoded token string or the class label).
+    position:
+        Sequence position whose logits are explained (causal LM), else ``None``.
+    contrast_ids, contrast_label:
+        The foil, when a contrastive target ``logit(target) - logit(foil)`` is explained.
+    """
+
+    kind: str
+    ids: tuple[int, ...]
+    label: str
+    position: int | None = None
+    contrast_ids: tuple[int, ...] = ()
+    contrast_label: str | None = None
+
+    def describe(self) -> str:
+        text = repr(self.label)
+        if self.contrast_label is not None:
+            text += f" vs {self.contrast_label!r}"
+        if self.position is not None:
+            text += f" @ position {self.position}"
+        return text
+
+
+@dataclass
+class Explanation:
+    """Relevance for one sequence or a batch.
+
+    ``relevance`` has shape ``(seq,)`` for one sequence and ``(batch, seq)`` for a batch (pixels:
+    ``(H, W)`` / ``(batch, H, W)``; features: ``(n_features,)`` / ``(batch, n_features)``).
+    Padding positions get exactly 0.
+
+    Attributes
+    ----------
+    tokens:
+        Token strings per row (empty strings for padding), or feature names.
+    token_ids:
+        ``(batch, seq)`` input ids, or ``None`` for non-token inputs.
+    attention_mask:
+        ``(batch, seq)``, 1 for real tokens.
+    targets:
+        One :class:`Target` per row.
+    target_logit:
+        ``(batch,)`` the explained value (logit, summed logits, or logit difference).
+    probability:
+        ``(batch,)`` softmax probability of the target (first id), ``None`` for plain models.
+    rules:
+        Name of the preset used.
+    modality:
+        ``"tokens"``, ``"pixels"`` or ``"features"``.
+    captures:
+        Latent relevance requested with ``capture=`` (layers, heads, neurons).
+    """
+
+    batch_relevance: torch.Tensor
+    tokens: list[list[str]]
+    token_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    targets: list[Target]
+    target_logit: torch.Tensor
+    probability: torch.Tensor | None
+    rules: str
+    single: bool = True
+    modality: str = "tokens"
+    captures: dict[str, Any] = field(default_factory=dict)
+    extra_relevance: torch.Tensor | None = None  # (batch,) relevance absorbed by position/type embeddings etc.
+
+    # ------------------------------------------------------------------ tensors
+    @property
+    def relevance(self) -> torch.Tensor:
+        """Signed relevance, ``(seq,)`` for one sequence or ``(batch, seq)`` for a batch."""
+        return self.batch_relevance[0] if self.single else self.batch_relevance
+
+    @property
+    def target(self) -> Target | list[Target]:
+        return self.targets[0] if self.single else self.targets
+
+    @property
+    def relevance_sum(self) -> torch.Tensor:
+        """Sum of input relevance per row, ``(batch,)`` (a scalar for one sequence)."""
+        dims = tuple(range(1, self.batch_relevance.dim()))
+        total = self.batch_relevance.sum(dim=dims)
+        return total[0] if self.single else total
+
+    @property
+    def conservation(self) -> dict[str, Any]:
+        """Relevance sum next to the explained logit.
+
+        With biases zeroed and the ``ah-lrp`` preset they are equal; otherwise biases, the softmax
+        bias term and the ε-rule absorb the difference.
+        """
+        logit = self.target_logit[0] if self.single else self.target_logit
+        return {"relevance_sum": self.relevance_sum, "target_logit": logit,
+                "absorbed": logit - self.relevance_sum}
+
+    def __len__(self) -> int:
+        return self.batch_relevance.shape[0]
+
+    def __getitem__(self, i: int) -> Explanation:
+        """Row ``i`` of a batch as a single explanation."""
+        n = len(self)
+        if not -n <= i < n:
+            from .errors import InputError
+
+            raise InputError(f"row {i} is out of range for an explanation of {n} row(s)")
+        sl = slice(i, i + 1) if i >= 0 else slice(n + i, n + i + 1)
+        return Explanation(
+            batch_relevance=self.batch_relevance[sl],
+            tokens=self.tokens[sl],
+            token_ids=None if self.token_ids is None else self.token_ids[sl],
+            attention_mask=None if self.attention_mask is None else self.attention_mask[sl],
+            targets=self.targets[sl],
+            target_logit=self.target_logit[sl],
+            probability=None if self.probability is None else self.probability[sl],
+            rules=self.rules,
+            single=True,
+            modality=self.modality,
+            captures={k: _slice_capture(v, sl) for k, v in self.captures.items()},
+            extra_relevance=None if self.extra_relevance is None else self.extra_relevance[sl],
+        )
+
+    def real_tokens(self, row: int = 0) -> tuple[list[str], torch.Tensor]:
+        """Tokens and relevance of one row with padding removed."""
+        rel = self.batch_relevance[row]
+        if self.attention_mask is None:
+            return list(self.tokens[row]), rel
+        keep = self.attention_mask[row].bool()
+        toks = [t for t, k in zip(self.tokens[row], keep.tolist(), strict=True) if k]
+        return toks, rel[keep]
+
+    def top_tokens(self, k: int = 5, row: int = 0) -> list[tuple[str, float]]:
+        """The ``k`` tokens with the largest positive relevance, best first."""
+        toks, rel = self.real_tokens(row)
+        order = torch.argsort(rel, descending=True)[:k].tolist()
+        return [(toks[i], float(rel[i])) for i in order]
+
+    # ------------------------------------------------------------ presentation
+    def words(self, row: int = 0) -> tuple[list[str], torch.Tensor]:
+        """Merge sub-word pieces (WordPiece ``##``, byte-level ``Ġ``, SentencePiece ``▁``) into words,
+        summing their relevance. Padding is dropped."""
+        from .words import aggregate_words
+
+        toks, rel = self.real_tokens(row)
+        return aggregate_words(toks, rel)
+
+    def to_html(self, **kwargs: Any) -> str:
+        """A self-contained HTML heatmap (diverging colours, legend, value on hover)."""
+        from .render.html import explanation_html
+
+        return explanation_html(self, **kwargs)
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
+    def to_terminal(self, **kwargs: Any) -> str:
+        """The heatmap as ANSI-coloured text (rich); readable on dark and light terminals."""
+        from .render.terminal import explanation_terminal
+
+        return explanation_terminal(self, **kwargs)
+
+    def plot(self, **kwargs: Any) -> Any:
+        """A matplotlib figure of the heatmap (tokens, pixels or features)."""
+        from .render.mpl import plot_explanation
+
+        return plot_explanation(self, **kwargs)
+
+    def save(self, path: str, **kwargs: Any) -> None:
+        """Save as ``.png``/``.pdf``/``.svg`` (matplotlib), ``.html``, ``.json`` or ``.tex``."""
+        from .render import save_explanation
+
+        save_explanation(self, path, **kwargs)
+
+    def to_latex(self, **kwargs: Any) -> str:
+        """A ``.tex`` snippet (xcolor ``\\colorbox`` per token); needs no LaTeX install."""
+        from .render.latex import explanation_latex
+
+        return explanation_latex(self, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        from .serialize import explanation_to_dict
+
+        return explanation_to_dict(self)
+
+    def to_json(self, **kwargs: Any) -> str:
+        import json
+
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Explanation:
+        from .serialize import explanation_from_dict
+
+        return explanation_from_dict(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> Explanation:
+        import json
+
+        return cls.from_dict(json.loads(text))
+
+    def __repr__(self) -> str:
+        rows = len(self)
+        tgt = self.targets[0].describe() if rows == 1 else f"{rows} targets"
+        shape = tuple(self.relevance.shape)
+        return f"Explanation(rules={self.rules!r}, target={tgt}, relevance shape={shape})"
+
+
+def _slice_capture(value: Any, sl: slice) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value[sl]
+    if isinstance(value, dict):
+        return {k: _slice_capture(v, sl) for k, v in value.items()}
+    return value
+
+
+@dataclass
+class GenerationExplanation:
+    """Relevance of every generated token over the prompt and the earlier generated tokens.
+
+    Attributes
+    ----------
+    tokens:
+        All tokens, prompt then generated, length ``n_prompt + n_generated``.
+    token_ids:
+        ``(n_prompt + n_generated,)`` ids.
+    prompt_length:
+        Number of prompt tokens.
+    matrix:
+        ``(n_generated, n_prompt + n_generated)`` signed relevance. Row ``t`` explains generated token
+        ``t`` (predicted at position ``prompt_length + t - 1``); columns at or after that token's own
+        position are 0 (causality).
+    target_logit:
+        ``(n_generated,)`` the explained logit of each generated token.
+    rules:
+        Preset name.
+    """
+
+    tokens: list[str]
+    token_ids: torch.Tensor
+    prompt_length: int
+    matrix: torch.Tensor
+    target_logit: torch.Tensor
+    rules: str
+
+    @property
+    def generated_tokens(self) -> list[str]:
+        return self.tokens[self.prompt_length:]
+
+    @property
+    def prompt_tokens(self) -> list[str]:
+        return self.tokens[: self.prompt_length]
+
+    @property
+    def text(self) -> str:
+        return "".join(self.generated_tokens)
+
+    def to_html(self, **kwargs: Any) -> str:
+        """Interactive HTML: hover a generated token to see its heatmap over the input."""
+        from .render.html import generation_html
+
+        return generation_html(self, **kwargs)
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
+    def to_terminal(self, **kwargs: Any) -> str:
+        from .render.terminal import generation_terminal
+
+        return generation_terminal(self, **kwargs)
+
+    def plot(self, **kwargs: Any) -> Any:
+        from .render.mpl import plot_generation
+
+        return plot_generation(self, **kwargs)
+
+    def save(self, path: str, **kwargs: Any) -> None:
+        from .render import save_generation
+
+        save_generation(self, path, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        from .serialize import generation_to_dict
+
+        return generation_to_dict(self)
+
+    def __repr__(self) -> str:
+        return (f"GenerationExplanation(rules={self.rules!r}, prompt={self.prompt_length} tokens, "
+                f"generated={len(self.generated_tokens)} tokens)")
