@@ -118,7 +118,11 @@ def detect_roles(model: nn.Module) -> list[ModuleInfo]:
     for path, m in named.items():
         last = path.rsplit(".", 1)[-1]
         parent = path.rsplit(".", 1)[0] if "." in path else ""
-        if last == "gate" and roles.get(path) in ("linear", "unknown") and parent in named:
+        if roles.get(path) not in ("linear", "unknown"):
+            continue
+        if last.endswith("expert_gate"):  # sigmoid gate of a shared expert
+            roles[path] = "router"
+        elif last in ("gate", "router") and parent in named:
             siblings = [type(c).__name__ for c in named[parent].children()]
             if any("Expert" in s for s in siblings) or hasattr(named[parent], "experts"):
                 roles[path] = "router"
@@ -137,11 +141,10 @@ def detect_roles(model: nn.Module) -> list[ModuleInfo]:
                 and has(p, lambda c: roles.get(c) == "activation")
                 and not has(p, lambda c: roles.get(c) == "attention"))
 
-    for path in named:
-        if path == "" or not mlp_like(path):
-            continue
+    candidates = {p for p in named if p != "" and mlp_like(p)}
+    for path in candidates:
         parent = path.rsplit(".", 1)[0] if "." in path else ""
-        if not mlp_like(parent) or parent == "":
+        if parent not in candidates:  # maximal: nested blocks must not apply the rule twice
             roles[path] = "mlp"
     if "" not in roles and not is_hf_model(model) and mlp_like(""):
         roles[""] = "mlp"  # a plain torch MLP

@@ -233,20 +233,35 @@ def explaining(model: nn.Module, rules: str | Preset | dict[str, Any], strict: b
 
 
 @contextlib.contextmanager
-def _leaf_at_embeddings(model: nn.Module, store: list[Tensor]) -> Iterator[None]:
-    """Replace the token-embedding output by a leaf tensor that requires grad (store[0])."""
+def _leaf_at_embeddings(model: nn.Module, store: list[Tensor], extra: list[Tensor], rows: int) -> Iterator[None]:
+    """Replace the token-embedding output by a leaf that requires grad (``store[0]``), and the
+    outputs of other embeddings (positions, token types) by leaves too (``extra``), so the
+    relevance that lands on them is reported."""
     emb = model.get_input_embeddings()
 
-    def hook(module: nn.Module, args: Any, out: Tensor) -> Tensor:
+    def token_hook(module: nn.Module, args: Any, out: Tensor) -> Tensor:
         leaf = out.detach().requires_grad_(True)
         store.append(leaf)
         return leaf
 
-    h = emb.register_forward_hook(hook)
+    def other_hook(module: nn.Module, args: Any, out: Any) -> Any:
+        if not isinstance(out, Tensor) or not out.is_floating_point():
+            return out
+        value = out.detach()
+        if value.dim() >= 2 and value.shape[0] == 1 and rows > 1:  # shared over the batch: one per row
+            value = value.expand(rows, *value.shape[1:]).clone()
+        leaf = value.requires_grad_(True)
+        extra.append(leaf)
+        return leaf
+
+    hooks = [emb.register_forward_hook(token_hook)]
+    hooks += [m.register_forward_hook(other_hook) for m in model.modules()
+              if isinstance(m, nn.Embedding) and m is not emb]
     try:
         yield
     finally:
-        h.remove()
+        for h in hooks:
+            h.remove()
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
@@ -308,8 +323,9 @@ def explain(
     with explaining(model, rules, strict=strict) as handle:
         preset_name = handle.preset.name
         recorder = _make_recorder(model, captures)
+        extra: list[Tensor] = []
         with recorder:
-            leaf, logits, positions = _forward(model, batch, kind, position)
+            leaf, logits, positions = _forward(model, batch, kind, position, extra)
         rows = logits.shape[0]
         targets, sel_ids, foil_ids = _targets(model, kind, logits, target, contrast, tokenizer, rows, positions)
         picked = torch.stack([logits[r, list(sel_ids[r])].float().sum() for r in range(rows)])
@@ -319,11 +335,13 @@ def explain(
         if not torch.isfinite(picked).all():
             raise NumericalError(f"the target logit is {picked.tolist()} in dtype {logits.dtype}; "
                                  "use float32 or bfloat16")
-        wanted = [leaf, *recorder.tensors()]
+        latent = recorder.tensors()
+        wanted = [leaf, *extra, *latent]
         grads = torch.autograd.grad(picked.sum(), wanted, allow_unused=True)
         grad = grads[0] if grads[0] is not None else torch.zeros_like(leaf)
         rel = leaf.detach().float() * grad.float()
-        recorder.finish(grads[1:])
+        extra_rel = _extra_relevance(extra, grads[1:1 + len(extra)], rows)
+        recorder.finish(grads[1 + len(extra):])
     if batch.values is not None:
         rel = rel.sum(1) if (is_hf_model(model) and rel.dim() == 4) else rel
         mask = None
@@ -351,10 +369,23 @@ def explain(
         single=batch.single,
         modality="tokens" if batch.input_ids is not None else ("pixels" if is_hf_model(model) else "features"),
         captures=recorder.result(),
+        extra_relevance=extra_rel,
     )
 
 
-def _forward(model: nn.Module, batch: _Batch, kind: str, position: int | None) -> tuple[Tensor, Tensor, list[int]]:
+def _extra_relevance(leaves: list[Tensor], grads: Sequence[Tensor | None], rows: int) -> Tensor | None:
+    """Per-row relevance absorbed by position / token-type embeddings, or ``None`` if there are none."""
+    total = None
+    for leaf, g in zip(leaves, grads, strict=True):
+        if g is None or leaf.shape[0] != rows:
+            continue
+        r = (leaf.detach().float() * g.float()).reshape(rows, -1).sum(-1)
+        total = r if total is None else total + r
+    return None if total is None else total.cpu()
+
+
+def _forward(model: nn.Module, batch: _Batch, kind: str, position: int | None,
+             extra: list[Tensor]) -> tuple[Tensor, Tensor, list[int]]:
     """Run the patched model; return the leaf, per-row logits ``(batch, n_out)`` and positions."""
     device = _input_device(model)
     if batch.values is not None:
@@ -370,6 +401,7 @@ def _forward(model: nn.Module, batch: _Batch, kind: str, position: int | None) -
     ids = batch.input_ids.to(device)  # type: ignore[union-attr]
     mask = batch.attention_mask.to(device)  # type: ignore[union-attr]
     store: list[Tensor] = []
+    rows = ids.shape[0]
     kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
     if _accepts(model, "use_cache"):
         kwargs["use_cache"] = False
@@ -391,7 +423,7 @@ def _forward(model: nn.Module, batch: _Batch, kind: str, position: int | None) -
         keep = sorted(set(positions))
         if _accepts(model, "logits_to_keep"):
             kwargs["logits_to_keep"] = torch.tensor(keep, device=device)
-        with _leaf_at_embeddings(model, store):
+        with _leaf_at_embeddings(model, store, extra, rows):
             out = model(**kwargs)
         logits = out.logits
         if logits.shape[1] == len(keep) and "logits_to_keep" in kwargs:
@@ -402,7 +434,7 @@ def _forward(model: nn.Module, batch: _Batch, kind: str, position: int | None) -
         if not store:
             raise InputError(f"{type(model).__name__} did not call its input embeddings")
         return store[0], torch.stack(rows), positions
-    with _leaf_at_embeddings(model, store):
+    with _leaf_at_embeddings(model, store, extra, rows):
         out = model(**kwargs)
     if not store:
         raise InputError(f"{type(model).__name__} did not call its input embeddings")

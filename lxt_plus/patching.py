@@ -38,6 +38,9 @@ _ATTN_RULES: weakref.WeakKeyDictionary[nn.Module, tuple[_AttentionRule, dict[str
     weakref.WeakKeyDictionary())
 _CONFIG_USERS: dict[int, list[Any]] = {}  # id(config) -> [config, original value, users]
 _EAGER_CACHE: dict[type, Callable[..., Any]] = {}
+# model -> {preset: (structure signature, plan, paths routed to inline ops)}: validate once, reuse
+_PLAN_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[Preset, tuple[Any, Plan, frozenset[str]]]] = (
+    weakref.WeakKeyDictionary())
 _registered = False
 
 
@@ -237,12 +240,12 @@ def _probe_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
 
 
 def _apply_entry(model: nn.Module, entry: PlanEntry, stats: dict[str, int], named: dict[str, nn.Module],
-                 undo: list[Callable[[], None]]) -> None:
+                 undo: list[Callable[[], None]], force_ops: bool = False) -> None:
     module = named[entry.path]
     rule = entry.rule
     if entry.role == "attention" and isinstance(rule, _AttentionRule):
         owner = owning_pretrained(model, entry.path)
-        if owner is not None and type(owner)._can_set_attn_implementation():
+        if not force_ops and owner is not None and type(owner)._can_set_attn_implementation():
             entry.route = "registry"
             _ATTN_RULES[module] = (rule, stats)
             undo.append(lambda: _ATTN_RULES.pop(module, None))
@@ -294,7 +297,12 @@ def patch(model: nn.Module, rules: str | Preset | dict[str, Any] = "attnlrp", *,
             raise AlreadyPatchedError(
                 f"{type(model).__name__} is already patched with preset {existing.preset.name!r}; "
                 f"remove that handle before patching with {preset.name!r}")
-        plan = build_plan(model, preset, strict=strict)
+        signature = tuple((p, type(m)) for p, m in model.named_modules())
+        cached = _PLAN_CACHE.get(model, {}).get(preset)
+        if cached is not None and cached[0] == signature:
+            plan, ops_paths = _copy_plan(cached[1]), cached[2]
+        else:
+            plan, ops_paths, cached = build_plan(model, preset, strict=strict), frozenset(), None
         handle = Handle(model, plan)
         named = dict(model.named_modules())
         stats: dict[str, dict[str, int]] = {}
@@ -305,20 +313,28 @@ def patch(model: nn.Module, rules: str | Preset | dict[str, Any] = "attnlrp", *,
                 if entry.route == "none":
                     continue
                 stats[entry.path] = {}
-                _apply_entry(model, entry, stats[entry.path], named, handle._undo)
+                _apply_entry(model, entry, stats[entry.path], named, handle._undo,
+                             force_ops=entry.path in ops_paths)
             if preset.zero_bias:
                 _zero_biases(model, handle._undo)
             if any(e.route == "registry" for e in plan.entries):
                 _switch_configs(model, handle._undo)
             _PATCHED[model] = handle
-            if verify:
+            if verify and cached is None:
                 _verify(model, plan, stats, named, handle)
+                ops = frozenset(e.path for e in plan.entries if e.route == "ops")
+                _PLAN_CACHE.setdefault(model, {})[preset] = (signature, _copy_plan(plan), ops)
         except BaseException:
             _PATCHED.pop(model, None)
             handle._active = True
             handle.remove()
             raise
         return handle
+
+
+def _copy_plan(plan: Plan) -> Plan:
+    return Plan(plan.preset, [PlanEntry(e.path, e.type_name, e.role, e.rule, e.route) for e in plan.entries],
+                plan.infos)
 
 
 def _verify(model: nn.Module, plan: Plan, stats: dict[str, dict[str, int]], named: dict[str, nn.Module],

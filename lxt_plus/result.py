@@ -113,8 +113,12 @@ class Explanation:
         bias term and the ε-rule absorb the difference.
         """
         logit = self.target_logit[0] if self.single else self.target_logit
-        return {"relevance_sum": self.relevance_sum, "target_logit": logit,
-                "absorbed": logit - self.relevance_sum}
+        extra = self.extra_relevance
+        if extra is not None and self.single:
+            extra = extra[0]
+        total = self.relevance_sum + (extra if extra is not None else 0.0)
+        return {"relevance_sum": self.relevance_sum, "position_relevance": extra, "target_logit": logit,
+                "absorbed": logit - total}
 
     def __len__(self) -> int:
         return self.batch_relevance.shape[0]
