@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .detect import is_hf_model
+from .functional import acc
 from .errors import (
     ContextTooLongError,
     InputError,
@@ -233,6 +234,27 @@ def explaining(model: nn.Module, rules: str | Preset | dict[str, Any], strict: b
 
 
 @contextlib.contextmanager
+def _checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """HF gradient checkpointing (needs train mode; DropoutOff keeps dropout off), undone on exit."""
+    if not enabled:
+        yield
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise InputError(f"{type(model).__name__} does not support gradient checkpointing")
+    was = bool(getattr(model, "is_gradient_checkpointing", False))
+    modes = [(m, m.training) for m in model.modules()]
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    try:
+        yield
+    finally:
+        if not was:
+            model.gradient_checkpointing_disable()
+        for m, flag in modes:
+            m.training = flag
+
+
+@contextlib.contextmanager
 def _leaf_at_embeddings(model: nn.Module, store: list[Tensor], extra: list[Tensor], rows: int) -> Iterator[None]:
     """Replace the token-embedding output by a leaf that requires grad (``store[0]``), and the
     outputs of other embeddings (positions, token types) by leaves too (``extra``), so the
@@ -285,6 +307,7 @@ def explain(
     capture: Sequence[str] | str | None = None,
     chat: bool = False,
     strict: bool = True,
+    checkpointing: bool = False,
 ) -> Explanation:
     """Explain a prediction with LRP in one forward and one backward pass.
 
@@ -311,6 +334,10 @@ def explain(
         Latent relevance to keep: any of ``"layers"``, ``"heads"``, ``"neurons"``.
     chat:
         Wrap each text in the tokenizer's chat template (user turn + generation prompt).
+    checkpointing:
+        Gradient (activation) checkpointing while explaining, for long contexts: layer activations
+        are recomputed in the backward pass instead of stored. Dropout stays off; relevance is
+        identical to the plain run.
 
     Returns
     -------
@@ -320,7 +347,8 @@ def explain(
     kind = model_kind(model)
     batch = _prepare(model, inputs, tokenizer, attention_mask, kind, chat)
     captures = _parse_capture(capture)
-    with explaining(model, rules, strict=strict) as handle:
+    with explaining(model, rules, strict=strict, keep_train=checkpointing) as handle, \
+            _checkpointing(model, checkpointing):
         preset_name = handle.preset.name
         recorder = _make_recorder(model, captures)
         extra: list[Tensor] = []
@@ -328,10 +356,10 @@ def explain(
             leaf, logits, positions = _forward(model, batch, kind, position, extra)
         rows = logits.shape[0]
         targets, sel_ids, foil_ids = _targets(model, kind, logits, target, contrast, tokenizer, rows, positions)
-        picked = torch.stack([logits[r, list(sel_ids[r])].float().sum() for r in range(rows)])
+        picked = torch.stack([acc(logits[r, list(sel_ids[r])]).sum() for r in range(rows)])
         if any(foil_ids):
-            picked = picked - torch.stack([logits[r, list(foil_ids[r])].float().sum() if foil_ids[r]
-                                           else logits.new_zeros(()).float() for r in range(rows)])
+            picked = picked - torch.stack([acc(logits[r, list(foil_ids[r])]).sum() if foil_ids[r]
+                                           else acc(logits.new_zeros(())) for r in range(rows)])
         if not torch.isfinite(picked).all():
             raise NumericalError(f"the target logit is {picked.tolist()} in dtype {logits.dtype}; "
                                  "use float32 or bfloat16")
@@ -339,7 +367,7 @@ def explain(
         wanted = [leaf, *extra, *latent]
         grads = torch.autograd.grad(picked.sum(), wanted, allow_unused=True)
         grad = grads[0] if grads[0] is not None else torch.zeros_like(leaf)
-        rel = leaf.detach().float() * grad.float()
+        rel = acc(leaf.detach()) * acc(grad)
         extra_rel = _extra_relevance(extra, grads[1:1 + len(extra)], rows)
         recorder.finish(grads[1 + len(extra):])
     if batch.values is not None:
@@ -363,7 +391,7 @@ def explain(
         token_ids=None if batch.input_ids is None else batch.input_ids.cpu(),
         attention_mask=None if mask is None else mask.cpu(),
         targets=targets,
-        target_logit=picked.detach().float().cpu(),
+        target_logit=acc(picked.detach()).cpu(),
         probability=None if probs is None else probs.cpu(),
         rules=preset_name,
         single=batch.single,
@@ -379,7 +407,7 @@ def _extra_relevance(leaves: list[Tensor], grads: Sequence[Tensor | None], rows:
     for leaf, g in zip(leaves, grads, strict=True):
         if g is None or leaf.shape[0] != rows:
             continue
-        r = (leaf.detach().float() * g.float()).reshape(rows, -1).sum(-1)
+        r = (acc(leaf.detach()) * acc(g)).reshape(rows, -1).sum(-1)
         total = r if total is None else total + r
     return None if total is None else total.cpu()
 

@@ -16,10 +16,15 @@ __all__ = [
     "grad_scale",
     "identity_rule",
     "epsilon_rule",
-    "gamma_linear",
+    "acc",
     "uniform_mul",
     "uniform_matmul",
 ]
+
+
+def acc(x: Tensor) -> Tensor:
+    """``x`` in the accumulation dtype: float32 for half precision, else unchanged (float64 stays)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def stabilize(x: Tensor, eps: float) -> Tensor:
@@ -50,7 +55,7 @@ class _IdentityRule(torch.autograd.Function):
     def forward(ctx, x: Tensor, fn: Callable[[Tensor], Tensor], eps: float) -> Tensor:  # type: ignore[override]
         y = fn(x)
         # grad_in = grad_out * f(x) / x, so that x * grad_in = f(x) * grad_out = R(y).
-        ratio = y.float() / stabilize(x.float(), eps)
+        ratio = acc(y) / stabilize(acc(x), eps)
         ctx.save_for_backward(ratio)
         ctx.dtype = x.dtype
         return y
@@ -58,7 +63,7 @@ class _IdentityRule(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         (ratio,) = ctx.saved_tensors
-        return (grad.float() * ratio).to(ctx.dtype), None, None
+        return (acc(grad) * ratio).to(ctx.dtype), None, None
 
 
 def identity_rule(x: Tensor, fn: Callable[[Tensor], Tensor], eps: float = 1e-12) -> Tensor:
@@ -76,14 +81,14 @@ def identity_rule(x: Tensor, fn: Callable[[Tensor], Tensor], eps: float = 1e-12)
 class _EpsilonRule(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: Tensor, eps: float) -> Tensor:  # type: ignore[override]
-        ratio = z.float() / stabilize(z.float(), eps)
+        ratio = acc(z) / stabilize(acc(z), eps)
         ctx.save_for_backward(ratio)
         return z.view_as(z)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         (ratio,) = ctx.saved_tensors
-        return (grad.float() * ratio).to(grad.dtype), None
+        return (acc(grad) * ratio).to(grad.dtype), None
 
 
 def epsilon_rule(z: Tensor, eps: float) -> Tensor:
@@ -95,37 +100,6 @@ def epsilon_rule(z: Tensor, eps: float) -> Tensor:
     if eps == 0.0 or not z.requires_grad:
         return z
     return _EpsilonRule.apply(z, eps)
-
-
-class _GammaLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, gamma: float,  # type: ignore[override]
-                eps: float) -> Tensor:
-        z = torch.nn.functional.linear(x, weight, bias)
-        ctx.save_for_backward(x, z)
-        ctx.weight, ctx.bias, ctx.gamma, ctx.eps = weight, bias, gamma, eps
-        return z
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:  # type: ignore[override]
-        x, z = ctx.saved_tensors
-        w = ctx.weight.detach()
-        w_g = w + ctx.gamma * w.clamp(min=0)
-        b = ctx.bias
-        b_g = None if b is None else b.detach() + ctx.gamma * b.detach().clamp(min=0)
-        z_g = torch.nn.functional.linear(x, w_g, b_g)
-        # R_j = z_j * grad_j is redistributed with the gamma-modified weights.
-        s = grad * z / stabilize(z_g, ctx.eps)
-        return s @ w_g, None, None, None, None
-
-
-def gamma_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gamma: float, eps: float = 1e-9) -> Tensor:
-    """A linear layer with the LRP-γ rule in its backward pass (Montavon et al. 2019).
-
-    ``R_i = Σ_j x_i (w_ij + γ w_ij⁺) R_j / Σ_i' x_i' (w_i'j + γ w_i'j⁺)``; weight gradients are
-    not computed.
-    """
-    return _GammaLinear.apply(x, weight, bias, gamma, eps)
 
 
 def uniform_mul(a: Tensor, b: Tensor) -> Tensor:

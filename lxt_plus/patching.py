@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import sys
 import threading
 import weakref
@@ -42,6 +43,9 @@ _EAGER_CACHE: dict[type, Callable[..., Any]] = {}
 _PLAN_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[Preset, tuple[Any, Plan, frozenset[str]]]] = (
     weakref.WeakKeyDictionary())
 _registered = False
+# Observers of patched attention calls in this thread (per-head capture): fn(module, q, k, v, mask, out)
+ATTENTION_OBSERVERS: contextvars.ContextVar[tuple[Callable[..., None], ...]] = contextvars.ContextVar(
+    "lxt_plus_attention_observers", default=())
 
 
 # ----------------------------------------------------------------------------- attention registry
@@ -74,8 +78,12 @@ def _make_attention(original: str) -> Callable[..., Any]:
             kwargs["dropout"] = 0.0
         if kwargs.get("softcap") and not rule.detach_weights:
             with ElementwiseIdentityMode(("tanh",)):  # identity rule on score soft-capping
-                return fn(module, query, key, value, attention_mask, *args, **kwargs)
-        return fn(module, query, key, value, attention_mask, *args, **kwargs)
+                out = fn(module, query, key, value, attention_mask, *args, **kwargs)
+        else:
+            out = fn(module, query, key, value, attention_mask, *args, **kwargs)
+        for observe in ATTENTION_OBSERVERS.get():
+            observe(module, query, key, value, attention_mask, out, kwargs)
+        return out
 
     lxt_plus_attention.__qualname__ = f"lxt_plus_attention[{original}]"
     return lxt_plus_attention
