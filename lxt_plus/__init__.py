@@ -4,6 +4,7 @@ Patch a model in place (per instance, reversibly) so that one ordinary backward 
 relevance (AttnLRP, AH-LRP/CP-LRP), and get token-level explanations back.
 """
 
+from .audit import audit
 from .errors import LxtPlusError
 from .explain import explain
 from .patching import Handle, patch, patched
@@ -19,21 +20,14 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):  # lazily import the heavier entry points
-    if name == "audit":
-        from .audit import audit
+_LAZY = {"explain_generation": "generation", "evaluate": "evaluate", "tune": "tune"}
 
-        return audit
-    if name == "explain_generation":
-        from .generation import explain_generation
 
-        return explain_generation
-    if name == "evaluate":
-        from .evaluate import evaluate
+def __getattr__(name: str):  # the heavier entry points are imported on first use
+    if name in _LAZY:
+        import importlib
 
-        return evaluate
-    if name == "tune":
-        from .tune import tune
-
-        return tune
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # the submodule import bound the module under this name: rebind
+        return value
     raise AttributeError(f"module 'lxt_plus' has no attribute {name!r}")

@@ -215,11 +215,16 @@ def _wrap_forward(module: nn.Module, make: Callable[[Callable[..., Any]], Callab
     return True
 
 
+# parameters added to activations: biases, and the learned tokens / positions that ViT-like
+# embeddings add as plain parameters (an nn.Embedding's relevance is reported instead)
+_ADDITIVE = ("bias", "b", "cls_token", "position_embeddings", "distillation_token", "register_tokens")
+
+
 def _zero_biases(model: nn.Module, undo: list[Callable[[], None]]) -> None:
     saved = []
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.rsplit(".", 1)[-1] in ("bias", "b") and p is not None:
+            if name.rsplit(".", 1)[-1] in _ADDITIVE and p is not None:
                 saved.append((p, p.detach().clone()))
                 p.zero_()
 

@@ -1,0 +1,226 @@
+"""Patching is per instance and reversible, bit for bit."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from transformers.masking_utils import AttentionMaskInterface
+
+import lxt_plus
+from lxt_plus.errors import AlreadyPatchedError, NotPatchedError, UnsupportedModelError
+from lxt_plus.patching import is_patched
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+import families as F  # noqa: E402
+
+
+def logits_and_grads(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Output, input-embedding gradient and weight gradients of a plain backward pass."""
+    model.zero_grad(set_to_none=True)
+    emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    out = model(inputs_embeds=emb).logits
+    out[..., -1, :].max().backward() if out.dim() == 3 else out.max().backward()
+    weight_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out.detach(), emb.grad.detach(), weight_grads
+
+
+def assert_bit_identical(a, b) -> None:  # type: ignore[no-untyped-def]
+    out_a, grad_a, w_a = a
+    out_b, grad_b, w_b = b
+    assert torch.equal(out_a, out_b)
+    assert torch.equal(grad_a, grad_b)
+    assert w_a.keys() == w_b.keys()
+    for k in w_a:
+        assert torch.equal(w_a[k], w_b[k]), k
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert", "falcon", "mixtral", "gemma2"])
+@pytest.mark.parametrize("rules", ["attnlrp", "ah-lrp", "conservative-check"])
+def test_remove_restores_bit_identical(family: str, rules: str) -> None:
+    model = F.build(family)
+    ids = torch.randint(3, 90, (2, 6))
+    before = logits_and_grads(model, ids)
+    handle = lxt_plus.patch(model, rules)
+    during = logits_and_grads(model, ids)
+    handle.remove()
+    after = logits_and_grads(model, ids)
+    assert_bit_identical(before, after)
+    # the patch really changed the backward pass (this test cannot pass vacuously)
+    assert not torch.allclose(before[1], during[1])
+    assert not is_patched(model)
+    assert "forward" not in vars(model.get_input_embeddings())
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
+def test_nothing_outside_the_model_changes() -> None:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    registry_before = dict(transformers.AttentionInterface._global_mapping)
+    masks_before = dict(AttentionMaskInterface._global_mapping)
+    class_forwards = {cls: cls.forward for cls in (torch.nn.LayerNorm, torch.nn.Linear, torch.nn.Dropout,
+                                                   torch.nn.GELU, torch.nn.Embedding)}
+    model = F.build("llama")
+    with lxt_plus.patched(model, "attnlrp"):
+        assert torch.nn.LayerNorm.forward is class_forwards[torch.nn.LayerNorm]
+        attn_cls = type(model.model.layers[0].self_attn)
+        assert "forward" not in vars(model.model.layers[0].self_attn)
+        assert attn_cls.forward is attn_cls.__dict__["forward"]
+    for cls, fwd in class_forwards.items():
+        assert cls.forward is fwd
+    # existing registry entries are unchanged; only our own keys were added
+    for key, fn in registry_before.items():
+        assert transformers.AttentionInterface._global_mapping[key] is fn
+        assert ALL_ATTENTION_FUNCTIONS[key] is fn
+    for key, fn in masks_before.items():
+        assert AttentionMaskInterface._global_mapping[key] is fn
+    added = set(transformers.AttentionInterface._global_mapping) - set(registry_before)
+    assert added <= {"lxt_plus_eager", "lxt_plus_sdpa"}
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_second_instance_untouched_even_with_shared_config() -> None:
+    a = F.build("llama", seed=0)
+    b = type(a)(a.config).eval()  # same class, same config object
+    b.load_state_dict(a.state_dict())
+    c = F.build("llama", seed=1)  # same class, own config
+    ids = torch.randint(3, 90, (1, 7))
+    ref_b, ref_c = logits_and_grads(b, ids), logits_and_grads(c, ids)
+    with lxt_plus.patched(a, "attnlrp"):
+        assert a.config._attn_implementation == "lxt_plus_sdpa"  # shared config switched ...
+        assert_bit_identical(ref_b, logits_and_grads(b, ids))  # ... yet b falls back to sdpa exactly
+        assert_bit_identical(ref_c, logits_and_grads(c, ids))
+        rel_a = lxt_plus.explain(a, ids[0], rules="attnlrp").relevance
+    assert a.config._attn_implementation == "sdpa"
+    # b patched alone gives the same relevance as a (same weights)
+    assert torch.allclose(lxt_plus.explain(b, ids[0], rules="attnlrp").relevance, rel_a, atol=1e-6)
+
+
+def test_shared_config_restored_only_when_last_user_removes() -> None:
+    a = F.build("llama")
+    b = type(a)(a.config).eval()
+    ha, hb = lxt_plus.patch(a, "ah-lrp"), lxt_plus.patch(b, "attnlrp")
+    ha.remove()
+    assert a.config._attn_implementation == "lxt_plus_sdpa"  # b still patched
+    hb.remove()
+    assert a.config._attn_implementation == "sdpa"
+
+
+def test_context_manager_restores_when_body_raises() -> None:
+    model = F.build("llama")
+    ids = torch.randint(3, 90, (1, 5))
+    before = logits_and_grads(model, ids)
+    with pytest.raises(RuntimeError, match="boom"):
+        with lxt_plus.patched(model, "attnlrp"):
+            raise RuntimeError("boom")
+    assert not is_patched(model)
+    assert_bit_identical(before, logits_and_grads(model, ids))
+
+
+def test_patching_twice_does_not_stack() -> None:
+    model = F.build("llama")
+    ids = torch.randint(3, 90, (1, 6))
+    outer = lxt_plus.patch(model, "attnlrp")
+    once = lxt_plus.explain(model, ids[0], rules="attnlrp").relevance
+    inner = lxt_plus.patch(model, "attnlrp")
+    assert inner.nested
+    twice = lxt_plus.explain(model, ids[0], rules="attnlrp").relevance
+    assert torch.equal(once, twice)
+    inner.remove()
+    assert is_patched(model)  # the inner level undoes only itself
+    with pytest.raises(AlreadyPatchedError, match="already patched with preset 'attnlrp'"):
+        lxt_plus.patch(model, "ah-lrp")
+    outer.remove()
+    assert not is_patched(model)
+    with pytest.raises(NotPatchedError, match="already removed"):
+        outer.remove()
+
+
+def test_describe_lists_every_touched_module() -> None:
+    model = F.build("qwen2_moe")
+    with lxt_plus.patched(model, "ah-lrp") as handle:
+        text = handle.describe()
+    assert "model.layers.0.self_attn" in text and "ah-lrp()" in text and "[attention registry]" in text
+    assert "model.layers.0.mlp.gate" in text and "constant()" in text
+    assert "model.layers.0.mlp.shared_expert_gate" in text
+    assert "model.norm" in text and "conservative-norm()" in text
+    assert "act_fn" in text and "identity(" in text
+
+
+class Mystery(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x) * self.scale
+
+
+def test_unsupported_module_raises_before_touching() -> None:
+    model = F.build("llama")
+    model.model.layers[1].mlp.act_fn = Mystery()
+    ids = torch.randint(3, 90, (1, 5))
+    before = logits_and_grads(model, ids)
+    with pytest.raises(UnsupportedModelError, match=r"model\.layers\.1\.mlp\.act_fn \(Mystery, role unknown\)"):
+        lxt_plus.patch(model, "attnlrp")
+    assert not is_patched(model)
+    assert_bit_identical(before, logits_and_grads(model, ids))
+    with lxt_plus.patched(model, "attnlrp", strict=False) as handle:
+        entry = next(e for e in handle.plan.entries if e.path == "model.layers.1.mlp.act_fn")
+        assert entry.rule.name == "pass" and entry.role == "unknown"
+    # an audit names it as the first module where relevance leaks
+    report = lxt_plus.audit(model, lxt_plus.get_preset("ah-lrp").override("type:Mystery", "pass"))
+    assert report.first_leak is not None and report.first_leak.path == "model.layers.1.mlp.act_fn"
+    assert "model.layers.1.mlp.act_fn (Mystery)" in str(report)
+
+
+def test_unrecognised_norm_is_refused_by_the_probe() -> None:
+    class OddNorm(torch.nn.Module):  # normalises without any operation the rule can hold constant
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(32))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x / x.abs().amax(-1, keepdim=True) * self.weight
+
+    model = F.build("llama")
+    model.model.norm = OddNorm()
+    with pytest.raises(UnsupportedModelError, match=r"model\.norm \(OddNorm, norm\)"):
+        lxt_plus.patch(model, "attnlrp")
+    assert not is_patched(model)
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
+def test_instance_forward_set_by_another_library_is_wrapped_and_restored() -> None:
+    model = F.build("llama")
+    mlp = model.model.layers[0].mlp
+    calls = []
+    original = mlp.forward
+
+    def foreign(x: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return original(x)
+
+    mlp.forward = foreign
+    with lxt_plus.patched(model, "attnlrp"):
+        lxt_plus.explain(model, torch.randint(3, 90, (5,)))
+        assert calls
+    assert mlp.forward is foreign
+
+
+def test_plain_torch_model_features() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    x = torch.randn(4, 6)
+    res = lxt_plus.explain(net, x, target=1, rules="conservative-check")
+    assert res.relevance.shape == (4, 6)
+    with torch.no_grad():
+        for layer in (net[0], net[2]):
+            layer.bias.zero_()
+        logit = net(x)[:, 1]
+    torch.testing.assert_close(res.relevance.sum(-1), logit, rtol=1e-5, atol=1e-6)
+    assert res.modality == "features"
