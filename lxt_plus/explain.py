@@ -95,6 +95,13 @@ def _prepare(model: nn.Module, inputs: Any, tokenizer: Any, attention_mask: Tens
             raise InputError("text input needs tokenizer=...; or pass input_ids as a tensor")
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
         ids, mask = prepare_text(tokenizer, texts, model, chat=chat)
+        if kind == "classifier" and not _reads_last_token(model) and bool((mask[:, 0] == 0).any()):
+            side = tokenizer.padding_side
+            tokenizer.padding_side = "right"
+            try:
+                ids, mask = prepare_text(tokenizer, texts, model, chat=chat)
+            finally:
+                tokenizer.padding_side = side
         return _Batch(ids, mask, None, isinstance(inputs, str))
     if isinstance(inputs, (list, tuple)) and not inputs:
         raise InputError("an empty list of inputs: there is nothing to explain")
@@ -131,6 +138,9 @@ def _prepare(model: nn.Module, inputs: Any, tokenizer: Any, attention_mask: Tens
             raise InputError(f"attention_mask shape {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}")
     if bool((mask.sum(-1) == 0).any()):
         raise InputError("a row of the batch has no real token (its attention_mask is all zeros)")
+    if kind == "classifier" and not _reads_last_token(model) and bool((mask[:, 0] == 0).any()):
+        raise InputError(f"{type(model).__name__} classifies from the first position, but the batch is "
+                         "left-padded; pad on the right (tokenizer.padding_side = 'right')")
     vocab = model.get_input_embeddings().num_embeddings
     if int(ids.max()) >= vocab or int(ids.min()) < 0:
         raise TokenizerMismatchError(
@@ -141,6 +151,13 @@ def _prepare(model: nn.Module, inputs: Any, tokenizer: Any, attention_mask: Tens
         raise ContextTooLongError(f"the input has {ids.shape[1]} tokens but {type(model).__name__} accepts at "
                                   f"most {limit} positions; shorten the text")
     return _Batch(ids, mask, None, single)
+
+
+def _reads_last_token(model: nn.Module) -> bool:
+    """Decoder-style sequence classifiers pool the last real token (left padding is fine)."""
+    cfg = getattr(model, "config", None)
+    return bool(getattr(cfg, "is_decoder", False)) or type(model).__name__.endswith("ForSequenceClassification") \
+        and hasattr(model, "score")
 
 
 # ------------------------------------------------------------------------------------ targets
@@ -287,8 +304,9 @@ def _leaf_at_embeddings(model: nn.Module, store: list[Tensor], extra: list[Tenso
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
+    """Whether the model's (class) forward takes ``name``; the instance forward may be our wrapper."""
     try:
-        return name in inspect.signature(model.forward).parameters
+        return name in inspect.signature(type(model).forward).parameters
     except (TypeError, ValueError):
         return False
 
