@@ -79,3 +79,26 @@ def tiny_vit(seed: int = 0, **overrides: Any) -> torch.nn.Module:
 
 ALL_TEXT = list(DECODERS) + list(ENCODERS)
 SEQCLS = [f for f in DECODERS if f not in NO_SEQCLS]
+
+
+WORDS = ("the a an of to in is was and or but not very good bad great awful wonderful terrible film movie "
+         "story actor plot capital france paris lyon london berlin germany city country river sea king queen "
+         "man woman boy girl dog cat house tree car road sun moon star red blue green big small old new happy "
+         "sad love hate loved hated best worst fun boring slow fast long short funny dull brilliant witty "
+         "gorgeous ugly nice kind cold warm dark light day night time year world life").split()
+
+
+def tiny_tokenizer(vocab_size: int = 96) -> Any:
+    """A word-level tokenizer built offline; ids fit a tiny model's vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3}
+    for w in WORDS:
+        if len(vocab) >= vocab_size:
+            break
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]")

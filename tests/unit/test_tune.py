@@ -1,0 +1,78 @@
+"""Automatic rule tuning on a tiny random Llama."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lxt_plus import get_preset, load_preset
+from lxt_plus.evaluate import evaluate
+from lxt_plus.plan import build_plan
+from lxt_plus.rules import AHLRP, AttnLRP, Epsilon, Gamma
+from lxt_plus.tune import Candidate, _Space, layer_groups, tune
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from families import build  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _ids(seed: int, rows: int = 3) -> torch.Tensor:
+    return torch.randint(1, 96, (rows, 8), generator=torch.Generator().manual_seed(seed))
+
+
+def test_tune_is_never_worse_than_default_and_saves_a_loadable_preset(tmp_path):
+    model = build("llama", num_hidden_layers=3)
+    result = tune(model, _ids(0), held_out=_ids(1, 2), budget_trials=6, progress=False, steps=4)
+    assert 1 <= len(result.trials) <= 6
+    assert result.trials[0].preset == get_preset("attnlrp")  # the default is evaluated first
+    assert result.default_score == pytest.approx(result.trials[0].score)
+    assert result.score >= result.default_score
+    assert result.score == max(t.score for t in result.trials)
+    assert result.held_out_score is not None and result.default_held_out_score is not None
+    text = result.report()
+    assert "held-out ABPC" in text and "(default)" in text
+    data = yaml.safe_load(result.to_yaml())
+    assert isinstance(data, dict) and data["rules"]
+    path = tmp_path / "tuned.yaml"
+    result.save(str(path))
+    loaded = load_preset(path)
+    assert loaded == result.preset
+    again = evaluate(model, _ids(0), {"tuned": loaded}, steps=4)
+    assert float(again["tuned"].abpc.mean()) == pytest.approx(result.score, abs=1e-5)
+
+
+def test_time_budget_still_evaluates_the_default():
+    model = build("llama", num_hidden_layers=3)
+    result = tune(model, _ids(0, 2), budget_seconds=0.0, progress=False, steps=2)
+    assert len(result.trials) == 1
+    assert result.preset is result.default
+    assert "no candidate beat" in result.report()
+
+
+def test_layer_groups_and_candidate_presets_select_the_right_modules():
+    model = build("llama", num_hidden_layers=6)
+    assert layer_groups(model) == [("embedding-side", [0, 1]), ("middle", [2, 3]), ("head-side", [4, 5])]
+    space = _Space(model, get_preset("attnlrp"), (0.0, 1e-3), (0.0, 0.25), mixed=True)
+    cand = Candidate(("ah-lrp", "attnlrp", "attnlrp"), 1e-3, (0.0, 0.25, 0.0))
+    plan = build_plan(model, space.preset(cand))
+    rules = {e.path: e.rule for e in plan.entries}
+    for path, rule in rules.items():
+        layer = int(path.split(".")[2]) if path.startswith("model.layers.") else None
+        if path.endswith("_proj"):
+            expected = Gamma(0.25, eps=1e-3) if layer in (2, 3) else Epsilon(1e-3)
+            assert rule == expected, path
+        elif path.endswith("self_attn"):
+            assert rule == (AHLRP() if layer in (0, 1) else AttnLRP()), path
+    assert rules["lm_head"] == Epsilon(1e-3)
+    assert space.preset(space.start) is space.base
