@@ -187,8 +187,8 @@ def get_preset(rules: str | Preset | Mapping[str, Any] | Path) -> Preset:
         return load_preset(text)
     key = _ALIASES.get(text.lower(), text.lower())
     if key not in PRESETS:
-        names = sorted(PRESETS) + sorted(_ALIASES)
-        raise PresetError(f"unknown preset {text!r}{nearest(text.lower(), names)}; valid presets: "
+        hint = nearest(text.lower(), sorted(PRESETS)) or nearest(text.lower(), sorted(_ALIASES))
+        raise PresetError(f"unknown preset {text!r}{hint}; valid presets: "
                           f"{', '.join(sorted(PRESETS))} (aliases: {', '.join(sorted(_ALIASES))}), "
                           "or a path to a .yaml file")
     return PRESETS[key]
