@@ -51,6 +51,23 @@ class _Batch:
     attention_mask: Tensor | None
     values: Tensor | None  # pixels or features
     single: bool
+    hidden: Tensor | None = None  # special / chat-template tokens
+
+
+def _hidden_mask(tokenizer: Any, texts: list[str], templated: list[str], ids: Tensor) -> Tensor:
+    """True for special tokens and, with a chat template, for tokens outside the user's own text."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    hidden = torch.tensor([[i in special for i in row] for row in ids.tolist()], dtype=torch.bool)
+    if templated == texts:
+        return hidden
+    enc = tokenizer(templated, padding=True, add_special_tokens=False, return_offsets_mapping=True)
+    for r, (text, full) in enumerate(zip(texts, templated, strict=True)):
+        start = full.rfind(text)
+        end = start + len(text)
+        for c, (a, b) in enumerate(enc["offset_mapping"][r]):
+            if b > a and (start < 0 or b <= start or a >= end):
+                hidden[r, c] = True
+    return hidden
 
 
 def _max_positions(model: nn.Module) -> int | None:
@@ -63,13 +80,14 @@ def _max_positions(model: nn.Module) -> int | None:
 
 
 def prepare_text(tokenizer: Any, texts: list[str], model: nn.Module | None = None,
-                 chat: bool = False) -> tuple[Tensor, Tensor]:
+                 chat: bool = False, with_hidden: bool = False) -> Any:
     """Tokenise with padding; empty texts and texts longer than the model's positions are errors."""
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise InputError(f"text {i} is a {type(t).__name__}, expected str")
         if not t.strip():
             raise InputError(f"text {i} is empty or whitespace only: there is nothing to explain")
+    raw = texts
     if chat:
         if getattr(tokenizer, "chat_template", None) is None:
             raise InputError("chat=True needs a tokenizer with a chat template")
@@ -84,6 +102,12 @@ def prepare_text(tokenizer: Any, texts: list[str], model: nn.Module | None = Non
         raise ContextTooLongError(
             f"the input has {ids.shape[1]} tokens but {type(model).__name__} accepts at most {limit} "
             "positions; shorten the text")
+    if with_hidden:
+        try:
+            hidden = _hidden_mask(tokenizer, raw, texts, ids)
+        except (NotImplementedError, ValueError, KeyError, TypeError):  # slow tokenizers: no offsets
+            hidden = None
+        return ids, mask, hidden
     return ids, mask
 
 
@@ -94,15 +118,14 @@ def _prepare(model: nn.Module, inputs: Any, tokenizer: Any, attention_mask: Tens
         if tokenizer is None:
             raise InputError("text input needs tokenizer=...; or pass input_ids as a tensor")
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
-        ids, mask = prepare_text(tokenizer, texts, model, chat=chat)
-        if kind == "classifier" and not _reads_last_token(model) and bool((mask[:, 0] == 0).any()):
-            side = tokenizer.padding_side
-            tokenizer.padding_side = "right"
-            try:
-                ids, mask = prepare_text(tokenizer, texts, model, chat=chat)
-            finally:
-                tokenizer.padding_side = side
-        return _Batch(ids, mask, None, isinstance(inputs, str))
+        side = tokenizer.padding_side
+        if kind == "classifier" and not _reads_last_token(model):
+            tokenizer.padding_side = "right"  # BERT-style classifiers read position 0
+        try:
+            ids, mask, hidden = prepare_text(tokenizer, texts, model, chat=chat, with_hidden=True)
+        finally:
+            tokenizer.padding_side = side
+        return _Batch(ids, mask, None, isinstance(inputs, str), hidden)
     if isinstance(inputs, (list, tuple)) and not inputs:
         raise InputError("an empty list of inputs: there is nothing to explain")
     if isinstance(inputs, dict) or hasattr(inputs, "keys"):
@@ -416,6 +439,7 @@ def explain(
         modality="tokens" if batch.input_ids is not None else ("pixels" if is_hf_model(model) else "features"),
         captures=recorder.result(),
         extra_relevance=extra_rel,
+        hidden=None if batch.hidden is None else batch.hidden & mask.bool().cpu() if mask is not None else None,
     )
 
 

@@ -87,6 +87,7 @@ class Explanation:
     modality: str = "tokens"
     captures: dict[str, Any] = field(default_factory=dict)
     extra_relevance: torch.Tensor | None = None  # (batch,) relevance absorbed by position/type embeddings etc.
+    hidden: torch.Tensor | None = None  # (batch, seq) True for special / chat-template tokens
 
     # ------------------------------------------------------------------ tensors
     @property
@@ -144,20 +145,24 @@ class Explanation:
             modality=self.modality,
             captures={k: _slice_capture(v, sl) for k, v in self.captures.items()},
             extra_relevance=None if self.extra_relevance is None else self.extra_relevance[sl],
+            hidden=None if self.hidden is None else self.hidden[sl],
         )
 
-    def real_tokens(self, row: int = 0) -> tuple[list[str], torch.Tensor]:
-        """Tokens and relevance of one row with padding removed."""
+    def real_tokens(self, row: int = 0, hide_special: bool = False) -> tuple[list[str], torch.Tensor]:
+        """Tokens and relevance of one row with padding removed (and special/chat-template tokens,
+        with ``hide_special=True``)."""
         rel = self.batch_relevance[row]
         if self.attention_mask is None:
             return list(self.tokens[row]), rel
         keep = self.attention_mask[row].bool()
+        if hide_special and self.hidden is not None:
+            keep = keep & ~self.hidden[row]
         toks = [t for t, k in zip(self.tokens[row], keep.tolist(), strict=True) if k]
         return toks, rel[keep]
 
-    def top_tokens(self, k: int = 5, row: int = 0) -> list[tuple[str, float]]:
+    def top_tokens(self, k: int = 5, row: int = 0, hide_special: bool = False) -> list[tuple[str, float]]:
         """The ``k`` tokens with the largest positive relevance, best first."""
-        toks, rel = self.real_tokens(row)
+        toks, rel = self.real_tokens(row, hide_special)
         order = torch.argsort(rel, descending=True)[:k].tolist()
         return [(toks[i], float(rel[i])) for i in order]
 
