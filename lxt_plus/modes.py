@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from .functional import grad_scale, identity_rule, uniform_matmul, uniform_mul
+from .functional import acc, grad_scale, identity_rule, uniform_matmul, uniform_mul
 
 __all__ = ["NormMode", "ProductMode", "AttentionOpsMode", "ElementwiseIdentityMode"]
 
@@ -101,7 +101,7 @@ class NormMode(_RuleMode):
         bias = args[3] if len(args) > 3 else kwargs.get("bias")
         eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
         dims = tuple(range(-len(shape), 0))
-        xf = x.float()
+        xf = acc(x)
         centred = xf - xf.mean(dim=dims, keepdim=True)
         scale = torch.rsqrt(centred.detach().pow(2).mean(dim=dims, keepdim=True) + eps)
         y = (centred * scale).to(x.dtype)
@@ -117,7 +117,7 @@ class NormMode(_RuleMode):
         weight = args[2] if len(args) > 2 else kwargs.get("weight")
         eps = args[3] if len(args) > 3 else kwargs.get("eps")
         dims = tuple(range(-len(shape), 0))
-        xf = x.float()
+        xf = acc(x)
         eps = torch.finfo(xf.dtype).eps if eps is None else eps
         scale = torch.rsqrt(xf.detach().pow(2).mean(dim=dims, keepdim=True) + eps)
         y = (xf * scale).to(x.dtype)

@@ -26,8 +26,10 @@ embeddings:
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,13 +37,21 @@ from torch import Tensor, nn
 
 import lxt_plus
 from lxt_plus.rules import Conservative
-from tests.families import build
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from families import build  # noqa: E402
 
 DTYPE = torch.float64
 RTOL = 1e-5
 
 
 # =============================================================================== the relevance tape
+def share(r: Tensor, z: Tensor) -> Tensor:
+    """``R(z) / z``, the relevance per unit of ``z`` that each contribution to ``z`` receives; ``0``
+    where ``R(z) = 0`` (nothing to distribute, also when ``z = 0``, e.g. a zero padding embedding)."""
+    return torch.where(r == 0, torch.zeros_like(r), r / z)
+
+
 @dataclass(eq=False)
 class Node:
     """A value of the reference forward pass and the relevance it receives in the backward sweep."""
@@ -57,13 +67,16 @@ class Node:
 class Tape:
     """Records the forward pass; :meth:`propagate` sends relevance back through every message.
 
-    ``attention_rule`` is: ``"ah-lrp"`` or ``"attnlrp"``. With ``gradient`` the leaves
+    ``attention_rule`` is ``"ah-lrp"`` or ``"attnlrp"``. With ``gradient`` the leaves
     require grad, so the values carry autograd graphs for the Gradient×Input reference; relevance
-    messages only ever use detached values.
+    messages only ever use detached values. ``hf_float32`` reproduces the float32 arithmetic that
+    transformers' Llama code uses in every dtype (RMSNorm normalisation, rotary angles); without
+    it the reference is float64 throughout.
     """
 
     attention_rule: str = "attnlrp"
     gradient: bool = False
+    hf_float32: bool = True
     messages: list[Callable[[], None]] = field(default_factory=list)
 
     # ------------------------------------------------------------------------------- sweep
@@ -91,7 +104,7 @@ class Tape:
         z = x.value @ weight + (0.0 if bias is None else bias)
         out = Node(z)
         xv, zv = x.value.detach(), z.detach()
-        return self._record(out, lambda r: x.receive(torch.einsum("ni,ij,nj->ni", xv, weight, r / zv)))
+        return self._record(out, lambda r: x.receive(torch.einsum("ni,ij,nj->ni", xv, weight, share(r, zv))))
 
     def add(self, a: Node, b: Node) -> Node:
         """``s = a + b``; ε-rule on addition (ε→0): ``R(a) = a/s · R(s)``, ``R(b) = b/s · R(s)``."""
@@ -100,8 +113,8 @@ class Tape:
         av, bv, sv = a.value.detach(), b.value.detach(), s.detach()
 
         def message(r: Tensor) -> None:
-            a.receive(av / sv * r)
-            b.receive(bv / sv * r)
+            a.receive(av * share(r, sv))
+            b.receive(bv * share(r, sv))
 
         return self._record(out, message)
 
@@ -118,7 +131,9 @@ class Tape:
 
         return self._record(Node(a.value * b.value), message)
 
-    def layer_norm(self, x: Node, weight: Tensor, bias: Tensor | None, eps: float, centred: bool = True) -> Node:
+    def layer_norm(
+        self, x: Node, weight: Tensor, bias: Tensor | None, eps: float, centred: bool = True
+    ) -> Node:
         """LayerNorm (``centred``) or RMSNorm over the last dim, with the conservative rule.
 
         With ``σ`` (the std, or the RMS) held constant, ``y_k = Σ_i x_i M_ik + b_k`` with
@@ -126,7 +141,6 @@ class Tape:
         ``R(x_i) = Σ_k x_i M_ik R(y_k) / y_k``.
         """
         xv = x.value
-        d = xv.shape[-1]
         shifted = xv - xv.mean(-1, keepdim=True) if centred else xv
         inv_sigma = torch.rsqrt(shifted.pow(2).mean(-1, keepdim=True) + eps)
         y = shifted * inv_sigma * weight + (0.0 if bias is None else bias)
@@ -135,6 +149,8 @@ class Tape:
     def llama_rms_norm(self, x: Node, weight: Tensor, eps: float) -> Node:
         """Llama's RMSNorm as transformers computes it: the normalisation runs in float32 whatever the
         model's dtype (``w · (x₃₂ · rsqrt(mean(x₃₂²) + eps))``), then the conservative rule as above."""
+        if not self.hf_float32:
+            return self.layer_norm(x, weight, None, eps, centred=False)
         x32 = x.value.to(torch.float32)
         inv_sigma = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
         y = weight * (x32 * inv_sigma).to(DTYPE)
@@ -146,7 +162,9 @@ class Tape:
         # one (d, d) matrix per row: M[n] = C diag(w) / σ_n
         matrices = (centering * weight)[None] * inv_sigma.detach()[..., None]
         xd, yd = x.value.detach(), out.value.detach()
-        return self._record(out, lambda r: x.receive(torch.einsum("ni,nik,nk->ni", xd, matrices, r / yd)))
+        return self._record(
+            out, lambda r: x.receive(torch.einsum("ni,nik,nk->ni", xd, matrices, share(r, yd)))
+        )
 
     def rearrange(self, x: Node, index_fn: Callable[[Tensor], Tensor]) -> Node:
         """Any indexing op (reshape, transpose, slice, repeat, select), given as a function applied
@@ -177,7 +195,9 @@ class Tape:
         y = torch.einsum("hti,tij->htj", x.value, maps)
         out = Node(y)
         xv, yv = x.value.detach(), y.detach()
-        return self._record(out, lambda r: x.receive(torch.einsum("hti,tij,htj->hti", xv, maps, r / yv)))
+        return self._record(
+            out, lambda r: x.receive(torch.einsum("hti,tij,htj->hti", xv, maps, share(r, yv)))
+        )
 
     def attention(self, q: Node, k: Node, v: Node, allowed: Tensor, scale: float) -> Node:
         """``o = softmax(scale·q kᵀ + mask) v`` per head; ``k``/``v`` may have fewer heads (GQA).
@@ -204,14 +224,14 @@ class Tape:
             return r.reshape(kv_heads, group, *r.shape[1:]).sum(1)
 
         def message(r: Tensor) -> None:
-            r_prod = torch.einsum("hij,hjd,hid->hijd", ad, vd, r / od)  # R(A_ij v_jd)
+            r_prod = torch.einsum("hij,hjd,hid->hijd", ad, vd, share(r, od))  # R(A_ij v_jd)
             if self.attention_rule == "ah-lrp":
                 v.receive(fold(r_prod.sum(1)))
                 return
             v.receive(fold(0.5 * r_prod.sum(1)))
             r_att = 0.5 * r_prod.sum(-1)
             r_scores = sd * (r_att - ad * r_att.sum(-1, keepdim=True))
-            r_qk = torch.einsum("hid,hjd,hij->hijd", qd, kd, r_scores / dd)  # R(q_id k_jd)
+            r_qk = torch.einsum("hid,hjd,hij->hijd", qd, kd, share(r_scores, dd))  # R(q_id k_jd)
             q.receive(0.5 * r_qk.sum(2))
             k.receive(fold(0.5 * r_qk.sum(1)))
 
@@ -219,11 +239,13 @@ class Tape:
 
 
 # =============================================================================== reference models
-def weight_of(module: nn.Module, name: str = "weight") -> Tensor:
-    return getattr(module, name).detach().to(DTYPE)
+def weight_of(module: nn.Module) -> Tensor:
+    """The module's weight, read as a float64 constant."""
+    return module.weight.detach().to(DTYPE)
 
 
 def bias_of(module: nn.Module, zero_bias: bool) -> Tensor | None:
+    """The module's bias (zeros for the ``conservative-check`` preset), or ``None``."""
     bias = getattr(module, "bias", None)
     if bias is None:
         return None
@@ -246,7 +268,7 @@ def silu(x: Tensor) -> Tensor:
 
 def split_heads(n: int, heads: int, dh: int, start: int = 0) -> Callable[[Tensor], Tensor]:
     """Columns ``start : start + heads·dh`` of an ``(n, ·)`` tensor as ``(heads, n, dh)``."""
-    return lambda t: t[:, start:start + heads * dh].reshape(n, heads, dh).transpose(0, 1)
+    return lambda t: t[:, start : start + heads * dh].reshape(n, heads, dh).transpose(0, 1)
 
 
 def merge_heads(t: Tensor) -> Tensor:
@@ -269,7 +291,9 @@ class Reference:
         return _summed(self.tokens, self.extras, lambda node: node.relevance)
 
 
-def _summed(tokens: Node, extras: list[Node], get: Callable[[Node], Tensor | None]) -> tuple[Tensor, Tensor | None]:
+def _summed(
+    tokens: Node, extras: list[Node], get: Callable[[Node], Tensor | None]
+) -> tuple[Tensor, Tensor | None]:
     def value(node: Node) -> Tensor:
         r = get(node)
         return torch.zeros_like(node.value) if r is None else r
@@ -279,16 +303,18 @@ def _summed(tokens: Node, extras: list[Node], get: Callable[[Node], Tensor | Non
     return token_rel, extra  # type: ignore[return-value]
 
 
-def llama_reference(model: nn.Module, ids: Tensor, mask: Tensor, target: tuple[int, int], tape: Tape,
-                    zero_bias: bool = False) -> Reference:
+def llama_reference(
+    model: nn.Module, ids: Tensor, mask: Tensor, target: tuple[int, int], tape: Tape, zero_bias: bool = False
+) -> Reference:
     """Tiny Llama: RMSNorm, rotary positions, GQA, SwiGLU MLP, untied LM head; ``target = (pos, token)``."""
     cfg = model.config
     core = model.model
     n = ids.shape[0]
     heads, kv_heads, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     # rotary angles t·θ^(-2i/dh); transformers computes them (and cos, sin) in float32 in any dtype
-    positions = (mask.cumsum(0) - 1).clamp(min=0).to(torch.float32)
-    inv_freq = 1.0 / (cfg.rope_parameters["rope_theta"] ** (torch.arange(0, dh, 2, dtype=torch.float32) / dh))
+    angle_dtype = torch.float32 if tape.hf_float32 else DTYPE
+    positions = (mask.cumsum(0) - 1).clamp(min=0).to(angle_dtype)
+    inv_freq = 1.0 / (cfg.rope_parameters["rope_theta"] ** (torch.arange(0, dh, 2, dtype=angle_dtype) / dh))
     angles = torch.cat([positions[:, None] * inv_freq[None]] * 2, -1)
     cos, sin = angles.cos().to(DTYPE), angles.sin().to(DTYPE)
     allowed = torch.tril(torch.ones(n, n, dtype=torch.bool)) & mask.bool()[None, :]
@@ -306,20 +332,22 @@ def llama_reference(model: nn.Module, ids: Tensor, mask: Tensor, target: tuple[i
         v = tape.rearrange(v, split_heads(n, kv_heads, dh))
         o = tape.rearrange(tape.attention(q, k, v, allowed, dh**-0.5), merge_heads)
         h = tape.add(h, tape.linear(o, weight_of(attn.o_proj).T, bias_of(attn.o_proj, zero_bias)))
-        b = tape.llama_rms_norm(h, weight_of(layer.post_attention_layernorm),
-                          layer.post_attention_layernorm.variance_epsilon)
+        b = tape.llama_rms_norm(
+            h, weight_of(layer.post_attention_layernorm), layer.post_attention_layernorm.variance_epsilon
+        )
         gate = tape.activation(tape.linear(b, weight_of(mlp.gate_proj).T, None), silu)
         up = tape.linear(b, weight_of(mlp.up_proj).T, None)
         h = tape.add(h, tape.linear(tape.product(gate, up), weight_of(mlp.down_proj).T, None))
     f = tape.llama_rms_norm(h, weight_of(core.norm), core.norm.variance_epsilon)
     pos, token = target
-    last = tape.rearrange(f, lambda t: t[pos:pos + 1])
+    last = tape.rearrange(f, lambda t: t[pos : pos + 1])
     logits = tape.linear(last, weight_of(model.lm_head).T, None)
     return Reference(tape, tape.rearrange(logits, lambda t: t[0, token]), tokens, [])
 
 
-def gpt2_reference(model: nn.Module, ids: Tensor, mask: Tensor, target: tuple[int, int], tape: Tape,
-                   zero_bias: bool = False) -> Reference:
+def gpt2_reference(
+    model: nn.Module, ids: Tensor, mask: Tensor, target: tuple[int, int], tape: Tape, zero_bias: bool = False
+) -> Reference:
     """Tiny GPT-2: learned positions, pre-LN, Conv1D projections (weight ``(in, out)``), GELU-new,
     LM head tied to the token embeddings; ``target = (pos, token)``."""
     core = model.transformer
@@ -347,13 +375,14 @@ def gpt2_reference(model: nn.Module, ids: Tensor, mask: Tensor, target: tuple[in
         h = tape.add(h, tape.linear(f, weight_of(mlp.c_proj), bias_of(mlp.c_proj, zero_bias)))
     f = tape.layer_norm(h, weight_of(core.ln_f), bias_of(core.ln_f, zero_bias), core.ln_f.eps)
     pos, token = target
-    last = tape.rearrange(f, lambda t: t[pos:pos + 1])
+    last = tape.rearrange(f, lambda t: t[pos : pos + 1])
     logits = tape.linear(last, weight_of(model.lm_head).T, None)
     return Reference(tape, tape.rearrange(logits, lambda t: t[0, token]), tokens, [pos_emb])
 
 
-def bert_reference(model: nn.Module, ids: Tensor, mask: Tensor, target: tuple[int, int], tape: Tape,
-                   zero_bias: bool = False) -> Reference:
+def bert_reference(
+    model: nn.Module, ids: Tensor, mask: Tensor, target: tuple[int, int], tape: Tape, zero_bias: bool = False
+) -> Reference:
     """Tiny BERT classifier: word + token-type + position embeddings, post-LN layers, GELU, tanh
     pooler on the first token, linear classifier; ``target = (_, class)``."""
     bert = model.bert
@@ -370,19 +399,24 @@ def bert_reference(model: nn.Module, ids: Tensor, mask: Tensor, target: tuple[in
     x = tape.layer_norm(e, weight_of(emb.LayerNorm), bias_of(emb.LayerNorm, zero_bias), emb.LayerNorm.eps)
     for layer in bert.encoder.layer:
         sa, so = layer.attention.self, layer.attention.output
-        q = tape.rearrange(tape.linear(x, weight_of(sa.query).T, bias_of(sa.query, zero_bias)),
-                           split_heads(n, heads, dh))
-        k = tape.rearrange(tape.linear(x, weight_of(sa.key).T, bias_of(sa.key, zero_bias)),
-                           split_heads(n, heads, dh))
-        v = tape.rearrange(tape.linear(x, weight_of(sa.value).T, bias_of(sa.value, zero_bias)),
-                           split_heads(n, heads, dh))
+        q = tape.rearrange(
+            tape.linear(x, weight_of(sa.query).T, bias_of(sa.query, zero_bias)), split_heads(n, heads, dh)
+        )
+        k = tape.rearrange(
+            tape.linear(x, weight_of(sa.key).T, bias_of(sa.key, zero_bias)), split_heads(n, heads, dh)
+        )
+        v = tape.rearrange(
+            tape.linear(x, weight_of(sa.value).T, bias_of(sa.value, zero_bias)), split_heads(n, heads, dh)
+        )
         o = tape.rearrange(tape.attention(q, k, v, allowed, dh**-0.5), merge_heads)
         s1 = tape.add(tape.linear(o, weight_of(so.dense).T, bias_of(so.dense, zero_bias)), x)
         x = tape.layer_norm(s1, weight_of(so.LayerNorm), bias_of(so.LayerNorm, zero_bias), so.LayerNorm.eps)
         inter, out = layer.intermediate.dense, layer.output
         g = tape.activation(tape.linear(x, weight_of(inter).T, bias_of(inter, zero_bias)), gelu_erf)
         s2 = tape.add(tape.linear(g, weight_of(out.dense).T, bias_of(out.dense, zero_bias)), x)
-        x = tape.layer_norm(s2, weight_of(out.LayerNorm), bias_of(out.LayerNorm, zero_bias), out.LayerNorm.eps)
+        x = tape.layer_norm(
+            s2, weight_of(out.LayerNorm), bias_of(out.LayerNorm, zero_bias), out.LayerNorm.eps
+        )
     first = tape.rearrange(x, lambda t: t[0:1])
     pooler = bert.pooler.dense
     pooled = tape.activation(tape.linear(first, weight_of(pooler).T, bias_of(pooler, zero_bias)), torch.tanh)
@@ -394,12 +428,19 @@ REFERENCES = {"llama": llama_reference, "gpt2": gpt2_reference, "bert": bert_ref
 
 
 # =============================================================================== running both sides
-def reference_relevance(family: str, model: nn.Module, ids: Tensor, mask: Tensor, target: tuple[int, int],
-                        rules: str) -> tuple[Tensor, Tensor | None, Tensor]:
+def reference_relevance(
+    family: str,
+    model: nn.Module,
+    ids: Tensor,
+    mask: Tensor,
+    target: tuple[int, int],
+    rules: str,
+    hf_float32: bool = True,
+) -> tuple[Tensor, Tensor | None, Tensor]:
     """``(token relevance (seq,), extra relevance or None, target logit)`` of one row."""
     build_ref = REFERENCES[family]
     if rules == "gradient":  # plain Gradient×Input: autograd through the float64 re-implementation
-        ref = build_ref(model, ids, mask, target, Tape(gradient=True))
+        ref = build_ref(model, ids, mask, target, Tape(gradient=True, hf_float32=hf_float32))
         leaves = [ref.tokens, *ref.extras]
         grads = torch.autograd.grad(ref.target.value, [node.value for node in leaves], allow_unused=True)
         by_node = {id(node): g for node, g in zip(leaves, grads, strict=True)}
@@ -411,7 +452,14 @@ def reference_relevance(family: str, model: nn.Module, ids: Tensor, mask: Tensor
         tokens, extra = _summed(ref.tokens, ref.extras, grad_x_input)
         return tokens, extra, ref.target.value.detach()
     attention = "ah-lrp" if rules in ("ah-lrp", "conservative-check") else "attnlrp"
-    ref = build_ref(model, ids, mask, target, Tape(attention), zero_bias=rules == "conservative-check")
+    ref = build_ref(
+        model,
+        ids,
+        mask,
+        target,
+        Tape(attention, hf_float32=hf_float32),
+        zero_bias=rules == "conservative-check",
+    )
     tokens, extra = ref.relevance()
     return tokens, extra, ref.target.value
 
@@ -440,8 +488,10 @@ def randomize_biases_and_norms(model: nn.Module, seed: int) -> nn.Module:
 @pytest.fixture(scope="module")
 def models() -> dict[str, nn.Module]:
     """The tiny 2-layer models of ``tests/families.py`` in float64, biases and norm weights random."""
-    return {family: randomize_biases_and_norms(build(family).to(DTYPE), seed=10 + i)
-            for i, family in enumerate(FAMILIES)}
+    return {
+        family: randomize_biases_and_norms(build(family).to(DTYPE), seed=10 + i)
+        for i, family in enumerate(FAMILIES)
+    }
 
 
 def token_ids(rows: int, seed: int = 0) -> Tensor:
@@ -487,14 +537,20 @@ def case(family: str, rules: str) -> object:
     """A ``(family, rules)`` parameter, expected to fail while the NormMode float64 bug is present."""
     marks = []
     if NORM_FLOAT32_BUG and family in ("gpt2", "bert") and rules != "gradient":
-        marks.append(pytest.mark.xfail(strict=True, reason="lxt_plus NormMode computes float64 LayerNorm in "
-                                       "float32 (x.float()); relevance off by ~1e-7·max|R|"))
+        marks.append(
+            pytest.mark.xfail(
+                strict=True,
+                reason="lxt_plus NormMode computes float64 LayerNorm in "
+                "float32 (x.float()); relevance off by ~1e-7·max|R|",
+            )
+        )
     return pytest.param(family, rules, marks=marks, id=f"{family}-{rules}")
 
 
 def assert_relevance_close(actual: Tensor, expected: Tensor, scale: float, factor: float, what: str) -> None:
-    torch.testing.assert_close(actual.to(DTYPE), expected.to(DTYPE), rtol=RTOL, atol=factor * scale,
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.to(DTYPE), expected.to(DTYPE), rtol=RTOL, atol=factor * scale, msg=lambda m: f"{what}: {m}"
+    )
 
 
 def compare_rows(family: str, model: nn.Module, ids: Tensor, mask: Tensor, rules: str) -> None:
@@ -504,21 +560,29 @@ def compare_rows(family: str, model: nn.Module, ids: Tensor, mask: Tensor, rules
     explanation = lxt_plus.explain(model, ids, target=spec, attention_mask=mask, rules=rules)
     assert explanation.batch_relevance.dtype == DTYPE
     for r in range(ids.shape[0]):
-        ref_tokens, ref_extra, ref_logit = reference_relevance(family, model, ids[r], mask[r], targets[r], rules)
+        ref_tokens, ref_extra, ref_logit = reference_relevance(
+            family, model, ids[r], mask[r], targets[r], rules
+        )
         ref_tokens = ref_tokens * mask[r]
         scale = float(ref_tokens.abs().max())
         if ref_extra is not None:
             scale = max(scale, float(ref_extra.abs()))
         factor = atol_factor(family, rules)
         torch.testing.assert_close(explanation.target_logit[r], ref_logit.detach(), rtol=1e-10, atol=1e-12)
-        assert_relevance_close(explanation.batch_relevance[r], ref_tokens, scale, factor,
-                               f"{family}/{rules} row {r}")
+        assert_relevance_close(
+            explanation.batch_relevance[r], ref_tokens, scale, factor, f"{family}/{rules} row {r}"
+        )
         if ref_extra is None:
             assert explanation.extra_relevance is None
         else:
             assert explanation.extra_relevance is not None
-            assert_relevance_close(explanation.extra_relevance[r], ref_extra.detach(), scale, factor,
-                                   f"{family}/{rules} row {r} position/type embeddings")
+            assert_relevance_close(
+                explanation.extra_relevance[r],
+                ref_extra.detach(),
+                scale,
+                factor,
+                f"{family}/{rules} row {r} position/type embeddings",
+            )
 
 
 @pytest.mark.parametrize(("family", "rules"), [case(f, r) for f in FAMILIES for r in PRESETS])
@@ -533,8 +597,8 @@ def test_padded_batch_matches_reference(models: dict[str, nn.Module], family: st
     """A right-padded batch: the reference masks padded keys explicitly; pad tokens get 0."""
     ids = token_ids(2, seed=2)
     mask = torch.ones_like(ids)
-    mask[1, SEQ - 2:] = 0
-    ids[1, SEQ - 2:] = 0
+    mask[1, SEQ - 2 :] = 0
+    ids[1, SEQ - 2 :] = 0
     compare_rows(family, models[family], ids, mask, rules)
 
 
@@ -543,8 +607,9 @@ def test_reference_is_conservative_without_biases(models: dict[str, nn.Module], 
     """The reference itself: AH-LRP with zero biases sums to the target logit (Ali et al. 2022)."""
     ids = token_ids(1, seed=1)[0]
     mask = torch.ones_like(ids)
-    tokens, extra, logit = reference_relevance(family, models[family], ids, mask, target_for(family, mask),
-                                               "conservative-check")
+    tokens, extra, logit = reference_relevance(
+        family, models[family], ids, mask, target_for(family, mask), "conservative-check", hf_float32=False
+    )
     total = tokens.sum() + (0.0 if extra is None else extra)
     torch.testing.assert_close(total, logit, rtol=1e-10, atol=1e-12)
 
@@ -555,8 +620,10 @@ def test_reference_presets_differ(models: dict[str, nn.Module], family: str) -> 
     ids = token_ids(1, seed=1)[0]
     mask = torch.ones_like(ids)
     target = target_for(family, mask)
-    results = {rules: reference_relevance(family, models[family], ids, mask, target, rules)[0]
-               for rules in ("ah-lrp", "attnlrp", "gradient")}
+    results = {
+        rules: reference_relevance(family, models[family], ids, mask, target, rules)[0]
+        for rules in ("ah-lrp", "attnlrp", "gradient")
+    }
     for a, b in (("ah-lrp", "attnlrp"), ("ah-lrp", "gradient"), ("attnlrp", "gradient")):
         gap = (results[a] - results[b]).abs().max() / results[a].abs().max()
         assert gap > 1e-3, f"{family}: reference {a} and {b} agree to {float(gap):.1e}"
