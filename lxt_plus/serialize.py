@@ -10,8 +10,13 @@ import torch
 from .errors import InputError
 from .result import Explanation, GenerationExplanation, Target
 
-__all__ = ["FORMAT_VERSION", "explanation_to_dict", "explanation_from_dict", "generation_to_dict",
-           "generation_from_dict"]
+__all__ = [
+    "FORMAT_VERSION",
+    "explanation_to_dict",
+    "explanation_from_dict",
+    "generation_to_dict",
+    "generation_from_dict",
+]
 
 FORMAT_VERSION = 1
 _EXPLANATION = "lxt_plus.Explanation"
@@ -28,16 +33,21 @@ def _list(t: torch.Tensor | None) -> Any:
 def _encode(value: Any, where: str) -> Any:
     """Captures as JSON: tensors become ``{"__tensor__": data, "dtype": ..., "shape": ...}``."""
     if isinstance(value, torch.Tensor):
-        return {"__tensor__": _list(value), "dtype": str(value.dtype).removeprefix("torch."),
-                "shape": list(value.shape)}
+        return {
+            "__tensor__": _list(value),
+            "dtype": str(value.dtype).removeprefix("torch."),
+            "shape": list(value.shape),
+        }
     if isinstance(value, dict):
         return {str(k): _encode(v, f"{where}.{k}") for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_encode(v, f"{where}[{i}]") for i, v in enumerate(value)]
     if value is None or isinstance(value, bool | int | float | str):
         return value
-    raise InputError(f"cannot serialise {where} of type {type(value).__name__}; captures may hold tensors, "
-                     f"numbers, strings, lists and dicts")
+    raise InputError(
+        f"cannot serialise {where} of type {type(value).__name__}; captures may hold tensors, "
+        f"numbers, strings, lists and dicts"
+    )
 
 
 def _decode(value: Any) -> Any:
@@ -60,15 +70,22 @@ def explanation_to_dict(exp: Explanation) -> dict[str, Any]:
     the layout for :func:`explanation_from_dict`.
     """
     return {
-        "format": _EXPLANATION, "version": FORMAT_VERSION,
-        "rules": exp.rules, "single": exp.single, "modality": exp.modality,
+        "format": _EXPLANATION,
+        "version": FORMAT_VERSION,
+        "rules": exp.rules,
+        "single": exp.single,
+        "modality": exp.modality,
         "tokens": [list(row) for row in exp.tokens],
         "relevance": _list(exp.batch_relevance),
-        "token_ids": _list(exp.token_ids), "attention_mask": _list(exp.attention_mask),
-        "targets": [{**asdict(t), "ids": list(t.ids), "contrast_ids": list(t.contrast_ids)}
-                    for t in exp.targets],
-        "target_logit": _list(exp.target_logit), "probability": _list(exp.probability),
+        "token_ids": _list(exp.token_ids),
+        "attention_mask": _list(exp.attention_mask),
+        "targets": [
+            {**asdict(t), "ids": list(t.ids), "contrast_ids": list(t.contrast_ids)} for t in exp.targets
+        ],
+        "target_logit": _list(exp.target_logit),
+        "probability": _list(exp.probability),
         "extra_relevance": _list(exp.extra_relevance),
+        "hidden": _list(exp.hidden),
         "captures": _encode(exp.captures, "captures"),
     }
 
@@ -80,8 +97,10 @@ def _check(data: Any, kind: str, required: tuple[str, ...]) -> None:
     if data.get("format") != name:
         raise InputError(f"not a serialised {kind}: format is {data.get('format')!r}, expected {name!r}")
     if data.get("version") != FORMAT_VERSION:
-        raise InputError(f"unsupported {kind} format version {data.get('version')!r}; this lxt_plus reads "
-                         f"version {FORMAT_VERSION}")
+        raise InputError(
+            f"unsupported {kind} format version {data.get('version')!r}; this lxt_plus reads "
+            f"version {FORMAT_VERSION}"
+        )
     missing = [k for k in required if k not in data]
     if missing:
         raise InputError(f"serialised {kind} is missing the field(s) {', '.join(missing)}")
@@ -101,10 +120,14 @@ def _target(t: Any) -> Target:
     if not isinstance(t, dict):
         raise InputError(f"each target must be a dict of Target fields, got {type(t).__name__}")
     try:
-        return Target(kind=str(t["kind"]), ids=tuple(int(i) for i in t["ids"]), label=str(t["label"]),
-                      position=None if t.get("position") is None else int(t["position"]),
-                      contrast_ids=tuple(int(i) for i in t.get("contrast_ids", ())),
-                      contrast_label=t.get("contrast_label"))
+        return Target(
+            kind=str(t["kind"]),
+            ids=tuple(int(i) for i in t["ids"]),
+            label=str(t["label"]),
+            position=None if t.get("position") is None else int(t["position"]),
+            contrast_ids=tuple(int(i) for i in t.get("contrast_ids", ())),
+            contrast_label=t.get("contrast_label"),
+        )
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"malformed target {t!r}: {exc!r}") from exc
 
@@ -112,7 +135,8 @@ def _target(t: Any) -> Target:
 def explanation_from_dict(data: dict[str, Any]) -> Explanation:
     """Rebuild an :class:`~lxt_plus.result.Explanation` from :func:`explanation_to_dict` output.
 
-    Relevance, logits and probabilities come back as float32 tensors, ids and masks as int64.
+    Relevance, logits and probabilities come back as float32 tensors, ids and masks as int64, the
+    ``hidden`` marks as bool.
 
     Raises
     ------
@@ -131,7 +155,9 @@ def explanation_from_dict(data: dict[str, Any]) -> Explanation:
         raise InputError(f"field 'targets' must be a list of {batch} target(s)")
     target_logit = _tensor(data, "target_logit", torch.float32)
     if target_logit.shape != (batch,):
-        raise InputError(f"field 'target_logit' must have {batch} value(s), got shape {tuple(target_logit.shape)}")
+        raise InputError(
+            f"field 'target_logit' must have {batch} value(s), got shape {tuple(target_logit.shape)}"
+        )
     return Explanation(
         batch_relevance=relevance,
         tokens=[[str(t) for t in row] for row in tokens],
@@ -145,27 +171,43 @@ def explanation_from_dict(data: dict[str, Any]) -> Explanation:
         modality=str(data.get("modality", "tokens")),
         captures=_decode(data.get("captures") or {}),
         extra_relevance=_tensor(data, "extra_relevance", torch.float32, optional=True),
+        hidden=_tensor(data, "hidden", torch.bool, optional=True),
     )
 
 
 def generation_to_dict(gen: GenerationExplanation) -> dict[str, Any]:
     """A :class:`~lxt_plus.result.GenerationExplanation` as a JSON-serialisable dict."""
     return {
-        "format": _GENERATION, "version": FORMAT_VERSION, "rules": gen.rules,
-        "tokens": list(gen.tokens), "token_ids": _list(gen.token_ids), "prompt_length": gen.prompt_length,
-        "matrix": _list(gen.matrix), "target_logit": _list(gen.target_logit),
+        "format": _GENERATION,
+        "version": FORMAT_VERSION,
+        "rules": gen.rules,
+        "tokens": list(gen.tokens),
+        "token_ids": _list(gen.token_ids),
+        "prompt_length": gen.prompt_length,
+        "matrix": _list(gen.matrix),
+        "target_logit": _list(gen.target_logit),
     }
 
 
 def generation_from_dict(data: dict[str, Any]) -> GenerationExplanation:
     """Rebuild a :class:`~lxt_plus.result.GenerationExplanation` from :func:`generation_to_dict` output."""
-    _check(data, "GenerationExplanation", ("rules", "tokens", "token_ids", "prompt_length", "matrix",
-                                           "target_logit"))
+    _check(
+        data,
+        "GenerationExplanation",
+        ("rules", "tokens", "token_ids", "prompt_length", "matrix", "target_logit"),
+    )
     tokens, n = data["tokens"], len(data["tokens"]) if isinstance(data["tokens"], list) else -1
     matrix = _tensor(data, "matrix", torch.float32)
     if n < 0 or not isinstance(data["prompt_length"], int) or matrix.dim() != 2 or matrix.shape[1] != n:
-        raise InputError(f"serialised generation does not fit together: {n} tokens, prompt_length "
-                         f"{data['prompt_length']!r}, matrix shape {tuple(matrix.shape)}")
-    return GenerationExplanation(tokens=[str(t) for t in tokens], token_ids=_tensor(data, "token_ids", torch.long),
-                                 prompt_length=data["prompt_length"], matrix=matrix,
-                                 target_logit=_tensor(data, "target_logit", torch.float32), rules=str(data["rules"]))
+        raise InputError(
+            f"serialised generation does not fit together: {n} tokens, prompt_length "
+            f"{data['prompt_length']!r}, matrix shape {tuple(matrix.shape)}"
+        )
+    return GenerationExplanation(
+        tokens=[str(t) for t in tokens],
+        token_ids=_tensor(data, "token_ids", torch.long),
+        prompt_length=data["prompt_length"],
+        matrix=matrix,
+        target_logit=_tensor(data, "target_logit", torch.float32),
+        rules=str(data["rules"]),
+    )

@@ -36,8 +36,13 @@ def display_token(tok: str) -> str:
     """
     if tok.startswith("##") and len(tok) > 2:
         tok = tok[2:]
-    return (tok.replace("\u0120", " ").replace("\u2581", " ")
-            .replace("\u010a", NEWLINE_SYMBOL).replace("\r\n", NEWLINE_SYMBOL).replace("\n", NEWLINE_SYMBOL))
+    return (
+        tok.replace("\u0120", " ")
+        .replace("\u2581", " ")
+        .replace("\u010a", NEWLINE_SYMBOL)
+        .replace("\r\n", NEWLINE_SYMBOL)
+        .replace("\n", NEWLINE_SYMBOL)
+    )
 
 
 def detect_scheme(tokens: list[str]) -> str:
@@ -101,8 +106,10 @@ def aggregate_words(
     if scheme not in SCHEMES:
         raise InputError(f"unknown word scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
     if relevance.dim() != 1 or relevance.shape[0] != len(tokens):
-        raise InputError(f"aggregate_words needs one relevance value per token: got {len(tokens)} tokens "
-                         f"and relevance of shape {tuple(relevance.shape)}")
+        raise InputError(
+            f"aggregate_words needs one relevance value per token: got {len(tokens)} tokens "
+            f"and relevance of shape {tuple(relevance.shape)}"
+        )
     if scheme == "auto":
         scheme = detect_scheme(tokens)
     pieces: list[list[str]] = []

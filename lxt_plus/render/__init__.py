@@ -25,16 +25,20 @@ _IMAGE = (".png", ".pdf", ".svg")
 def _suffix(path: str | os.PathLike[str], valid: tuple[str, ...], what: str) -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in valid:
-        raise InputError(f"cannot save {what} as {str(path)!r}: unknown suffix {suffix or '(none)'!r}; "
-                         f"use one of {', '.join(valid)}")
+        raise InputError(
+            f"cannot save {what} as {str(path)!r}: unknown suffix {suffix or '(none)'!r}; "
+            f"use one of {', '.join(valid)}"
+        )
     return suffix
 
 
 def _page(fragment: str, title: str) -> str:
     from html import escape
 
-    return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{escape(title)}</title></head>\n'
-            f"<body>{fragment}</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{escape(title)}</title></head>\n'
+        f"<body>{fragment}</body></html>\n"
+    )
 
 
 def _save_figure(fig: Any, path: str | os.PathLike[str], dpi: int) -> None:
@@ -83,7 +87,9 @@ def save_explanation(exp: Explanation, path: str | os.PathLike[str], dpi: int = 
     Path(path).write_text(text, encoding="utf-8")
 
 
-def save_generation(gen: GenerationExplanation, path: str | os.PathLike[str], dpi: int = 150, **kw: Any) -> None:
+def save_generation(
+    gen: GenerationExplanation, path: str | os.PathLike[str], dpi: int = 150, **kw: Any
+) -> None:
     """Save a generation explanation as ``.png``/``.pdf``/``.svg``, ``.html`` (interactive) or ``.json``.
 
     ``**kw`` goes to the renderer (:func:`~lxt_plus.render.mpl.plot_generation`,

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError, MissingDependencyError
-from ..words import NEWLINE_SYMBOL, detect_scheme, display_token
+from ..words import NEWLINE_SYMBOL, aggregate_words, detect_scheme, display_token
 
 if TYPE_CHECKING:
     from ..result import Explanation
@@ -20,8 +20,10 @@ def require(module: str, feature: str) -> Any:
         return importlib.import_module(module)
     except ImportError as exc:
         package = module.split(".")[0]
-        raise MissingDependencyError(f"{feature} needs {package}; install it with "
-                                     f"`pip install {package}` or `pip install lxt_plus[demo]`") from exc
+        raise MissingDependencyError(
+            f"{feature} needs {package}; install it with "
+            f"`pip install {package}` or `pip install lxt_plus[demo]`"
+        ) from exc
 
 
 def row_indices(exp: Explanation, row: int | None) -> list[int]:
@@ -34,33 +36,40 @@ def row_indices(exp: Explanation, row: int | None) -> list[int]:
     return [row % n]
 
 
-def row_items(exp: Explanation, r: int, words: bool = False) -> tuple[list[str], torch.Tensor]:
-    """Display strings and ``(n,)`` float relevance of row ``r`` (padding dropped).
+def row_items(
+    exp: Explanation, r: int, words: bool = False, hide_special: bool = False
+) -> tuple[list[str], torch.Tensor]:
+    """Display strings and ``(n,)`` float relevance of row ``r`` (padding dropped, and special /
+    chat-template tokens with ``hide_special``).
 
     Token strings keep their leading space; WordPiece word starts and merged words get one, so the
     strings concatenate to readable text.
     """
     if exp.modality == "pixels":
         raise InputError("pixel relevance has no tokens to show; plot it or save it as .png/.pdf/.svg")
+    toks, rel = exp.real_tokens(r, hide_special)
     if exp.modality != "tokens":
-        toks, rel = exp.real_tokens(r)
         texts = [t if i == 0 else " " + t for i, t in enumerate(toks)]
     elif words:
-        toks, rel = exp.words(r)
+        toks, rel = aggregate_words(toks, rel)
         texts = [t if i == 0 or toks[i - 1] == NEWLINE_SYMBOL else " " + t for i, t in enumerate(toks)]
     else:
-        toks, rel = exp.real_tokens(r)
         texts = [display_token(t) for t in toks]
         if detect_scheme(toks) == "wordpiece":
-            texts = [s if i == 0 or (t.startswith("##") and len(t) > 2) else " " + s
-                     for i, (s, t) in enumerate(zip(texts, toks, strict=True))]
+            texts = [
+                s if i == 0 or (t.startswith("##") and len(t) > 2) else " " + s
+                for i, (s, t) in enumerate(zip(texts, toks, strict=True))
+            ]
     return texts, rel.detach().float().cpu()
 
 
 def header_fields(exp: Explanation, r: int) -> list[tuple[str, str]]:
     """(name, value) pairs describing row ``r``: target, preset, logit, probability, relevance sum."""
-    fields = [("target", exp.targets[r].describe()), ("preset", exp.rules),
-              ("logit", f"{float(exp.target_logit[r]):.4g}")]
+    fields = [
+        ("target", exp.targets[r].describe()),
+        ("preset", exp.rules),
+        ("logit", f"{float(exp.target_logit[r]):.4g}"),
+    ]
     if exp.probability is not None:
         fields.append(("p", f"{float(exp.probability[r]):.3g}"))
     total = float(exp.batch_relevance[r].detach().float().sum())

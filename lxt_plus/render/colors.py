@@ -11,8 +11,19 @@ from typing import Any
 
 import torch
 
-__all__ = ["POSITIVE", "NEGATIVE", "WHITE", "rgb", "hex_color", "text_rgb", "text_color", "css_gradient",
-           "palette", "color_limit", "colormap"]
+__all__ = [
+    "POSITIVE",
+    "NEGATIVE",
+    "WHITE",
+    "rgb",
+    "hex_color",
+    "text_rgb",
+    "text_color",
+    "css_gradient",
+    "palette",
+    "color_limit",
+    "colormap",
+]
 
 RGB = tuple[int, int, int]
 

@@ -44,21 +44,25 @@ _CSS = """<style>
 def _legend(limit: float, ids: bool = False) -> str:
     lo, mid, hi = legend_labels(limit)
     lo_attr, hi_attr = (' class="lxt-lo"', ' class="lxt-hi"') if ids else ("", "")
-    return (f'<div class="lxt-legend" dir="ltr"><div class="lxt-bar" style="background:{colors.css_gradient()}">'
-            f'</div><div class="lxt-labels"><span{lo_attr}>{escape(lo)}</span><span>{mid}</span>'
-            f'<span{hi_attr}>{escape(hi)}</span></div></div>')
+    return (
+        f'<div class="lxt-legend" dir="ltr"><div class="lxt-bar" style="background:{colors.css_gradient()}">'
+        f'</div><div class="lxt-labels"><span{lo_attr}>{escape(lo)}</span><span>{mid}</span>'
+        f"<span{hi_attr}>{escape(hi)}</span></div></div>"
+    )
 
 
 def _span(text: str, value: float, norm: float, cls: str = "lxt-tok") -> str:
     style = f"background:{colors.hex_color(norm)};color:{colors.text_color(norm)}"
-    span = (f'<span class="{cls}" style="{style}" title="relevance {value:+.6g}">'
-            f"{escape(text)}</span>")
+    span = f'<span class="{cls}" style="{style}" title="relevance {value:+.6g}">{escape(text)}</span>'
     return span + ("<br>" if NEWLINE_SYMBOL in text else "")
 
 
 def _header(fields: list[tuple[str, str]]) -> str:
-    return '<div class="lxt-head">' + " &middot; ".join(
-        f"{escape(name)} <b>{escape(value)}</b>" for name, value in fields) + "</div>"
+    return (
+        '<div class="lxt-head">'
+        + " &middot; ".join(f"{escape(name)} <b>{escape(value)}</b>" for name, value in fields)
+        + "</div>"
+    )
 
 
 def _pixels_html(exp: Explanation, r: int, normalize: str) -> str:
@@ -71,8 +75,13 @@ def _pixels_html(exp: Explanation, r: int, normalize: str) -> str:
     return f'<img alt="relevance heatmap" src="data:image/png;base64,{data}">'
 
 
-def explanation_html(exp: Explanation, row: int | None = None, normalize: str = "max",
-                     words: bool = False) -> str:
+def explanation_html(
+    exp: Explanation,
+    row: int | None = None,
+    normalize: str = "max",
+    words: bool = False,
+    hide_special: bool = False,
+) -> str:
     """The explanation as a self-contained HTML fragment.
 
     Each token is a ``<span>`` coloured by its normalised relevance (red positive, blue negative,
@@ -89,6 +98,8 @@ def explanation_html(exp: Explanation, row: int | None = None, normalize: str = 
         ``"max"``, ``"sum"`` or ``"none"``, see :func:`lxt_plus.words.normalize`; applied per row.
     words:
         Merge sub-word tokens into words first (relevance summed).
+    hide_special:
+        Leave out special and chat-template tokens (``exp.hidden``).
 
     Returns
     -------
@@ -101,7 +112,7 @@ def explanation_html(exp: Explanation, row: int | None = None, normalize: str = 
         if exp.modality == "pixels":
             parts.append(_pixels_html(exp, r, normalize) + "</div>")
             continue
-        texts, rel = row_items(exp, r, words)
+        texts, rel = row_items(exp, r, words, hide_special)
         norm = _normalize(rel, normalize)
         spans = "".join(_span(t, float(v), float(n)) for t, v, n in zip(texts, rel, norm, strict=True))
         parts.append(f'<div class="lxt-tokens" dir="auto">{spans}</div>')
@@ -112,8 +123,13 @@ def explanation_html(exp: Explanation, row: int | None = None, normalize: str = 
 def _safe_json(data: object) -> str:
     """JSON that cannot end a ``<script>`` element or open an HTML comment."""
     text = json.dumps(data, ensure_ascii=False, allow_nan=False)
-    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
-                    ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+    for ch, esc in (
+        ("<", "\\u003c"),
+        (">", "\\u003e"),
+        ("&", "\\u0026"),
+        ("\u2028", "\\u2028"),
+        ("\u2029", "\\u2029"),
+    ):
         text = text.replace(ch, esc)
     return text
 
@@ -170,10 +186,18 @@ def generation_html(gen: GenerationExplanation, normalize: str = "max") -> str:
     limits = [legend_labels(colors.color_limit(m, normalize)) for m in matrix]
     logits = [f"{float(v):.4g}" for v in gen.target_logit]
     bg, fg = colors.palette()
-    data = {"start": start, "half": (len(bg) - 1) // 2, "bg": bg, "fg": fg, "tokens": texts,
-            "norm": [[round(float(v), 4) for v in row] for row in torch.nan_to_num(norm)],
-            "raw": [[float(f"{float(v):.6g}") for v in row] for row in torch.nan_to_num(matrix)],
-            "logits": logits, "lo": [x[0] for x in limits], "hi": [x[2] for x in limits]}
+    data = {
+        "start": start,
+        "half": (len(bg) - 1) // 2,
+        "bg": bg,
+        "fg": fg,
+        "tokens": texts,
+        "norm": [[round(float(v), 4) for v in row] for row in torch.nan_to_num(norm)],
+        "raw": [[float(f"{float(v):.6g}") for v in row] for row in torch.nan_to_num(matrix)],
+        "logits": logits,
+        "lo": [x[0] for x in limits],
+        "hi": [x[2] for x in limits],
+    }
     uid = f"lxt-gen-{uuid.uuid4().hex[:12]}"
     spans = []
     for i, text in enumerate(texts):
@@ -181,12 +205,16 @@ def generation_html(gen: GenerationExplanation, normalize: str = "max") -> str:
         raw, value = (float(matrix[0, i]), float(norm[0, i])) if n_gen else (0.0, 0.0)
         spans.append(_span(text, raw, value, cls))
     first = json.dumps(texts[start], ensure_ascii=False) if n_gen else "-"
-    head = (f'<div class="lxt-head">preset <b>{escape(gen.rules)}</b> &middot; explaining '
-            f'<b class="lxt-target">{escape(first)}</b> &middot; logit <b class="lxt-logit">'
-            f'{escape(logits[0] if n_gen else "-")}</b> &middot; hover or click a generated '
-            f"(underlined) token</div>")
+    head = (
+        f'<div class="lxt-head">preset <b>{escape(gen.rules)}</b> &middot; explaining '
+        f'<b class="lxt-target">{escape(first)}</b> &middot; logit <b class="lxt-logit">'
+        f"{escape(logits[0] if n_gen else '-')}</b> &middot; hover or click a generated "
+        f"(underlined) token</div>"
+    )
     limit = colors.color_limit(matrix[0], normalize) if n_gen else 1.0
-    return (f'<div class="lxt" id="{uid}">{_CSS}{head}<div class="lxt-tokens" dir="auto">{"".join(spans)}'
-            f"</div>{_legend(limit, ids=True)}"
-            f'<script type="application/json" class="lxt-data">{_safe_json(data)}</script>'
-            f"<script>{_SCRIPT % json.dumps(uid)}</script></div>")
+    return (
+        f'<div class="lxt" id="{uid}">{_CSS}{head}<div class="lxt-tokens" dir="auto">{"".join(spans)}'
+        f"</div>{_legend(limit, ids=True)}"
+        f'<script type="application/json" class="lxt-data">{_safe_json(data)}</script>'
+        f"<script>{_SCRIPT % json.dumps(uid)}</script></div>"
+    )

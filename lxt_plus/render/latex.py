@@ -15,10 +15,22 @@ if TYPE_CHECKING:
 
 __all__ = ["explanation_latex", "escape_latex"]
 
-_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-            "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-            "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}",
-            NEWLINE_SYMBOL: r"$\hookleftarrow$"}
+_ESCAPES = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "<": r"\textless{}",
+    ">": r"\textgreater{}",
+    "|": r"\textbar{}",
+    NEWLINE_SYMBOL: r"$\hookleftarrow$",
+}
 
 
 def escape_latex(text: str) -> str:
@@ -41,8 +53,13 @@ def _box(text: str, value: float) -> str:
     return box + (r"\newline" if NEWLINE_SYMBOL in text else "")
 
 
-def explanation_latex(exp: Explanation, row: int | None = None, normalize: str = "max",
-                      words: bool = False) -> str:
+def explanation_latex(
+    exp: Explanation,
+    row: int | None = None,
+    normalize: str = "max",
+    words: bool = False,
+    hide_special: bool = False,
+) -> str:
     r"""The explanation as a ``.tex`` snippet.
 
     Each token becomes ``\colorbox[RGB]{r,g,b}{\strut token}`` with the shared colour scale and escaped
@@ -58,6 +75,8 @@ def explanation_latex(exp: Explanation, row: int | None = None, normalize: str =
         ``"max"``, ``"sum"`` or ``"none"``, applied per row.
     words:
         Merge sub-word tokens into words first.
+    hide_special:
+        Leave out special and chat-template tokens (``exp.hidden``).
 
     Returns
     -------
@@ -69,7 +88,7 @@ def explanation_latex(exp: Explanation, row: int | None = None, normalize: str =
     for r in row_indices(exp, row):
         fields = ", ".join(f"{k}: {v}" for k, v in header_fields(exp, r))
         lines.append("% " + " ".join(fields.split()))
-        texts, rel = row_items(exp, r, words)
+        texts, rel = row_items(exp, r, words, hide_special)
         boxes = [_box(t, v) for t, v in zip(texts, _normalize(rel, normalize).tolist(), strict=True)]
         lines.append("{\\setlength{\\fboxsep}{1pt}%\n" + "\\allowbreak\n".join(boxes) + "%\n}\\par")
     return "\n".join(lines) + "\n"

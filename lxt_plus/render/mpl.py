@@ -6,7 +6,7 @@ backend, headless included.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -62,22 +62,53 @@ def _draw_tokens(ax: Axes, texts: list[str], rel: torch.Tensor, normalize: str, 
 
     boxes, lines = _layout(texts, wrap)
     for (x, line, w, label), v in zip(boxes, _normalize(rel, normalize).tolist(), strict=True):
-        ax.add_patch(FancyBboxPatch((x, -line - 0.8), w, 0.6, boxstyle="round,pad=0,rounding_size=0.12",
-                                    facecolor=colors.hex_color(v), edgecolor="#d0d7de", linewidth=0.4))
-        ax.text(x + w / 2, -line - 0.5, label, ha="center", va="center", family="monospace",
-                fontsize=FONT_SIZE, color=colors.text_color(v))
+        ax.add_patch(
+            FancyBboxPatch(
+                (x, -line - 0.8),
+                w,
+                0.6,
+                boxstyle="round,pad=0,rounding_size=0.12",
+                facecolor=colors.hex_color(v),
+                edgecolor="#d0d7de",
+                linewidth=0.4,
+            )
+        )
+        ax.text(
+            x + w / 2,
+            -line - 0.5,
+            label,
+            ha="center",
+            va="center",
+            family="monospace",
+            fontsize=FONT_SIZE,
+            color=colors.text_color(v),
+        )
     # legend: gradient bar with -limit / 0 / +limit labels on a line of its own
-    y = -lines - 0.9
+    y = -lines - 0.4
     x0 = max(0.0, (wrap - LEGEND_W) / 2)
-    ax.imshow(torch.linspace(-1, 1, 256)[None].numpy(), cmap=colors.colormap(), vmin=-1, vmax=1,
-              extent=(x0, x0 + LEGEND_W, y - 0.35, y), aspect="auto", interpolation="bilinear")
-    for xpos, label, ha in zip((x0, x0 + LEGEND_W / 2, x0 + LEGEND_W),
-                               legend_labels(colors.color_limit(rel, normalize)), ("left", "center", "right"),
-                               strict=True):
+    ax.imshow(
+        torch.linspace(-1, 1, 256)[None].numpy(),
+        cmap=colors.colormap(),
+        vmin=-1,
+        vmax=1,
+        extent=(x0, x0 + LEGEND_W, y - 0.35, y),
+        aspect="auto",
+        interpolation="bilinear",
+    )
+    for xpos, label, ha in zip(
+        (x0, x0 + LEGEND_W / 2, x0 + LEGEND_W),
+        legend_labels(colors.color_limit(rel, normalize)),
+        ("left", "center", "right"),
+        strict=True,
+    ):
         ax.text(xpos, y - 0.5, label, ha=ha, va="top", fontsize=FONT_SIZE * 0.8, color="#57606a")
     ax.set_xlim(-0.3, wrap + 0.3)
-    ax.set_ylim(-lines - 2.0, 0.0)
+    ax.set_ylim(-lines - 1.5, 0.0)
     ax.set_axis_off()
+
+
+def _axis_label(normalize: str) -> str:
+    return "relevance" + ("" if normalize == "none" else f" (normalised: {normalize})")
 
 
 def _draw_pixels(fig: Figure, ax: Axes, rel: torch.Tensor, normalize: str) -> None:
@@ -85,22 +116,33 @@ def _draw_pixels(fig: Figure, ax: Axes, rel: torch.Tensor, normalize: str) -> No
     lim = float(img.abs().max()) or 1.0
     im = ax.imshow(img.numpy(), cmap="bwr", vmin=-lim, vmax=lim, interpolation="nearest")
     ax.set_axis_off()
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="relevance")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=_axis_label(normalize))
 
 
 def _draw_features(ax: Axes, names: list[str], rel: torch.Tensor, normalize: str) -> None:
     vals = _normalize(rel, normalize)
     shade = _normalize(rel, "max")
-    ax.barh(range(len(names)), vals.tolist(), color=[colors.hex_color(v) for v in shade.tolist()],
-            edgecolor="#57606a", linewidth=0.5)
+    ax.barh(
+        range(len(names)),
+        vals.tolist(),
+        color=[colors.hex_color(v) for v in shade.tolist()],
+        edgecolor="#57606a",
+        linewidth=0.5,
+    )
     ax.axvline(0, color="#1f2328", linewidth=0.8)
     ax.set_yticks(range(len(names)), [n.strip() for n in names])
     ax.invert_yaxis()
-    ax.set_xlabel("relevance" + ("" if normalize == "none" else f" (normalised: {normalize})"))
+    ax.set_xlabel(_axis_label(normalize))
 
 
-def plot_explanation(exp: Explanation, row: int | None = None, normalize: str = "max", words: bool = False,
-                     ax: Axes | None = None) -> Figure:
+def plot_explanation(
+    exp: Explanation,
+    row: int | None = None,
+    normalize: str = "max",
+    words: bool = False,
+    ax: Axes | None = None,
+    hide_special: bool = False,
+) -> Figure:
     """Plot an explanation.
 
     Tokens are drawn as coloured boxes wrapped over lines with a colour legend; pixel relevance
@@ -119,6 +161,8 @@ def plot_explanation(exp: Explanation, row: int | None = None, normalize: str = 
         Merge sub-word tokens into words first (tokens only).
     ax:
         Axes to draw into (one row only); a new figure is made when ``None``.
+    hide_special:
+        Leave out special and chat-template tokens (``exp.hidden``).
 
     Returns
     -------
@@ -127,18 +171,22 @@ def plot_explanation(exp: Explanation, row: int | None = None, normalize: str = 
     rows = row_indices(exp, row)
     if ax is not None and len(rows) > 1:
         raise InputError(f"ax= takes one row but the explanation has {len(rows)}; pass row= as well")
-    items = [row_items(exp, r, words) if exp.modality != "pixels" else ([], torch.empty(0)) for r in rows]
+    items = [
+        row_items(exp, r, words, hide_special) if exp.modality != "pixels" else ([], torch.empty(0))
+        for r in rows
+    ]
     if ax is not None:
-        fig = ax.figure
+        fig = cast("Figure", ax.figure)
         axes = [ax]
-        wrap = max(10, int(ax.get_position().width * fig.get_figwidth() / CHAR_W))
+        wrap = max(10, int(ax.bbox.width / fig.dpi / CHAR_W))
     else:
         wrap = WRAP
         if exp.modality == "tokens":
-            heights = [(_layout(texts, wrap)[1] + 3.2) * LINE_H for texts, _ in items]
+            heights = [(_layout(texts, wrap)[1] + 2.7) * LINE_H for texts, _ in items]
             fig = _figure(((wrap + 1) * CHAR_W + 0.3, sum(heights)))
-            axes = list(fig.subplots(len(rows), 1, squeeze=False,
-                                     gridspec_kw={"height_ratios": heights})[:, 0])
+            axes = list(
+                fig.subplots(len(rows), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
+            )
         elif exp.modality == "pixels":
             fig = _figure((4.2 * len(rows), 3.8))
             axes = list(fig.subplots(1, len(rows), squeeze=False)[0])
@@ -184,10 +232,16 @@ def plot_generation(gen: GenerationExplanation, ax: Axes | None = None, normaliz
         fig = _figure((max(4.0, 0.24 * n_all + 2.0), max(2.5, 0.24 * n_gen + 1.8)))
         ax = fig.subplots()
     else:
-        fig = ax.figure
+        fig = cast("Figure", ax.figure)
     lim = float(matrix.abs().max()) if matrix.numel() else 0.0
-    im = ax.imshow(matrix.numpy(), cmap="bwr", vmin=-(lim or 1.0), vmax=lim or 1.0, aspect="auto",
-                   interpolation="nearest")
+    im = ax.imshow(
+        matrix.numpy(),
+        cmap="bwr",
+        vmin=-(lim or 1.0),
+        vmax=lim or 1.0,
+        aspect="auto",
+        interpolation="nearest",
+    )
 
     def short(tok: str) -> str:
         text = display_token(tok).strip() or "\u2423"
@@ -199,5 +253,5 @@ def plot_generation(gen: GenerationExplanation, ax: Axes | None = None, normaliz
     ax.set_xlabel("source token")
     ax.set_ylabel("generated token")
     ax.set_title(f"preset: {gen.rules}", fontsize=9, loc="left")
-    fig.colorbar(im, ax=ax, label="relevance" + ("" if normalize == "none" else f" ({normalize})"))
+    fig.colorbar(im, ax=ax, label=_axis_label(normalize))
     return fig

@@ -26,8 +26,15 @@ __all__ = ["explanation_terminal", "generation_terminal"]
 def _console(width: int | None) -> Any:
     console_mod = require("rich.console", "terminal output")
     width = width or shutil.get_terminal_size((100, 24)).columns
-    return console_mod.Console(file=io.StringIO(), force_terminal=True, color_system="truecolor",
-                               width=width, highlight=False, emoji=False, soft_wrap=False)
+    return console_mod.Console(
+        file=io.StringIO(),
+        force_terminal=True,
+        color_system="truecolor",
+        width=width,
+        highlight=False,
+        emoji=False,
+        soft_wrap=False,
+    )
 
 
 def _style(value: float) -> Any:
@@ -52,12 +59,20 @@ def _header(fields: list[tuple[str, str]]) -> Any:
 
     text = Text()
     for i, (name, value) in enumerate(fields):
-        text.append(" | " if i else "", style="dim").append(f"{name} ", style="dim").append(value, style="bold")
+        text.append(" | " if i else "", style="dim").append(f"{name} ", style="dim").append(
+            value, style="bold"
+        )
     return text
 
 
-def explanation_terminal(exp: Explanation, row: int | None = None, normalize: str = "max",
-                         words: bool = False, width: int | None = None) -> str:
+def explanation_terminal(
+    exp: Explanation,
+    row: int | None = None,
+    normalize: str = "max",
+    words: bool = False,
+    width: int | None = None,
+    hide_special: bool = False,
+) -> str:
     """The explanation as ANSI-coloured text.
 
     Parameters
@@ -72,6 +87,8 @@ def explanation_terminal(exp: Explanation, row: int | None = None, normalize: st
         Merge sub-word tokens into words first.
     width:
         Line width in characters; defaults to the terminal's width.
+    hide_special:
+        Leave out special and chat-template tokens (``exp.hidden``).
 
     Returns
     -------
@@ -91,7 +108,7 @@ def explanation_terminal(exp: Explanation, row: int | None = None, normalize: st
                 for value in cells:
                     line.append("  ", style=_style(value))
         else:
-            texts, rel = row_items(exp, r, words)
+            texts, rel = row_items(exp, r, words, hide_special)
             for text, value in zip(texts, _normalize(rel, normalize).tolist(), strict=True):
                 line.append(text, style=_style(value))
                 line.append("\n" if NEWLINE_SYMBOL in text else "")
@@ -108,8 +125,9 @@ def _pool(rel: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.adaptive_avg_pool2d(rel[None, None], (rows, cols))[0, 0]
 
 
-def generation_terminal(gen: GenerationExplanation, k: int = 5, normalize: str = "max",
-                        width: int | None = None) -> str:
+def generation_terminal(
+    gen: GenerationExplanation, k: int = 5, normalize: str = "max", width: int | None = None
+) -> str:
     """For each generated token, the ``k`` earlier tokens with the largest ``|relevance|``.
 
     Parameters
@@ -132,8 +150,15 @@ def generation_terminal(gen: GenerationExplanation, k: int = 5, normalize: str =
     from rich.text import Text
 
     console = _console(width)
-    console.print(_header([("preset", gen.rules), ("prompt tokens", str(gen.prompt_length)),
-                           ("generated", str(len(gen.generated_tokens)))]))
+    console.print(
+        _header(
+            [
+                ("preset", gen.rules),
+                ("prompt tokens", str(gen.prompt_length)),
+                ("generated", str(len(gen.generated_tokens))),
+            ]
+        )
+    )
     matrix = gen.matrix.detach().float().cpu()
     for t, row in enumerate(matrix):
         norm = _normalize(row, normalize)
@@ -141,7 +166,9 @@ def generation_terminal(gen: GenerationExplanation, k: int = 5, normalize: str =
         line.append(" <- ", style="dim")
         before = row[: gen.prompt_length + t]
         for i in torch.argsort(before.abs(), descending=True)[:k].tolist():
-            line.append(display_token(gen.tokens[i]).strip() or repr(gen.tokens[i]), style=_style(float(norm[i])))
+            line.append(
+                display_token(gen.tokens[i]).strip() or repr(gen.tokens[i]), style=_style(float(norm[i]))
+            )
             line.append(f" {float(row[i]):+.3g}  ", style="dim")
         console.print(line)
     return console.file.getvalue()

@@ -1,0 +1,129 @@
+"""The HTML views in a real headless Chromium: what a person sees, and the hover script."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lxt_plus.result import Explanation, GenerationExplanation, Target
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="no chromium binary on PATH (apt-get install chromium)"
+)
+
+
+def _chromium(*args: str) -> subprocess.CompletedProcess[str]:
+    assert CHROMIUM is not None
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        *args,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+
+
+def _page(path: Path, fragment: str, extra: str = "") -> str:
+    path.write_text(
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"></head><body style="margin:8px">'
+        f"{fragment}{extra}</body></html>",
+        encoding="utf-8",
+    )
+    return path.as_uri()
+
+
+def _screenshot(tmp_path: Path, fragment: str) -> np.ndarray:
+    png = tmp_path / "shot.png"
+    proc = _chromium(f"--screenshot={png}", "--window-size=800,400", _page(tmp_path / "page.html", fragment))
+    assert png.exists(), f"chromium made no screenshot: {proc.stderr[-2000:]}"
+    from matplotlib.image import imread
+
+    img = imread(png)
+    return (img[..., :3] * 255).round().astype(int) if img.dtype.kind == "f" else img[..., :3].astype(int)
+
+
+def _legend_rows(img: np.ndarray) -> list[int]:
+    """Rows crossed by a smooth run (small steps) going from strong blue to strong red: a gradient."""
+    rows = []
+    for y in range(img.shape[0]):
+        line = img[y]
+        step = np.abs(np.diff(line, axis=0)).max(axis=1)
+        redness = line[:, 0] - line[:, 2]
+        start = 0
+        for x in np.append(np.flatnonzero(step > 12), len(line) - 1):
+            run = redness[start : x + 1]
+            if len(run) > 100 and run[:10].max() < -100 and run[-10:].min() > 100:
+                inner = run[10:-10]
+                assert (np.diff(inner) >= -3).all(), f"legend row {y} is not monotone from blue to red"
+                assert len(np.unique(line[start : x + 1], axis=0)) > 40, "legend row is not a gradient"
+                rows.append(y)
+            start = x + 1
+    return rows
+
+
+def test_heatmap_screenshot(tmp_path: Path) -> None:
+    tokens = ["The", "Ġfilm", "Ġwas", "Ġwonderful", "Ġbut", "Ġboring", "."]
+    rel = torch.tensor([[0.05, 0.1, 0.0, 1.0, -0.1, -0.9, 0.0]])
+    exp = Explanation(
+        batch_relevance=rel,
+        tokens=[tokens],
+        token_ids=torch.arange(7)[None],
+        attention_mask=torch.ones(1, 7, dtype=torch.long),
+        targets=[Target(kind="class", ids=(1,), label="positive")],
+        target_logit=torch.tensor([2.0]),
+        probability=torch.tensor([0.8]),
+        rules="attnlrp",
+    )
+    img = _screenshot(tmp_path, exp.to_html())
+
+    legend = _legend_rows(img)
+    assert len(legend) >= 5, "no colour gradient legend found in the screenshot"
+    above = img[: min(legend) - 2]
+    r, g, b = above[..., 0], above[..., 1], above[..., 2]
+    reddish = (r - np.maximum(g, b) > 100).sum()
+    bluish = (b - np.maximum(r, g) > 80).sum()
+    assert reddish > 200, f"no red token box ({reddish} reddish pixels)"
+    assert bluish > 200, f"no blue token box ({bluish} bluish pixels)"
+    # red and blue tokens sit side by side on the token line, red ("wonderful") left of blue ("boring")
+    red_x = np.flatnonzero((r - np.maximum(g, b) > 100).any(axis=0))
+    blue_x = np.flatnonzero((b - np.maximum(r, g) > 80).any(axis=0))
+    assert red_x.mean() < blue_x.mean()
+
+
+def test_generation_hover_recolours(tmp_path: Path) -> None:
+    tokens = ["Once", "Ġupon", "Ġa", "Ġtime", ",", "Ġthere", "</script><b>x</b>"]
+    matrix = torch.zeros(3, 7)
+    matrix[0, :4] = torch.tensor([0.9, -0.3, 0.1, 0.2])
+    matrix[2, :6] = torch.tensor([-0.5, 0.0, 0.1, 1.5, 0.0, -0.2])
+    gen = GenerationExplanation(
+        tokens=tokens,
+        token_ids=torch.arange(7),
+        prompt_length=4,
+        matrix=matrix,
+        target_logit=torch.tensor([3.0, 2.5, 4.0]),
+        rules="attnlrp",
+    )
+    hover = (
+        "<script>var t=document.querySelectorAll('.lxt-gen-tok');"
+        "t[t.length-1].dispatchEvent(new Event('mouseenter'));</script>"
+    )
+    proc = _chromium("--dump-dom", _page(tmp_path / "gen.html", gen.to_html(), hover))
+    dom = proc.stdout
+    assert "lxt-tok" in dom, f"chromium returned no DOM: {proc.stderr[-2000:]}"
+    assert "<b>x</b>" not in dom  # the token stayed text
+    spans = re.findall(r'<span class="([^"]*)" style="([^"]*)" title="relevance ([^"]*)">', dom)
+    assert len(spans) == 7
+    assert [float(t) for _, _, t in spans] == pytest.approx([-0.5, 0, 0.1, 1.5, 0, -0.2, 0])  # row 3 now
+    assert "lxt-sel" in spans[-1][0] and "lxt-sel" not in spans[4][0]
+    assert "rgb(215, 25, 28)" in spans[3][1] or "#d7191c" in spans[3][1]  # strongest positive: full red
+    assert "+1.5" in dom and "&lt;/script&gt;&lt;b&gt;x&lt;/b&gt;" in dom
