@@ -132,6 +132,21 @@ class Identity(Rule):
         return fwd
 
 
+def _under_mode(forward: Forward, make_mode: Callable[[], Any], probe: dict[str, int],
+                counter: str | None = None) -> Forward:
+    """``forward`` run inside a fresh torch-function mode; its hit count is added to ``probe[counter]``."""
+
+    def fwd(*args: Any, **kwargs: Any) -> Any:
+        mode = make_mode()
+        with mode:
+            out = forward(*args, **kwargs)
+        if counter is not None:
+            probe[counter] = probe.get(counter, 0) + mode.hits
+        return out
+
+    return fwd
+
+
 @dataclass(frozen=True, repr=False)
 class Conservative(Rule):
     """Conservative LayerNorm/RMSNorm rule: the normalising scale is a constant (Ali et al. 2022)."""
@@ -140,14 +155,7 @@ class Conservative(Rule):
     paper: ClassVar[str] = "Ali et al. 2022"
 
     def wrap(self, module, forward, probe):  # type: ignore[no-untyped-def]
-        def fwd(*args: Any, **kwargs: Any) -> Any:
-            mode = NormMode()
-            with mode:
-                out = forward(*args, **kwargs)
-            probe["norm_hits"] = probe.get("norm_hits", 0) + mode.hits
-            return out
-
-        return fwd
+        return _under_mode(forward, NormMode, probe, "norm_hits")
 
 
 @dataclass(frozen=True, repr=False)
@@ -161,11 +169,7 @@ class UniformProduct(Rule):
     paper: ClassVar[str] = "Achtibat et al. 2024"
 
     def wrap(self, module, forward, probe):  # type: ignore[no-untyped-def]
-        def fwd(*args: Any, **kwargs: Any) -> Any:
-            with ProductMode():
-                return forward(*args, **kwargs)
-
-        return fwd
+        return _under_mode(forward, ProductMode, probe)
 
 
 @dataclass(frozen=True, repr=False)
@@ -175,15 +179,7 @@ class _AttentionRule(Rule):
     def wrap(self, module, forward, probe):  # type: ignore[no-untyped-def]
         """Route for attention that does not dispatch through transformers' registry."""
         detach = self.detach_weights
-
-        def fwd(*args: Any, **kwargs: Any) -> Any:
-            mode = AttentionOpsMode(detach)
-            with mode:
-                out = forward(*args, **kwargs)
-            probe["attention_hits"] = probe.get("attention_hits", 0) + mode.hits
-            return out
-
-        return fwd
+        return _under_mode(forward, lambda: AttentionOpsMode(detach), probe, "attention_hits")
 
 
 @dataclass(frozen=True, repr=False)
