@@ -37,18 +37,18 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``lxt-plus`` argument parser with its sub-commands."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the full traceback on errors")
-    model = argparse.ArgumentParser(add_help=False)
+    model = _Parser(add_help=False)
     model.add_argument("--model", metavar="PATH|NAME", default=None,
                        help="'smollm2' (default), 'sentiment' (the fine-tuned MiniLM classifier) or a "
                             "folder saved with save_pretrained")
-    rules = argparse.ArgumentParser(add_help=False)
+    rules = _Parser(add_help=False)
     rules.add_argument("--rules", metavar="NAME|FILE.yaml", default="attnlrp",
                        help="preset name (attnlrp, ah-lrp/cp-lrp, gradient, conservative-check) or a "
                             "YAML preset file (default: attnlrp)")
-    output = argparse.ArgumentParser(add_help=False)
+    output = _Parser(add_help=False)
     output.add_argument("--format", choices=FORMATS, default=None,
                         help="terminal (default), html, json or png; default from --out's suffix")
     output.add_argument("--out", metavar="FILE", default=None,
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("explain", parents=[common, model, rules, output],
                        help="explain one prediction (next token or class) of a text")
-    p.add_argument("text", metavar="TEXT")
+    p.add_argument("text", metavar="TEXT", help="the text whose prediction is explained")
     p.add_argument("--target", metavar="T", default=None,
                    help="token (' Paris'), token id, class label or index to explain (default: the prediction)")
     p.add_argument("--contrast", metavar="F", default=None,
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", parents=[common, model, rules, output],
                        help="generate greedily and explain every generated token")
-    p.add_argument("prompt", metavar="PROMPT")
+    p.add_argument("prompt", metavar="PROMPT", help="the prompt to continue")
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
     p.add_argument("--chat", action="store_true", help="wrap PROMPT in the tokenizer's chat template")
     p.set_defaults(func=_cmd_generate)
@@ -86,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_audit)
 
     p = sub.add_parser("explain-file", parents=[common, rules],
-                       help="explain every row of a CSV/JSONL file into a JSON-lines file (resumable)")
-    p.add_argument("source", metavar="FILE")
+                       help="explain every row of a CSV file into a JSON-lines file (resumable)")
+    p.add_argument("source", metavar="FILE", help="a CSV file with a header row")
     p.add_argument("--model", metavar="PATH|NAME", default="sentiment",
                    help="'sentiment' (default), 'smollm2' or a folder saved with save_pretrained")
     p.add_argument("--column", default="text", help="column holding the text (default: text)")
