@@ -129,8 +129,9 @@ def _records(model: nn.Module, rows: list[_Row], tokenizer: Any, rules: Any, tar
     """Explain ``rows`` in one padded batch; on an error, row by row so that only bad rows fail."""
     texts = [r.text for r in rows]
     targets = [target(r.text, r.meta) for r in rows] if callable(target) else target
+    foils = [contrast(r.text, r.meta) for r in rows] if callable(contrast) else contrast
     try:
-        exp = explain(model, texts, targets, tokenizer=tokenizer, rules=rules, contrast=contrast)
+        exp = explain(model, texts, targets, tokenizer=tokenizer, rules=rules, contrast=foils)
     except LxtPlusError as exc:
         if len(rows) == 1:
             yield {"index": rows[0].index, "text": rows[0].text, "meta": rows[0].meta,
@@ -179,7 +180,8 @@ def explain_dataset(
     Parameters
     ----------
     model:
-        A HF causal LM or sequence classifier (on the device it should run on).
+        A HF causal LM or sequence classifier, on the device it should run on (in a parallel run,
+        ``accelerate.PartialState().device``).
     source:
         A CSV file path (read with :mod:`csv`; ``column`` is the text, the other columns are kept as
         ``meta``), a list of texts, or a list of mappings holding ``column``.
@@ -194,8 +196,9 @@ def explain_dataset(
     batch_size:
         Rows per forward/backward pass.
     target, contrast:
-        One target (and foil) for every row as in :func:`lxt_plus.explain`, or for ``target`` a callable
-        ``(text, meta) -> target`` (for example the label column of a classifier dataset).
+        One target (and foil) for every row as in :func:`lxt_plus.explain` (``None``: the prediction), or
+        a callable ``(text, meta) -> target`` (for example from the label column of a classifier
+        dataset). A row whose target does not exist gets an ``"error"`` record.
     resume:
         Keep the rows already in ``out_path`` (or in shards of a killed parallel run) and explain only
         the others. An incomplete last line, left by a killed run, is dropped and its row redone.
@@ -225,6 +228,10 @@ def explain_dataset(
 
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}")
+    for name, value in (("target", target), ("contrast", contrast)):
+        if isinstance(value, (list, tuple)):
+            raise InputError(f"{name} must be one {name} for every row or a callable (text, meta) -> {name}, "
+                             f"got a {type(value).__name__}")
     rows = _load_rows(source, column, max_rows)
     # without any accelerator, processes spawned by `accelerate launch --multi_gpu` or torchrun talk over gloo
     state = PartialState(cpu=not torch.accelerator.is_available())
@@ -251,17 +258,17 @@ def explain_dataset(
             empty = [r for r in mine if not r.text.strip()]
             for r in empty:
                 fh.write(json.dumps({"index": r.index, "text": r.text, "meta": r.meta,
-                                     "error": "InputError: the text is empty or whitespace only"},
-                                    ensure_ascii=False) + "\n")
+                                     "error": "InputError: the text is empty or whitespace only"}) + "\n")
             written += len(empty)
+            bar.update(len(empty))
             todo = [r for r in mine if r.text.strip()]
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start:start + batch_size]
                 for rec in _records(model, chunk, tokenizer, rules, target, contrast):
-                    fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    fh.write(json.dumps(rec, default=str) + "\n")
                 fh.flush()
                 written += len(chunk)
-                bar.update(len(chunk) + (len(empty) if start == 0 else 0))
+                bar.update(len(chunk))
         bar.close()
     state.wait_for_everyone()
     if state.is_main_process:
