@@ -10,9 +10,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-__all__ = ["ROLES", "ModuleInfo", "detect_roles", "owning_pretrained", "is_hf_model"]
+__all__ = ["ROLES", "ModuleInfo", "detect_roles", "owning_pretrained", "is_hf_model", "input_device"]
 
 ROLES = (
     "attention", "activation", "norm", "mlp", "router", "linear", "conv", "embedding", "dropout",
@@ -49,6 +50,19 @@ def is_hf_model(module: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - transformers is a dependency
         return False
     return isinstance(module, PreTrainedModel)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where inputs go: the token embeddings' device, else the first parameter not on ``meta``
+    (accelerate's offloading leaves placeholders on ``meta``)."""
+    emb = model.get_input_embeddings() if is_hf_model(model) else None
+    weight = getattr(emb, "weight", None)
+    if weight is not None and weight.device.type != "meta":
+        return weight.device
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
 
 
 def owning_pretrained(model: nn.Module, path: str) -> nn.Module | None:

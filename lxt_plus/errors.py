@@ -20,6 +20,7 @@ __all__ = [
     "ContextTooLongError",
     "MissingDependencyError",
     "ConservationError",
+    "OutOfMemoryError",
 ]
 
 
@@ -76,3 +77,7 @@ class MissingDependencyError(LxtPlusError, ImportError):
 
 class ConservationError(LxtPlusError, AssertionError):
     """An audit found relevance leaking out of a module."""
+
+
+class OutOfMemoryError(LxtPlusError, MemoryError):
+    """The forward and backward pass did not fit in memory."""

@@ -11,12 +11,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .detect import is_hf_model
+from .detect import input_device, is_hf_model
 from .functional import acc
 from .errors import (
     ContextTooLongError,
     InputError,
     NumericalError,
+    OutOfMemoryError,
     TargetError,
     TokenizerMismatchError,
 )
@@ -125,6 +126,7 @@ def _prepare(model: nn.Module, inputs: Any, tokenizer: Any, attention_mask: Tens
             ids, mask, hidden = prepare_text(tokenizer, texts, model, chat=chat, with_hidden=True)
         finally:
             tokenizer.padding_side = side
+        _check_vocabulary(model, ids)
         return _Batch(ids, mask, None, isinstance(inputs, str), hidden)
     if isinstance(inputs, (list, tuple)) and not inputs:
         raise InputError("an empty list of inputs: there is nothing to explain")
@@ -164,16 +166,20 @@ def _prepare(model: nn.Module, inputs: Any, tokenizer: Any, attention_mask: Tens
     if kind == "classifier" and not _reads_last_token(model) and bool((mask[:, 0] == 0).any()):
         raise InputError(f"{type(model).__name__} classifies from the first position, but the batch is "
                          "left-padded; pad on the right (tokenizer.padding_side = 'right')")
-    vocab = model.get_input_embeddings().num_embeddings
-    if int(ids.max()) >= vocab or int(ids.min()) < 0:
-        raise TokenizerMismatchError(
-            f"token id {int(ids.max())} is outside {type(model).__name__}'s vocabulary of {vocab}: "
-            "the tokenizer does not match the model")
+    _check_vocabulary(model, ids)
     limit = _max_positions(model)
     if limit is not None and ids.shape[1] > limit:
         raise ContextTooLongError(f"the input has {ids.shape[1]} tokens but {type(model).__name__} accepts at "
                                   f"most {limit} positions; shorten the text")
     return _Batch(ids, mask, None, single)
+
+
+def _check_vocabulary(model: nn.Module, ids: Tensor) -> None:
+    vocab = model.get_input_embeddings().num_embeddings
+    if int(ids.max()) >= vocab or int(ids.min()) < 0:
+        raise TokenizerMismatchError(
+            f"token id {int(ids.max())} is outside {type(model).__name__}'s vocabulary of {vocab}: "
+            "the tokenizer does not match the model")
 
 
 def _reads_last_token(model: nn.Module) -> bool:
@@ -274,6 +280,22 @@ def explaining(model: nn.Module, rules: str | Preset | dict[str, Any], strict: b
 
 
 @contextlib.contextmanager
+def _memory_errors(batch: _Batch) -> Iterator[None]:
+    """torch's out-of-memory errors (CPU allocator or CUDA) as one clear lxt_plus error."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        text = str(exc)
+        if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in text \
+                and "out of memory" not in text.lower():
+            raise
+        shape = tuple(batch.input_ids.shape) if batch.input_ids is not None else tuple(batch.values.shape)  # type: ignore[union-attr]
+        raise OutOfMemoryError(
+            f"explaining inputs of shape {shape} ran out of memory; pass checkpointing=True (recomputes "
+            "layer activations in the backward pass), a smaller batch, or a shorter text") from None
+
+
+@contextlib.contextmanager
 def _checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
     """HF gradient checkpointing (needs train mode; DropoutOff keeps dropout off), undone on exit."""
     if not enabled:
@@ -281,15 +303,19 @@ def _checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
         return
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise InputError(f"{type(model).__name__} does not support gradient checkpointing")
-    was = bool(getattr(model, "is_gradient_checkpointing", False))
+    new_api = hasattr(model, "activation_checkpointing_enable")  # transformers >= 5.2x names
+    was = bool(getattr(model, "is_activation_checkpointing" if new_api else "is_gradient_checkpointing", False))
     modes = [(m, m.training) for m in model.modules()]
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if new_api:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     try:
         yield
     finally:
         if not was:
-            model.gradient_checkpointing_disable()
+            (model.activation_checkpointing_disable if new_api else model.gradient_checkpointing_disable)()
         for m, flag in modes:
             m.training = flag
 
@@ -388,7 +414,7 @@ def explain(
     kind = model_kind(model)
     batch = _prepare(model, inputs, tokenizer, attention_mask, kind, chat)
     captures = _parse_capture(capture)
-    with explaining(model, rules, strict=strict, keep_train=checkpointing) as handle, \
+    with _memory_errors(batch), explaining(model, rules, strict=strict, keep_train=checkpointing) as handle, \
             _checkpointing(model, checkpointing):
         preset_name = handle.preset.name
         recorder = _make_recorder(model, captures)
@@ -457,7 +483,7 @@ def _extra_relevance(leaves: list[Tensor], grads: Sequence[Tensor | None], rows:
 def _forward(model: nn.Module, batch: _Batch, kind: str, position: int | None,
              extra: list[Tensor]) -> tuple[Tensor, Tensor, list[int]]:
     """Run the patched model; return the leaf, per-row logits ``(batch, n_out)`` and positions."""
-    device = _input_device(model)
+    device = input_device(model)
     if batch.values is not None:
         leaf = batch.values.detach().to(device).requires_grad_(True)
         if is_hf_model(model):
@@ -509,16 +535,6 @@ def _forward(model: nn.Module, batch: _Batch, kind: str, position: int | None,
     if not store:
         raise InputError(f"{type(model).__name__} did not call its input embeddings")
     return store[0], out.logits, positions
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    emb = model.get_input_embeddings() if is_hf_model(model) else None
-    if emb is not None and getattr(emb, "weight", None) is not None and emb.weight.device.type != "meta":
-        return emb.weight.device
-    for p in model.parameters():
-        if p.device.type != "meta":
-            return p.device
-    return torch.device("cpu")
 
 
 def _targets(model: nn.Module, kind: str, logits: Tensor, target: Any, contrast: Any, tokenizer: Any,

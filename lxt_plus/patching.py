@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .detect import is_hf_model, owning_pretrained
+from .detect import input_device, is_hf_model, owning_pretrained
 from .errors import AlreadyPatchedError, InputError, NotPatchedError, UnsupportedModelError
 from .modes import ElementwiseIdentityMode, qkv_rule
 from .plan import Plan, PlanEntry, Preset, build_plan, get_preset
@@ -197,19 +197,22 @@ def is_patched(model: nn.Module) -> bool:
 
 def _wrap_forward(module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any] | None],
                   undo: list[Callable[[], None]]) -> bool:
-    had = "forward" in module.__dict__
-    previous = module.__dict__.get("forward")
-    new = make(module.forward)
+    # accelerate's hooks call ``_old_forward`` between loading and offloading the weights: rules
+    # that read parameters must run there
+    attr = "_old_forward" if hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__ else "forward"
+    had = attr in module.__dict__
+    previous = module.__dict__.get(attr)
+    new = make(getattr(module, attr))
     if new is None:
         return False
     new.__lxt_plus__ = True  # type: ignore[attr-defined]
-    module.forward = new  # type: ignore[method-assign]
+    setattr(module, attr, new)
 
     def restore() -> None:
         if had:
-            module.forward = previous  # type: ignore[method-assign]
+            setattr(module, attr, previous)
         else:
-            del module.forward
+            delattr(module, attr)
 
     undo.append(restore)
     return True
@@ -221,6 +224,10 @@ _ADDITIVE = ("bias", "b", "cls_token", "position_embeddings", "distillation_toke
 
 
 def _zero_biases(model: nn.Module, undo: list[Callable[[], None]]) -> None:
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has offloaded weights (on the 'meta' device): zeroing biases for the "
+            "conservation check needs the model in one piece; load it without offloading for the check")
     saved = []
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -238,7 +245,7 @@ def _zero_biases(model: nn.Module, undo: list[Callable[[], None]]) -> None:
 
 def _probe_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
     name = getattr(model, "main_input_name", None)
-    device = getattr(model, "device", None)
+    device = input_device(model)
     try:
         if name == "input_ids":
             vocab = model.get_input_embeddings().num_embeddings

@@ -79,13 +79,7 @@ def logits(model: nn.Module) -> torch.Tensor:
 OFFLOADS: dict[str, Callable[[nn.Module, Path], nn.Module]] = {"disk": disk_offload, "cpu": cpu_offload}
 
 
-CPU_OFFLOAD_XFAIL = pytest.mark.xfail(
-    strict=True, raises=(NotImplementedError, RuntimeError),
-    reason="core: patching._probe_inputs puts the verification probe on model.device, which is 'meta' when "
-           "cpu_offload moved every weight off the module (explain._input_device gets this right)")
-
-
-@pytest.mark.parametrize("offload", ["disk", pytest.param("cpu", marks=CPU_OFFLOAD_XFAIL)])
+@pytest.mark.parametrize("offload", ["disk", "cpu"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 @pytest.mark.parametrize("rules", ["attnlrp", "ah-lrp"])
 def test_offloaded_model_matches_one_piece(family: str, rules: str, offload: str, tmp_path: Path) -> None:
@@ -103,17 +97,17 @@ def test_offloaded_model_matches_one_piece(family: str, rules: str, offload: str
     assert torch.equal(logits(model), before)
 
 
-@pytest.mark.xfail(strict=True, reason="core: zero_bias zeroes the meta placeholders of offloaded biases, not "
-                   "the weights accelerate loads (patching._zero_biases)")
-def test_conservative_check_zeroes_offloaded_biases(tmp_path: Path) -> None:
-    reference = explain(biased("qwen2"), IDS, attention_mask=MASK, rules="conservative-check")
+def test_conservative_check_refuses_offloaded_biases(tmp_path: Path) -> None:
+    from lxt_plus.errors import UnsupportedModelError
+
     model = disk_offload(biased("qwen2"), tmp_path)
-    exp = explain(model, IDS, attention_mask=MASK, rules="conservative-check")
-    torch.testing.assert_close(exp.relevance, reference.relevance, rtol=0, atol=1e-5)
+    before = logits(model)
+    with pytest.raises(UnsupportedModelError, match="offloaded weights .* needs the model in one piece"):
+        explain(model, IDS, attention_mask=MASK, rules="conservative-check")
+    assert not is_patched(model)
+    assert torch.equal(logits(model), before)
 
 
-@pytest.mark.xfail(strict=True, reason="core: Gamma reads module.weight after accelerate's post_forward put it "
-                   "back on the meta device (rules.Gamma.wrap)")
 def test_gamma_rule_on_offloaded_linear(tmp_path: Path) -> None:
     preset = get_preset("attnlrp").override("linear", Gamma(0.25))
     reference = explain(build("llama"), IDS, attention_mask=MASK, rules=preset)

@@ -257,9 +257,6 @@ def test_token_ids_beyond_the_vocabulary(llama: nn.Module) -> None:
           "tokenizer does not match the model", torch.tensor([[3, 500, 4]]))
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError,
-                   reason="core: explain._prepare checks the vocabulary only for tensor input_ids, not for text "
-                   "tokenised by prepare_text (raw IndexError from the embedding)")
 def test_tokenizer_that_does_not_match_the_model(llama: nn.Module) -> None:
     big = tiny_tokenizer([f"w{i}" for i in range(150)], vocab_size=200)
     text = "the " + " ".join(f"w{i}" for i in range(0, 150, 7))

@@ -84,9 +84,6 @@ CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: c
            "to allocate 4718592 bytes. Error code 12 (Cannot allocate memory)")
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="core: explain lets torch's out-of-memory errors through instead of an lxt_plus error "
-                   "that suggests checkpointing=True")
 @pytest.mark.parametrize("error", [RuntimeError(CPU_OOM), torch.OutOfMemoryError("CUDA out of memory.")])
 def test_out_of_memory_suggests_checkpointing(error: Exception) -> None:
     from lxt_plus.errors import LxtPlusError
