@@ -162,8 +162,8 @@ def find_blocks(model: nn.Module) -> tuple[str, list[BlockParts]]:
     parts = []
     for i, block in enumerate(blocks):
         block_path = f"{path}.{i}" if path else str(i)
-        attention = next((i.module for i in infos
-                          if i.role == "attention" and i.path.startswith(block_path + ".")), None)
+        attention = next((info.module for info in infos
+                          if info.role == "attention" and info.path.startswith(block_path + ".")), None)
         parts.append(_block_parts(model, block, attention))
     return path, parts
 

@@ -6,7 +6,7 @@ symmetric limits, and is built with :class:`matplotlib.figure.Figure` directly (
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,13 +43,29 @@ def _get(exp: Explanation, key: str, row: int) -> torch.Tensor:
 def _positions(exp: Explanation, row: int, seq: int) -> tuple[list[int], list[str]]:
     """Indices of the real (non-padding) positions and their labels."""
     mask = exp.attention_mask
-    keep = list(range(seq)) if mask is None or mask.shape[-1] != seq else mask[row].nonzero().flatten().tolist()
+    keep = (
+        list(range(seq)) if mask is None or mask.shape[-1] != seq else mask[row].nonzero().flatten().tolist()
+    )
     tokens = exp.tokens[row] if exp.modality == "tokens" and row < len(exp.tokens) else []
     if len(tokens) == seq:
-        labels = [display_token(tokens[i]).replace(" ", "\u2423") or "\u2423" for i in keep]
+        labels = [display_token(tokens[i]).strip() or "\u2423" for i in keep]
     else:
         labels = [str(i) for i in keep]
     return keep, labels
+
+
+def _token_ticks(set_ticks: Any, seq: int, labels: list[str]) -> None:
+    """Token labels under a heatmap: slanted when there are many, every one when they fit."""
+    slanted = seq > 6
+    set_ticks(
+        range(seq),
+        labels,
+        family="monospace",
+        fontsize=8,
+        rotation=60 if slanted else 0,
+        ha="right" if slanted else "center",
+        rotation_mode="anchor",
+    )
 
 
 def _title(exp: Explanation, row: int, what: str) -> str:
@@ -58,8 +74,15 @@ def _title(exp: Explanation, row: int, what: str) -> str:
 
 def _heatmap(fig: Figure, ax: Axes, data: torch.Tensor, label: str) -> None:
     limit = float(data.abs().max()) or 1.0
-    image = ax.imshow((data / limit).numpy(), cmap=colors.colormap(), vmin=-1, vmax=1, aspect="auto",
-                      origin="lower", interpolation="nearest")
+    image = ax.imshow(
+        (data / limit).numpy(),
+        cmap=colors.colormap(),
+        vmin=-1,
+        vmax=1,
+        aspect="auto",
+        origin="lower",
+        interpolation="nearest",
+    )
     bar = fig.colorbar(image, ax=ax, shrink=0.8, pad=0.01)
     bar.set_ticks([-1, 0, 1], labels=[f"-{limit:.3g}", "0", f"+{limit:.3g}"])
     bar.set_label(label)
@@ -97,7 +120,7 @@ def plot_layers(exp: Explanation, row: int = 0, normalize: str = "layer") -> Fig
     fig = _figure(max(6.0, 0.32 * seq + 2.5), max(3.0, 0.2 * n_layers + 1.6))
     ax = fig.add_subplot()
     _heatmap(fig, ax, data, label)
-    ax.set_xticks(range(seq), labels, rotation=90, family="monospace", fontsize=8)
+    _token_ticks(ax.set_xticks, seq, labels)
     step = max(1, n_layers // 16)
     ticks = list(range(0, n_layers, step))
     ax.set_yticks(ticks, ["emb" if i == 0 else str(i) for i in ticks], fontsize=8)
@@ -132,9 +155,12 @@ def plot_heads(exp: Explanation, row: int = 0) -> Figure:
     ax.set_ylabel("layer")
     if n_layers * n_heads <= 64:
         limit = float(data.abs().max()) or 1.0
-        for (i, h), v in zip(((i, h) for i in range(n_layers) for h in range(n_heads)), data.flatten().tolist(),
-                             strict=True):
-            ax.text(h, i, f"{v:.2g}", ha="center", va="center", fontsize=7, color=colors.text_color(v / limit))
+        for (i, h), v in zip(
+            ((i, h) for i in range(n_layers) for h in range(n_heads)), data.flatten().tolist(), strict=True
+        ):
+            ax.text(
+                h, i, f"{v:.2g}", ha="center", va="center", fontsize=7, color=colors.text_color(v / limit)
+            )
     ax.set_title(_title(exp, row, "Relevance through attention heads"), fontsize=10)
     return fig
 
@@ -160,8 +186,10 @@ def plot_head_pattern(exp: Explanation, layer: int, head: int, row: int = 0) -> 
     index = layer % n_layers if n_layers and -n_layers <= layer < n_layers else layer
     if index not in patterns:
         kept = ", ".join(map(str, sorted(patterns))) or "none"
-        raise InputError(f"no patterns for layer {layer} (kept: {kept}); explain with capture=('heads',) "
-                         "inside `with lxt_plus.capture.keep_patterns([layer]):`")
+        raise InputError(
+            f"no patterns for layer {layer} (kept: {kept}); explain with capture=('heads',) "
+            "inside `with lxt_plus.capture.keep_patterns([layer]):`"
+        )
     pattern = patterns[index][row].detach().float()
     if not -pattern.shape[0] <= head < pattern.shape[0]:
         raise InputError(f"head {head} is out of range: layer {index} has {pattern.shape[0]} heads")
@@ -172,7 +200,7 @@ def plot_head_pattern(exp: Explanation, layer: int, head: int, row: int = 0) -> 
     fig = _figure(size + 1.0, size)
     ax = fig.add_subplot()
     _heatmap(fig, ax, data.flip(0), "relevance key → query")  # first query at the top
-    ax.set_xticks(range(seq), labels, rotation=90, family="monospace", fontsize=8)
+    _token_ticks(ax.set_xticks, seq, labels)
     ax.set_yticks(range(seq), labels[::-1], family="monospace", fontsize=8)
     ax.set_xlabel("key")
     ax.set_ylabel("query")

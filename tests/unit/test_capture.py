@@ -12,6 +12,7 @@ import torch
 import lxt_plus
 from lxt_plus import capture as cap
 from lxt_plus.errors import InputError
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import families  # noqa: E402
 
