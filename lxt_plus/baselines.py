@@ -52,12 +52,15 @@ def _input_embeddings(model: nn.Module) -> nn.Module:
     return emb
 
 
+def _device(module: nn.Module) -> torch.device:
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
 def embed(model: nn.Module, input_ids: Tensor) -> Tensor:
     """Token embeddings ``(batch, seq, d_model)`` of ``input_ids``, detached."""
     emb = _input_embeddings(model)
-    device = next((p.device for p in emb.parameters()), torch.device("cpu"))
     with torch.no_grad():
-        return emb(input_ids.to(device)).detach()
+        return emb(input_ids.to(_device(emb))).detach()
 
 
 def output_logits(model: nn.Module, inputs_embeds: Tensor) -> Tensor:
@@ -81,7 +84,7 @@ def output_logits(model: nn.Module, inputs_embeds: Tensor) -> Tensor:
     return logits[:, -1] if logits.dim() == 3 else logits
 
 
-def rowwise(fn: Callable[..., Tensor]) -> Method:
+def rowwise(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """Lift a one-row method ``fn(model, input_ids (1, n), target (1,), **kw) -> (n,)`` to a batched
     :data:`Method`: padding is stripped per row and gets relevance 0."""
 
@@ -204,19 +207,20 @@ def eager_attention(model: nn.Module) -> Iterator[None]:
     if not is_hf_model(model) or config is None:
         raise InputError(f"attention baselines need a transformers model that returns attention weights, "
                          f"got {type(model).__name__}")
+    hf: Any = model
     previous = config._attn_implementation
     if previous != "eager":
-        model.set_attn_implementation("eager")
+        hf.set_attn_implementation("eager")
     try:
         yield
     finally:
         if previous != "eager":
-            model.set_attn_implementation(previous)
+            hf.set_attn_implementation(previous)
 
 
 def _attentions(model: nn.Module, ids: Tensor) -> list[Tensor]:
     """Per-layer attention weights ``(heads, seq, seq)`` of one unpadded row, float."""
-    device = _input_embeddings(model).weight.device
+    device = _device(_input_embeddings(model))
     with eager_attention(model), _quiet(model), torch.no_grad():
         kwargs: dict[str, Any] = {"input_ids": ids.to(device), "output_attentions": True}
         if _accepts(model, "use_cache"):

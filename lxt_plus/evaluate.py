@@ -108,17 +108,19 @@ def perturbation_curves(model: nn.Module, input_ids: Tensor, relevance: Tensor, 
     n = ids.shape[0]
     order = torch.argsort(rel, descending=True, stable=True).to(x.device)
     least = torch.argsort(rel, descending=False, stable=True).to(x.device)
-    batch = x.repeat(2 * (steps + 1), 1, 1)
+    # rows: MoRF k = 0 .. steps, then LeRF k = 1 .. steps - 1 (k = 0 and k = steps are shared)
+    batch = x.repeat(2 * steps, 1, 1)
     for k in range(steps + 1):
         m = int(math.floor(k * n / steps + 0.5))
         batch[k, order[:m]] = fill
-        batch[steps + 1 + k, least[:m]] = fill
+        if 0 < k < steps:
+            batch[steps + k, least[:m]] = fill
     with _quiet(model), torch.no_grad():
         logits = torch.cat([acc(output_logits(model, part)) for part in batch.split(chunk)])
     logit = logits[:, target].double().cpu()
     prob = torch.softmax(logits, -1)[:, target].double().cpu()
-    s = steps + 1
-    return Curves(logit[:s], logit[s:], prob[:s], prob[s:])
+    lerf = [0, *range(steps + 1, 2 * steps), steps]
+    return Curves(logit[: steps + 1], logit[lerf], prob[: steps + 1], prob[lerf])
 
 
 def abpc(curves: Curves) -> float:
@@ -365,6 +367,7 @@ def evaluate(
     replacement: Tensor | int | str | None = None,
     seed: int = 0,
     progress: bool = False,
+    warmup: bool = False,
 ) -> EvaluationReport:
     """Measure the faithfulness of attribution methods with perturbation curves.
 
@@ -393,6 +396,9 @@ def evaluate(
         Seed of the ``"random"`` baseline.
     progress:
         Show a tqdm progress bar.
+    warmup:
+        Run each method once on the first sample before timing (plan building, lazy imports and
+        first-call allocations then do not count in the seconds per explanation).
 
     Returns
     -------
@@ -415,13 +421,15 @@ def evaluate(
     records: dict[str, dict[str, list[Any]]] = {n: {} for n, _, _ in resolved}
     targets: list[int] = []
     with _progress(len(rows) * len(resolved), progress, "evaluating") as bar:
-        for ids, spec in zip(rows, specs, strict=True):
+        for i, (ids, spec) in enumerate(zip(rows, specs, strict=True)):
             with _quiet(model), torch.no_grad():
                 clean = output_logits(model, embed(model, ids[None])).float()[0]
             t = _target_id(model, spec, clean, tokenizer)
             targets.append(t)
             tid, mask = torch.tensor([t]), torch.ones_like(ids)[None]
             for name, fn, preset in resolved:
+                if warmup and i == 0:
+                    fn(model, ids[None], mask, tid)
                 start = time.perf_counter()
                 if preset is not None:
                     rel, cons = explain_with_preset(model, ids[None], mask, tid, preset)
@@ -447,12 +455,12 @@ def evaluate(
     results = {}
     for name, _, _ in resolved:
         rec = records[name]
-        cons = rec["conservation"]
+        conservation = rec["conservation"]
         results[name] = MethodResult(
             name=name,
             **{k: torch.tensor(rec[k]) for k in ("abpc", "comprehensiveness", "sufficiency", "seconds")},
             **{k: torch.stack(rec[k]) for k in ("morf_logit", "lerf_logit", "morf_prob", "lerf_prob")},
-            conservation=None if any(v is None for v in cons) else torch.tensor(cons),
+            conservation=None if any(v is None for v in conservation) else torch.tensor(conservation),
         )
     what = "zeros" if replacement is None else (f"token {replacement!r}" if not isinstance(replacement, Tensor)
                                                else "vector")

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .detect import input_device
 from .errors import ContextTooLongError, InputError, NumericalError, TokenizerMismatchError
 from .explain import (
     _accepts,
-    _input_device,
     _leaf_at_embeddings,
     _max_positions,
     explaining,
@@ -65,7 +65,7 @@ def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
 
 def _generate(model: nn.Module, prompt: Tensor, max_new_tokens: int, eos: set[int], pad: int | None) -> Tensor:
     """Greedy continuation ids ``(n_generated,)``, up to and including the first end-of-sequence token."""
-    device = _input_device(model)
+    device = input_device(model)
     ids = prompt[None].to(device)
     kwargs: dict[str, Any] = dict(attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                   do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None)
@@ -170,7 +170,7 @@ def explain_generation(
 def _attribute(model: nn.Module, ids: Tensor, n_p: int, rules: Preset, progress: bool) -> tuple[Tensor, Tensor]:
     """One patched forward over ``ids[:-1]``; relevance ``(n_generated, n)`` and target logits ``(n_generated,)``."""
     n, n_g = ids.numel(), ids.numel() - n_p
-    device = _input_device(model)
+    device = input_device(model)
     inp = ids[None, :-1].to(device)
     positions = torch.arange(n_p - 1, n - 1, device=device)  # position t predicts token t + 1
     kwargs: dict[str, Any] = {"input_ids": inp, "attention_mask": torch.ones_like(inp)}

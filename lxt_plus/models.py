@@ -282,10 +282,13 @@ def _text_accuracy(
 ) -> float:
     """Accuracy of a sequence classifier on ``(text, label)`` pairs."""
     model.eval()
+    data = sorted(data, key=lambda item: len(item[0]))  # similar lengths batch with less padding
     correct = 0
     for i in range(0, len(data), batch_size):
         texts, labels = zip(*data[i : i + batch_size], strict=True)
-        enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        enc = tokenizer(
+            list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
         correct += int((model(**enc).logits.argmax(-1) == torch.tensor(labels)).sum())
     return correct / max(1, len(data))
 
@@ -315,8 +318,11 @@ def train_sentiment(
         Where to save and look for the model; default ``cache_dir() / "sentiment-minilm"``.
     max_train, max_test : int, optional
         Use only the first reviews of each split (for quick runs).
-    epochs, batch_size, max_length, lr, seed
-        Training settings; reviews longer than ``max_length`` tokens are truncated.
+    epochs, batch_size, max_length, lr
+        Training settings; reviews longer than ``max_length`` tokens are truncated. The word
+        embeddings stay frozen while training (half the weights, little to gain from tuning them).
+    seed : int
+        Seed of the split (:func:`sentiment_split`), the classifier head and the batch order.
     progress : bool
         Show a tqdm progress bar.
     force : bool
@@ -338,7 +344,9 @@ def train_sentiment(
         tokenizer = AutoTokenizer.from_pretrained(path)
         return SentimentResult(model, tokenizer, float(metrics["test_accuracy"]), path, trained=False)
     if epochs < 1 or batch_size < 1 or max_length < 2:
-        raise InputError(f"epochs, batch_size must be >= 1 and max_length >= 2, got {epochs}, {batch_size}, {max_length}")
+        raise InputError(
+            f"epochs, batch_size must be >= 1 and max_length >= 2, got {epochs}, {batch_size}, {max_length}"
+        )
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
@@ -349,23 +357,32 @@ def train_sentiment(
     tokenizer = AutoTokenizer.from_pretrained(folder)
     with _quiet_transformers():
         model = BertForSequenceClassification.from_pretrained(
-            folder, num_labels=2, id2label=SENTIMENT_LABELS, label2id={v: k for k, v in SENTIMENT_LABELS.items()}
+            folder,
+            num_labels=2,
+            id2label=SENTIMENT_LABELS,
+            label2id={v: k for k, v in SENTIMENT_LABELS.items()},
         )
     model.bert.embeddings.word_embeddings.weight.requires_grad_(False)  # 12M of the 23M weights
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01
+    )
     steps_per_epoch = -(-len(train) // batch_size)
     total = epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: _linear_schedule(step, total, max(1, total // 10))
     )
     generator = torch.Generator().manual_seed(seed)
-    lengths = [len(ids) for ids in tokenizer([t for t, _ in train], truncation=True, max_length=max_length).input_ids]
+    lengths = [
+        len(ids) for ids in tokenizer([t for t, _ in train], truncation=True, max_length=max_length).input_ids
+    ]
     model.train()
     bar = tqdm(total=total, desc="fine-tuning MiniLM on Rotten Tomatoes", disable=not progress)
     for _ in range(epochs):
         for batch in _length_batches(lengths, batch_size, generator):
             texts, labels = zip(*(train[j] for j in batch), strict=True)
-            enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            enc = tokenizer(
+                list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
             loss = model(**enc, labels=torch.tensor(labels)).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -375,6 +392,7 @@ def train_sentiment(
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
+    model.bert.embeddings.word_embeddings.weight.requires_grad_(True)
     accuracy = _text_accuracy(model, tokenizer, test, max_length)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
@@ -596,7 +614,17 @@ def train_tabular_mlp(*, seed: int = 0, progress: bool = False) -> TabularResult
         torch.nn.ReLU(),
         torch.nn.Linear(32, 2),
     )
-    _fit(model, X_train, y_train, epochs=60, batch_size=64, lr=1e-3, seed=seed, progress=progress, desc="training MLP")
+    _fit(
+        model,
+        X_train,
+        y_train,
+        epochs=60,
+        batch_size=64,
+        lr=1e-3,
+        seed=seed,
+        progress=progress,
+        desc="training MLP",
+    )
     with torch.no_grad():
         accuracy = float((model(X_test).argmax(-1) == y_test).float().mean())
     return TabularResult(

@@ -30,15 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from families import build  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run far faster single-threaded on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class BagOfWords(nn.Module):
     """``logits = W Σ_t e_t`` with ``W[1] = -W[0]``: token ``t`` contributes exactly ``W[c]·e_t`` to the
     logit of class ``c``, zeroing its embedding deletes it, and the probability is monotone in the logit."""

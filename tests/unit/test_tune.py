@@ -19,14 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from families import build  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _ids(seed: int, rows: int = 3) -> torch.Tensor:
     return torch.randint(1, 96, (rows, 8), generator=torch.Generator().manual_seed(seed))
 
@@ -76,3 +68,17 @@ def test_layer_groups_and_candidate_presets_select_the_right_modules():
             assert rule == (AHLRP() if layer in (0, 1) else AttnLRP()), path
     assert rules["lm_head"] == Epsilon(1e-3)
     assert space.preset(space.start) is space.base
+
+
+def test_selectors_on_an_encoder():
+    model = build("bert", num_hidden_layers=3)
+    space = _Space(model, get_preset("ah-lrp"), (0.0,), (0.0, 0.1), mixed=True)
+    assert space.start.attention == ("ah-lrp",) * 3
+    cand = Candidate(("ah-lrp", "ah-lrp", "attnlrp"), 0.0, (0.1, 0.0, 0.0))
+    rules = {e.path: e.rule for e in build_plan(model, space.preset(cand)).entries}
+    gamma = {p for p, r in rules.items() if isinstance(r, Gamma)}
+    assert gamma == {p for p, r in rules.items() if p.startswith("bert.encoder.layer.0.")
+                     and isinstance(r, Gamma | Epsilon)}
+    assert len(gamma) == 6  # query, key, value, attention output, intermediate, output
+    assert rules["bert.encoder.layer.2.attention.self"] == AttnLRP()
+    assert rules["bert.encoder.layer.1.attention.self"] == AHLRP()
