@@ -29,24 +29,13 @@ import torch
 METHODS = ("forward", "gxi", "naive-gxi", "attnlrp", "ah-lrp")
 
 
-def cached_model_dir() -> Path:
-    """SmolLM2 de-quantised once to float32 safetensors, so each subprocess loads in seconds."""
-    from lxt_plus.models import cache_dir, load_smollm2
-
-    target = cache_dir() / "smollm2-135m-f32"
-    if not (target / "config.json").exists():
-        model, tok = load_smollm2()
-        model.save_pretrained(target)
-        tok.save_pretrained(target)
-    return target
-
-
-def run_one(folder: str, method: str, length: int, impl: str, repeats: int) -> dict[str, float]:
+def run_one(method: str, length: int, impl: str, repeats: int) -> dict[str, float]:
     import lxt_plus
-    from transformers import AutoModelForCausalLM
+    from lxt_plus.models import load_smollm2
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=impl).eval()
+    model, _ = load_smollm2()  # de-quantised from the GGUF file to float32
+    model.set_attn_implementation(impl)
     ids = torch.randint(100, 40000, (1, length))
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
@@ -79,20 +68,18 @@ def main() -> None:
     parser.add_argument("--impls", nargs="+", default=["eager", "sdpa"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "explain_speed.md"))
-    parser.add_argument("--child", nargs=4, metavar=("FOLDER", "METHOD", "LENGTH", "IMPL"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("METHOD", "LENGTH", "IMPL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        folder, method, length, impl = args.child
-        print(json.dumps(run_one(folder, method, int(length), impl, args.repeats)))
+        method, length, impl = args.child
+        print(json.dumps(run_one(method, int(length), impl, args.repeats)))
         return
-    folder = str(cached_model_dir())
     rows = []
     for length in args.lengths:
         for impl in args.impls:
             res = {}
             for method in METHODS:
-                cmd = [sys.executable, __file__, "--repeats", str(args.repeats), "--child", folder, method,
-                       str(length), impl]
+                cmd = [sys.executable, __file__, "--repeats", str(args.repeats), "--child", method, str(length), impl]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 res[method] = json.loads(out.strip().splitlines()[-1])
                 print(f"  {length:5d} {impl:5s} {method:9s} {res[method]['seconds']:.3f}s "
