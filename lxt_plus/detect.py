@@ -129,7 +129,7 @@ def detect_roles(model: nn.Module) -> list[ModuleInfo]:
         if not any(True for _ in m.children()):
             roles[path] = _leaf_role(path, m)
     # routers that are plain Linear layers next to a set of experts (``gate`` in an MoE block)
-    for path, m in named.items():
+    for path in named:
         last = path.rsplit(".", 1)[-1]
         parent = path.rsplit(".", 1)[0] if "." in path else ""
         if roles.get(path) not in ("linear", "unknown"):

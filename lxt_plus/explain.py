@@ -12,7 +12,6 @@ import torch
 from torch import Tensor, nn
 
 from .detect import input_device, is_hf_model
-from .functional import acc
 from .errors import (
     ContextTooLongError,
     InputError,
@@ -21,6 +20,7 @@ from .errors import (
     TargetError,
     TokenizerMismatchError,
 )
+from .functional import acc
 from .patching import _PATCHED, Handle, patch
 from .plan import Preset, get_preset
 from .result import Explanation, Target
