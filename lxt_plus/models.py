@@ -98,6 +98,17 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
+@contextlib.contextmanager
+def _single_thread() -> Iterator[None]:
+    """Run torch on one thread: tiny models train many times faster without thread handoffs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 # --------------------------------------------------------------------------- SmolLM2
 
 
@@ -501,7 +512,10 @@ def _fit(
     desc: str,
     call: Any = None,
 ) -> None:
-    """Minimise cross-entropy with AdamW and a cosine learning rate; ``call(model, x)`` gives logits."""
+    """Minimise cross-entropy with AdamW and a cosine learning rate, on one thread.
+
+    ``call(model, x)`` gives the logits.
+    """
     from tqdm.auto import tqdm
 
     call = call or (lambda m, x: m(x))
@@ -510,7 +524,7 @@ def _fit(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     model.train()
-    with tqdm(total=steps, desc=desc, disable=not progress) as bar:
+    with _single_thread(), tqdm(total=steps, desc=desc, disable=not progress) as bar:
         for _ in range(epochs):
             order = torch.randperm(len(X), generator=generator)
             for i in range(0, len(X), batch_size):
