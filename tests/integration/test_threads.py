@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,12 +24,6 @@ IDS = torch.tensor([[5, 9, 14, 3, 22, 41, 7, 8], [11, 12, 13, 17, 2, 0, 0, 0]])
 MASK = (IDS != 0).long()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def lrp(model: nn.Module, rules: str) -> Callable[[], torch.Tensor]:
