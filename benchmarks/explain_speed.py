@@ -1,16 +1,19 @@
 """Speed and memory of ``explain`` on SmolLM2-135M, as ratios against baselines measured in the same run.
 
-For each sequence length (256, 1024) and attention implementation (eager, sdpa) it measures, each in
-a fresh subprocess (so peak memory is clean):
+For each sequence length (256, 1024) and attention implementation (eager, sdpa):
 
-- ``forward``: plain no-grad forward (all logits, as a user would call the model);
+- ``forward``: plain no-grad forward, all logits (``model(ids)``, as a user calls the model);
+- ``forward-last``: no-grad forward computing only the last position's logits (``logits_to_keep=1``),
+  the stricter baseline, since ``explain`` computes only the logits it targets;
 - ``gxi``: plain Gradient×Input with no rules (``rules="gradient"``: same inputs, one backward);
 - ``naive-gxi``: what a user writes by hand: forward on ``inputs_embeds`` with all logits and
   trainable weights, then ``backward()`` (weight gradients computed);
 - ``attnlrp`` / ``ah-lrp``: ``lxt_plus.explain``.
 
-It prints time ratios (explain ÷ forward, explain ÷ gxi) and peak memory above the loaded model.
-Usage: ``python benchmarks/explain_speed.py [--lengths 256 1024] [--repeats 3]``.
+Timing: one process per (length, attention) loads the model once, warms every method up, then
+runs them round-robin ``--repeats`` times (so machine-load drift hits all methods alike) and
+takes medians. Memory: a fresh process per method runs it once and reports peak RSS above the
+loaded model. Usage: ``python benchmarks/explain_speed.py [--lengths 256 1024] [--repeats 5]``.
 """
 
 from __future__ import annotations
@@ -21,15 +24,17 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-METHODS = ("forward", "gxi", "naive-gxi", "attnlrp", "ah-lrp")
+METHODS = ("forward", "forward-last", "gxi", "naive-gxi", "attnlrp", "ah-lrp")
 
 
-def run_one(method: str, length: int, impl: str, repeats: int) -> dict[str, float]:
+def _setup(length: int, impl: str) -> dict[str, Callable[[], None]]:
     import lxt_plus
     from lxt_plus.models import load_smollm2
 
@@ -37,67 +42,117 @@ def run_one(method: str, length: int, impl: str, repeats: int) -> dict[str, floa
     model, _ = load_smollm2()  # de-quantised from the GGUF file to float32
     model.set_attn_implementation(impl)
     ids = torch.randint(100, 40000, (1, length))
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
-    def once() -> None:
-        if method == "forward":
-            with torch.no_grad():
-                model(ids)
-        elif method == "naive-gxi":
-            emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-            out = model(inputs_embeds=emb).logits
-            out[0, -1].max().backward()
-            _ = (emb * emb.grad).sum(-1)
-            model.zero_grad(set_to_none=True)
-        else:
-            lxt_plus.explain(model, ids, rules="gradient" if method == "gxi" else method)
+    def forward() -> None:
+        with torch.no_grad():
+            model(ids)
 
-    once()  # warm-up (and the one-time plan validation for explain)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"seconds": statistics.median(times), "peak_mb": max(peak - base_rss, 0) / 1024}
+    def forward_last() -> None:
+        with torch.no_grad():
+            model(ids, logits_to_keep=1)
+
+    def naive_gxi() -> None:
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        out = model(inputs_embeds=emb).logits
+        out[0, -1].max().backward()
+        _ = (emb * emb.grad).sum(-1)
+        model.zero_grad(set_to_none=True)
+
+    def explainer(rules: str) -> Callable[[], None]:
+        return lambda: lxt_plus.explain(model, ids, rules=rules)
+
+    methods = {"forward": forward, "forward-last": forward_last, "gxi": explainer("gradient"),
+               "naive-gxi": naive_gxi, "attnlrp": explainer("attnlrp"), "ah-lrp": explainer("ah-lrp")}
+    return methods
+
+
+def time_all(length: int, impl: str, repeats: int) -> dict[str, float]:
+    methods = _setup(length, impl)
+    for fn in methods.values():
+        fn()  # warm-up (and the one-time plan validation for explain)
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    names = list(methods)
+    for r in range(repeats):
+        for m in names[r % len(names):] + names[: r % len(names)]:  # rotate the order each round
+            t0 = time.perf_counter()
+            methods[m]()
+            times[m].append(time.perf_counter() - t0)
+    return {m: statistics.median(t) for m, t in times.items()}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def peak_memory(method: str, length: int, impl: str) -> float:
+    """Peak resident memory above the loaded model while ``method`` runs once, sampled every ms.
+
+    ``ru_maxrss`` would not do: loading the GGUF file peaks higher than a short run.
+    """
+    methods = _setup(length, impl)
+    base = _rss_bytes()
+    peak = base
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss_bytes())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    methods[method]()
+    done.set()
+    sampler.join()
+    return max(peak, _rss_bytes()) / 2**20 - base / 2**20
+
+
+def _child(*args: str) -> dict[str, float] | float:
+    cmd = [sys.executable, __file__, "--child", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--impls", nargs="+", default=["eager", "sdpa"])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "explain_speed.md"))
-    parser.add_argument("--child", nargs=3, metavar=("METHOD", "LENGTH", "IMPL"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        method, length, impl = args.child
-        print(json.dumps(run_one(method, int(length), impl, args.repeats)))
+        kind, *rest = args.child
+        if kind == "time":
+            print(json.dumps(time_all(int(rest[0]), rest[1], int(rest[2]))))
+        else:
+            print(json.dumps(peak_memory(rest[0], int(rest[1]), rest[2])))
         return
     rows = []
     for length in args.lengths:
         for impl in args.impls:
-            res = {}
-            for method in METHODS:
-                cmd = [sys.executable, __file__, "--repeats", str(args.repeats), "--child", method, str(length), impl]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-                res[method] = json.loads(out.strip().splitlines()[-1])
-                print(f"  {length:5d} {impl:5s} {method:9s} {res[method]['seconds']:.3f}s "
-                      f"peak +{res[method]['peak_mb']:.0f} MB", flush=True)
-            rows.append((length, impl, res))
+            sec = _child("time", str(length), impl, str(args.repeats))
+            mem = {m: _child("memory", m, str(length), impl) for m in METHODS}
+            assert isinstance(sec, dict)
+            for m in METHODS:
+                print(f"  {length:5d} {impl:5s} {m:12s} {sec[m]:.3f}s  peak +{mem[m]:.0f} MB", flush=True)
+            rows.append((length, impl, sec, mem))
     lines = [
         f"SmolLM2-135M (float32), {torch.get_num_threads()} CPU threads, torch {torch.__version__}; median of "
-        f"{args.repeats} runs; memory = peak RSS above the loaded model.",
+        f"{args.repeats} interleaved runs; memory = peak RSS above the loaded model (sampled every ms, one run in a fresh process).",
         "",
-        "| tokens | attention | forward s | explain (attnlrp) s | ÷ forward | ÷ plain GxI | ah-lrp ÷ forward "
-        "| naive GxI ÷ forward | peak MB forward / GxI / attnlrp / naive |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| tokens | attention | forward s | attnlrp s | attnlrp ÷ forward (÷ last-logit forward) "
+        "| attnlrp ÷ plain GxI | ah-lrp ÷ forward (÷ last-logit) | ah-lrp ÷ plain GxI | naive GxI ÷ forward "
+        "| peak MB forward / GxI / attnlrp / ah-lrp / naive |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for length, impl, r in rows:
-        f, g, a, h, n = (r[m]["seconds"] for m in ("forward", "gxi", "attnlrp", "ah-lrp", "naive-gxi"))
-        mem = " / ".join(f"{r[m]['peak_mb']:.0f}" for m in ("forward", "gxi", "attnlrp", "naive-gxi"))
-        lines.append(f"| {length} | {impl} | {f:.3f} | {a:.3f} | {a / f:.2f}× | {a / g:.3f}× | {h / f:.2f}× "
-                     f"| {n / f:.2f}× | {mem} |")
+    for length, impl, r, mem in rows:
+        f, fl, g, a, h, n = (r[m] for m in ("forward", "forward-last", "gxi", "attnlrp", "ah-lrp", "naive-gxi"))
+        peaks = " / ".join(f"{mem[m]:.0f}" for m in ("forward", "gxi", "attnlrp", "ah-lrp", "naive-gxi"))
+        lines.append(f"| {length} | {impl} | {f:.3f} | {a:.3f} | {a / f:.2f}× ({a / fl:.2f}×) | {a / g:.3f}× "
+                     f"| {h / f:.2f}× ({h / fl:.2f}×) | {h / g:.3f}× | {n / f:.2f}× | {peaks} |")
     table = "\n".join(lines)
     print("\n" + table)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -10,12 +10,15 @@ cached on disk under :func:`cache_dir`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import importlib.util
 import json
 import os
 import pathlib
 import random
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -132,15 +135,21 @@ def smollm2_path() -> tuple[str, str]:
     return str(folder), SMOLLM2_FILE
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+def load_smollm2(dtype: torch.dtype = torch.float32, *, cache: bool = True) -> tuple[Any, Any]:
     """Load SmolLM2-135M-Instruct (Llama architecture, 30 layers, d_model 576) from its GGUF file.
 
-    The 4-bit weights are dequantised to ``dtype``, which takes some seconds on a CPU.
+    The 4-bit weights are dequantised, which takes about 20 seconds on a CPU. The first load saves
+    the dequantised float32 model and its tokenizer under :func:`cache_dir` (about 540 MB), keyed
+    by the GGUF file's size and modification time; later loads read that folder in about a second.
+    The cached weights are the dequantised values bit for bit.
 
     Parameters
     ----------
     dtype : torch.dtype
         Parameter dtype of the returned model.
+    cache : bool
+        Read and write the on-disk conversion cache. ``False`` always dequantises from the GGUF
+        file. A cache folder that cannot be written is skipped silently.
 
     Returns
     -------
@@ -150,15 +159,55 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
         With a pad token (the end-of-sequence token when the file names none).
     """
     folder, name = smollm2_path()
-    _require("gguf", "gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype).eval()
+    stat = (pathlib.Path(folder) / name).stat()
+    cached = cache_dir() / f"smollm2-135m-instruct-{stat.st_size}-{stat.st_mtime_ns}"
+    model = None
+    if cache and (cached / "config.json").is_file():
+        try:
+            with _quiet_transformers():
+                tokenizer = AutoTokenizer.from_pretrained(cached)
+                model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype).eval()
+        except Exception:  # a damaged cache (disk full, interrupted copy): convert again
+            shutil.rmtree(cached, ignore_errors=True)
+    if model is None:
+        _require("gguf", "gguf")
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+        if cache:
+            _save_atomically(cached, model, tokenizer)
+        model = model.to(dtype)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _save_atomically(target: pathlib.Path, model: Any, tokenizer: Any) -> None:
+    """Save into a temporary sibling folder, then rename: a reader never sees half a model."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    except OSError:
+        return  # read-only location: the cache is an optimisation only
+    try:
+        # save_pretrained refuses a model loaded from GGUF (transformers marks it quantised even
+        # though the weights are dequantised): write the config without that mark, and the weights
+        from safetensors.torch import save_model
+
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        tmp.chmod(0o755)
+        os.replace(tmp, target)  # fails when another process finished first: theirs is kept
+    except OSError:
+        pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- movie reviews
@@ -575,7 +624,6 @@ def train_vit_digits(*, seed: int = 0, epochs: int = 40, progress: bool = True) 
         num_attention_heads=4,
         intermediate_size=128,
         hidden_dropout_prob=0.1,
-        num_labels=10,
         id2label={i: str(i) for i in range(10)},
         label2id={str(i): i for i in range(10)},
     )

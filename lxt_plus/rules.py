@@ -125,11 +125,31 @@ class Identity(Rule):
 
     def wrap(self, module, forward, probe):  # type: ignore[no-untyped-def]
         eps = self.eps
+        ratio = _closed_form_ratio(module)
 
         def fwd(x: Tensor, *args: Any, **kwargs: Any) -> Any:
-            return identity_rule(x, lambda t: forward(t, *args, **kwargs), eps)
+            return identity_rule(x, lambda t: forward(t, *args, **kwargs), eps, ratio)
 
         return fwd
+
+
+def _relu_ratio(x: Tensor) -> Tensor:
+    return (x > 0).to(x.dtype)
+
+
+# f(x) / x in closed form for activation classes whose forward is exactly that function: one kernel
+# instead of four (f(x), sign, add, divide), and exact at x = 0. Subclasses take the generic path.
+_RATIOS: dict[type, Callable[[Tensor], Tensor]] = {nn.SiLU: torch.sigmoid, nn.ReLU: _relu_ratio}
+try:
+    from transformers.activations import SiLUActivation
+
+    _RATIOS[SiLUActivation] = torch.sigmoid
+except ImportError:  # pragma: no cover - older or newer transformers without the class
+    pass
+
+
+def _closed_form_ratio(module: nn.Module) -> Callable[[Tensor], Tensor] | None:
+    return _RATIOS.get(type(module))
 
 
 def _under_mode(forward: Forward, make_mode: Callable[[], Any], probe: dict[str, int],

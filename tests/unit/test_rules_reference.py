@@ -14,6 +14,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import Tensor, nn
+from transformers.activations import ACT2FN
 
 import lxt_plus
 from lxt_plus.rules import AHLRP, AttnLRP, Conservative, Epsilon, Gamma, Identity, UniformProduct
@@ -184,21 +185,27 @@ def test_gamma_rule_on_conv2d() -> None:
 
 
 # --------------------------------------------------------------------------- identity rule
-@pytest.mark.parametrize("act", [nn.GELU(), nn.SiLU(), nn.Tanh()], ids=["gelu", "silu", "tanh"])
+@pytest.mark.parametrize("act", [nn.GELU(), nn.SiLU(), nn.Tanh(), nn.ReLU(), ACT2FN["silu"]],
+                         ids=["gelu", "silu", "tanh", "relu", "hf-silu"])
 def test_identity_rule_on_activation_modules(act: nn.Module) -> None:
-    """Identity rule (Achtibat et al. 2024, Sec. 3.3.2): ``R(x_i) = R(y_i)`` element-wise."""
+    """Identity rule (Achtibat et al. 2024, Sec. 3.3.2): ``R(x_i) = R(y_i)`` element-wise.
+
+    SiLU and ReLU take a closed-form ``f(x)/x``; the others the generic stabilised ratio.
+    """
     torch.manual_seed(4)
     model = nn.Sequential(act)
     x = torch.randn(2, 7, dtype=DTYPE)
+    x[0, 0] = 0.0  # the closed forms and the stabiliser must agree at zero too
     g = torch.randn(2, 7, dtype=DTYPE)
 
     r_lib, y = library_relevance(model, only("activation", Identity()), x, g)
 
     torch.testing.assert_close(y, act(x), rtol=0, atol=0)
     torch.testing.assert_close(r_lib, y * g, **TIGHT)
-    # and plain Gradient×Input is not the identity rule (the check is not vacuous)
+    # and plain Gradient×Input is not the identity rule (the check is not vacuous); for ReLU,
+    # positively homogeneous, the two coincide
     r_grad, _ = library_relevance(model, lxt_plus.get_preset("gradient"), x, g)
-    assert not torch.allclose(r_grad, y * g, rtol=1e-3)
+    assert torch.allclose(r_grad, y * g, rtol=1e-3) == isinstance(act, nn.ReLU)
 
 
 # --------------------------------------------------------------------------- conservative norms (Ali et al. 2022)

@@ -106,3 +106,27 @@ def test_cache_dir_follows_environment(monkeypatch, tmp_path) -> None:
     assert models.cache_dir() == tmp_path
     monkeypatch.delenv("LXT_PLUS_CACHE")
     assert models.cache_dir().parts[-2:] == (".cache", "lxt_plus")
+
+
+def test_smollm2_conversion_cache_is_bit_exact(monkeypatch, tmp_path) -> None:
+    """The first load dequantises the GGUF file and caches the result; the second reads the cache."""
+    pytest.importorskip("gguf")
+    monkeypatch.setenv("LXT_PLUS_CACHE", str(tmp_path))
+    converted, tok_a = models.load_smollm2()
+    (folder,) = [p for p in tmp_path.iterdir() if p.name.startswith("smollm2-")]
+    assert (folder / "model.safetensors").is_file() and not list(tmp_path.glob("*.*.*"))  # no temp left
+    cached, tok_b = models.load_smollm2()
+    a, b = converted.state_dict(), cached.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert cached.lm_head.weight is cached.model.embed_tokens.weight  # still tied
+    text = "<|im_start|>user\nThe capital of France is<|im_end|>"
+    assert tok_a(text).input_ids == tok_b(text).input_ids
+    assert tok_a.chat_template == tok_b.chat_template and tok_b.pad_token_id == cached.config.pad_token_id
+    # a damaged cache is converted again, and cache=False neither reads nor writes one
+    (folder / "model.safetensors").write_bytes(b"")
+    repaired, _ = models.load_smollm2()
+    assert torch.equal(repaired.lm_head.weight, converted.lm_head.weight)
+    assert (folder / "model.safetensors").stat().st_size > 0
+    monkeypatch.setenv("LXT_PLUS_CACHE", str(tmp_path / "unused"))
+    models.load_smollm2(cache=False)
+    assert not (tmp_path / "unused").exists()
