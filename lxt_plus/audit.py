@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -200,11 +200,11 @@ def audit(model: nn.Module, rules: str | Preset = "ah-lrp", *, inputs: Tensor | 
     device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
     if inputs is None:
         if getattr(model, "main_input_name", "input_ids") == "pixel_values":
-            cfg = model.config
+            cfg = cast(Any, model).config
             size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
             inputs = torch.randn(1, cfg.num_channels, size, size, generator=gen)
         else:
-            vocab = model.get_input_embeddings().num_embeddings
+            vocab = cast(Any, model).get_input_embeddings().num_embeddings
             inputs = torch.randint(min(3, vocab - 1), vocab, (1, 8), generator=gen)
     inputs = inputs.to(device)
     records: list[tuple[str, nn.Module, list[Tensor], list[Tensor]]] = []

@@ -326,7 +326,7 @@ class Recorder:
         if chosen == "all":
             return True
         n = len(self.parts)
-        return layer in {c % n for c in chosen if -n <= c < n}
+        return layer in {c % n for c in chosen if isinstance(c, int) and -n <= c < n}
 
     # ---------------------------------------------------------------- backward
     def tensors(self) -> list[Tensor]:

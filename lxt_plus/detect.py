@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -55,7 +56,7 @@ def is_hf_model(module: nn.Module) -> bool:
 def input_device(model: nn.Module) -> torch.device:
     """Where inputs go: the token embeddings' device, else the first parameter not on ``meta``
     (accelerate's offloading leaves placeholders on ``meta``)."""
-    emb = model.get_input_embeddings() if is_hf_model(model) else None
+    emb = cast(Any, model).get_input_embeddings() if is_hf_model(model) else None
     weight = getattr(emb, "weight", None)
     if weight is not None and weight.device.type != "meta":
         return weight.device

@@ -6,7 +6,7 @@ import contextlib
 import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -175,7 +175,7 @@ def _prepare(model: nn.Module, inputs: Any, tokenizer: Any, attention_mask: Tens
 
 
 def _check_vocabulary(model: nn.Module, ids: Tensor) -> None:
-    vocab = model.get_input_embeddings().num_embeddings
+    vocab = cast(Any, model).get_input_embeddings().num_embeddings
     if int(ids.max()) >= vocab or int(ids.min()) < 0:
         raise TokenizerMismatchError(
             f"token id {int(ids.max())} is outside {type(model).__name__}'s vocabulary of {vocab}: "
@@ -306,16 +306,17 @@ def _checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
     new_api = hasattr(model, "activation_checkpointing_enable")  # transformers >= 5.2x names
     was = bool(getattr(model, "is_activation_checkpointing" if new_api else "is_gradient_checkpointing", False))
     modes = [(m, m.training) for m in model.modules()]
+    hf = cast(Any, model)
     if new_api:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     try:
         yield
     finally:
         if not was:
-            (model.activation_checkpointing_disable if new_api else model.gradient_checkpointing_disable)()
+            (hf.activation_checkpointing_disable if new_api else hf.gradient_checkpointing_disable)()
         for m, flag in modes:
             m.training = flag
 
@@ -325,7 +326,7 @@ def _leaf_at_embeddings(model: nn.Module, store: list[Tensor], extra: list[Tenso
     """Replace the token-embedding output by a leaf that requires grad (``store[0]``), and the
     outputs of other embeddings (positions, token types) by leaves too (``extra``), so the
     relevance that lands on them is reported."""
-    emb = model.get_input_embeddings()
+    emb = cast(Any, model).get_input_embeddings()
 
     def token_hook(module: nn.Module, args: Any, out: Tensor) -> Tensor:
         leaf = out.detach().requires_grad_(True)
@@ -443,7 +444,7 @@ def explain(
     else:
         rel = rel.sum(-1)
         mask = batch.attention_mask
-        rel = rel * mask.to(rel.dtype)
+        rel = rel * mask.to(rel.dtype) if mask is not None else rel
     if not torch.isfinite(rel).all():
         raise NumericalError(
             f"relevance has NaN/inf (model dtype {leaf.dtype}); float16 overflows in relevance: "

@@ -13,11 +13,12 @@
 from __future__ import annotations
 
 import contextvars
+import functools
 import sys
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ from .detect import input_device, is_hf_model, owning_pretrained
 from .errors import AlreadyPatchedError, InputError, NotPatchedError, UnsupportedModelError
 from .modes import ElementwiseIdentityMode, qkv_rule
 from .plan import Plan, PlanEntry, Preset, build_plan, get_preset
-from .rules import HeadIdentity, _AttentionRule
+from .rules import HeadIdentity, Rule, _AttentionRule
 
 __all__ = ["Handle", "patch", "patched", "is_patched", "ATTENTION_KEYS"]
 
@@ -99,7 +100,7 @@ def _register_keys() -> None:
 
     for original, key in ATTENTION_KEYS.items():
         AttentionInterface.register(key, _make_attention(original))
-        AttentionMaskInterface.register(key, AttentionMaskInterface._global_mapping[original])
+        AttentionMaskInterface.register(key, cast(Any, AttentionMaskInterface._global_mapping[original]))
     _registered = True
 
 
@@ -109,9 +110,9 @@ def _switch_configs(model: nn.Module, undo: list[Callable[[], None]]) -> None:
     for sub in model.modules():
         if not is_hf_model(sub) or id(sub.config) in seen:
             continue
-        config = sub.config
+        config = cast(Any, sub).config
         seen.add(id(config))
-        if not type(sub)._can_set_attn_implementation():
+        if not cast(Any, type(sub))._can_set_attn_implementation():
             continue
         current = config._attn_implementation
         if current in _ORIGINAL_OF_KEY:  # shared config already switched by another patched model
@@ -248,10 +249,10 @@ def _probe_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
     device = input_device(model)
     try:
         if name == "input_ids":
-            vocab = model.get_input_embeddings().num_embeddings
+            vocab = cast(Any, model).get_input_embeddings().num_embeddings
             return {"input_ids": (torch.arange(5) * 7 % max(vocab, 1))[None].to(device)}
         if name == "pixel_values":
-            cfg = model.config
+            cfg = cast(Any, model).config
             size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
             return {"pixel_values": torch.randn(1, cfg.num_channels, size, size, device=device)}
     except (AttributeError, NotImplementedError, TypeError):
@@ -265,10 +266,10 @@ def _apply_entry(model: nn.Module, entry: PlanEntry, stats: dict[str, int], name
     rule = entry.rule
     if entry.role == "attention" and isinstance(rule, _AttentionRule):
         owner = owning_pretrained(model, entry.path)
-        if not force_ops and owner is not None and type(owner)._can_set_attn_implementation():
+        if not force_ops and owner is not None and cast(Any, type(owner))._can_set_attn_implementation():
             entry.route = "registry"
             _ATTN_RULES[module] = (rule, stats)
-            undo.append(lambda: _ATTN_RULES.pop(module, None))
+            undo.append(lambda: _ATTN_RULES.pop(module, None) and None)
             return
         entry.route = "ops"
     if _wrap_forward(module, lambda fwd: rule.wrap(module, fwd, stats), undo):
@@ -357,6 +358,10 @@ def _copy_plan(plan: Plan) -> Plan:
                 plan.infos)
 
 
+def _rewrap(rule: Rule, module: nn.Module, stats: dict[str, int], forward: Callable[..., Any]) -> Any:
+    return rule.wrap(module, forward, stats)
+
+
 def _verify(model: nn.Module, plan: Plan, stats: dict[str, dict[str, int]], named: dict[str, nn.Module],
             handle: Handle) -> None:
     """One tiny forward pass proving each norm and attention rule was reached."""
@@ -378,7 +383,7 @@ def _verify(model: nn.Module, plan: Plan, stats: dict[str, dict[str, int]], name
             module = named[e.path]
             _ATTN_RULES.pop(module, None)
             e.route = "ops"
-            _wrap_forward(module, lambda fwd, m=module, e=e: e.rule.wrap(m, fwd, stats[e.path]), handle._undo)
+            _wrap_forward(module, functools.partial(_rewrap, e.rule, module, stats[e.path]), handle._undo)
             rerouted = True
     if rerouted:
         run()
