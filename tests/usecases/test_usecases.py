@@ -46,6 +46,23 @@ def test_smollm2_paris(smollm2, rules: str) -> None:  # type: ignore[no-untyped-
     assert middle[" capital"] > 0 and middle[" France"] > 0
 
 
+@pytest.mark.parametrize("rules", ["attnlrp", "ah-lrp"])
+def test_smollm2_question_top_tokens(smollm2, rules: str) -> None:  # type: ignore[no-untyped-def]
+    """With the question spelled out, " France" and " capital" lead the middle tokens.
+
+    In the bare five-token prompt " capital" ranks below " of" under AttnLRP (see above), so the
+    issue's "top tokens include France and capital" is checked here, on the richer prompt.
+    """
+    model, tok = smollm2
+    prompt = "Q: What is the capital of France?\nA: The capital of France is"
+    exp = lxt_plus.explain(model, prompt, tokenizer=tok, rules=rules)
+    assert exp.target.label == " Paris"
+    tokens, rel = exp.real_tokens()
+    middle = sorted(zip(rel[1:-1].tolist(), tokens[1:-1], strict=True), reverse=True)
+    top3 = [t for _, t in middle[:3]]
+    assert top3.count(" France") == 2 and " capital" in top3, middle[:5]
+
+
 def test_smollm2_contrast_paris_lyon(smollm2) -> None:  # type: ignore[no-untyped-def]
     model, tok = smollm2
     exp = lxt_plus.explain(model, PROMPT, " Paris", contrast=" Lyon", tokenizer=tok)
