@@ -444,7 +444,7 @@ def explain(
     else:
         rel = rel.sum(-1)
         mask = batch.attention_mask
-        rel = rel * mask.to(rel.dtype) if mask is not None else rel
+        rel = rel * mask.to(rel.dtype)  # type: ignore[union-attr]  # token batches always carry a mask
     if not torch.isfinite(rel).all():
         raise NumericalError(
             f"relevance has NaN/inf (model dtype {leaf.dtype}); float16 overflows in relevance: "

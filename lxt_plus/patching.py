@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import contextvars
-import functools
 import sys
 import threading
 import weakref
@@ -27,7 +26,7 @@ from .detect import input_device, is_hf_model, owning_pretrained
 from .errors import AlreadyPatchedError, InputError, NotPatchedError, UnsupportedModelError
 from .modes import ElementwiseIdentityMode, qkv_rule
 from .plan import Plan, PlanEntry, Preset, build_plan, get_preset
-from .rules import HeadIdentity, Rule, _AttentionRule
+from .rules import HeadIdentity, _AttentionRule
 
 __all__ = ["Handle", "patch", "patched", "is_patched", "ATTENTION_KEYS"]
 
@@ -269,7 +268,11 @@ def _apply_entry(model: nn.Module, entry: PlanEntry, stats: dict[str, int], name
         if not force_ops and owner is not None and cast(Any, type(owner))._can_set_attn_implementation():
             entry.route = "registry"
             _ATTN_RULES[module] = (rule, stats)
-            undo.append(lambda: _ATTN_RULES.pop(module, None) and None)
+
+            def forget() -> None:
+                _ATTN_RULES.pop(module, None)
+
+            undo.append(forget)
             return
         entry.route = "ops"
     if _wrap_forward(module, lambda fwd: rule.wrap(module, fwd, stats), undo):
@@ -358,10 +361,6 @@ def _copy_plan(plan: Plan) -> Plan:
                 plan.infos)
 
 
-def _rewrap(rule: Rule, module: nn.Module, stats: dict[str, int], forward: Callable[..., Any]) -> Any:
-    return rule.wrap(module, forward, stats)
-
-
 def _verify(model: nn.Module, plan: Plan, stats: dict[str, dict[str, int]], named: dict[str, nn.Module],
             handle: Handle) -> None:
     """One tiny forward pass proving each norm and attention rule was reached."""
@@ -380,10 +379,8 @@ def _verify(model: nn.Module, plan: Plan, stats: dict[str, dict[str, int]], name
     for e in plan.entries:
         if e.route == "registry" and not stats[e.path].get("attention_hits"):
             # the class does not dispatch through the registry after all: rule its inline ops
-            module = named[e.path]
-            _ATTN_RULES.pop(module, None)
-            e.route = "ops"
-            _wrap_forward(module, functools.partial(_rewrap, e.rule, module, stats[e.path]), handle._undo)
+            _ATTN_RULES.pop(named[e.path], None)
+            _apply_entry(model, e, stats[e.path], named, handle._undo, force_ops=True)
             rerouted = True
     if rerouted:
         run()

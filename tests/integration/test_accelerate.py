@@ -23,14 +23,6 @@ IDS = torch.tensor([[3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 0, 0]])
 MASK = (IDS != 0).long()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def biased(family: str) -> nn.Module:
     """A tiny model whose biases are not zero (random init leaves them at 0)."""
     model = build(family)

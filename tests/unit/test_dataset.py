@@ -50,15 +50,6 @@ def texts(n: int = 50, seed: int = 0) -> list[str]:
     return out
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    """Tiny models run fastest on one thread (and do not suffer from a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def setup() -> tuple[Any, Any]:
     return build("llama"), tiny_tokenizer()

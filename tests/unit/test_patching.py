@@ -224,3 +224,31 @@ def test_plain_torch_model_features() -> None:
         logit = net(x)[:, 1]
     torch.testing.assert_close(res.relevance.sum(-1), logit, rtol=1e-5, atol=1e-6)
     assert res.modality == "features"
+
+
+@pytest.mark.parametrize("rules", ["attnlrp", "ah-lrp"])
+def test_attention_that_bypasses_the_registry_is_rerouted_to_inline_rules(rules: str) -> None:
+    """A class that claims registry support but computes attention itself: the probe forward sees
+    no registry call, so the rule moves to the module's inline operations, with the same relevance."""
+    from transformers.models.llama import modeling_llama as ml
+
+    ref, model = F.build("llama"), F.build("llama")
+    for m in (ref, model):
+        m.set_attn_implementation("eager")
+    attn = model.model.layers[0].self_attn
+
+    def inline_forward(hidden_states, position_embeddings=None, attention_mask=None, **kwargs):  # type: ignore[no-untyped-def]
+        shape = (*hidden_states.shape[:-1], -1, attn.head_dim)
+        q, k, v = (p(hidden_states).view(shape).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        q, k = ml.apply_rotary_pos_emb(q, k, *position_embeddings)
+        out, weights = ml.eager_attention_forward(attn, q, k, v, attention_mask, scaling=attn.scaling)
+        return attn.o_proj(out.reshape(*hidden_states.shape[:-1], -1)), weights
+
+    attn.forward = inline_forward
+    ids = torch.tensor([[5, 9, 2, 7, 11, 3]])
+    with lxt_plus.patched(model, rules=rules) as handle:
+        routes = {e.path: e.route for e in handle.plan.entries if e.role == "attention"}
+    assert routes["model.layers.0.self_attn"] == "ops" and routes["model.layers.1.self_attn"] == "registry"
+    expected = lxt_plus.explain(ref, ids, rules=rules).relevance
+    torch.testing.assert_close(lxt_plus.explain(model, ids, rules=rules).relevance, expected)
+    assert attn.forward is inline_forward  # restored after explain
