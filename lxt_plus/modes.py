@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from .attention import rule_sdpa
 from .functional import acc, grad_scale, identity_rule, uniform_matmul, uniform_mul
 
-__all__ = ["NormMode", "ProductMode", "AttentionOpsMode", "ElementwiseIdentityMode"]
+__all__ = ["NormMode", "ProductMode", "AttentionOpsMode", "ElementwiseIdentityMode", "SDPARuleMode"]
 
 Handler = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
 _T = torch.Tensor
@@ -177,7 +178,23 @@ class ElementwiseIdentityMode(_RuleMode):
         return identity_rule(x, lambda t: func(t, *args[1:], **kwargs))
 
 
-class AttentionOpsMode(_RuleMode):
+class SDPARuleMode(_RuleMode):
+    """The attention rule on ``scaled_dot_product_attention`` calls only (see :func:`rule_sdpa`)."""
+
+    def __init__(self, detach_weights: bool) -> None:
+        super().__init__()
+        self.detach_weights = detach_weights
+        self.fast = 0  # calls that got our backward pass (see rule_sdpa)
+        self.on([F.scaled_dot_product_attention], self._sdpa)
+
+    def _sdpa(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        self._count()
+        out, fast = rule_sdpa(func, args, kwargs, self.detach_weights)
+        self.fast += fast
+        return out
+
+
+class AttentionOpsMode(SDPARuleMode):
     """An attention rule for attention modules that do not dispatch through transformers' registry.
 
     - ``attnlrp``: uniform rule on ``q @ k.T`` and ``A @ v``; softmax keeps its gradient (the
@@ -189,11 +206,9 @@ class AttentionOpsMode(_RuleMode):
     """
 
     def __init__(self, detach_weights: bool) -> None:
-        super().__init__()
-        self.detach_weights = detach_weights
+        super().__init__(detach_weights)
         self.on(_funcs("softmax", modules=(torch, _T, _TB, F)), self._softmax)
         self.on(_MATMUL, self._matmul)
-        self.on([F.scaled_dot_product_attention], self._sdpa)
         self.on(_funcs("tanh", modules=(torch, _T, _TB, F)), self._tanh)
 
     def _softmax(self, func, args, kwargs):  # type: ignore[no-untyped-def]
@@ -206,12 +221,6 @@ class AttentionOpsMode(_RuleMode):
             self._count()
             return uniform_matmul(args[0], args[1])
         return func(*args, **kwargs)
-
-    def _sdpa(self, func, args, kwargs):  # type: ignore[no-untyped-def]
-        self._count()
-        q, k, v = args[:3]
-        q, k, v = qkv_rule(q, k, v, self.detach_weights)
-        return func(q, k, v, *args[3:], **{**kwargs, "dropout_p": 0.0})
 
     def _tanh(self, func, args, kwargs):  # type: ignore[no-untyped-def]
         x = args[0]

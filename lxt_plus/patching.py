@@ -22,9 +22,10 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from .attention import AttentionSpec, probs_match, rule_attention
 from .detect import input_device, is_hf_model, owning_pretrained
 from .errors import AlreadyPatchedError, InputError, NotPatchedError, UnsupportedModelError
-from .modes import ElementwiseIdentityMode, qkv_rule
+from .modes import ElementwiseIdentityMode, SDPARuleMode, qkv_rule
 from .plan import Plan, PlanEntry, Preset, build_plan, get_preset
 from .rules import HeadIdentity, _AttentionRule
 
@@ -73,20 +74,59 @@ def _make_attention(original: str) -> Callable[..., Any]:
             return fn(module, query, key, value, attention_mask, *args, **kwargs)
         rule, stats = found
         stats["attention_hits"] = stats.get("attention_hits", 0) + 1
-        query, key, value = qkv_rule(query, key, value, rule.detach_weights)
         if "dropout" in kwargs:
             kwargs["dropout"] = 0.0
-        if kwargs.get("softcap") and not rule.detach_weights:
-            with ElementwiseIdentityMode(("tanh",)):  # identity rule on score soft-capping
-                out = fn(module, query, key, value, attention_mask, *args, **kwargs)
-        else:
-            out = fn(module, query, key, value, attention_mask, *args, **kwargs)
+        out = None
+        if not kwargs.get("softcap"):
+            if original == "sdpa":
+                with SDPARuleMode(rule.detach_weights) as mode:  # torch's forward kernel, our backward
+                    out = fn(module, query, key, value, attention_mask, *args, **kwargs)
+                fast = mode.fast > 0
+            elif not args:
+                out = _eager_with_rule(fn, module, query, key, value, attention_mask, kwargs, rule)
+                fast = out is not None
+            # calls whose backward pass is ours (attention.py) rather than autograd's
+            stats["attention_fast"] = stats.get("attention_fast", 0) + fast
+        if out is None:  # autograd through the attention function, the rule's factors at q, k, v
+            q, k, v = qkv_rule(query, key, value, rule.detach_weights)
+            if kwargs.get("softcap") and not rule.detach_weights:
+                with ElementwiseIdentityMode(("tanh",)):  # identity rule on score soft-capping
+                    out = fn(module, q, k, v, attention_mask, *args, **kwargs)
+            else:
+                out = fn(module, q, k, v, attention_mask, *args, **kwargs)
         for observe in ATTENTION_OBSERVERS.get():
             observe(module, query, key, value, attention_mask, out, kwargs)
         return out
 
     lxt_plus_attention.__qualname__ = f"lxt_plus_attention[{original}]"
     return lxt_plus_attention
+
+
+def _eager_with_rule(fn: Callable[..., Any], module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                     value: torch.Tensor, mask: Any, kwargs: dict[str, Any], rule: _AttentionRule) -> Any:
+    """The family's eager attention without gradient, then the rule's own backward pass.
+
+    The eager function returns the attention weights, so the backward pass needs no recomputed
+    scores. Returns ``None`` (use autograd instead) unless the weights provably are
+    ``softmax(scaling · q kᵀ + mask)``, checked on the last query row.
+    """
+    with torch.no_grad():
+        out = fn(module, query, key, value, mask, **kwargs)
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor)
+            and isinstance(out[1], torch.Tensor)):
+        return None
+    attn, probs = out
+    b, hq, n_q, _ = query.shape
+    scale = kwargs.get("scaling")
+    scale = float(scale) if scale is not None else query.shape[-1] ** -0.5
+    if (attn.shape[:3] != (b, n_q, hq) or (mask is not None and not isinstance(mask, torch.Tensor))
+            or (isinstance(mask, torch.Tensor) and mask.requires_grad)
+            or not probs_match(query, key, probs, mask, scale)):
+        return None
+    spec = AttentionSpec(scale=scale, mask=mask, causal=False,
+                         qk_factor=None if rule.detach_weights else 0.25,
+                         v_factor=1.0 if rule.detach_weights else 0.5)
+    return rule_attention(query, key, value, attn, spec, probs=probs, heads_last=True), probs
 
 
 def _register_keys() -> None:

@@ -1,0 +1,236 @@
+"""Attention rules with their own backward pass: exact forward, chunked backward.
+
+The attention rules need the ordinary attention gradient, rescaled (AttnLRP: ``q`` and ``k`` ×¼,
+``v`` ×½; AH-LRP: ``v`` only, the weights held constant). Letting autograd run through the
+attention kernel works but is slow on CPU: the fused SDPA backward costs several forwards, and
+eager attention keeps every score-sized intermediate. Here the forward pass is the model's own
+attention call under ``no_grad`` (so outputs are bit-identical to the unpatched model) and the
+backward pass is written out:
+
+    P = softmax(scale · Q Kᵀ + M),   O = P V
+    dV = Pᵀ dO,   dS = P ⊙ (dO Vᵀ − rowsum(P ⊙ dO Vᵀ)),   dQ = scale · dS K,   dK = scale · dSᵀ Q
+
+It runs in blocks of query rows, each only over the keys that some row of the block can see
+(causal masks: the block's prefix), so a causal backward does a little over half the work of a
+dense one and never holds a full score matrix. AH-LRP needs only ``dV``: two products per block.
+``P`` comes from the eager call when the model returns it, else it is recomputed per block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .functional import acc
+
+__all__ = ["AttentionSpec", "rule_attention", "probs_match", "BLOCK_ELEMENTS"]
+
+# Score-matrix elements per block of query rows (heads × rows × keys): big enough for efficient
+# matrix products, small enough that a block's scores stay in cache-friendly sizes.
+BLOCK_ELEMENTS = 1 << 20
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What the backward pass needs to know about one attention call.
+
+    ``mask``: ``None``, boolean (``True`` = attend) or additive float, broadcastable to
+    ``(batch, heads, queries, keys)``. ``causal``: SDPA's upper-left causal mask (only without
+    ``mask``). ``qk_factor``: gradient factor of ``q`` and ``k``; ``None`` when the weights are
+    constants (AH-LRP). ``v_factor``: gradient factor of ``v``.
+    """
+
+    scale: float
+    mask: Tensor | None
+    causal: bool
+    qk_factor: float | None
+    v_factor: float
+
+
+def _allowed(mask: Tensor) -> Tensor:
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+def _rows(mask: Tensor, r0: int, r1: int, n_keys: int) -> Tensor:
+    """Rows ``[r0, r1)`` and the first ``n_keys`` keys of a mask (a size-1 query dim broadcasts)."""
+    return mask[..., :n_keys] if mask.shape[-2] == 1 else mask[..., r0:r1, :n_keys]
+
+
+def _key_limit(spec: AttentionSpec, r0: int, r1: int, n_keys: int) -> int:
+    """One past the last key any query row in ``[r0, r1)`` can see (keys beyond get zero weight)."""
+    if spec.causal:
+        return min(n_keys, r1)
+    if spec.mask is None:
+        return n_keys
+    rows = _allowed(_rows(spec.mask, r0, r1, n_keys))
+    if not bool(rows.any(-1).all()):  # a fully masked row spreads its weight over every key
+        return n_keys
+    seen = rows.reshape(-1, rows.shape[-1]).any(0).nonzero()
+    return int(seen.max()) + 1 if seen.numel() else n_keys
+
+
+def _block_probs(q: Tensor, k: Tensor, spec: AttentionSpec, r0: int, r1: int) -> Tensor:
+    """Attention weights of query rows ``[r0, r1)`` over the keys ``k`` (a prefix of all keys)."""
+    scores = torch.matmul(q * spec.scale, k.transpose(-1, -2))
+    low = torch.finfo(scores.dtype).min
+    if spec.causal:  # only keys in [r0, r1) can lie above the diagonal of this block
+        n = k.shape[-2]
+        if n > r0:
+            cols = torch.arange(r0, n, device=q.device)[None, :]
+            above = cols > torch.arange(r0, r1, device=q.device)[:, None]
+            scores[..., r0:].masked_fill_(above, low)
+    elif spec.mask is not None:
+        m = _rows(spec.mask, r0, r1, k.shape[-2])
+        if m.dtype == torch.bool:
+            scores.masked_fill_(~m, low)
+            dead = ~m.any(-1, keepdim=True)
+        else:
+            scores.add_(m.to(scores.dtype))
+            dead = torch.isneginf(m).all(-1, keepdim=True)
+        if bool(dead.any()):  # rows with no key at all: SDPA outputs zeros, and so no gradient
+            return torch.softmax(scores, -1).masked_fill_(dead, 0.0)
+    return torch.softmax(scores, -1)
+
+
+def _softmax_backward(dp: Tensor, p: Tensor) -> Tensor:
+    """``p ⊙ (dp − rowsum(p ⊙ dp))``: the softmax backward (torch's fused kernel when present)."""
+    fused = getattr(torch, "_softmax_backward_data", None)
+    if fused is not None:
+        return fused(dp, p, -1, p.dtype)
+    return dp.sub_((dp * p).sum(-1, keepdim=True)).mul_(p)
+
+
+def _grads(q: Tensor, k: Tensor, v: Tensor, do: Tensor, probs: Tensor | None,
+           spec: AttentionSpec) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """Rule gradients of ``q (b, hq, L, d)``, ``k, v (b, hk, S, d)`` for ``do (b, hq, L, dv)``."""
+    dtype = acc(q).dtype
+    q, k, v, do = (t.to(dtype).contiguous() for t in (q, k, v, do))
+    b, hq, n_q, _ = q.shape
+    hk, n_k = k.shape[1], k.shape[2]
+    group = hq // hk
+    if group > 1:  # grouped-query attention: query head i reads key/value head i // group
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    need_qk = spec.qk_factor is not None
+    dq = torch.zeros_like(q) if need_qk else None
+    dk = torch.zeros_like(k) if need_qk else None
+    dv = torch.zeros_like(v)
+    rows = max(16, BLOCK_ELEMENTS // max(1, b * hq * n_k))
+    qk_scale = spec.scale * (spec.qk_factor or 0.0)
+    for r0 in range(0, n_q, rows):
+        r1 = min(n_q, r0 + rows)
+        kc = _key_limit(spec, r0, r1, n_k)
+        qb, dob, kb, vb = q[:, :, r0:r1], do[:, :, r0:r1], k[:, :, :kc], v[:, :, :kc]
+        if not bool(dob.any()):  # no gradient reaches these rows (the last layer, off target)
+            continue
+        if probs is not None:
+            p = probs[:, :, r0:r1, :kc].to(dtype)
+        else:
+            p = _block_probs(qb, kb, spec, r0, r1)
+        dv[:, :, :kc].add_(torch.matmul(p.transpose(-1, -2), dob))
+        if need_qk:
+            ds = _softmax_backward(torch.matmul(dob, vb.transpose(-1, -2)), p)
+            assert dq is not None and dk is not None
+            dq[:, :, r0:r1] = torch.matmul(ds, kb).mul_(qk_scale)
+            dk[:, :, :kc].add_(torch.matmul(ds.transpose(-1, -2), qb), alpha=qk_scale)
+    if spec.v_factor != 1.0:
+        dv.mul_(spec.v_factor)
+    if group > 1:
+        dv = dv.view(b, hk, group, n_k, -1).sum(2)
+        dk = dk.view(b, hk, group, n_k, -1).sum(2) if dk is not None else None
+    return dq, dk, dv
+
+
+class _RuleAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, out: Tensor,  # type: ignore[override]
+                probs: Tensor | None, spec: AttentionSpec, heads_last: bool) -> Tensor:
+        ctx.spec, ctx.heads_last = spec, heads_last
+        ctx.save_for_backward(q, k, v, probs)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        q, k, v, probs = ctx.saved_tensors
+        do = grad.transpose(1, 2) if ctx.heads_last else grad
+        dq, dk, dv = _grads(q, k, v, do, probs, ctx.spec)
+        grads = tuple(g.to(q.dtype) if g is not None and need else None
+                      for g, need in zip((dq, dk, dv), ctx.needs_input_grad[:3], strict=True))
+        return (*grads, None, None, None, None)
+
+
+def rule_attention(q: Tensor, k: Tensor, v: Tensor, out: Tensor, spec: AttentionSpec,
+                   probs: Tensor | None = None, heads_last: bool = False) -> Tensor:
+    """``out`` (computed without gradient) with the attention rule as its backward pass.
+
+    ``heads_last``: ``out`` is laid out ``(batch, queries, heads, dim)`` (transformers' attention
+    functions) rather than ``(batch, heads, queries, dim)`` (``scaled_dot_product_attention``).
+    """
+    if spec.qk_factor is None:
+        q, k = q.detach(), k.detach()
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (q, k, v)):
+        return out
+    return _RuleAttention.apply(q, k, v, out.detach(), None if probs is None else probs.detach(),
+                                spec, heads_last)
+
+
+def probs_match(q: Tensor, k: Tensor, probs: Tensor, mask: Tensor | None, scale: float) -> bool:
+    """Whether ``probs`` is ``softmax(scale · q kᵀ + mask)``, checked on the last query row.
+
+    Guards the eager fast path: a family whose attention adds anything else to the scores
+    (soft-capping, sinks, head masks) fails the check and keeps autograd's backward.
+    """
+    b, hq, n_q, _ = q.shape
+    hk = k.shape[1]
+    if probs.shape != (b, hq, n_q, k.shape[2]) or hq % hk:
+        return False
+    kr = k.repeat_interleave(hq // hk, 1) if hq != hk else k
+    dtype = acc(q).dtype
+    scores = torch.matmul(q[:, :, -1:].to(dtype), kr.to(dtype).transpose(-1, -2)) * scale
+    if mask is not None:
+        m = mask[..., -1:, : k.shape[2]]
+        scores = scores.masked_fill(~m, torch.finfo(dtype).min) if m.dtype == torch.bool else scores + m
+    expected = torch.softmax(scores, -1)
+    got = probs[:, :, -1:].to(dtype)
+    tol = 1e-3 if probs.dtype in (torch.float16, torch.bfloat16) else 1e-5
+    return bool(torch.allclose(got, expected, rtol=10 * tol, atol=tol))
+
+
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def rule_sdpa(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+              detach_weights: bool) -> tuple[Any, bool]:
+    """``scaled_dot_product_attention`` with an attention rule: torch's kernel forward, our backward.
+
+    Calls this backward does not cover (a mask that itself needs a gradient, unknown arguments)
+    go through autograd instead, with the rule's gradient factors at ``q, k, v``. Dropout is off.
+    Returns the output and whether our backward pass (rather than autograd's) is attached.
+    """
+    from .modes import qkv_rule  # the inline route's form of the same rule
+
+    bound: dict[str, Any] = dict(zip(_SDPA_PARAMS, args, strict=False))
+    covered = len(args) <= len(_SDPA_PARAMS) and not (set(kwargs) - set(_SDPA_PARAMS)) and not (
+        set(bound) & set(kwargs))
+    bound.update(kwargs)
+    bound["dropout_p"] = 0.0
+    q, k, v, mask = (bound.get(n) for n in ("query", "key", "value", "attn_mask"))
+    covered = covered and all(isinstance(t, Tensor) for t in (q, k, v)) and (
+        mask is None or (isinstance(mask, Tensor) and not mask.requires_grad))
+    if not covered:
+        if not all(isinstance(t, Tensor) for t in (q, k, v)):
+            return func(*args, **kwargs), False  # not a call torch accepts: let torch say so
+        rest = {n: x for n, x in bound.items() if n not in _SDPA_PARAMS[:3]}
+        return func(*qkv_rule(q, k, v, detach_weights), **rest), False  # type: ignore[arg-type]
+    with torch.no_grad():
+        out = func(q, k, v, **{n: bound[n] for n in _SDPA_PARAMS[3:] if n in bound})
+    scale = bound.get("scale")
+    spec = AttentionSpec(
+        scale=float(scale) if scale is not None else q.shape[-1] ** -0.5,  # type: ignore[union-attr]
+        mask=mask, causal=bool(bound.get("is_causal")) and mask is None,
+        qk_factor=None if detach_weights else 0.25, v_factor=1.0 if detach_weights else 0.5)
+    return rule_attention(q, k, v, out, spec), True  # type: ignore[arg-type]

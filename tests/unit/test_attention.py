@@ -1,0 +1,173 @@
+"""The attention rules' own backward pass (lxt_plus/attention.py) against autograd.
+
+The rule gradient is autograd's attention gradient times the rule's factors (AttnLRP: q, k ×¼ and
+v ×½; AH-LRP: v only). These tests compare the blocked backward pass with autograd through
+``scaled_dot_product_attention`` in float64, for every mask form, grouped-query attention and
+blocks small enough that the causal key limit and fully masked rows are exercised.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lxt_plus
+import lxt_plus.attention as attention
+from lxt_plus.attention import AttentionSpec, probs_match, rule_attention, rule_sdpa
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from families import ALL_TEXT, build  # noqa: E402
+
+L, S, HQ, D = 40, 40, 4, 8
+
+
+def _mask(kind: str, gen: torch.Generator) -> Any:
+    if kind == "none" or kind == "causal":
+        return None
+    if kind == "tril":
+        return torch.ones(L, S, dtype=torch.bool).tril()[None, None]
+    if kind == "bool":
+        m = torch.rand(2, 1, L, S, generator=gen) > 0.4
+        m[1, :, 5] = False  # a fully masked query row
+        return m
+    if kind == "padding":  # (batch, 1, 1, keys): one query dim broadcast over all rows
+        m = torch.ones(2, 1, 1, S, dtype=torch.bool)
+        m[0, ..., :7] = False
+        return m
+    if kind == "float":
+        m = torch.zeros(2, 1, L, S, dtype=torch.float64)
+        m.masked_fill_(torch.rand(2, 1, L, S, generator=gen) > 0.6, torch.finfo(torch.float64).min)
+        m[..., 0] = 0.0
+        m = m + torch.rand(2, 1, L, S, generator=gen)  # plus a finite bias (ALiBi-like)
+        m[1, :, 3] = float("-inf")  # a row no key may reach
+        m[1, :, 4, 1:] = float("-inf")
+        return m
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("blocks", ["one", "many"])
+@pytest.mark.parametrize("hk", [HQ, 2])
+@pytest.mark.parametrize("detach", [False, True], ids=["attnlrp", "ah-lrp"])
+@pytest.mark.parametrize("kind", ["none", "causal", "tril", "bool", "padding", "float"])
+def test_rule_sdpa_is_autograd_times_the_rule_factors(kind: str, detach: bool, hk: int, blocks: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    if blocks == "many":  # 16-row blocks: several per sequence, each over its own key prefix
+        monkeypatch.setattr(attention, "BLOCK_ELEMENTS", 16)
+    gen = torch.Generator().manual_seed(len(kind) * 10 + hk + detach)
+    q = torch.randn(2, HQ, L, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, hk, S, D, generator=gen, dtype=torch.float64, requires_grad=True) for _ in "kv")
+    kwargs = dict(attn_mask=_mask(kind, gen), is_causal=kind == "causal", scale=0.3, enable_gqa=hk != HQ)
+    out, fast = rule_sdpa(F.scaled_dot_product_attention, (q, k, v), kwargs, detach)
+    assert fast
+    ref_in = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*ref_in, **kwargs)
+    assert torch.equal(out, ref)  # the forward pass is torch's own kernel
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad(out, (v,) if detach else (q, k, v), grad, retain_graph=True)
+    want = torch.autograd.grad(ref, ref_in, grad)
+    factors = (None, None, 1.0) if detach else (0.25, 0.25, 0.5)
+    for g, w, f in zip((None, None, *got) if detach else got, want, factors, strict=True):
+        if f is not None:
+            torch.testing.assert_close(g, f * w, rtol=1e-10, atol=1e-12)
+    if detach:  # AH-LRP: the weights are constants, no gradient reaches q or k
+        assert torch.autograd.grad(out, (q, k), grad, allow_unused=True) == (None, None)
+
+
+def test_causal_blocks_skip_keys_no_row_can_see(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With causal masking, block r reads only its key prefix: fewer score elements than dense."""
+    monkeypatch.setattr(attention, "BLOCK_ELEMENTS", 16)
+    seen: list[int] = []
+    real = attention._block_probs
+
+    def spy(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, r0: int, r1: int) -> torch.Tensor:
+        seen.append((r1 - r0) * k.shape[-2])
+        return real(q, k, spec, r0, r1)
+
+    monkeypatch.setattr(attention, "_block_probs", spy)
+    q, k, v = (torch.randn(1, 1, 64, 4, requires_grad=True) for _ in "qkv")
+    out, _ = rule_sdpa(F.scaled_dot_product_attention, (q, k, v), {"is_causal": True}, False)
+    out.sum().backward()
+    assert len(seen) == 4 and sum(seen) == 16 * (16 + 32 + 48 + 64) < 64 * 64
+
+
+def test_rows_without_gradient_are_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attention, "BLOCK_ELEMENTS", 16)
+    calls: list[int] = []
+    real = attention._block_probs
+    monkeypatch.setattr(attention, "_block_probs", lambda *a: calls.append(a[3]) or real(*a))
+    q, k, v = (torch.randn(1, 1, 64, 4, requires_grad=True) for _ in "qkv")
+    out, _ = rule_sdpa(F.scaled_dot_product_attention, (q, k, v), {"is_causal": True}, False)
+    out[0, 0, -1].sum().backward()  # only the last query row receives a gradient
+    assert calls == [48]
+
+
+def test_mask_that_needs_a_gradient_falls_back_to_autograd() -> None:
+    q, k, v = (torch.randn(1, 2, 6, 4, dtype=torch.float64, requires_grad=True) for _ in "qkv")
+    bias = torch.randn(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    out, fast = rule_sdpa(F.scaled_dot_product_attention, (q, k, v, bias), {}, False)
+    assert not fast
+    g = torch.autograd.grad(out.sum(), (q, v))
+    ref_in = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    w = torch.autograd.grad(F.scaled_dot_product_attention(*ref_in, bias.detach()).sum(), ref_in)
+    torch.testing.assert_close(g[0], 0.25 * w[0])
+    torch.testing.assert_close(g[1], 0.5 * w[2])
+
+
+def test_given_weights_replace_the_recomputation() -> None:
+    """The eager path hands over the model's own weights; the result equals the recomputed one."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 9, 4, dtype=torch.float64, requires_grad=True) for _ in "qkv")
+    mask = torch.zeros(1, 1, 9, 9, dtype=torch.float64).masked_fill(
+        torch.ones(9, 9, dtype=torch.bool).triu(1), torch.finfo(torch.float64).min)
+    probs = torch.softmax(q @ k.transpose(-1, -2) * 0.5 + mask, -1).detach()
+    out = (probs @ v).detach()
+    assert probs_match(q, k, probs, mask, 0.5)
+    assert not probs_match(q, k, probs, mask, 0.4)  # a wrong scale is caught
+    capped = torch.softmax(torch.tanh(q @ k.transpose(-1, -2) * 0.5) * 3 + mask, -1).detach()
+    assert not probs_match(q, k, capped, mask, 0.5)  # soft-capped scores are caught
+    spec = AttentionSpec(scale=0.5, mask=mask, causal=False, qk_factor=0.25, v_factor=0.5)
+    grad = torch.randn(1, 2, 9, 4, dtype=torch.float64)
+    given = torch.autograd.grad(rule_attention(q, k, v, out, spec, probs=probs), (q, k, v), grad)
+    recomputed = torch.autograd.grad(rule_attention(q, k, v, out, spec), (q, k, v), grad)
+    for a, b in zip(given, recomputed, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def _rule_attention_nodes(fn: Any) -> int:
+    seen, stack, n = set(), [fn], 0
+    while stack:
+        f = stack.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        n += f.name() == "_RuleAttentionBackward"
+        stack += [g for g, _ in f.next_functions]
+    return n
+
+
+# gemma2 soft-caps its scores (autograd with the identity rule on tanh); GPT-J computes attention
+# inline (the inline-ops route)
+AUTOGRAD_ATTENTION = {"gemma2", "gptj"}
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", ALL_TEXT)
+def test_every_family_gets_the_blocked_backward(family: str, impl: str) -> None:
+    model = build(family)
+    if impl == "sdpa" and family == "gemma2":
+        pytest.skip("gemma2 soft-capping needs eager attention")
+    model.set_attn_implementation(impl)
+    ids = torch.randint(3, 90, (1, 10))
+    with lxt_plus.patched(model, rules="attnlrp"):
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        logits = model(inputs_embeds=emb).logits
+    n = _rule_attention_nodes(logits.grad_fn)
+    if family in AUTOGRAD_ATTENTION:
+        assert n == 0
+    else:
+        assert n == model.config.num_hidden_layers
