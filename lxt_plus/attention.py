@@ -145,6 +145,42 @@ def _grads(q: Tensor, k: Tensor, v: Tensor, do: Tensor, probs: Tensor | None,
     return dq, dk, dv
 
 
+def _is_batched(t: Tensor) -> bool:
+    """Whether ``t`` is a vmap-batched tensor (legacy batching, as ``is_grads_batched`` uses, or functorch)."""
+    f = torch._C._functorch
+    return bool(f.is_legacy_batchedtensor(t) or f.is_batchedtensor(t))
+
+
+def _batched_grads(q: Tensor, k: Tensor, v: Tensor, do: Tensor, probs: Tensor | None,
+                   spec: AttentionSpec) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """:func:`_grads` for a batch of upstream gradients (``autograd.grad(is_grads_batched=True)``).
+
+    Under batching, ``do`` is a batched tensor: no blocks, no data-dependent skips and no writes
+    into shared buffers, only out-of-place products over all rows and keys.
+    """
+    dtype = acc(q).dtype
+    q, k, v, do = (t.to(dtype) for t in (q, k, v, do))
+    b, hq, n_q, _ = q.shape
+    hk, n_k = k.shape[1], k.shape[2]
+    group = hq // hk
+    if group > 1:
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    p = probs.to(dtype) if probs is not None else _block_probs(q, k, spec, 0, n_q)
+    dv = torch.matmul(p.transpose(-1, -2), do) * spec.v_factor
+    dq = dk = None
+    if spec.qk_factor is not None:
+        dp = torch.matmul(do, v.transpose(-1, -2))
+        ds = (dp - (dp * p).sum(-1, keepdim=True)) * p
+        qk_scale = spec.scale * spec.qk_factor
+        dq = torch.matmul(ds, k) * qk_scale
+        dk = torch.matmul(ds.transpose(-1, -2), q) * qk_scale
+    if group > 1:
+        dv = dv.reshape(*dv.shape[:-3], hk, group, n_k, dv.shape[-1]).sum(-3)
+        if dk is not None:
+            dk = dk.reshape(*dk.shape[:-3], hk, group, n_k, dk.shape[-1]).sum(-3)
+    return dq, dk, dv
+
+
 class _RuleAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, out: Tensor,  # type: ignore[override]
@@ -157,7 +193,10 @@ class _RuleAttention(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         q, k, v, probs = ctx.saved_tensors
         do = grad.transpose(1, 2) if ctx.heads_last else grad
-        dq, dk, dv = _grads(q, k, v, do, probs, ctx.spec)
+        if _is_batched(grad):
+            dq, dk, dv = _batched_grads(q, k, v, do, probs, ctx.spec)  # is_grads_batched
+        else:
+            dq, dk, dv = _grads(q, k, v, do, probs, ctx.spec)
         grads = tuple(g.to(q.dtype) if g is not None and need else None
                       for g, need in zip((dq, dk, dv), ctx.needs_input_grad[:3], strict=True))
         return (*grads, None, None, None, None)

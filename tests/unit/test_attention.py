@@ -171,3 +171,18 @@ def test_every_family_gets_the_blocked_backward(family: str, impl: str) -> None:
         assert n == 0
     else:
         assert n == model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("detach", [False, True], ids=["attnlrp", "ah-lrp"])
+def test_batched_upstream_gradients_match_one_pass_each(detach: bool) -> None:
+    """``autograd.grad(is_grads_batched=True)`` (generation matrices) gives the per-row results."""
+    torch.manual_seed(1)
+    q = torch.randn(1, 4, 12, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 2, 12, 8, dtype=torch.float64, requires_grad=True) for _ in "kv")
+    out, _ = rule_sdpa(F.scaled_dot_product_attention, (q, k, v), {"is_causal": True, "enable_gqa": True},
+                       detach)
+    grads = torch.randn(3, *out.shape, dtype=torch.float64)
+    (batched,) = torch.autograd.grad(out, v, grads, is_grads_batched=True, retain_graph=True)
+    for i in range(3):
+        (one,) = torch.autograd.grad(out, v, grads[i], retain_graph=True)
+        torch.testing.assert_close(batched[i], one)

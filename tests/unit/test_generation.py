@@ -96,3 +96,20 @@ def test_errors() -> None:
         lxt_plus.explain_generation(build("bert"), None, PROMPT, 2)
     with pytest.raises(lxt_plus.LxtPlusError, match="did you mean 'attnlrp'"):
         lxt_plus.explain_generation(model, None, PROMPT, 2, rules="atnlrp")
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_targets_share_one_batched_backward(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The attention rules' backward supports batched upstream gradients: no per-target fallback."""
+    model = build("llama")
+    model.set_attn_implementation(impl)
+    batched: list[bool] = []
+    real = torch.autograd.grad
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        batched.append(bool(kwargs.get("is_grads_batched")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", spy)
+    lxt_plus.explain_generation(model, None, PROMPT, 4, rules="attnlrp")
+    assert batched == [True]
