@@ -198,8 +198,8 @@ class AttentionOpsMode(SDPARuleMode):
     """An attention rule for attention modules that do not dispatch through transformers' registry.
 
     - ``attnlrp``: uniform rule on ``q @ k.T`` and ``A @ v``; softmax keeps its gradient (the
-      AttnLRP softmax rule); ``scaled_dot_product_attention`` gets the equivalent ``q, k`` gradient
-      ÷4 and ``v`` ÷2.
+      AttnLRP softmax rule); ``scaled_dot_product_attention`` gets the same rule through its own
+      backward pass (:func:`~lxt_plus.attention.rule_sdpa`).
     - ``ah-lrp``: softmax outputs are detached (attention weights are constants); relevance flows
       through ``v`` only.
     Soft-capping ``tanh`` on scores uses the identity rule.

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import lxt_plus
 import lxt_plus.attention as attention
-from lxt_plus.attention import AttentionSpec, probs_match, rule_attention, rule_sdpa
+from lxt_plus.attention import AttentionSpec, probs_match, rule_attention, rule_sdpa, sdpa_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from families import ALL_TEXT, build  # noqa: E402
@@ -50,22 +50,29 @@ def _mask(kind: str, gen: torch.Generator) -> Any:
     raise AssertionError(kind)
 
 
+@pytest.mark.parametrize("route", ["rule_sdpa", "blocked"])
 @pytest.mark.parametrize("blocks", ["one", "many"])
 @pytest.mark.parametrize("hk", [HQ, 2])
 @pytest.mark.parametrize("detach", [False, True], ids=["attnlrp", "ah-lrp"])
 @pytest.mark.parametrize("kind", ["none", "causal", "tril", "bool", "padding", "float"])
-def test_rule_sdpa_is_autograd_times_the_rule_factors(kind: str, detach: bool, hk: int, blocks: str,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rule_gradient_is_autograd_times_the_rule_factors(kind: str, detach: bool, hk: int, blocks: str,
+                                                          route: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``rule_sdpa`` as patched models call it, and our blocked backward forced for both rules."""
     if blocks == "many":  # 16-row blocks: several per sequence, each over its own key prefix
-        monkeypatch.setattr(attention, "BLOCK_ELEMENTS", 16)
+        monkeypatch.setattr(attention, "ROWS", 16)
     gen = torch.Generator().manual_seed(len(kind) * 10 + hk + detach)
     q = torch.randn(2, HQ, L, D, generator=gen, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(2, hk, S, D, generator=gen, dtype=torch.float64, requires_grad=True) for _ in "kv")
     kwargs = dict(attn_mask=_mask(kind, gen), is_causal=kind == "causal", scale=0.3, enable_gqa=hk != HQ)
-    out, fast = rule_sdpa(F.scaled_dot_product_attention, (q, k, v), kwargs, detach)
-    assert fast
     ref_in = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     ref = F.scaled_dot_product_attention(*ref_in, **kwargs)
+    if route == "rule_sdpa":
+        out, ours = rule_sdpa(F.scaled_dot_product_attention, (q, k, v), kwargs, detach)
+        assert ours == detach  # AH-LRP: our backward; AttnLRP: autograd through torch's kernel
+    else:
+        _, spec = sdpa_spec((q, k, v), kwargs, detach)
+        assert spec is not None
+        out = rule_attention(q, k, v, ref.detach(), spec)
     assert torch.equal(out, ref)  # the forward pass is torch's own kernel
     grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
     got = torch.autograd.grad(out, (v,) if detach else (q, k, v), grad, retain_graph=True)
@@ -80,7 +87,7 @@ def test_rule_sdpa_is_autograd_times_the_rule_factors(kind: str, detach: bool, h
 
 def test_causal_blocks_skip_keys_no_row_can_see(monkeypatch: pytest.MonkeyPatch) -> None:
     """With causal masking, block r reads only its key prefix: fewer score elements than dense."""
-    monkeypatch.setattr(attention, "BLOCK_ELEMENTS", 16)
+    monkeypatch.setattr(attention, "ROWS", 16)
     seen: list[int] = []
     real = attention._block_probs
 
@@ -90,18 +97,18 @@ def test_causal_blocks_skip_keys_no_row_can_see(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(attention, "_block_probs", spy)
     q, k, v = (torch.randn(1, 1, 64, 4, requires_grad=True) for _ in "qkv")
-    out, _ = rule_sdpa(F.scaled_dot_product_attention, (q, k, v), {"is_causal": True}, False)
+    out, _ = rule_sdpa(F.scaled_dot_product_attention, (q, k, v), {"is_causal": True}, True)
     out.sum().backward()
     assert len(seen) == 4 and sum(seen) == 16 * (16 + 32 + 48 + 64) < 64 * 64
 
 
 def test_rows_without_gradient_are_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(attention, "BLOCK_ELEMENTS", 16)
+    monkeypatch.setattr(attention, "ROWS", 16)
     calls: list[int] = []
     real = attention._block_probs
     monkeypatch.setattr(attention, "_block_probs", lambda *a: calls.append(a[3]) or real(*a))
     q, k, v = (torch.randn(1, 1, 64, 4, requires_grad=True) for _ in "qkv")
-    out, _ = rule_sdpa(F.scaled_dot_product_attention, (q, k, v), {"is_causal": True}, False)
+    out, _ = rule_sdpa(F.scaled_dot_product_attention, (q, k, v), {"is_causal": True}, True)
     out[0, 0, -1].sum().backward()  # only the last query row receives a gradient
     assert calls == [48]
 
@@ -109,13 +116,12 @@ def test_rows_without_gradient_are_skipped(monkeypatch: pytest.MonkeyPatch) -> N
 def test_mask_that_needs_a_gradient_falls_back_to_autograd() -> None:
     q, k, v = (torch.randn(1, 2, 6, 4, dtype=torch.float64, requires_grad=True) for _ in "qkv")
     bias = torch.randn(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
-    out, fast = rule_sdpa(F.scaled_dot_product_attention, (q, k, v, bias), {}, False)
-    assert not fast
-    g = torch.autograd.grad(out.sum(), (q, v))
+    out, ours = rule_sdpa(F.scaled_dot_product_attention, (q, k, v, bias), {}, True)
+    assert not ours
+    (g,) = torch.autograd.grad(out.sum(), v)
     ref_in = [t.detach().requires_grad_(True) for t in (q, k, v)]
-    w = torch.autograd.grad(F.scaled_dot_product_attention(*ref_in, bias.detach()).sum(), ref_in)
-    torch.testing.assert_close(g[0], 0.25 * w[0])
-    torch.testing.assert_close(g[1], 0.5 * w[2])
+    (w,) = torch.autograd.grad(F.scaled_dot_product_attention(*ref_in, bias.detach()).sum(), ref_in[2])
+    torch.testing.assert_close(g, w)
 
 
 def test_given_weights_replace_the_recomputation() -> None:
@@ -151,38 +157,53 @@ def _rule_attention_nodes(fn: Any) -> int:
 
 
 # gemma2 soft-caps its scores (autograd with the identity rule on tanh); GPT-J computes attention
-# inline (the inline-ops route)
+# inline (the inline-ops route, whose matmul/softmax rules are autograd's)
 AUTOGRAD_ATTENTION = {"gemma2", "gptj"}
+ALWAYS_SDPA = {"falcon"}  # calls scaled_dot_product_attention itself, whatever the implementation
 
 
+@pytest.mark.parametrize("rules", ["attnlrp", "ah-lrp"])
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("family", ALL_TEXT)
-def test_every_family_gets_the_blocked_backward(family: str, impl: str) -> None:
-    model = build(family)
+def test_every_family_gets_the_blocked_backward(family: str, impl: str, rules: str) -> None:
+    """Eager attention (both rules) and AH-LRP through SDPA use our backward in every layer.
+
+    AttnLRP through SDPA keeps torch's fused backward (see ``rule_sdpa``)."""
     if impl == "sdpa" and family == "gemma2":
         pytest.skip("gemma2 soft-capping needs eager attention")
+    model = build(family)
     model.set_attn_implementation(impl)
     ids = torch.randint(3, 90, (1, 10))
-    with lxt_plus.patched(model, rules="attnlrp"):
+    with lxt_plus.patched(model, rules=rules):
         emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
         logits = model(inputs_embeds=emb).logits
     n = _rule_attention_nodes(logits.grad_fn)
-    if family in AUTOGRAD_ATTENTION:
+    sdpa = impl == "sdpa" or family in ALWAYS_SDPA
+    if family in AUTOGRAD_ATTENTION or (sdpa and rules == "attnlrp"):
         assert n == 0
     else:
         assert n == model.config.num_hidden_layers
 
 
+@pytest.mark.parametrize("probs", [False, True], ids=["recomputed", "given"])
 @pytest.mark.parametrize("detach", [False, True], ids=["attnlrp", "ah-lrp"])
-def test_batched_upstream_gradients_match_one_pass_each(detach: bool) -> None:
+def test_batched_upstream_gradients_match_one_pass_each(detach: bool, probs: bool) -> None:
     """``autograd.grad(is_grads_batched=True)`` (generation matrices) gives the per-row results."""
     torch.manual_seed(1)
     q = torch.randn(1, 4, 12, 8, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(1, 2, 12, 8, dtype=torch.float64, requires_grad=True) for _ in "kv")
-    out, _ = rule_sdpa(F.scaled_dot_product_attention, (q, k, v), {"is_causal": True, "enable_gqa": True},
-                       detach)
+    kwargs = {"is_causal": True, "enable_gqa": True}
+    _, spec = sdpa_spec((q, k, v), kwargs, detach)
+    assert spec is not None
+    with torch.no_grad():
+        out = F.scaled_dot_product_attention(q, k, v, **kwargs)
+        weights = torch.softmax((q @ k.repeat_interleave(2, 1).transpose(-1, -2) * spec.scale).masked_fill(
+            torch.ones(12, 12, dtype=torch.bool).triu(1), float("-inf")), -1)
+    out = rule_attention(q, k, v, out, spec, probs=weights if probs else None)
     grads = torch.randn(3, *out.shape, dtype=torch.float64)
-    (batched,) = torch.autograd.grad(out, v, grads, is_grads_batched=True, retain_graph=True)
+    wrt = (v,) if detach else (q, k, v)
+    batched = torch.autograd.grad(out, wrt, grads, is_grads_batched=True, retain_graph=True)
     for i in range(3):
-        (one,) = torch.autograd.grad(out, v, grads[i], retain_graph=True)
-        torch.testing.assert_close(batched[i], one)
+        one = torch.autograd.grad(out, wrt, grads[i], retain_graph=True)
+        for b, o in zip(batched, one, strict=True):
+            torch.testing.assert_close(b[i], o)
