@@ -233,13 +233,13 @@ def probs_match(q: Tensor, k: Tensor, probs: Tensor, mask: Tensor | None, scale:
     if probs.shape != (b, hq, n_q, k.shape[2]) or hq % hk:
         return False
     kr = k.repeat_interleave(hq // hk, 1) if hq != hk else k
-    dtype = acc(q).dtype
-    scores = torch.matmul(q[:, :, -1:].to(dtype), kr.to(dtype).transpose(-1, -2)) * scale
+    # scores in the model's dtype and softmax in float32 or wider, as eager attention computes them
+    scores = torch.matmul(q[:, :, -1:], kr.transpose(-1, -2)) * scale
     if mask is not None:
         m = mask[..., -1:, : k.shape[2]]
-        scores = scores.masked_fill(~m, torch.finfo(dtype).min) if m.dtype == torch.bool else scores + m
-    expected = torch.softmax(scores, -1)
-    got = probs[:, :, -1:].to(dtype)
+        scores = scores.masked_fill(~m, torch.finfo(scores.dtype).min) if m.dtype == torch.bool else scores + m
+    expected = torch.softmax(scores, -1, dtype=acc(scores).dtype)
+    got = probs[:, :, -1:].to(expected.dtype)
     tol = 1e-3 if probs.dtype in (torch.float16, torch.bfloat16) else 1e-5
     return bool(torch.allclose(got, expected, rtol=10 * tol, atol=tol))
 
