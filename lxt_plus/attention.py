@@ -14,7 +14,7 @@ returns make the backward four products per block, with no recomputation) and AH
 
 It runs in blocks of query rows, each only over the keys that some row of the block can see
 (causal masks: the block's prefix), so a causal backward does a little over half the work of a
-dense one and never holds a full score matrix. AH-LRP needs only ``dV``: two products per block.
+dense one and never builds a full score matrix. AH-LRP needs only ``dV``: two products per block.
 ``P`` comes from the eager call when the model returns it, else it is recomputed per block.
 Batched upstream gradients (``autograd.grad(is_grads_batched=True)``) take a dense path.
 """
@@ -274,9 +274,9 @@ def rule_sdpa(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
 
     AH-LRP: torch's kernel without gradient, then our backward pass, which computes only the
     value gradient (two products per block instead of the kernel's full backward). AttnLRP needs
-    the full gradient, where torch's fused backward is as fast as ours on CPU and faster on GPU:
-    autograd runs through the kernel with the rule's factors at ``q, k, v``. So do calls
-    :func:`sdpa_spec` does not cover. Returns the output and whether our backward is attached.
+    the full gradient, where torch's fused backward measured as fast as ours on CPU (and on GPU a
+    fused kernel should win), so autograd runs through the kernel with the rule's factors at
+    ``q, k, v``. So do calls :func:`sdpa_spec` does not cover. Returns the output and whether our backward is attached.
     """
     from .modes import qkv_rule  # the gradient-factor form of the same rule
 
