@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .functional import acc
+from .functional import acc, grad_scale
 
-__all__ = ["AttentionSpec", "rule_attention", "rule_sdpa", "probs_match", "sdpa_spec"]
+__all__ = ["AttentionSpec", "qkv_rule", "rule_attention", "rule_sdpa", "probs_match", "sdpa_spec"]
 
 # Query rows per block. Fewer rows skip more masked keys but make the products less efficient;
 # 64 measured fastest on CPU at 256 and 1024 tokens. Blocks shrink to keep a block's score
@@ -53,6 +53,32 @@ class AttentionSpec:
     causal: bool
     qk_factor: float | None
     v_factor: float
+
+    @classmethod
+    def for_rule(cls, detach_weights: bool, *, scale: float, mask: Tensor | None,
+                 causal: bool) -> AttentionSpec:
+        """The spec of AH-LRP (``detach_weights``) or AttnLRP, with :func:`rule_factors`."""
+        qk_factor, v_factor = rule_factors(detach_weights)
+        return cls(scale=scale, mask=mask, causal=causal, qk_factor=qk_factor, v_factor=v_factor)
+
+
+def rule_factors(detach_weights: bool) -> tuple[float | None, float]:
+    """Gradient factors of ``(q and k, v)`` under an attention rule.
+
+    AH-LRP (``detach_weights``): ``q`` and ``k`` get no gradient, ``v`` all of it (Ali et al.
+    2022). AttnLRP: uniform split on ``A @ v`` (½ each) and on ``q @ kᵀ`` (½ of ½): ``q`` and
+    ``k`` ¼, ``v`` ½ (Achtibat et al. 2024).
+    """
+    return (None, 1.0) if detach_weights else (0.25, 0.5)
+
+
+def qkv_rule(q: Tensor, k: Tensor, v: Tensor, detach_weights: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The attention rule as gradient factors at the inputs of an attention function, for calls
+    whose backward pass stays autograd's (:func:`rule_factors`; ``None``: detached)."""
+    qk_factor, v_factor = rule_factors(detach_weights)
+    if qk_factor is None:
+        return q.detach(), k.detach(), grad_scale(v, v_factor)
+    return grad_scale(q, qk_factor), grad_scale(k, qk_factor), grad_scale(v, v_factor)
 
 
 def _allowed(mask: Tensor) -> Tensor:
@@ -103,11 +129,26 @@ def _block_probs(q: Tensor, k: Tensor, spec: AttentionSpec, r0: int, r1: int) ->
 
 
 def _softmax_backward(dp: Tensor, p: Tensor) -> Tensor:
-    """``p ⊙ (dp − rowsum(p ⊙ dp))``: the softmax backward (torch's fused kernel when present)."""
+    """``p ⊙ (dp − rowsum(p ⊙ dp))``: the softmax backward, out of place (batched tensors too)."""
+    return (dp - (dp * p).sum(-1, keepdim=True)) * p
+
+
+def _softmax_backward_fused(dp: Tensor, p: Tensor) -> Tensor:
+    """:func:`_softmax_backward` with torch's fused kernel where torch has it."""
     fused = getattr(torch, "_softmax_backward_data", None)
-    if fused is not None:
-        return fused(dp, p, -1, p.dtype)
-    return dp.sub_((dp * p).sum(-1, keepdim=True)).mul_(p)
+    return fused(dp, p, -1, p.dtype) if fused is not None else _softmax_backward(dp, p)
+
+
+def _repeat_kv(k: Tensor, v: Tensor, n_heads: int) -> tuple[Tensor, Tensor]:
+    """Grouped-query attention: key/value head ``i // group`` serves query head ``i``."""
+    group = n_heads // k.shape[-3]
+    return (k, v) if group == 1 else (k.repeat_interleave(group, -3), v.repeat_interleave(group, -3))
+
+
+def _sum_groups(grad: Tensor, n_kv_heads: int) -> Tensor:
+    """Gradient per key/value head: the sum over the query heads it served (see :func:`_repeat_kv`)."""
+    *lead, heads, n, d = grad.shape
+    return grad if heads == n_kv_heads else grad.reshape(*lead, n_kv_heads, heads // n_kv_heads, n, d).sum(-3)
 
 
 def _grads(q: Tensor, k: Tensor, v: Tensor, do: Tensor, probs: Tensor | None,
@@ -117,9 +158,7 @@ def _grads(q: Tensor, k: Tensor, v: Tensor, do: Tensor, probs: Tensor | None,
     q, k, v, do = (t.to(dtype).contiguous() for t in (q, k, v, do))
     b, hq, n_q, _ = q.shape
     hk, n_k = k.shape[1], k.shape[2]
-    group = hq // hk
-    if group > 1:  # grouped-query attention: query head i reads key/value head i // group
-        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    k, v = _repeat_kv(k, v, hq)
     need_qk = spec.qk_factor is not None
     dq = torch.zeros_like(q) if need_qk else None
     dk = torch.zeros_like(k) if need_qk else None
@@ -138,16 +177,13 @@ def _grads(q: Tensor, k: Tensor, v: Tensor, do: Tensor, probs: Tensor | None,
             p = _block_probs(qb, kb, spec, r0, r1)
         dv[:, :, :kc].add_(torch.matmul(p.transpose(-1, -2), dob))
         if need_qk:
-            ds = _softmax_backward(torch.matmul(dob, vb.transpose(-1, -2)), p)
+            ds = _softmax_backward_fused(torch.matmul(dob, vb.transpose(-1, -2)), p)
             assert dq is not None and dk is not None
             dq[:, :, r0:r1] = torch.matmul(ds, kb).mul_(qk_scale)
             dk[:, :, :kc].add_(torch.matmul(ds.transpose(-1, -2), qb), alpha=qk_scale)
     if spec.v_factor != 1.0:
         dv.mul_(spec.v_factor)
-    if group > 1:
-        dv = dv.view(b, hk, group, n_k, -1).sum(2)
-        dk = dk.view(b, hk, group, n_k, -1).sum(2) if dk is not None else None
-    return dq, dk, dv
+    return dq, None if dk is None else _sum_groups(dk, hk), _sum_groups(dv, hk)
 
 
 def _is_batched(t: Tensor) -> bool:
@@ -165,25 +201,17 @@ def _batched_grads(q: Tensor, k: Tensor, v: Tensor, do: Tensor, probs: Tensor | 
     """
     dtype = acc(q).dtype
     q, k, v, do = (t.to(dtype) for t in (q, k, v, do))
-    b, hq, n_q, _ = q.shape
-    hk, n_k = k.shape[1], k.shape[2]
-    group = hq // hk
-    if group > 1:
-        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    p = probs.to(dtype) if probs is not None else _block_probs(q, k, spec, 0, n_q)
+    hk = k.shape[1]
+    k, v = _repeat_kv(k, v, q.shape[1])
+    p = probs.to(dtype) if probs is not None else _block_probs(q, k, spec, 0, q.shape[2])
     dv = torch.matmul(p.transpose(-1, -2), do) * spec.v_factor
     dq = dk = None
     if spec.qk_factor is not None:
-        dp = torch.matmul(do, v.transpose(-1, -2))
-        ds = (dp - (dp * p).sum(-1, keepdim=True)) * p
+        ds = _softmax_backward(torch.matmul(do, v.transpose(-1, -2)), p)
         qk_scale = spec.scale * spec.qk_factor
         dq = torch.matmul(ds, k) * qk_scale
-        dk = torch.matmul(ds.transpose(-1, -2), q) * qk_scale
-    if group > 1:
-        dv = dv.reshape(*dv.shape[:-3], hk, group, n_k, dv.shape[-1]).sum(-3)
-        if dk is not None:
-            dk = dk.reshape(*dk.shape[:-3], hk, group, n_k, dk.shape[-1]).sum(-3)
-    return dq, dk, dv
+        dk = _sum_groups(torch.matmul(ds.transpose(-1, -2), q) * qk_scale, hk)
+    return dq, dk, _sum_groups(dv, hk)
 
 
 class _RuleAttention(torch.autograd.Function):
@@ -232,7 +260,7 @@ def probs_match(q: Tensor, k: Tensor, probs: Tensor, mask: Tensor | None, scale:
     hk = k.shape[1]
     if probs.shape != (b, hq, n_q, k.shape[2]) or hq % hk:
         return False
-    kr = k.repeat_interleave(hq // hk, 1) if hq != hk else k
+    kr, _ = _repeat_kv(k, k, hq)
     # scores in the model's dtype and softmax in float32 or wider, as eager attention computes them
     scores = torch.matmul(q[:, :, -1:], kr.transpose(-1, -2)) * scale
     if mask is not None:
@@ -262,10 +290,9 @@ def sdpa_spec(args: tuple[Any, ...], kwargs: dict[str, Any], detach_weights: boo
             and (mask is None or (isinstance(mask, Tensor) and not mask.requires_grad))):
         return bound, None
     scale = bound.get("scale")
-    return bound, AttentionSpec(
-        scale=float(scale) if scale is not None else q.shape[-1] ** -0.5,  # type: ignore[union-attr]
-        mask=mask, causal=bool(bound.get("is_causal")) and mask is None,
-        qk_factor=None if detach_weights else 0.25, v_factor=1.0 if detach_weights else 0.5)
+    return bound, AttentionSpec.for_rule(
+        detach_weights, scale=float(scale) if scale is not None else q.shape[-1] ** -0.5,  # type: ignore[union-attr]
+        mask=mask, causal=bool(bound.get("is_causal")) and mask is None)
 
 
 def rule_sdpa(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -276,10 +303,9 @@ def rule_sdpa(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     value gradient (two products per block instead of the kernel's full backward). AttnLRP needs
     the full gradient, where torch's fused backward measured as fast as ours on CPU (and on GPU a
     fused kernel should win), so autograd runs through the kernel with the rule's factors at
-    ``q, k, v``. So do calls :func:`sdpa_spec` does not cover. Returns the output and whether our backward is attached.
+    ``q, k, v``. So do calls :func:`sdpa_spec` does not cover. Returns the output and whether our
+    backward pass is attached (the tests check the routing with it).
     """
-    from .modes import qkv_rule  # the gradient-factor form of the same rule
-
     bound, spec = sdpa_spec(args, kwargs, detach_weights)
     q, k, v = (bound.get(n) for n in _SDPA_PARAMS[:3])
     if not all(isinstance(t, Tensor) for t in (q, k, v)):

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from .attention import rule_sdpa
-from .functional import acc, grad_scale, identity_rule, uniform_matmul, uniform_mul
+from .functional import acc, identity_rule, uniform_matmul, uniform_mul
 
 __all__ = ["NormMode", "ProductMode", "AttentionOpsMode", "ElementwiseIdentityMode", "SDPARuleMode"]
 
@@ -184,14 +184,11 @@ class SDPARuleMode(_RuleMode):
     def __init__(self, detach_weights: bool) -> None:
         super().__init__()
         self.detach_weights = detach_weights
-        self.fast = 0  # calls that got our backward pass (see rule_sdpa)
         self.on([F.scaled_dot_product_attention], self._sdpa)
 
     def _sdpa(self, func, args, kwargs):  # type: ignore[no-untyped-def]
         self._count()
-        out, fast = rule_sdpa(func, args, kwargs, self.detach_weights)
-        self.fast += fast
-        return out
+        return rule_sdpa(func, args, kwargs, self.detach_weights)[0]
 
 
 class AttentionOpsMode(SDPARuleMode):
@@ -227,15 +224,3 @@ class AttentionOpsMode(SDPARuleMode):
         if not isinstance(x, Tensor) or not x.requires_grad:
             return func(*args, **kwargs)
         return identity_rule(x, lambda t: func(t, *args[1:], **kwargs))
-
-
-def qkv_rule(q: Tensor, k: Tensor, v: Tensor, detach_weights: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """The attention rule applied at the inputs of an attention function.
-
-    AH-LRP (``detach_weights``): ``q`` and ``k`` detached, ``v`` unchanged (Ali et al. 2022).
-    AttnLRP: uniform split on ``A @ v`` (½ each) and on ``q @ k.T`` (½ of ½): gradients of ``q``
-    and ``k`` scaled by ¼, of ``v`` by ½ (Achtibat et al. 2024).
-    """
-    if detach_weights:
-        return q.detach(), k.detach(), v
-    return grad_scale(q, 0.25), grad_scale(k, 0.25), grad_scale(v, 0.5)

@@ -22,10 +22,10 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from .attention import AttentionSpec, probs_match, rule_attention
+from .attention import AttentionSpec, probs_match, qkv_rule, rule_attention
 from .detect import input_device, is_hf_model, owning_pretrained
 from .errors import AlreadyPatchedError, InputError, NotPatchedError, UnsupportedModelError
-from .modes import ElementwiseIdentityMode, SDPARuleMode, qkv_rule
+from .modes import ElementwiseIdentityMode, SDPARuleMode
 from .plan import Plan, PlanEntry, Preset, build_plan, get_preset
 from .rules import HeadIdentity, _AttentionRule
 
@@ -79,14 +79,10 @@ def _make_attention(original: str) -> Callable[..., Any]:
         out = None
         if not kwargs.get("softcap"):
             if original == "sdpa":
-                with SDPARuleMode(rule.detach_weights) as mode:  # torch's forward kernel, our backward
+                with SDPARuleMode(rule.detach_weights):  # see attention.rule_sdpa
                     out = fn(module, query, key, value, attention_mask, *args, **kwargs)
-                fast = mode.fast > 0
             elif not args:
                 out = _eager_with_rule(fn, module, query, key, value, attention_mask, kwargs, rule)
-                fast = out is not None
-            # calls whose backward pass is ours (attention.py) rather than autograd's
-            stats["attention_fast"] = stats.get("attention_fast", 0) + fast
         if out is None:  # autograd through the attention function, the rule's factors at q, k, v
             q, k, v = qkv_rule(query, key, value, rule.detach_weights)
             if kwargs.get("softcap") and not rule.detach_weights:
@@ -123,9 +119,7 @@ def _eager_with_rule(fn: Callable[..., Any], module: nn.Module, query: torch.Ten
             or (isinstance(mask, torch.Tensor) and mask.requires_grad)
             or not probs_match(query, key, probs, mask, scale)):
         return None
-    spec = AttentionSpec(scale=scale, mask=mask, causal=False,
-                         qk_factor=None if rule.detach_weights else 0.25,
-                         v_factor=1.0 if rule.detach_weights else 0.5)
+    spec = AttentionSpec.for_rule(rule.detach_weights, scale=scale, mask=mask, causal=False)
     return rule_attention(query, key, value, attn, spec, probs=probs, heads_last=True), probs
 
 
