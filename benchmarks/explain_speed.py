@@ -11,8 +11,9 @@ For each sequence length (256, 1024) and attention implementation (eager, sdpa):
 - ``attnlrp`` / ``ah-lrp``: ``lxt_plus.explain``.
 
 Timing: one process per (length, attention) loads the model once, warms every method up, then
-runs them round-robin ``--repeats`` times (so machine-load drift hits all methods alike) and
-takes medians. Memory: a fresh process per method runs it once and reports peak RSS above the
+runs them round-robin ``--repeats`` times. Each ratio is taken within a round (the two methods ran
+seconds apart, so drift in a shared machine's speed hits both) and the table gives the median of
+those per-round ratios with their quartiles. Memory: a fresh process per method runs it once and reports peak RSS above the
 loaded model. Usage: ``python benchmarks/explain_speed.py [--lengths 256 1024] [--repeats 5]``.
 """
 
@@ -28,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -69,7 +71,8 @@ def _setup(length: int, impl: str) -> dict[str, Callable[[], None]]:
     return methods
 
 
-def time_all(length: int, impl: str, repeats: int) -> dict[str, float]:
+def time_all(length: int, impl: str, repeats: int) -> dict[str, list[float]]:
+    """Seconds per method and round. Each round runs every method once, in a rotated order."""
     methods = _setup(length, impl)
     for fn in methods.values():
         fn()  # warm-up (and the one-time plan validation for explain)
@@ -80,7 +83,18 @@ def time_all(length: int, impl: str, repeats: int) -> dict[str, float]:
             t0 = time.perf_counter()
             methods[m]()
             times[m].append(time.perf_counter() - t0)
-    return {m: statistics.median(t) for m, t in times.items()}
+    return times
+
+
+def paired(times: dict[str, list[float]], num: str, den: str) -> tuple[float, float, float]:
+    """Median and quartiles of the per-round ratio ``num / den``.
+
+    Both ran in the same round, seconds apart, so a slow stretch of a shared machine hits both:
+    the ratio of one round is far steadier than the ratio of two medians.
+    """
+    ratios = sorted(a / b for a, b in zip(times[num], times[den], strict=True))
+    q1, med, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+    return med, q1, q3
 
 
 def _rss_bytes() -> int:
@@ -112,7 +126,7 @@ def peak_memory(method: str, length: int, impl: str) -> float:
     return max(peak, _rss_bytes()) / 2**20 - base / 2**20
 
 
-def _child(*args: str) -> dict[str, float] | float:
+def _child(*args: str) -> Any:
     cmd = [sys.executable, __file__, "--child", *args]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -122,7 +136,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--impls", nargs="+", default=["eager", "sdpa"])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "explain_speed.md"))
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -136,26 +150,34 @@ def main() -> None:
     rows = []
     for length in args.lengths:
         for impl in args.impls:
-            sec = _child("time", str(length), impl, str(args.repeats))
+            times = _child("time", str(length), impl, str(args.repeats))
             mem = {m: _child("memory", m, str(length), impl) for m in METHODS}
-            assert isinstance(sec, dict)
             for m in METHODS:
-                print(f"  {length:5d} {impl:5s} {m:12s} {sec[m]:.3f}s  peak +{mem[m]:.0f} MB", flush=True)
-            rows.append((length, impl, sec, mem))
+                print(f"  {length:5d} {impl:5s} {m:12s} {statistics.median(times[m]):.3f}s  "
+                      f"peak +{mem[m]:.0f} MB", flush=True)
+            rows.append((length, impl, times, mem))
     lines = [
-        f"SmolLM2-135M (float32), {torch.get_num_threads()} CPU threads, torch {torch.__version__}; median of "
-        f"{args.repeats} interleaved runs; memory = peak RSS above the loaded model (sampled every ms, one run in a fresh process).",
+        f"SmolLM2-135M (float32), {torch.get_num_threads()} CPU threads, torch {torch.__version__}; "
+        f"{args.repeats} interleaved rounds. Ratios: median of the per-round ratios [quartiles]; "
+        "memory: peak RSS above the loaded model (sampled every ms, one run in a fresh process).",
         "",
-        "| tokens | attention | forward s | attnlrp s | attnlrp ÷ forward (÷ last-logit forward) "
-        "| attnlrp ÷ plain GxI | ah-lrp ÷ forward (÷ last-logit) | ah-lrp ÷ plain GxI | naive GxI ÷ forward "
-        "| peak MB forward / GxI / attnlrp / ah-lrp / naive |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| tokens | attention | forward s | attnlrp s | attnlrp ÷ forward | attnlrp ÷ plain GxI "
+        "| ah-lrp ÷ forward | ah-lrp ÷ plain GxI | plain GxI ÷ forward | attnlrp ÷ last-logit forward "
+        "| naive GxI ÷ forward | peak MB forward / GxI / attnlrp / ah-lrp / naive |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for length, impl, r, mem in rows:
-        f, fl, g, a, h, n = (r[m] for m in ("forward", "forward-last", "gxi", "attnlrp", "ah-lrp", "naive-gxi"))
+
+    def cell(times: dict[str, list[float]], num: str, den: str) -> str:
+        med, q1, q3 = paired(times, num, den)
+        return f"{med:.2f}× [{q1:.2f}–{q3:.2f}]"
+
+    for length, impl, t, mem in rows:
         peaks = " / ".join(f"{mem[m]:.0f}" for m in ("forward", "gxi", "attnlrp", "ah-lrp", "naive-gxi"))
-        lines.append(f"| {length} | {impl} | {f:.3f} | {a:.3f} | {a / f:.2f}× ({a / fl:.2f}×) | {a / g:.3f}× "
-                     f"| {h / f:.2f}× ({h / fl:.2f}×) | {h / g:.3f}× | {n / f:.2f}× | {peaks} |")
+        lines.append(
+            f"| {length} | {impl} | {statistics.median(t['forward']):.3f} | {statistics.median(t['attnlrp']):.3f} "
+            f"| {cell(t, 'attnlrp', 'forward')} | {cell(t, 'attnlrp', 'gxi')} | {cell(t, 'ah-lrp', 'forward')} "
+            f"| {cell(t, 'ah-lrp', 'gxi')} | {cell(t, 'gxi', 'forward')} | {cell(t, 'attnlrp', 'forward-last')} "
+            f"| {cell(t, 'naive-gxi', 'forward')} | {peaks} |")
     table = "\n".join(lines)
     print("\n" + table)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

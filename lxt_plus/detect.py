@@ -46,10 +46,8 @@ class ModuleInfo:
 
 
 def is_hf_model(module: nn.Module) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return False
+    from transformers import PreTrainedModel  # a dependency; imported here to keep import time short
+
     return isinstance(module, PreTrainedModel)
 
 

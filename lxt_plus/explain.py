@@ -243,24 +243,27 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
     """No weight gradients while explaining; ``requires_grad`` flags are restored afterwards."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        for p, _ in flags:
-            p.requires_grad_(False)
+        for p, flag in flags:
+            if flag:
+                p.requires_grad_(False)
         yield
     finally:
         for p, flag in flags:
-            p.requires_grad_(flag)
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
 
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module, keep_train: bool) -> Iterator[None]:
     modes = [(m, m.training) for m in model.modules()]
     try:
-        if not keep_train:
+        if not keep_train and any(flag for _, flag in modes):
             model.eval()
         yield
     finally:
         for m, flag in modes:
-            m.training = flag
+            if m.training != flag:  # nn.Module.__setattr__ is slow: write only what changed
+                m.training = flag
 
 
 @contextlib.contextmanager

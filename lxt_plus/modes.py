@@ -21,7 +21,8 @@ from .functional import acc, identity_rule, uniform_matmul, uniform_mul
 
 __all__ = ["NormMode", "ProductMode", "AttentionOpsMode", "ElementwiseIdentityMode", "SDPARuleMode"]
 
-Handler = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
+# an unbound handler: (mode, torch function, args, kwargs) -> result
+Handler = Callable[[Any, Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
 _T = torch.Tensor
 _TB = torch._C.TensorBase
 
@@ -43,24 +44,38 @@ def _both_depend_on_input(a: Any, b: Any) -> bool:
 
 
 class _RuleMode(TorchFunctionMode):
-    """Dispatches selected torch functions to handlers; everything else runs unchanged."""
+    """Dispatches selected torch functions to handlers; everything else runs unchanged.
 
-    def __init__(self) -> None:
+    A mode is made afresh for every patched forward call, so its dispatch table (torch function ->
+    unbound handler) is built once per class and shared: see :meth:`_table`.
+    """
+
+    _TABLES: dict[Any, dict[Any, Handler]] = {}
+
+    def __init__(self, *key: Any) -> None:
         super().__init__()
-        self.handlers: dict[Any, Handler] = {}
+        table = _RuleMode._TABLES.get((type(self), key))
+        if table is None:
+            table = _RuleMode._TABLES[(type(self), key)] = self._table(*key)
+        self.handlers = table
         self.hits = 0
         self.suspended = False
 
-    def on(self, funcs: list[Callable[..., Any]], handler: Handler) -> None:
-        for fn in funcs:
-            self.handlers[fn] = handler
+    @classmethod
+    def _table(cls, *key: Any) -> dict[Any, Handler]:
+        """The torch functions this mode changes, each with its (unbound) handler."""
+        return {}
+
+    @staticmethod
+    def on(funcs: list[Callable[..., Any]], handler: Handler) -> dict[Any, Handler]:
+        return dict.fromkeys(funcs, handler)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         handler = None if self.suspended else self.handlers.get(func)
         if handler is None:
             return func(*args, **kwargs)
-        return handler(func, args, kwargs)
+        return handler(self, func, args, kwargs)
 
     def _count(self) -> None:
         self.hits += 1
@@ -74,13 +89,11 @@ class NormMode(_RuleMode):
     ``hits`` counts intercepted operations: zero after a forward means the norm was not recognised.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.on(_funcs("rsqrt", "sqrt", "std", "var", "norm"), self._detached)
-        self.on(_funcs("pow", "__pow__"), self._pow)
-        self.on([F.layer_norm], self._layer_norm)
-        self.on([F.rms_norm], self._rms_norm)
-        self.on([F.normalize], self._normalize)
+    @classmethod
+    def _table(cls) -> dict[Any, Handler]:
+        return {**cls.on(_funcs("rsqrt", "sqrt", "std", "var", "norm"), cls._detached),
+                **cls.on(_funcs("pow", "__pow__"), cls._pow), F.layer_norm: cls._layer_norm,
+                F.rms_norm: cls._rms_norm, F.normalize: cls._normalize}
 
     def _detached(self, func, args, kwargs):  # type: ignore[no-untyped-def]
         self._count()
@@ -145,9 +158,9 @@ class ProductMode(_RuleMode):
     (Achtibat et al. 2024). Products with a constant or a parameter are left alone.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.on(_MUL, self._mul)
+    @classmethod
+    def _table(cls) -> dict[Any, Handler]:
+        return cls.on(_MUL, cls._mul)
 
     def _mul(self, func, args, kwargs):  # type: ignore[no-untyped-def]
         if len(args) == 2 and not kwargs and _both_depend_on_input(args[0], args[1]):
@@ -166,9 +179,11 @@ class ElementwiseIdentityMode(_RuleMode):
     NAMES = ("tanh", "relu", "gelu", "silu", "leaky_relu", "elu", "selu", "softplus", "mish", "hardtanh")
 
     def __init__(self, names: tuple[str, ...] = NAMES) -> None:
-        super().__init__()
-        funcs = _funcs(*names, modules=(torch, _T, _TB, F))
-        self.on(funcs, self._identity)
+        super().__init__(names)
+
+    @classmethod
+    def _table(cls, names: tuple[str, ...] = NAMES) -> dict[Any, Handler]:
+        return cls.on(_funcs(*names, modules=(torch, _T, _TB, F)), cls._identity)
 
     def _identity(self, func, args, kwargs):  # type: ignore[no-untyped-def]
         x = args[0]
@@ -184,7 +199,10 @@ class SDPARuleMode(_RuleMode):
     def __init__(self, detach_weights: bool) -> None:
         super().__init__()
         self.detach_weights = detach_weights
-        self.on([F.scaled_dot_product_attention], self._sdpa)
+
+    @classmethod
+    def _table(cls) -> dict[Any, Handler]:
+        return {F.scaled_dot_product_attention: cls._sdpa}
 
     def _sdpa(self, func, args, kwargs):  # type: ignore[no-untyped-def]
         self._count()
@@ -202,11 +220,10 @@ class AttentionOpsMode(SDPARuleMode):
     Soft-capping ``tanh`` on scores uses the identity rule.
     """
 
-    def __init__(self, detach_weights: bool) -> None:
-        super().__init__(detach_weights)
-        self.on(_funcs("softmax", modules=(torch, _T, _TB, F)), self._softmax)
-        self.on(_MATMUL, self._matmul)
-        self.on(_funcs("tanh", modules=(torch, _T, _TB, F)), self._tanh)
+    @classmethod
+    def _table(cls) -> dict[Any, Handler]:
+        return {**super()._table(), **cls.on(_funcs("softmax", modules=(torch, _T, _TB, F)), cls._softmax),
+                **cls.on(_MATMUL, cls._matmul), **cls.on(_funcs("tanh", modules=(torch, _T, _TB, F)), cls._tanh)}
 
     def _softmax(self, func, args, kwargs):  # type: ignore[no-untyped-def]
         self._count()

@@ -6,8 +6,8 @@
   (``lxt_plus_eager``, ``lxt_plus_sdpa``), registered once with the matching mask function. Each
   key calls the original implementation; modules that are not patched (another model sharing
   the config) fall back to it unchanged. Config values are restored on remove.
-- No class, no ``torch.nn`` type and no transformers global other than our two new registry keys
-  is ever modified.
+- No class, no ``torch.nn`` type and no transformers global is modified: our two registry keys
+  exist only while a patched model uses them, and the last ``remove()`` takes them out again.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import contextvars
 import sys
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import torch
@@ -43,7 +43,8 @@ _EAGER_CACHE: dict[type, Callable[..., Any]] = {}
 # model -> {preset: (structure signature, plan, paths routed to inline ops)}: validate once, reuse
 _PLAN_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[Preset, tuple[Any, Plan, frozenset[str]]]] = (
     weakref.WeakKeyDictionary())
-_registered = False
+# the registry entries we added, while any patched model uses them: [users, {key: previous entries}]
+_KEYS_IN_USE: list[Any] = [0, {}]
 # Observers of patched attention calls in this thread (per-head capture): fn(module, q, k, v, mask, out)
 ATTENTION_OBSERVERS: contextvars.ContextVar[tuple[Callable[..., None], ...]] = contextvars.ContextVar(
     "lxt_plus_attention_observers", default=())
@@ -78,12 +79,14 @@ def _make_attention(original: str) -> Callable[..., Any]:
             kwargs["dropout"] = 0.0
         out = None
         if not kwargs.get("softcap"):
-            if original == "sdpa":
-                with SDPARuleMode(rule.detach_weights):  # see attention.rule_sdpa
+            if original == "sdpa" and rule.detach_weights:
+                with SDPARuleMode(True):  # our value-only backward, see attention.rule_sdpa
                     out = fn(module, query, key, value, attention_mask, *args, **kwargs)
-            elif not args:
+            elif original != "sdpa" and not args:
                 out = _eager_with_rule(fn, module, query, key, value, attention_mask, kwargs, rule)
-        if out is None:  # autograd through the attention function, the rule's factors at q, k, v
+        # otherwise (AttnLRP through SDPA keeps torch's fused backward, as attention.rule_sdpa does
+        # for inline calls): autograd through the attention function, the rule's factors at q, k, v
+        if out is None:
             q, k, v = qkv_rule(query, key, value, rule.detach_weights)
             if kwargs.get("softcap") and not rule.detach_weights:
                 with ElementwiseIdentityMode(("tanh",)):  # identity rule on score soft-capping
@@ -123,24 +126,42 @@ def _eager_with_rule(fn: Callable[..., Any], module: nn.Module, query: torch.Ten
     return rule_attention(query, key, value, attn, spec, probs=probs, heads_last=True), probs
 
 
-def _register_keys() -> None:
-    """Add our two keys to transformers' attention and mask registries (once per process)."""
-    global _registered
-    if _registered:
-        return
+def _register_keys(undo: list[Callable[[], None]]) -> None:
+    """Add our two keys to transformers' attention and mask registries while a patch uses them.
+
+    The first user registers them, the last one's ``remove()`` takes them out again (restoring
+    whatever stood under those names before), so nothing is left in transformers afterwards.
+    """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    for original, key in ATTENTION_KEYS.items():
-        AttentionInterface.register(key, _make_attention(original))
-        AttentionMaskInterface.register(key, cast(Any, AttentionMaskInterface._global_mapping[original]))
-    _registered = True
+    registries = (AttentionInterface._global_mapping, AttentionMaskInterface._global_mapping)
+    if _KEYS_IN_USE[0] == 0:
+        _KEYS_IN_USE[1] = {(i, key): reg[key] for i, reg in enumerate(registries) for key in ATTENTION_KEYS.values()
+                           if key in reg}
+        for original, key in ATTENTION_KEYS.items():
+            AttentionInterface.register(key, _make_attention(original))
+            AttentionMaskInterface.register(key, cast(Any, registries[1][original]))
+    _KEYS_IN_USE[0] += 1
+
+    def release() -> None:
+        _KEYS_IN_USE[0] -= 1
+        if _KEYS_IN_USE[0] == 0:
+            for i, reg in enumerate(registries):
+                for key in ATTENTION_KEYS.values():
+                    if (i, key) in _KEYS_IN_USE[1]:
+                        reg[key] = _KEYS_IN_USE[1][(i, key)]
+                    else:
+                        reg.pop(key, None)
+            _KEYS_IN_USE[1] = {}
+
+    undo.append(release)
 
 
-def _switch_configs(model: nn.Module, undo: list[Callable[[], None]]) -> None:
-    """Point every config of ``model`` that dispatches through the registry at our key."""
+def _switch_configs(modules: Iterable[nn.Module], undo: list[Callable[[], None]]) -> None:
+    """Point every config of the model's ``modules`` that dispatches through the registry at our key."""
     seen: set[int] = set()
-    for sub in model.modules():
+    for sub in modules:
         if not is_hf_model(sub) or id(sub.config) in seen:
             continue
         config = cast(Any, sub).config
@@ -355,18 +376,18 @@ def patch(model: nn.Module, rules: str | Preset | dict[str, Any] = "attnlrp", *,
             raise AlreadyPatchedError(
                 f"{type(model).__name__} is already patched with preset {existing.preset.name!r}; "
                 f"remove that handle before patching with {preset.name!r}")
-        signature = tuple((p, type(m)) for p, m in model.named_modules())
+        named = dict(model.named_modules())
+        signature = tuple((p, type(m)) for p, m in named.items())
         cached = _PLAN_CACHE.get(model, {}).get(preset)
         if cached is not None and cached[0] == signature:
             plan, ops_paths = _copy_plan(cached[1]), cached[2]
         else:
             plan, ops_paths, cached = build_plan(model, preset, strict=strict), frozenset(), None
         handle = Handle(model, plan)
-        named = dict(model.named_modules())
         stats: dict[str, dict[str, int]] = {}
         try:
             if any(e.role == "attention" for e in plan.entries) and is_hf_model(model):
-                _register_keys()
+                _register_keys(handle._undo)
             for entry in plan.entries:
                 if entry.route == "none":
                     continue
@@ -376,7 +397,7 @@ def patch(model: nn.Module, rules: str | Preset | dict[str, Any] = "attnlrp", *,
             if preset.zero_bias:
                 _zero_biases(model, handle._undo)
             if any(e.route == "registry" for e in plan.entries):
-                _switch_configs(model, handle._undo)
+                _switch_configs(named.values(), handle._undo)
             _PATCHED[model] = handle
             if verify and cached is None:
                 _verify(model, plan, stats, named, handle)

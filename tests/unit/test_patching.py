@@ -12,7 +12,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 import lxt_plus
 from lxt_plus.errors import AlreadyPatchedError, NotPatchedError, UnsupportedModelError
-from lxt_plus.patching import is_patched
+from lxt_plus.patching import ATTENTION_KEYS, is_patched
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import families as F  # noqa: E402
@@ -70,17 +70,64 @@ def test_nothing_outside_the_model_changes() -> None:
         attn_cls = type(model.model.layers[0].self_attn)
         assert "forward" not in vars(model.model.layers[0].self_attn)
         assert attn_cls.forward is attn_cls.__dict__["forward"]
+        # while patched: existing registry entries are unchanged; only our own keys were added
+        for key, fn in registry_before.items():
+            if key not in ATTENTION_KEYS.values():
+                assert transformers.AttentionInterface._global_mapping[key] is fn
+                assert ALL_ATTENTION_FUNCTIONS[key] is fn
+        for key, fn in masks_before.items():
+            if key not in ATTENTION_KEYS.values():
+                assert AttentionMaskInterface._global_mapping[key] is fn
+        assert set(ATTENTION_KEYS.values()) <= set(transformers.AttentionInterface._global_mapping)
+        assert set(ATTENTION_KEYS.values()) <= set(AttentionMaskInterface._global_mapping)
+        added = set(transformers.AttentionInterface._global_mapping) - set(registry_before)
+        assert added <= set(ATTENTION_KEYS.values())
     for cls, fwd in class_forwards.items():
         assert cls.forward is fwd
-    # existing registry entries are unchanged; only our own keys were added
-    for key, fn in registry_before.items():
-        assert transformers.AttentionInterface._global_mapping[key] is fn
-        assert ALL_ATTENTION_FUNCTIONS[key] is fn
-    for key, fn in masks_before.items():
-        assert AttentionMaskInterface._global_mapping[key] is fn
-    added = set(transformers.AttentionInterface._global_mapping) - set(registry_before)
-    assert added <= {"lxt_plus_eager", "lxt_plus_sdpa"}
+    # after: both registries are exactly as before, key for key and object for object
+    assert_same_mapping(transformers.AttentionInterface._global_mapping, registry_before)
+    assert_same_mapping(AttentionMaskInterface._global_mapping, masks_before)
     assert model.config._attn_implementation == "sdpa"
+
+
+def assert_same_mapping(now: dict, before: dict) -> None:  # type: ignore[type-arg]
+    assert now.keys() == before.keys()
+    for key, fn in before.items():
+        assert now[key] is fn, key
+
+
+def test_registry_keys_leave_with_the_last_patched_model() -> None:
+    """Our keys exist only while some model is patched; the last remove() takes them out."""
+    registries = (transformers.AttentionInterface._global_mapping, AttentionMaskInterface._global_mapping)
+    before = [dict(r) for r in registries]
+    assert not set(ATTENTION_KEYS.values()) & set(before[0])  # no patched model is left over
+    a, b = F.build("llama"), F.build("gpt2")
+    ha = lxt_plus.patch(a, "attnlrp")
+    hb = lxt_plus.patch(b, "ah-lrp")
+    ha.remove()
+    assert set(ATTENTION_KEYS.values()) <= set(registries[0])  # b still dispatches through them
+    ids = torch.randint(3, 90, (1, 5))
+    assert torch.isfinite(lxt_plus.explain(b, ids[0], rules="ah-lrp").relevance).all()
+    hb.remove()
+    for now, then in zip(registries, before, strict=True):
+        assert_same_mapping(now, then)
+
+
+def test_an_existing_entry_under_our_key_is_restored() -> None:
+    """Whatever stood under one of our names before (another library's entry) comes back on remove."""
+    def theirs(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("never called while lxt_plus is patched")
+
+    mapping = transformers.AttentionInterface._global_mapping
+    mapping["lxt_plus_sdpa"] = theirs
+    try:
+        model = F.build("llama")
+        with lxt_plus.patched(model, "attnlrp"):
+            assert mapping["lxt_plus_sdpa"] is not theirs
+            lxt_plus.explain(model, torch.randint(3, 90, (5,)), rules="attnlrp")
+        assert mapping["lxt_plus_sdpa"] is theirs
+    finally:
+        mapping.pop("lxt_plus_sdpa", None)
 
 
 def test_second_instance_untouched_even_with_shared_config() -> None:
