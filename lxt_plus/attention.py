@@ -92,17 +92,35 @@ def _rows(mask: Tensor, r0: int, r1: int, n_keys: int) -> Tensor:
     return mask[..., :n_keys] if mask.shape[-2] == 1 else mask[..., r0:r1, :n_keys]
 
 
-def _key_limit(spec: AttentionSpec, r0: int, r1: int, n_keys: int) -> int:
-    """One past the last key any query row in ``[r0, r1)`` can see (keys beyond get zero weight)."""
+def _key_limits(spec: AttentionSpec, n_q: int, n_keys: int, rows: int) -> list[int]:
+    """For each block of ``rows`` query rows: one past the last key any of its rows can see (keys
+    beyond get zero weight). Computed for all blocks at once, from one pass over the mask."""
+    starts = range(0, n_q, rows)
     if spec.causal:
-        return min(n_keys, r1)
+        return [min(n_keys, n_q, r0 + rows) for r0 in starts]
     if spec.mask is None:
-        return n_keys
-    rows = _allowed(_rows(spec.mask, r0, r1, n_keys))
-    if not bool(rows.any(-1).all()):  # a fully masked row spreads its weight over every key
-        return n_keys
-    seen = rows.reshape(-1, rows.shape[-1]).any(0).nonzero()
-    return int(seen.max()) + 1 if seen.numel() else n_keys
+        return [n_keys] * len(starts)
+    allowed = _allowed(spec.mask[..., :n_keys])
+    # last visible key + 1 per query row (0: the row sees no key and spreads its weight over all)
+    position = torch.arange(1, n_keys + 1, device=allowed.device, dtype=torch.int32)
+    last = (allowed * position).amax(-1)
+    last = last.masked_fill(last == 0, n_keys).reshape(-1, allowed.shape[-2]).amax(0)
+    if last.numel() == 1:  # one mask row broadcast to every query
+        return [int(last)] * len(starts)
+    pad = (-n_q) % rows
+    if pad:
+        last = torch.cat([last, last.new_zeros(pad)])
+    return last.reshape(-1, rows).amax(-1).tolist()
+
+
+def _rows_with_gradient(do: Tensor, rows: int) -> list[bool]:
+    """For each block of ``rows`` query rows, whether any upstream gradient reaches it."""
+    n_q = do.shape[-2]
+    live = do.ne(0).any(-1).reshape(-1, n_q).any(0)
+    pad = (-n_q) % rows
+    if pad:
+        live = torch.cat([live, live.new_zeros(pad)])
+    return live.reshape(-1, rows).any(-1).tolist()
 
 
 def _block_probs(q: Tensor, k: Tensor, spec: AttentionSpec, r0: int, r1: int) -> Tensor:
@@ -165,12 +183,12 @@ def _grads(q: Tensor, k: Tensor, v: Tensor, do: Tensor, probs: Tensor | None,
     dv = torch.zeros_like(v)
     rows = max(1, min(ROWS, MAX_BLOCK_ELEMENTS // max(1, b * hq * n_k)))
     qk_scale = spec.scale * (spec.qk_factor or 0.0)
-    for r0 in range(0, n_q, rows):
-        r1 = min(n_q, r0 + rows)
-        kc = _key_limit(spec, r0, r1, n_k)
-        qb, dob, kb, vb = q[:, :, r0:r1], do[:, :, r0:r1], k[:, :, :kc], v[:, :, :kc]
-        if not bool(dob.any()):  # no gradient reaches these rows (the last layer, off target)
+    limits, live = _key_limits(spec, n_q, n_k, rows), _rows_with_gradient(do, rows)
+    for r0, kc, has_grad in zip(range(0, n_q, rows), limits, live, strict=True):
+        if not has_grad:  # no gradient reaches these rows (the last layer, off target)
             continue
+        r1 = min(n_q, r0 + rows)
+        qb, dob, kb, vb = q[:, :, r0:r1], do[:, :, r0:r1], k[:, :, :kc], v[:, :, :kc]
         if probs is not None:
             p = probs[:, :, r0:r1, :kc].to(dtype)
         else:

@@ -405,6 +405,35 @@ def test_uniform_rule_on_gated_product() -> None:
     torch.testing.assert_close(r_lib.sum(-1), (y * g).sum(-1), **TIGHT)  # conserved end to end
 
 
+@pytest.mark.parametrize(("shape_a", "shape_b", "dtype_a", "dtype_b"), [
+    ((3, 4), (3, 4), torch.float64, torch.float64),
+    ((3, 1), (3, 4), torch.float64, torch.float64),  # MoE: a router weight per token times an expert output
+    ((4,), (2, 3, 4), torch.float32, torch.float32),
+    ((3, 1), (3, 4), torch.float32, torch.bfloat16),  # float32 router weights, bf16 experts
+])
+def test_uniform_product_is_half_the_product_rule(shape_a, shape_b, dtype_a, dtype_b) -> None:  # type: ignore[no-untyped-def]
+    """Each factor gets half of what the product rule gives it, reduced over broadcast dimensions
+    and in its own dtype, and the forward value is the plain product bit for bit."""
+    from lxt_plus.functional import uniform_mul
+
+    torch.manual_seed(3)
+    a = torch.randn(shape_a, dtype=dtype_a, requires_grad=True)
+    b = torch.randn(shape_b, dtype=dtype_b, requires_grad=True)
+    out = uniform_mul(a, b)
+    plain = a * b
+    assert torch.equal(out, plain) and out.dtype == plain.dtype
+    g = torch.randn_like(plain)
+    got = torch.autograd.grad(out, (a, b), g)
+    want = torch.autograd.grad(plain, (a, b), g)
+    for x, w, t in zip(got, want, (a, b), strict=True):
+        assert x.shape == t.shape and x.dtype == t.dtype
+        torch.testing.assert_close(x, 0.5 * w)
+    # only the factor that needs a gradient gets one
+    c = torch.randn(shape_b, dtype=dtype_b)
+    (only,) = torch.autograd.grad(uniform_mul(a, c), (a,), torch.ones_like(plain))
+    torch.testing.assert_close(only, 0.5 * torch.autograd.grad((a * c).sum(), a)[0])
+
+
 # --------------------------------------------------------------------------- softmax and attention (AttnLRP)
 def softmax_rule_reference(x: Tensor, s: Tensor, r_out: Tensor) -> Tensor:
     """AttnLRP softmax rule (Achtibat et al. 2024, Prop. 3.1): ``R_i = x_i (R_i^out - s_i Σ_j R_j^out)``."""
