@@ -43,8 +43,15 @@ _EAGER_CACHE: dict[type, Callable[..., Any]] = {}
 # model -> {preset: (structure signature, plan, paths routed to inline ops)}: validate once, reuse
 _PLAN_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[Preset, tuple[Any, Plan, frozenset[str]]]] = (
     weakref.WeakKeyDictionary())
-# the registry entries we added, while any patched model uses them: [users, {key: previous entries}]
-_KEYS_IN_USE: list[Any] = [0, {}]
+
+
+class _KeyUse:
+    """How many patches use our registry keys, and what stood under those names before them."""
+
+    users = 0
+    previous: dict[tuple[int, str], Any] = {}  # (registry index, key) -> entry
+
+
 # Observers of patched attention calls in this thread (per-head capture): fn(module, q, k, v, mask, out)
 ATTENTION_OBSERVERS: contextvars.ContextVar[tuple[Callable[..., None], ...]] = contextvars.ContextVar(
     "lxt_plus_attention_observers", default=())
@@ -136,24 +143,24 @@ def _register_keys(undo: list[Callable[[], None]]) -> None:
     from transformers.masking_utils import AttentionMaskInterface
 
     registries = (AttentionInterface._global_mapping, AttentionMaskInterface._global_mapping)
-    if _KEYS_IN_USE[0] == 0:
-        _KEYS_IN_USE[1] = {(i, key): reg[key] for i, reg in enumerate(registries) for key in ATTENTION_KEYS.values()
-                           if key in reg}
+    if _KeyUse.users == 0:
+        _KeyUse.previous = {(i, key): reg[key] for i, reg in enumerate(registries)
+                            for key in ATTENTION_KEYS.values() if key in reg}
         for original, key in ATTENTION_KEYS.items():
             AttentionInterface.register(key, _make_attention(original))
             AttentionMaskInterface.register(key, cast(Any, registries[1][original]))
-    _KEYS_IN_USE[0] += 1
+    _KeyUse.users += 1
 
     def release() -> None:
-        _KEYS_IN_USE[0] -= 1
-        if _KEYS_IN_USE[0] == 0:
+        _KeyUse.users -= 1
+        if _KeyUse.users == 0:
             for i, reg in enumerate(registries):
                 for key in ATTENTION_KEYS.values():
-                    if (i, key) in _KEYS_IN_USE[1]:
-                        reg[key] = _KEYS_IN_USE[1][(i, key)]
+                    if (i, key) in _KeyUse.previous:
+                        reg[key] = _KeyUse.previous[(i, key)]
                     else:
                         reg.pop(key, None)
-            _KEYS_IN_USE[1] = {}
+            _KeyUse.previous = {}
 
     undo.append(release)
 

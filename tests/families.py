@@ -46,7 +46,7 @@ ENCODERS: dict[str, dict[str, Any]] = {
     "xlm-roberta": dict(pad_token_id=1),
     "modernbert": dict(global_attn_every_n_layers=2, local_attention=8),
 }
-NO_SEQCLS = {"gemma3_text", "olmo", "olmo2", "granite", "gptj"}
+NO_SEQCLS = {"gemma3_text", "olmo", "olmo2", "granite"}
 
 
 def config(model_type: str, **overrides: Any) -> Any:
