@@ -107,20 +107,20 @@ def _key_limits(spec: AttentionSpec, n_q: int, n_keys: int, rows: int) -> list[i
     last = last.masked_fill(last == 0, n_keys).reshape(-1, allowed.shape[-2]).amax(0)
     if last.numel() == 1:  # one mask row broadcast to every query
         return [int(last)] * len(starts)
-    pad = (-n_q) % rows
-    if pad:
-        last = torch.cat([last, last.new_zeros(pad)])
-    return last.reshape(-1, rows).amax(-1).tolist()
+    return _blocks(last, rows).amax(-1).tolist()
 
 
 def _rows_with_gradient(do: Tensor, rows: int) -> list[bool]:
     """For each block of ``rows`` query rows, whether any upstream gradient reaches it."""
-    n_q = do.shape[-2]
-    live = do.ne(0).any(-1).reshape(-1, n_q).any(0)
-    pad = (-n_q) % rows
+    return _blocks(do.ne(0).any(-1).reshape(-1, do.shape[-2]).any(0), rows).any(-1).tolist()
+
+
+def _blocks(per_row: Tensor, rows: int) -> Tensor:
+    """A per-row vector as ``(blocks, rows)``, the last block padded with zeros (or ``False``)."""
+    pad = (-per_row.shape[0]) % rows
     if pad:
-        live = torch.cat([live, live.new_zeros(pad)])
-    return live.reshape(-1, rows).any(-1).tolist()
+        per_row = torch.cat([per_row, per_row.new_zeros(pad)])
+    return per_row.reshape(-1, rows)
 
 
 def _block_probs(q: Tensor, k: Tensor, spec: AttentionSpec, r0: int, r1: int) -> Tensor:

@@ -102,6 +102,36 @@ def test_causal_blocks_skip_keys_no_row_can_see(monkeypatch: pytest.MonkeyPatch)
     assert len(seen) == 4 and sum(seen) == 16 * (16 + 32 + 48 + 64) < 64 * 64
 
 
+def test_mask_tensor_blocks_skip_keys_no_row_can_see(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A causal mask given as a tensor (boolean, or additive as eager attention gets it) limits each
+    block to its key prefix too, and a padded key column no row sees is never read."""
+    monkeypatch.setattr(attention, "ROWS", 16)
+    seen: list[int] = []
+    real = attention._block_probs
+
+    def spy(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, r0: int, r1: int) -> torch.Tensor:
+        seen.append((r1 - r0) * k.shape[-2])
+        return real(q, k, spec, r0, r1)
+
+    monkeypatch.setattr(attention, "_block_probs", spy)
+    q, k, v = (torch.randn(2, 1, 64, 4, requires_grad=True) for _ in "qkv")
+    causal = torch.ones(64, 64, dtype=torch.bool).tril()
+    additive = torch.zeros(64, 64).masked_fill(~causal, torch.finfo(torch.float32).min)
+    for mask in (causal, additive):
+        seen.clear()
+        out, ours = rule_sdpa(F.scaled_dot_product_attention, (q, k, v, mask[None, None]), {}, True)
+        assert ours
+        out.sum().backward()
+        assert sum(seen) == 16 * (16 + 32 + 48 + 64) < 64 * 64
+    seen.clear()
+    visible = causal.clone()
+    visible[:, 40:] = False
+    visible[40:, :40] = True  # rows past the text see all of it (and no padding key)
+    out, _ = rule_sdpa(F.scaled_dot_product_attention, (q, k, v, visible[None, None]), {}, True)
+    out.sum().backward()
+    assert sum(seen) == 16 * (16 + 32 + 40 + 40)
+
+
 def test_rows_without_gradient_are_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(attention, "ROWS", 16)
     calls: list[int] = []
