@@ -85,8 +85,9 @@ def test_rule_gradient_is_autograd_times_the_rule_factors(kind: str, detach: boo
         assert torch.autograd.grad(out, (q, k), grad, allow_unused=True) == (None, None)
 
 
-def test_causal_blocks_skip_keys_no_row_can_see(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With causal masking, block r reads only its key prefix: fewer score elements than dense."""
+@pytest.fixture
+def block_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Blocks of 16 query rows; the list fills with the score elements each recomputed block reads."""
     monkeypatch.setattr(attention, "ROWS", 16)
     seen: list[int] = []
     real = attention._block_probs
@@ -96,24 +97,22 @@ def test_causal_blocks_skip_keys_no_row_can_see(monkeypatch: pytest.MonkeyPatch)
         return real(q, k, spec, r0, r1)
 
     monkeypatch.setattr(attention, "_block_probs", spy)
+    return seen
+
+
+def test_causal_blocks_skip_keys_no_row_can_see(block_sizes: list[int]) -> None:
+    """With causal masking, block r reads only its key prefix: fewer score elements than dense."""
+    seen = block_sizes
     q, k, v = (torch.randn(1, 1, 64, 4, requires_grad=True) for _ in "qkv")
     out, _ = rule_sdpa(F.scaled_dot_product_attention, (q, k, v), {"is_causal": True}, True)
     out.sum().backward()
     assert len(seen) == 4 and sum(seen) == 16 * (16 + 32 + 48 + 64) < 64 * 64
 
 
-def test_mask_tensor_blocks_skip_keys_no_row_can_see(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mask_tensor_blocks_skip_keys_no_row_can_see(block_sizes: list[int]) -> None:
     """A causal mask given as a tensor (boolean, or additive as eager attention gets it) limits each
     block to its key prefix too, and a padded key column no row sees is never read."""
-    monkeypatch.setattr(attention, "ROWS", 16)
-    seen: list[int] = []
-    real = attention._block_probs
-
-    def spy(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, r0: int, r1: int) -> torch.Tensor:
-        seen.append((r1 - r0) * k.shape[-2])
-        return real(q, k, spec, r0, r1)
-
-    monkeypatch.setattr(attention, "_block_probs", spy)
+    seen = block_sizes
     q, k, v = (torch.randn(2, 1, 64, 4, requires_grad=True) for _ in "qkv")
     causal = torch.ones(64, 64, dtype=torch.bool).tril()
     additive = torch.zeros(64, 64).masked_fill(~causal, torch.finfo(torch.float32).min)
