@@ -13,7 +13,8 @@ For each sequence length (256, 1024) and attention implementation (eager, sdpa):
 Timing: one process per (length, attention) loads the model once, warms every method up, then
 runs them round-robin ``--repeats`` times. Each ratio is taken within a round (the two methods ran
 seconds apart, so drift in a shared machine's speed hits both) and the table gives the median of
-those per-round ratios with their quartiles. Memory: a fresh process per method runs it once and reports peak RSS above the
+those per-round ratios with their quartiles. Memory: a fresh process per method runs it once and
+reports peak RSS above the
 loaded model. Usage: ``python benchmarks/explain_speed.py [--lengths 256 1024] [--repeats 5]``.
 """
 
@@ -89,8 +90,8 @@ def time_all(length: int, impl: str, repeats: int) -> dict[str, list[float]]:
 def paired(times: dict[str, list[float]], num: str, den: str) -> tuple[float, float, float]:
     """Median and quartiles of the per-round ratio ``num / den``.
 
-    Both ran in the same round, seconds apart, so a slow stretch of a shared machine hits both:
-    the ratio of one round is far steadier than the ratio of two medians.
+    Both ran in the same round, seconds apart, so a slow stretch of a shared machine hits both
+    rather than only one of two medians taken at different times.
     """
     ratios = sorted(a / b for a, b in zip(times[num], times[den], strict=True))
     q1, med, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
