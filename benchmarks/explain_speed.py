@@ -14,8 +14,8 @@ Timing: one process per (length, attention) loads the model once, warms every me
 runs them round-robin ``--repeats`` times. Each ratio is taken within a round (the two methods ran
 seconds apart, so drift in a shared machine's speed hits both) and the table gives the median of
 those per-round ratios with their quartiles. Memory: a fresh process per method runs it once and
-reports peak RSS above the
-loaded model. Usage: ``python benchmarks/explain_speed.py [--lengths 256 1024] [--repeats 5]``.
+reports peak RSS above the loaded model.
+Usage: ``python benchmarks/explain_speed.py [--lengths 256 1024] [--repeats 9]``.
 """
 
 from __future__ import annotations
