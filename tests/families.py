@@ -8,8 +8,16 @@ import torch
 import transformers as tf
 
 COMMON: dict[str, Any] = dict(
-    vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=64, head_dim=8, pad_token_id=0, initializer_range=0.2,
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    head_dim=8,
+    pad_token_id=0,
+    initializer_range=0.2,
 )
 
 # model_type -> extra config kwargs
@@ -18,8 +26,13 @@ DECODERS: dict[str, dict[str, Any]] = {
     "mistral": {},
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "qwen2": {},
-    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                      shared_expert_intermediate_size=32, decoder_sparse_step=1),
+    "qwen2_moe": dict(
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+        decoder_sparse_step=1,
+    ),
     "qwen3": {},
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1),
     "gemma": {},
@@ -32,7 +45,9 @@ DECODERS: dict[str, dict[str, Any]] = {
     "granite": {},
     "stablelm": {},
     "starcoder2": {},
-    "falcon": dict(head_dim=None, num_kv_heads=4, new_decoder_architecture=False, multi_query=False, alibi=False),
+    "falcon": dict(
+        head_dim=None, num_kv_heads=4, new_decoder_architecture=False, multi_query=False, alibi=False
+    ),
     "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=64),
     "gpt_neox": {},
     "gptj": dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, rotary_dim=4, n_inner=64),
@@ -71,9 +86,18 @@ def build(model_type: str, head: str = "auto", seed: int = 0, **overrides: Any) 
 
 def tiny_vit(seed: int = 0, **overrides: Any) -> torch.nn.Module:
     torch.manual_seed(seed)
-    cfg = tf.ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=32, num_hidden_layers=2,
-                       num_attention_heads=4, intermediate_size=64, num_labels=3, initializer_range=0.2,
-                       **overrides)
+    cfg = tf.ViTConfig(
+        image_size=8,
+        patch_size=2,
+        num_channels=1,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=3,
+        initializer_range=0.2,
+        **overrides,
+    )
     return tf.ViTForImageClassification(cfg).eval()
 
 
@@ -81,11 +105,13 @@ ALL_TEXT = list(DECODERS) + list(ENCODERS)
 SEQCLS = [f for f in DECODERS if f not in NO_SEQCLS]
 
 
-WORDS = ("the a an of to in is was and or but not very good bad great awful wonderful terrible film movie "
-         "story actor plot capital france paris lyon london berlin germany city country river sea king queen "
-         "man woman boy girl dog cat house tree car road sun moon star red blue green big small old new happy "
-         "sad love hate loved hated best worst fun boring slow fast long short funny dull brilliant witty "
-         "gorgeous ugly nice kind cold warm dark light day night time year world life").split()
+WORDS = (
+    "the a an of to in is was and or but not very good bad great awful wonderful terrible film movie "
+    "story actor plot capital france paris lyon london berlin germany city country river sea king queen "
+    "man woman boy girl dog cat house tree car road sun moon star red blue green big small old new happy "
+    "sad love hate loved hated best worst fun boring slow fast long short funny dull brilliant witty "
+    "gorgeous ugly nice kind cold warm dark light day night time year world life"
+).split()
 
 
 def tiny_tokenizer(vocab_size: int = 96) -> Any:
@@ -100,5 +126,30 @@ def tiny_tokenizer(vocab_size: int = 96) -> Any:
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                   cls_token="[CLS]", sep_token="[SEP]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
+    )
+
+
+def randomize_biases_and_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every bias and every norm weight/bias a seeded random, non-zero value (in place).
+
+    At init biases are 0 and norm weights 1 (Gemma's ``1 + w`` norms: 0), so a test that only
+    compares values could not see a bias left zeroed, or a norm weight left changed. Biases become
+    ``±[0.1, 0.5]``; norm weights ``1 ± [0.1, 0.5]`` (``±[0.1, 0.5]`` where the init is 0).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    seen: set[int] = set()
+    with torch.no_grad():
+        for module in model.modules():
+            is_norm = "norm" in type(module).__name__.lower()
+            for name, p in module.named_parameters(recurse=False):
+                if id(p) in seen or not (is_norm or name.endswith("bias")):
+                    continue
+                seen.add(id(p))
+                magnitude = 0.1 + 0.4 * torch.rand(p.shape, generator=gen, dtype=torch.float64)
+                sign = torch.randint(0, 2, p.shape, generator=gen).double() * 2 - 1
+                offset = 1.0 if is_norm and not name.endswith("bias") and bool((p == 1).all()) else 0.0
+                p.copy_((offset + sign * magnitude).to(p.dtype))
+    assert seen, f"{type(model).__name__}: no bias and no norm parameter found"
+    return model

@@ -13,6 +13,7 @@ from transformers.masking_utils import AttentionMaskInterface
 import lxt_plus
 from lxt_plus.errors import AlreadyPatchedError, NotPatchedError, UnsupportedModelError
 from lxt_plus.patching import ATTENTION_KEYS, is_patched
+from lxt_plus.plan import PRESETS
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import families as F  # noqa: E402
@@ -39,22 +40,68 @@ def assert_bit_identical(a, b) -> None:  # type: ignore[no-untyped-def]
         assert torch.equal(w_a[k], w_b[k]), k
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "bert", "falcon", "mixtral", "gemma2"])
-@pytest.mark.parametrize("rules", ["attnlrp", "ah-lrp", "conservative-check"])
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+REVERSIBLE_FAMILIES = ["llama", "gpt2", "bert", "falcon", "mixtral", "qwen2_moe", "gemma2"]
+WITH_BIASES = dict(
+    llama=dict(attention_bias=True, mlp_bias=True), falcon=dict(bias=True), gemma2=dict(attention_bias=True)
+)  # Mixtral has no bias option
+
+
+def random_model(family: str, seed: int) -> torch.nn.Module:
+    return F.randomize_biases_and_norms(F.build(family, **WITH_BIASES.get(family, {})), seed=seed)
+
+
+@pytest.mark.parametrize("family", REVERSIBLE_FAMILIES)
+@pytest.mark.parametrize("rules", list(PRESETS))  # every preset, new ones included
 def test_remove_restores_bit_identical(family: str, rules: str) -> None:
-    model = F.build(family)
-    ids = torch.randint(3, 90, (2, 6))
+    """State, logits and plain gradients after patch + remove equal those before, bit for bit.
+
+    Biases and norm weights are random and non-zero first: at init they are 0 and 1, and a
+    ``remove()`` that left ``conservative-check``'s zeroed biases behind would go unseen."""
+    model = random_model(family, seed=7)
+    ids = torch.randint(3, 90, (2, 6), generator=torch.Generator().manual_seed(0))
+    state = snapshot(model)
     before = logits_and_grads(model, ids)
     handle = lxt_plus.patch(model, rules)
     during = logits_and_grads(model, ids)
     handle.remove()
+    assert_same_state(state, snapshot(model))
     after = logits_and_grads(model, ids)
     assert_bit_identical(before, after)
     # the patch really changed the backward pass (this test cannot pass vacuously)
-    assert not torch.allclose(before[1], during[1])
+    if rules != "gradient":
+        assert not torch.allclose(before[1], during[1])
     assert not is_patched(model)
     assert "forward" not in vars(model.get_input_embeddings())
     assert all("forward" not in vars(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("family", [f for f in REVERSIBLE_FAMILIES if f != "mixtral"])
+def test_conservative_check_zeroes_biases_only_while_patched(family: str) -> None:
+    """The state the tests above compare does change under ``conservative-check``: every bias is 0
+    while patched, nothing else changes, and ``remove()`` brings every bias back."""
+    model = random_model(family, seed=8)
+    state = snapshot(model)
+    biases = {n for n, _ in model.named_parameters(remove_duplicate=False) if n.endswith("bias")}
+    assert biases and all(bool((state[n] != 0).all()) for n in biases)
+    with lxt_plus.patched(model, "conservative-check"):
+        during = snapshot(model)
+        assert during.keys() == state.keys()
+        for name in state:
+            if name in biases:
+                assert torch.count_nonzero(during[name]) == 0, name
+            else:
+                assert torch.equal(during[name], state[name]), name
+    assert_same_state(state, snapshot(model))
 
 
 def test_nothing_outside_the_model_changes() -> None:
@@ -62,8 +109,10 @@ def test_nothing_outside_the_model_changes() -> None:
 
     registry_before = dict(transformers.AttentionInterface._global_mapping)
     masks_before = dict(AttentionMaskInterface._global_mapping)
-    class_forwards = {cls: cls.forward for cls in (torch.nn.LayerNorm, torch.nn.Linear, torch.nn.Dropout,
-                                                   torch.nn.GELU, torch.nn.Embedding)}
+    class_forwards = {
+        cls: cls.forward
+        for cls in (torch.nn.LayerNorm, torch.nn.Linear, torch.nn.Dropout, torch.nn.GELU, torch.nn.Embedding)
+    }
     model = F.build("llama")
     with lxt_plus.patched(model, "attnlrp"):
         assert torch.nn.LayerNorm.forward is class_forwards[torch.nn.LayerNorm]
@@ -115,6 +164,7 @@ def test_registry_keys_leave_with_the_last_patched_model() -> None:
 
 def test_an_existing_entry_under_our_key_is_restored() -> None:
     """Whatever stood under one of our names before (another library's entry) comes back on remove."""
+
     def theirs(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("never called while lxt_plus is patched")
 
@@ -212,7 +262,9 @@ def test_unsupported_module_raises_before_touching() -> None:
     model.model.layers[1].mlp.act_fn = Mystery()
     ids = torch.randint(3, 90, (1, 5))
     before = logits_and_grads(model, ids)
-    with pytest.raises(UnsupportedModelError, match=r"model\.layers\.1\.mlp\.act_fn \(Mystery, role unknown\)"):
+    with pytest.raises(
+        UnsupportedModelError, match=r"model\.layers\.1\.mlp\.act_fn \(Mystery, role unknown\)"
+    ):
         lxt_plus.patch(model, "attnlrp")
     assert not is_patched(model)
     assert_bit_identical(before, logits_and_grads(model, ids))
@@ -286,7 +338,9 @@ def test_attention_that_bypasses_the_registry_is_rerouted_to_inline_rules(rules:
 
     def inline_forward(hidden_states, position_embeddings=None, attention_mask=None, **kwargs):  # type: ignore[no-untyped-def]
         shape = (*hidden_states.shape[:-1], -1, attn.head_dim)
-        q, k, v = (p(hidden_states).view(shape).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        q, k, v = (
+            p(hidden_states).view(shape).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj)
+        )
         q, k = ml.apply_rotary_pos_emb(q, k, *position_embeddings)
         out, weights = ml.eager_attention_forward(attn, q, k, v, attention_mask, scaling=attn.scaling)
         return attn.o_proj(out.reshape(*hidden_states.shape[:-1], -1)), weights
