@@ -36,7 +36,6 @@ import torch
 from torch import Tensor, nn
 
 import lxt_plus
-from lxt_plus.rules import Conservative
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from families import build  # noqa: E402
@@ -516,37 +515,6 @@ def atol_factor(family: str, rules: str) -> float:
     return 5e-7 if family == "llama" and rules != "gradient" else 1e-8
 
 
-def norm_rule_rounds_float64() -> bool:
-    """True while the conservative norm rule computes a float64 ``nn.LayerNorm`` in float32.
-
-    ``lxt_plus.modes.NormMode._layer_norm``/``_rms_norm`` start from ``x.float()``, which downcasts
-    float64 inputs: forward values and relevance of GPT-2/BERT in float64 are then off by ~1e-7.
-    """
-    model = nn.Sequential(nn.LayerNorm(8)).to(DTYPE)
-    x = torch.linspace(-1.0, 2.0, 8, dtype=DTYPE)[None].pow(3).requires_grad_(True)
-    preset = lxt_plus.get_preset("gradient").override("norm", Conservative())
-    with lxt_plus.patched(model, preset):
-        patched_value = model(x).detach()
-    return bool((patched_value - model(x).detach()).abs().max() > 1e-12)
-
-
-NORM_FLOAT32_BUG = norm_rule_rounds_float64()
-
-
-def case(family: str, rules: str) -> object:
-    """A ``(family, rules)`` parameter, expected to fail while the NormMode float64 bug is present."""
-    marks = []
-    if NORM_FLOAT32_BUG and family in ("gpt2", "bert") and rules != "gradient":
-        marks.append(
-            pytest.mark.xfail(
-                strict=True,
-                reason="lxt_plus NormMode computes float64 LayerNorm in "
-                "float32 (x.float()); relevance off by ~1e-7·max|R|",
-            )
-        )
-    return pytest.param(family, rules, marks=marks, id=f"{family}-{rules}")
-
-
 def assert_relevance_close(actual: Tensor, expected: Tensor, scale: float, factor: float, what: str) -> None:
     torch.testing.assert_close(
         actual.to(DTYPE), expected.to(DTYPE), rtol=RTOL, atol=factor * scale, msg=lambda m: f"{what}: {m}"
@@ -585,14 +553,18 @@ def compare_rows(family: str, model: nn.Module, ids: Tensor, mask: Tensor, rules
             )
 
 
-@pytest.mark.parametrize(("family", "rules"), [case(f, r) for f in FAMILIES for r in PRESETS])
+@pytest.mark.parametrize(
+    ("family", "rules"), [pytest.param(f, r, id=f"{f}-{r}") for f in FAMILIES for r in PRESETS]
+)
 def test_single_sequence_matches_reference(models: dict[str, nn.Module], family: str, rules: str) -> None:
     """One unpadded sequence: token relevance and position/type-embedding relevance."""
     ids = token_ids(1, seed=1)
     compare_rows(family, models[family], ids, torch.ones_like(ids), rules)
 
 
-@pytest.mark.parametrize(("family", "rules"), [case(f, r) for f in FAMILIES for r in ("ah-lrp", "attnlrp")])
+@pytest.mark.parametrize(
+    ("family", "rules"), [pytest.param(f, r, id=f"{f}-{r}") for f in FAMILIES for r in ("ah-lrp", "attnlrp")]
+)
 def test_padded_batch_matches_reference(models: dict[str, nn.Module], family: str, rules: str) -> None:
     """A right-padded batch: the reference masks padded keys explicitly; pad tokens get 0."""
     ids = token_ids(2, seed=2)

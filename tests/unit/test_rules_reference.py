@@ -237,31 +237,26 @@ def linear_map_relevance(x_row: Tensor, matrix: Tensor, y_row: Tensor, r_row: Te
     return out
 
 
-def norm_rule_rounds_float64() -> bool:
-    """True while the conservative norm rule computes a float64 ``nn.LayerNorm`` in float32.
+NORM_DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.float64, id="float64")]
 
-    ``lxt_plus.modes.NormMode._layer_norm``/``_rms_norm`` start from ``x.float()``, which downcasts
-    float64 inputs, so forward values and relevance of a float64 model are only float32-accurate.
-    """
-    model = nn.Sequential(nn.LayerNorm(8)).to(DTYPE)
-    x = torch.linspace(-1.0, 2.0, 8, dtype=DTYPE)[None].pow(3).requires_grad_(True)
+
+@pytest.mark.parametrize("kind", ["layer-norm", "rms-norm"])
+def test_norm_rule_keeps_float64_in_float64(kind: str) -> None:
+    """The conservative norm rule computes a float64 norm in float64: the patched forward equals the
+    unpatched module to 1e-12 (a float32 round trip, ``x.float()``, is off by ~1e-7)."""
+    torch.manual_seed(4)
+    norm = (nn.LayerNorm(8) if kind == "layer-norm" else nn.RMSNorm(8, eps=1e-6)).to(DTYPE)
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.copy_(torch.randn(p.shape, dtype=DTYPE))
+    model = nn.Sequential(norm)
+    x = (torch.linspace(-1.0, 2.0, 16, dtype=DTYPE).reshape(2, 8).pow(3) + 1e-3).requires_grad_(True)
+    expected = model(x).detach()
     with lxt_plus.patched(model, only("norm", Conservative())):
-        patched_value = model(x).detach()
-    return bool((patched_value - model(x).detach()).abs().max() > 1e-12)
-
-
-NORM_DTYPES = [
-    pytest.param(torch.float32, id="float32"),
-    pytest.param(
-        torch.float64,
-        id="float64",
-        marks=pytest.mark.xfail(
-            norm_rule_rounds_float64(),
-            strict=True,
-            reason="lxt_plus NormMode computes float64 LayerNorm/RMSNorm in float32 (x.float() instead of acc(x))",
-        ),
-    ),
-]
+        y = model(x)
+        (grad,) = torch.autograd.grad(y.sum(), x)
+    assert y.dtype == DTYPE and grad.dtype == DTYPE
+    torch.testing.assert_close(y.detach(), expected, rtol=0.0, atol=1e-12)
 
 
 def norm_tolerance(dtype: torch.dtype) -> dict[str, float]:
