@@ -62,7 +62,9 @@ def test_position_and_per_row_targets(lm) -> None:  # type: ignore[no-untyped-de
     res = lxt_plus.explain(model, "the capital of france is", tokenizer=tok, position=2, target="france")
     assert res.targets[0].position == 2
     assert torch.all(res.relevance[3:] == 0)  # causal: later tokens cannot matter
-    batch = lxt_plus.explain(model, ["the good film", "a very bad movie"], tokenizer=tok, target=["good", "bad"])
+    batch = lxt_plus.explain(
+        model, ["the good film", "a very bad movie"], tokenizer=tok, target=["good", "bad"]
+    )
     assert [t.label for t in batch.targets] == ["good", "bad"]
     assert batch.relevance.shape == (2, 4)
 
@@ -73,14 +75,20 @@ def test_classifier_targets_by_label_and_index(clf) -> None:  # type: ignore[no-
     assert res.targets[0].label == "POSITIVE" and res.targets[0].ids == (2,)
     res_i = lxt_plus.explain(model, "a gorgeous witty film", tokenizer=tok, target=2)
     torch.testing.assert_close(res.relevance, res_i.relevance)
-    con = lxt_plus.explain(model, "a gorgeous witty film", tokenizer=tok, target="POSITIVE", contrast="NEGATIVE")
+    con = lxt_plus.explain(
+        model, "a gorgeous witty film", tokenizer=tok, target="POSITIVE", contrast="NEGATIVE"
+    )
     assert con.targets[0].contrast_label == "NEGATIVE"
 
 
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"target": "ECSTATIC"}, TargetError, "unknown target label 'ECSTATIC'; valid labels: NEGATIVE, NEUTRAL, POSITIVE"),
+        (
+            {"target": "ECSTATIC"},
+            TargetError,
+            "unknown target label 'ECSTATIC'; valid labels: NEGATIVE, NEUTRAL, POSITIVE",
+        ),
         ({"target": 7}, TargetError, "class 7 is out of range: the model has 3 classes"),
         ({"rules": "atnlrp"}, PresetError, "unknown preset 'atnlrp' \\(did you mean 'attnlrp'\\?\\)"),
         ({"capture": "layer"}, InputError, "unknown capture 'layer'"),
@@ -141,3 +149,68 @@ def test_model_in_train_mode_is_explained_without_dropout_and_restored() -> None
     again = lxt_plus.explain(model, ids).relevance
     assert model.training and all(m.training for m in model.modules())
     torch.testing.assert_close(again, ref)
+
+
+# ------------------------------------------------------------------------------ chat templates
+CHAT_TEMPLATE = (
+    "<|system|> a kind king <|end|>"
+    "{% for m in messages %}<|user|>{{ m['content'] }}<|eot|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def chat_tokenizer():  # type: ignore[no-untyped-def]
+    """The word-level test tokenizer with a chat template that wraps the user's text in a system turn.
+
+    ``<|system|>``/``<|end|>`` are special tokens. ``<|user|>``, ``<|eot|>``, ``<|assistant|>`` and
+    the system prompt's words are ordinary tokens: only their place outside the user's text hides
+    them, and ``<|user|>``/``<|eot|>`` touch the text (no space), at the edges of its span."""
+    from tokenizers import AddedToken
+
+    tok = F.tiny_tokenizer(vocab_size=90)
+    tok.add_tokens([AddedToken(t, normalized=False) for t in ("<|user|>", "<|eot|>", "<|assistant|>")])
+    tok.add_special_tokens({"additional_special_tokens": ["<|system|>", "<|end|>"]})
+    tok.chat_template = CHAT_TEMPLATE
+    assert len(tok) <= 96  # fits the tiny model's vocabulary
+    return tok
+
+
+def test_chat_template_tokens_are_hidden_and_the_users_are_not(lm) -> None:  # type: ignore[no-untyped-def]
+    model, _ = lm
+    tok = chat_tokenizer()
+    # row 1 repeats the system prompt's words: only the user's own copy is visible
+    texts = ["the film was good", "a kind king"]
+    res = lxt_plus.explain(model, texts, tokenizer=tok, chat=True, rules="attnlrp")
+    head = ["<|system|>", "a", "kind", "king", "<|end|>", "<|user|>"]
+    tail = ["<|eot|>", "<|assistant|>"]
+    assert res.tokens[0] == [*head, "the", "film", "was", "good", *tail]
+    assert res.tokens[1][:11] == [*head, "a", "kind", "king", *tail]
+    assert res.attention_mask.tolist() == [[1] * 12, [1] * 11 + [0]]
+    t, f = True, False
+    assert res.hidden is not None
+    assert res.hidden.tolist() == [
+        [t, t, t, t, t, t, f, f, f, f, t, t],
+        [t, t, t, t, t, t, f, f, f, t, t, f],  # the pad position is not "hidden": it is padding
+    ]
+    # the explained position is the generation prompt, the last real token of each row
+    assert [r.position for r in res.targets] == [11, 10]
+    # hidden tokens keep their relevance (conservation); hide_special leaves them out of the views
+    assert bool((res.batch_relevance[0][res.hidden[0]] != 0).any())
+    for row, words in ((0, ["the", "film", "was", "good"]), (1, ["a", "kind", "king"])):
+        toks, rel = res.real_tokens(row, hide_special=True)
+        assert toks == words
+        assert torch.equal(rel, res.batch_relevance[row][~res.hidden[row] & res.attention_mask[row].bool()])
+        assert len(res.real_tokens(row)[0]) == int(res.attention_mask[row].sum())
+        assert sorted(w for w, _ in res.top_tokens(20, row, hide_special=True)) == sorted(words)
+        assert {w for w, _ in res.top_tokens(20, row)} >= {
+            "<|system|>",
+            "<|user|>",
+            "<|eot|>",
+            "<|assistant|>",
+        }
+    from lxt_plus.render._common import row_items  # what every renderer shows
+
+    assert [s.strip() for s in row_items(res, 1, hide_special=True)[0]] == ["a", "kind", "king"]
+    # without a chat template only special tokens are hidden: none here
+    plain = lxt_plus.explain(model, "the film was good", tokenizer=tok)
+    assert plain.tokens[0] == ["the", "film", "was", "good"] and not plain.hidden.any()
