@@ -70,6 +70,59 @@ def bag():
     return model, ids, target
 
 
+class DeletionSpy(nn.Module):
+    """Reports which tokens a perturbed copy still has: logit 0 counts the tokens whose embedding is
+    not the (zero) replacement, logit 1 is the bit mask ``Σ 2^t`` over those positions ``t``."""
+
+    def __init__(self, vocab: int = 30) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 2)
+        with torch.no_grad():
+            self.embed.weight.fill_(1.0)
+        self.double()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed
+
+    def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None):
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        present = (x != 0).any(-1).double()
+        bits = 2.0 ** torch.arange(x.shape[1], dtype=torch.float64)
+        return SimpleNamespace(logits=torch.stack([present.sum(1), present @ bits], 1))
+
+
+def removed_positions(mask_logit: torch.Tensor, n: int) -> set[int]:
+    present = int(mask_logit.round())
+    return {t for t in range(n) if not present >> t & 1}
+
+
+@pytest.mark.parametrize(
+    ("n", "steps", "expected"),
+    [
+        (7, 10, [0, 1, 1, 2, 3, 4, 4, 5, 6, 6, 7]),  # 3.5 -> 4 at k = 5
+        (13, 4, [0, 3, 7, 10, 13]),  # 3.25 -> 3, 6.5 -> 7, 9.75 -> 10
+        (3, 10, [0, 0, 1, 1, 1, 2, 2, 2, 2, 3, 3]),  # fewer tokens than steps
+        (10, 10, list(range(11))),
+    ],
+    ids=["7-tokens-10-steps", "13-tokens-4-steps", "3-tokens-10-steps", "10-tokens-10-steps"],
+)
+def test_tokens_removed_per_step_for_uneven_counts(n: int, steps: int, expected: list[int]) -> None:
+    """Step ``k`` replaces ``k·n/steps`` tokens rounded to the nearest integer, halves up, in MoRF
+    and LeRF alike; MoRF takes them from the most relevant end, LeRF from the least relevant."""
+    model = DeletionSpy()
+    gen = torch.Generator().manual_seed(n)
+    ids = torch.randint(0, 30, (n,), generator=gen)
+    rel = torch.randperm(n, generator=gen).double()  # distinct: no ties
+    counts = perturbation_curves(model, ids, rel, 0, steps=steps)
+    masks = perturbation_curves(model, ids, rel, 1, steps=steps)
+    assert (n - counts.morf_logit).round().long().tolist() == expected
+    assert (n - counts.lerf_logit).round().long().tolist() == expected
+    most = torch.argsort(rel, descending=True).tolist()
+    for k, m in enumerate(expected):
+        assert removed_positions(masks.morf_logit[k], n) == set(most[:m]), k
+        assert removed_positions(masks.lerf_logit[k], n) == set(most[n - m :]), k
+
+
 def test_true_contributions_give_maximal_abpc_and_reversed_minimal(bag):
     model, ids, c = bag
     true = model.contributions(ids, c)
@@ -130,8 +183,14 @@ def test_evaluate_ranks_methods_on_the_linear_model():
     mask = torch.ones_like(ids)
     mask[1, 7:] = 0
     mask[4, :3] = 0
-    methods = {"truth": truth, "reversed": reversed_truth, "gradient": "gradient", "attnlrp": "attnlrp",
-               "ig": "integrated_gradients", "random": "random"}
+    methods = {
+        "truth": truth,
+        "reversed": reversed_truth,
+        "gradient": "gradient",
+        "attnlrp": "attnlrp",
+        "ig": "integrated_gradients",
+        "random": "random",
+    }
     report = evaluate(model, {"input_ids": ids, "attention_mask": mask}, methods)
     s = report.summary()
     assert s["gradient"]["abpc"] == pytest.approx(s["truth"]["abpc"])
