@@ -2,32 +2,109 @@
 
 Patch a model in place (per instance, reversibly) so that one ordinary backward pass yields LRP
 relevance (AttnLRP, AH-LRP/CP-LRP), and get token-level explanations back.
+
+Importing the package is cheap: torch and transformers are imported on first use of a name below
+(so that ``lxt-plus --help`` and ``--version`` answer at once).
 """
 
-from .audit import audit
-from .errors import LxtPlusError
-from .explain import explain
-from .patching import Handle, patch, patched
-from .plan import PRESETS, Preset, get_preset, load_preset
-from .result import Explanation, GenerationExplanation, Target
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "patch", "patched", "explain", "explain_generation", "audit", "evaluate", "tune",
-    "Handle", "Preset", "PRESETS", "get_preset", "load_preset", "Explanation",
-    "GenerationExplanation", "Target", "LxtPlusError", "__version__",
+    "patch",
+    "patched",
+    "explain",
+    "explain_generation",
+    "audit",
+    "evaluate",
+    "tune",
+    "Handle",
+    "Preset",
+    "PRESETS",
+    "get_preset",
+    "list_presets",
+    "load_preset",
+    "list_rules",
+    "register_rule",
+    "Explanation",
+    "GenerationExplanation",
+    "Target",
+    "LxtPlusError",
+    "__version__",
 ]
 
+# public name -> the submodule defining it
+_LAZY = {
+    "audit": "audit",
+    "LxtPlusError": "errors",
+    "explain": "explain",
+    "explain_generation": "generation",
+    "evaluate": "evaluate",
+    "tune": "tune",
+    "Handle": "patching",
+    "patch": "patching",
+    "patched": "patching",
+    "PRESETS": "plan",
+    "Preset": "plan",
+    "get_preset": "plan",
+    "list_presets": "plan",
+    "load_preset": "plan",
+    "list_rules": "rules",
+    "register_rule": "rules",
+    "Explanation": "result",
+    "GenerationExplanation": "result",
+    "Target": "result",
+}
 
-_LAZY = {"explain_generation": "generation", "evaluate": "evaluate", "tune": "tune"}
+if TYPE_CHECKING:
+    from .audit import audit
+    from .errors import LxtPlusError
+    from .evaluate import evaluate
+    from .explain import explain
+    from .generation import explain_generation
+    from .patching import Handle, patch, patched
+    from .plan import PRESETS, Preset, get_preset, list_presets, load_preset
+    from .result import Explanation, GenerationExplanation, Target
+    from .rules import list_rules, register_rule
+    from .tune import tune
 
 
-def __getattr__(name: str):  # the heavier entry points are imported on first use
+class _Package(types.ModuleType):
+    """The package module: a submodule import must not shadow the function of the same name.
+
+    ``lxt_plus.explain`` (and ``audit``, ``evaluate``, ``tune``) is the function, as it was when
+    this package imported everything eagerly; ``import lxt_plus.explain`` still registers the
+    submodule in ``sys.modules``.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name:
+            return
+        super().__setattr__(name, value)
+
+
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
-
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value  # the submodule import bound the module under this name: rebind
+        globals()[name] = value
         return value
-    raise AttributeError(f"module 'lxt_plus' has no attribute {name!r}")
+    if not name.startswith("_"):  # a submodule not imported yet: lxt_plus.rules, lxt_plus.models, ...
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+sys.modules[__name__].__class__ = _Package

@@ -20,7 +20,7 @@ from .errors import (
     TargetError,
     TokenizerMismatchError,
 )
-from .functional import acc
+from .functional import acc, input_relevance
 from .patching import _PATCHED, Handle, patch
 from .plan import Preset, get_preset
 from .result import Explanation, Target
@@ -423,7 +423,7 @@ def explain(
         preset_name = handle.preset.name
         recorder = _make_recorder(model, captures)
         extra: list[Tensor] = []
-        with recorder:
+        with recorder, input_relevance() as exact:
             leaf, logits, positions = _forward(model, batch, kind, position, extra)
         rows = logits.shape[0]
         targets, sel_ids, foil_ids = _targets(model, kind, logits, target, contrast, tokenizer, rows, positions)
@@ -439,6 +439,8 @@ def explain(
         grads = torch.autograd.grad(picked.sum(), wanted, allow_unused=True)
         grad = grads[0] if grads[0] is not None else torch.zeros_like(leaf)
         rel = acc(leaf.detach()) * acc(grad)
+        for correction in exact.get(id(leaf), []):  # rules with constant input terms (z^B, flat)
+            rel = rel + correction
         extra_rel = _extra_relevance(extra, grads[1:1 + len(extra)], rows)
         recorder.finish(grads[1 + len(extra):])
     if batch.values is not None:

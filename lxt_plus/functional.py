@@ -6,10 +6,15 @@ LRP relevance of ``x``. Each function changes only the backward pass; forward va
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 __all__ = [
     "stabilize",
@@ -19,6 +24,11 @@ __all__ = [
     "acc",
     "uniform_mul",
     "uniform_matmul",
+    "Term",
+    "LinearMap",
+    "modified_linear",
+    "input_relevance",
+    "zennit_stabilize",
 ]
 
 
@@ -56,8 +66,13 @@ def grad_scale(x: Tensor, factor: float) -> Tensor:
 
 class _IdentityRule(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, fn: Callable[[Tensor], Tensor], eps: float,  # type: ignore[override]
-                ratio_fn: Callable[[Tensor], Tensor] | None) -> Tensor:
+    def forward(
+        ctx,
+        x: Tensor,
+        fn: Callable[[Tensor], Tensor],
+        eps: float,  # type: ignore[override]
+        ratio_fn: Callable[[Tensor], Tensor] | None,
+    ) -> Tensor:
         y = fn(x)
         # grad_in = grad_out * f(x) / x, so that x * grad_in = f(x) * grad_out = R(y).
         ratio = ratio_fn(acc(x)) if ratio_fn is not None else acc(y) / stabilize(acc(x), eps)
@@ -71,8 +86,12 @@ class _IdentityRule(torch.autograd.Function):
         return (acc(grad) * ratio).to(ctx.dtype), None, None, None
 
 
-def identity_rule(x: Tensor, fn: Callable[[Tensor], Tensor], eps: float = 1e-12,
-                  ratio: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+def identity_rule(
+    x: Tensor,
+    fn: Callable[[Tensor], Tensor],
+    eps: float = 1e-12,
+    ratio: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """``fn(x)`` whose backward passes relevance through unchanged (identity rule).
 
     For an element-wise non-linearity ``y = f(x)`` the identity rule sets ``R(x) = R(y)``
@@ -144,3 +163,191 @@ def uniform_mul(a: Tensor, b: Tensor) -> Tensor:
 def uniform_matmul(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` with the uniform rule (see :func:`uniform_mul`)."""
     return grad_scale(torch.matmul(a, b), 0.5)
+
+
+# ------------------------------------------------------------------ rules that modify a linear map
+# Relevance recorded for inputs that are the explained leaf itself (see ``input_relevance``).
+_EXACT_INPUT: contextvars.ContextVar[dict[int, list[Tensor]] | None] = contextvars.ContextVar(
+    "lxt_plus_exact_input", default=None
+)
+
+
+@contextlib.contextmanager
+def input_relevance() -> Iterator[dict[int, list[Tensor]]]:
+    """Collect corrections for rules whose relevance at a leaf input is not ``x * grad``.
+
+    Rules with constant input terms (z^B, flat, w²) give relevance even where an input is ``0``,
+    which a gradient (``R / x``) cannot carry. While this context is active, such a rule applied
+    directly to a leaf tensor ``x`` (the explained input) appends ``R_exact - x * grad`` to
+    ``found[id(x)]``, so that ``x * x.grad + sum(found[id(x)])`` is exactly the rule's relevance.
+    """
+    found: dict[int, list[Tensor]] = {}
+    token = _EXACT_INPUT.set(found)
+    try:
+        yield found
+    finally:
+        _EXACT_INPUT.reset(token)
+
+
+def zennit_stabilize(x: Tensor, eps: float) -> Tensor:
+    """``x + eps * sign(x)`` with ``sign(0) = +1`` for both zeros (zennit's stabiliser)."""
+    return torch.where(x >= 0, x + eps, x - eps)
+
+
+@dataclass(frozen=True)
+class Term:
+    """One modified copy of a linear map, as in zennit's ``BasicHook``.
+
+    ``inputs`` is ``"x"``, ``"pos"`` (``x⁺``), ``"neg"`` (``x⁻``), ``"ones"``, ``"low"`` or
+    ``"high"`` (the bounds of z^B); ``param`` modifies the weight and the bias (``None``: keep);
+    ``zero_bias`` drops the bias. Terms with the same ``group`` share a denominator
+    ``Σ sign·z_term``; ``mask`` (``"pos"``/``"neg"``) keeps only outputs whose unmodified value
+    has that sign; the input relevance is ``Σ coef · input_term ⊙ grad_term``.
+    """
+
+    inputs: str
+    param: Callable[[Tensor], Tensor] | None = None
+    zero_bias: bool = False
+    group: int = 0
+    sign: float = 1.0
+    coef: float = 1.0
+    mask: str | None = None
+
+
+class LinearMap:
+    """``apply(x, weight, bias)`` and the input gradient of a linear module: Linear, HF Conv1D, ConvNd."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        if isinstance(module, nn.Linear):
+            self.kind = "linear"
+        elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 style
+            self.kind = "conv1d-hf"
+        elif isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+            self.kind = "conv"
+        else:
+            raise TypeError(type(module).__name__)
+
+    def apply(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if self.kind == "linear":
+            return F.linear(x, weight, bias)
+        if self.kind == "conv1d-hf":  # weight (in, out)
+            out = x.matmul(weight)
+            return out if bias is None else out + bias
+        return cast(Any, self.module)._conv_forward(x, weight, bias)
+
+    def input_grad(self, grad: Tensor, weight: Tensor, x: Tensor) -> Tensor:
+        """The gradient of ``apply(x, weight, ·)`` with respect to ``x``, for the upstream ``grad``."""
+        if self.kind == "linear":
+            return grad.matmul(weight)
+        if self.kind == "conv1d-hf":
+            return grad.matmul(weight.t())
+        with torch.enable_grad():
+            xs = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.apply(xs, weight, None), xs, grad)
+        return g
+
+
+def _term_input(x: Tensor, kind: str, low: Tensor | None, high: Tensor | None, channel_dim: int) -> Tensor:
+    if kind == "x":
+        return x
+    if kind == "pos":
+        return x.clamp(min=0)
+    if kind == "neg":
+        return x.clamp(max=0)
+    if kind == "ones":
+        return torch.ones_like(x)
+    bound = low if kind == "low" else high
+    assert bound is not None
+    bound = bound.to(x)
+    if bound.dim() == 1 and bound.numel() > 1:  # one value per channel
+        shape = [1] * x.dim()
+        shape[channel_dim] = bound.numel()
+        bound = bound.view(shape)
+    return bound.expand_as(x)
+
+
+_PROPORTIONAL = frozenset({"x", "pos", "neg"})  # inputs whose relevance is x ⊙ (a gradient)
+
+
+class _ModifiedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        x: Tensor,
+        forward: Callable[[Tensor], Tensor],
+        lin: LinearMap,  # type: ignore[override]
+        terms: tuple[Term, ...],
+        eps: float,
+        bounds: tuple[Tensor | None, Tensor | None],
+    ) -> Tensor:
+        z = forward(x)
+        # the parameters are read now: accelerate may offload them again before the backward pass
+        weight = lin.module.weight.detach()
+        bias = getattr(lin.module, "bias", None)
+        ctx.save_for_backward(x, weight, None if bias is None else bias.detach())
+        ctx.lin, ctx.terms, ctx.eps, ctx.bounds = lin, terms, eps, bounds
+        store = _EXACT_INPUT.get()
+        ctx.record = store.setdefault(id(x), []) if store is not None and x.is_leaf else None
+        return z
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, raw_weight, raw_bias = ctx.saved_tensors
+        lin, terms, eps = ctx.lin, ctx.terms, ctx.eps
+        xa, weight = acc(x), acc(raw_weight)
+        bias = None if raw_bias is None else acc(raw_bias)
+        # the output is recomputed (not saved): a module may modify its output in place
+        za = lin.apply(xa, weight, bias)
+        r_out = za * acc(grad)  # relevance at the output: R(z) = z ⊙ grad
+        ins, weights, outs = [], [], []
+        for t in terms:
+            xi = _term_input(xa, t.inputs, *ctx.bounds, 1 if lin.kind == "conv" else -1)
+            w = weight if t.param is None else t.param(weight)
+            b = None if (bias is None or t.zero_bias) else (bias if t.param is None else t.param(bias))
+            ins.append(xi)
+            weights.append(w)
+            outs.append(lin.apply(xi, w, b))
+        denom: dict[int, Tensor] = {}
+        for t, o in zip(terms, outs, strict=True):
+            denom[t.group] = denom[t.group] + t.sign * o if t.group in denom else t.sign * o
+        r_in = grad_x = None
+        exact = all(t.inputs in _PROPORTIONAL for t in terms)
+        for t, xi, w in zip(terms, ins, weights, strict=True):
+            g_out = r_out / zennit_stabilize(denom[t.group], eps)
+            if t.mask is not None:
+                g_out = g_out * ((za > 0) if t.mask == "pos" else (za < 0)).to(g_out.dtype)
+            g_in = lin.input_grad(g_out, w, xi)
+            if exact:  # x ⊙ d/dx equals input_term ⊙ d/d(input_term): no division by x needed
+                if t.inputs == "pos":
+                    g_in = g_in * (xa > 0).to(g_in.dtype)
+                elif t.inputs == "neg":
+                    g_in = g_in * (xa < 0).to(g_in.dtype)
+                grad_x = t.coef * g_in if grad_x is None else grad_x + t.coef * g_in
+            else:
+                part = t.coef * xi * g_in
+                r_in = part if r_in is None else r_in + part
+        if r_in is not None:  # constant inputs: relevance / x, exact at the explained leaf
+            grad_x = r_in / zennit_stabilize(xa, 1e-12)
+            if ctx.record is not None:
+                ctx.record.append(r_in - xa * grad_x)
+        assert grad_x is not None
+        return grad_x.to(x.dtype), None, None, None, None, None
+
+
+def modified_linear(
+    x: Tensor,
+    forward: Callable[[Tensor], Tensor],
+    lin: LinearMap,
+    terms: tuple[Term, ...],
+    eps: float,
+    bounds: tuple[Tensor | None, Tensor | None] = (None, None),
+) -> Tensor:
+    """``forward(x)`` whose backward pass is the LRP rule given by ``terms`` (zennit's formulation).
+
+    The forward value is exact; the backward pass recomputes the modified maps from the saved
+    input, so nothing beyond ``x`` and the output is kept. Parameters get no gradient.
+    """
+    if not torch.is_grad_enabled() or not x.requires_grad:
+        return forward(x)
+    return _ModifiedLinear.apply(x, forward, lin, terms, eps, bounds)

@@ -19,7 +19,14 @@ from torch.overrides import TorchFunctionMode
 from .attention import rule_sdpa
 from .functional import acc, identity_rule, uniform_matmul, uniform_mul
 
-__all__ = ["NormMode", "ProductMode", "AttentionOpsMode", "ElementwiseIdentityMode", "SDPARuleMode"]
+__all__ = [
+    "NormMode",
+    "ProductMode",
+    "is_gate",
+    "AttentionOpsMode",
+    "ElementwiseIdentityMode",
+    "SDPARuleMode",
+]
 
 # an unbound handler: (mode, torch function, args, kwargs) -> result
 Handler = Callable[[Any, Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
@@ -39,8 +46,13 @@ def _funcs(*names: str, modules: tuple[Any, ...] = (torch, _T, _TB)) -> list[Cal
 
 def _both_depend_on_input(a: Any, b: Any) -> bool:
     """True when both operands are non-leaf tensors in the autograd graph (not parameters)."""
-    return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.grad_fn is not None
-            and b.grad_fn is not None and torch.is_grad_enabled())
+    return (
+        isinstance(a, Tensor)
+        and isinstance(b, Tensor)
+        and a.grad_fn is not None
+        and b.grad_fn is not None
+        and torch.is_grad_enabled()
+    )
 
 
 class _RuleMode(TorchFunctionMode):
@@ -91,9 +103,13 @@ class NormMode(_RuleMode):
 
     @classmethod
     def _table(cls) -> dict[Any, Handler]:
-        return {**cls.on(_funcs("rsqrt", "sqrt", "std", "var", "norm"), cls._detached),
-                **cls.on(_funcs("pow", "__pow__"), cls._pow), F.layer_norm: cls._layer_norm,
-                F.rms_norm: cls._rms_norm, F.normalize: cls._normalize}
+        return {
+            **cls.on(_funcs("rsqrt", "sqrt", "std", "var", "norm"), cls._detached),
+            **cls.on(_funcs("pow", "__pow__"), cls._pow),
+            F.layer_norm: cls._layer_norm,
+            F.rms_norm: cls._rms_norm,
+            F.normalize: cls._normalize,
+        }
 
     def _detached(self, func, args, kwargs):  # type: ignore[no-untyped-def]
         self._count()
@@ -151,12 +167,68 @@ _MUL = _funcs("mul", "__mul__", "__rmul__", "multiply")
 _MATMUL = _funcs("matmul", "__matmul__", "bmm") + [torch.einsum]
 
 
-class ProductMode(_RuleMode):
-    """Uniform rule on element-wise products of two input-dependent tensors (gated MLPs, MoE).
+# autograd nodes that make a tensor the output of an element-wise non-linearity: the gate of a
+# gated product (the identity rule's own node, or autograd's for an inline activation)
+_GATE_NODES = frozenset(
+    {
+        "_IdentityRuleBackward",
+        "SiluBackward0",
+        "GeluBackward0",
+        "SigmoidBackward0",
+        "TanhBackward0",
+        "ReluBackward0",
+        "EluBackward0",
+        "LeakyReluBackward0",
+        "SoftplusBackward0",
+        "MishBackward0",
+        "HardswishBackward0",
+        "HardsigmoidBackward0",
+        "HardtanhBackward0",
+    }
+)
+# nodes that keep the values as they are (casts, views): looked through when finding the gate
+_SAME_VALUES = frozenset(
+    {
+        "ToCopyBackward0",
+        "ViewBackward0",
+        "ReshapeAliasBackward0",
+        "UnsqueezeBackward0",
+        "ExpandBackward0",
+        "CloneBackward0",
+        "AliasBackward0",
+    }
+)
 
-    ``act(gate) * up`` and ``router_weight * expert_out``: each factor receives half the relevance
-    (Achtibat et al. 2024). Products with a constant or a parameter are left alone.
+
+def is_gate(t: Tensor) -> bool:
+    """Whether ``t`` is the output of an element-wise non-linearity (up to casts and views)."""
+    node = t.grad_fn
+    for _ in range(4):
+        if node is None:
+            return False
+        name = type(node).__name__
+        if name in _GATE_NODES:
+            return True
+        if name not in _SAME_VALUES:
+            return False
+        node = next((n for n, _ in node.next_functions if n is not None), None)
+    return False
+
+
+class ProductMode(_RuleMode):
+    """The rule for element-wise products of two input-dependent tensors (gated MLPs, MoE).
+
+    ``act(gate) * up`` and ``router_weight * expert_out``. By default the uniform rule: each
+    factor receives half the relevance (Achtibat et al. 2024, Prop. 3.3). With
+    ``constant_gate=True`` (CP-LRP as LXT defines it) the factor that is the output of an
+    element-wise non-linearity is a constant, like an attention weight, and all relevance flows
+    through the other factor; a product with no such factor, or two, keeps the uniform rule.
+    Products with a constant or a parameter are left alone.
     """
+
+    def __init__(self, constant_gate: bool = False) -> None:
+        super().__init__()
+        self.constant_gate = constant_gate
 
     @classmethod
     def _table(cls) -> dict[Any, Handler]:
@@ -165,7 +237,12 @@ class ProductMode(_RuleMode):
     def _mul(self, func, args, kwargs):  # type: ignore[no-untyped-def]
         if len(args) == 2 and not kwargs and _both_depend_on_input(args[0], args[1]):
             self._count()
-            return uniform_mul(args[0], args[1])
+            a, b = args
+            if self.constant_gate:
+                gate_a, gate_b = is_gate(a), is_gate(b)
+                if gate_a != gate_b:
+                    return func(a.detach(), b) if gate_a else func(a, b.detach())
+            return uniform_mul(a, b)
         return func(*args, **kwargs)
 
 
@@ -222,8 +299,12 @@ class AttentionOpsMode(SDPARuleMode):
 
     @classmethod
     def _table(cls) -> dict[Any, Handler]:
-        return {**super()._table(), **cls.on(_funcs("softmax", modules=(torch, _T, _TB, F)), cls._softmax),
-                **cls.on(_MATMUL, cls._matmul), **cls.on(_funcs("tanh", modules=(torch, _T, _TB, F)), cls._tanh)}
+        return {
+            **super()._table(),
+            **cls.on(_funcs("softmax", modules=(torch, _T, _TB, F)), cls._softmax),
+            **cls.on(_MATMUL, cls._matmul),
+            **cls.on(_funcs("tanh", modules=(torch, _T, _TB, F)), cls._tanh),
+        }
 
     def _softmax(self, func, args, kwargs):  # type: ignore[no-untyped-def]
         self._count()

@@ -23,6 +23,7 @@ from .rules import (
     AttnLRP,
     Conservative,
     Constant,
+    ConstantGate,
     DropoutOff,
     Epsilon,
     HeadIdentity,
@@ -33,7 +34,17 @@ from .rules import (
     rule_from_spec,
 )
 
-__all__ = ["Preset", "Plan", "PlanEntry", "PRESETS", "get_preset", "load_preset", "build_plan", "nearest"]
+__all__ = [
+    "Preset",
+    "Plan",
+    "PlanEntry",
+    "PRESETS",
+    "get_preset",
+    "list_presets",
+    "load_preset",
+    "build_plan",
+    "nearest",
+]
 
 
 def nearest(word: str, options: Iterable[str]) -> str:
@@ -81,7 +92,9 @@ class Preset:
         for sel, _ in self.rules:
             _check_selector(sel)
 
-    def override(self, selector: str, rule: Rule | str | Mapping[str, Any], name: str | None = None) -> Preset:
+    def override(
+        self, selector: str, rule: Rule | str | Mapping[str, Any], name: str | None = None
+    ) -> Preset:
         """A copy where ``selector`` gets ``rule`` ahead of every other entry."""
         new = ((_check_selector(selector), rule_from_spec(rule, f"override {selector!r}")),) + self.rules
         return replace(self, rules=new, name=name or f"{self.name}+")
@@ -96,8 +109,10 @@ class Preset:
         return {
             "name": self.name,
             "zero_bias": self.zero_bias,
-            "rules": [{"select": sel, "rule": {rule.name: rule.params()} if rule.params() else rule.name}
-                      for sel, rule in self.rules],
+            "rules": [
+                {"select": sel, "rule": {rule.name: rule.params()} if rule.params() else rule.name}
+                for sel, rule in self.rules
+            ],
         }
 
     def to_yaml(self) -> str:
@@ -111,13 +126,17 @@ class Preset:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "preset") -> Preset:
         if not isinstance(data, Mapping):
-            raise ConfigError(f"{where}: a preset is a mapping with keys name, base, zero_bias, rules; "
-                              f"got {type(data).__name__}")
+            raise ConfigError(
+                f"{where}: a preset is a mapping with keys name, base, zero_bias, rules; "
+                f"got {type(data).__name__}"
+            )
         valid = {"name", "base", "zero_bias", "rules"}
         for key in data:
             if key not in valid:
-                raise ConfigError(f"{where}: unknown key {key!r}{nearest(str(key), valid)}; "
-                                  f"valid keys: {', '.join(sorted(valid))}")
+                raise ConfigError(
+                    f"{where}: unknown key {key!r}{nearest(str(key), valid)}; "
+                    f"valid keys: {', '.join(sorted(valid))}"
+                )
         base = get_preset(data["base"]) if data.get("base") else None
         raw = data.get("rules", [])
         entries: list[tuple[str, Rule]] = []
@@ -128,8 +147,9 @@ class Preset:
             items = []
             for i, item in enumerate(raw):
                 if not isinstance(item, Mapping) or set(item) != {"select", "rule"}:
-                    raise ConfigError(f"{where}: rules[{i}] must be a mapping with keys 'select' and 'rule', "
-                                      f"got {item!r}")
+                    raise ConfigError(
+                        f"{where}: rules[{i}] must be a mapping with keys 'select' and 'rule', got {item!r}"
+                    )
                 items.append((item["select"], item["rule"]))
         else:
             raise ConfigError(f"{where}: 'rules' must be a list or a mapping, got {type(raw).__name__}")
@@ -141,7 +161,9 @@ class Preset:
         zero_bias = data.get("zero_bias", base.zero_bias if base else False)
         if not isinstance(zero_bias, bool):
             raise ConfigError(f"{where}: zero_bias must be true or false, got {zero_bias!r}")
-        return cls(name=str(data.get("name", base.name if base else "custom")), rules=rules, zero_bias=zero_bias)
+        return cls(
+            name=str(data.get("name", base.name if base else "custom")), rules=rules, zero_bias=zero_bias
+        )
 
     def __repr__(self) -> str:
         body = ", ".join(f"{sel}={rule!r}" for sel, rule in self.rules)
@@ -149,10 +171,7 @@ class Preset:
         return f"Preset({self.name!r}: {body}{zb})"
 
 
-_COMMON: tuple[tuple[str, Rule], ...] = (
-    ("activation", Identity()),
-    ("norm", Conservative()),
-    ("mlp", UniformProduct()),
+_REST: tuple[tuple[str, Rule], ...] = (
     ("head", HeadIdentity()),
     ("linear", Epsilon()),
     ("conv", Epsilon()),
@@ -164,20 +183,50 @@ _COMMON: tuple[tuple[str, Rule], ...] = (
     ("container", Pass()),
 )
 
+
+def _lrp(attention: Rule, router: Rule, products: Rule) -> tuple[tuple[str, Rule], ...]:
+    """The rules every LRP preset shares, with its own attention, router and gated-product rules."""
+    return (
+        ("attention", attention),
+        ("router", router),
+        ("activation", Identity()),
+        ("norm", Conservative()),
+        ("mlp", products),
+    ) + _REST
+
+
 PRESETS: dict[str, Preset] = {
-    "attnlrp": Preset("attnlrp", (("attention", AttnLRP()), ("router", Pass())) + _COMMON),
-    "ah-lrp": Preset("ah-lrp", (("attention", AHLRP()), ("router", Constant())) + _COMMON),
+    # AttnLRP (Achtibat et al. 2024): softmax rule, uniform rule on q·kᵀ, A·v and gated products
+    "attnlrp": Preset("attnlrp", _lrp(AttnLRP(), Pass(), UniformProduct())),
+    # CP-LRP as LXT defines it: attention weights, MoE router weights and the gate act(g) of a gated
+    # MLP are constants; relevance flows through v and up_proj
+    "cp-lrp": Preset("cp-lrp", _lrp(AHLRP(), Constant(), ConstantGate())),
+    # AH-LRP (Ali et al. 2022): attention weights and router weights constant; gated products split ½/½
+    "ah-lrp": Preset("ah-lrp", _lrp(AHLRP(), Constant(), UniformProduct())),
     "gradient": Preset("gradient", (("dropout", DropoutOff()), ("any", Pass()))),
-    "conservative-check": Preset("conservative-check", (("attention", AHLRP()), ("router", Constant()))
-                                 + _COMMON, zero_bias=True),
+    # AH-LRP with every bias zeroed: relevance sums to the target logit (how audit checks a plan)
+    "conservative-check": Preset(
+        "conservative-check", _lrp(AHLRP(), Constant(), UniformProduct()), zero_bias=True
+    ),
 }
-_ALIASES = {"cp-lrp": "ah-lrp", "ahlrp": "ah-lrp", "attn-lrp": "attnlrp", "gxi": "gradient",
-            "gradient-x-input": "gradient"}
+_ALIASES = {
+    "ahlrp": "ah-lrp",
+    "cplrp": "cp-lrp",
+    "attn-lrp": "attnlrp",
+    "gxi": "gradient",
+    "gradient-x-input": "gradient",
+}
+
+
+def list_presets() -> list[str]:
+    """Every preset name (aliases not included) that ``rules=`` and ``--rules`` accept."""
+    return sorted(PRESETS)
 
 
 def get_preset(rules: str | Preset | Mapping[str, Any] | Path) -> Preset:
-    """A preset from a name (``"attnlrp"``, ``"ah-lrp"``/``"cp-lrp"``, ``"gradient"``,
-    ``"conservative-check"``), a YAML file path, a mapping, or a :class:`Preset`."""
+    """A preset from a name (``"attnlrp"``, ``"cp-lrp"``, ``"ah-lrp"``, ``"gradient"``,
+    ``"conservative-check"``; see :func:`list_presets`), a YAML file path, a mapping, or a
+    :class:`Preset`."""
     if isinstance(rules, Preset):
         return rules
     if isinstance(rules, Mapping):
@@ -188,9 +237,11 @@ def get_preset(rules: str | Preset | Mapping[str, Any] | Path) -> Preset:
     key = _ALIASES.get(text.lower(), text.lower())
     if key not in PRESETS:
         hint = nearest(text.lower(), sorted(PRESETS)) or nearest(text.lower(), sorted(_ALIASES))
-        raise PresetError(f"unknown preset {text!r}{hint}; valid presets: "
-                          f"{', '.join(sorted(PRESETS))} (aliases: {', '.join(sorted(_ALIASES))}), "
-                          "or a path to a .yaml file")
+        raise PresetError(
+            f"unknown preset {text!r}{hint}; valid presets: "
+            f"{', '.join(sorted(PRESETS))} (aliases: {', '.join(sorted(_ALIASES))}), "
+            "or a path to a .yaml file"
+        )
     return PRESETS[key]
 
 
@@ -228,8 +279,10 @@ class Plan:
 
     def describe(self, show_pass: bool = False) -> str:
         """``module path -> rule`` for every module the plan touches."""
-        lines = [f"lxt_plus plan: preset {self.preset.name!r}"
-                 + (" (biases zeroed)" if self.preset.zero_bias else "")]
+        lines = [
+            f"lxt_plus plan: preset {self.preset.name!r}"
+            + (" (biases zeroed)" if self.preset.zero_bias else "")
+        ]
         rows = [e for e in self.entries if show_pass or (e.route != "none")]
         width = max((len(e.path or "<model>") for e in rows), default=10)
         for e in rows:
@@ -259,7 +312,9 @@ def build_plan(model: nn.Module, preset: Preset, strict: bool = True) -> Plan:
             info.note = "passed through (strict=False)"
         if isinstance(rule, Pass) and info.role == "container":
             continue
-        route = "none" if isinstance(rule, Pass) or (isinstance(rule, Epsilon) and rule.eps == 0) else "forward"
+        route = (
+            "none" if isinstance(rule, Pass) or (isinstance(rule, Epsilon) and rule.eps == 0) else "forward"
+        )
         plan.entries.append(PlanEntry(info.path, info.type_name, info.role, rule, route))
     if missing:
         listing = "; ".join(f"{m.path or '<model>'} ({m.type_name}, role {m.role})" for m in missing[:12])

@@ -15,12 +15,33 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .functional import epsilon_rule, identity_rule, stabilize
+from .errors import ConfigError, UnsupportedModelError
+from .functional import LinearMap, Term, epsilon_rule, identity_rule, modified_linear
 from .modes import AttentionOpsMode, ElementwiseIdentityMode, NormMode, ProductMode
 
 __all__ = [
-    "Rule", "Pass", "Epsilon", "Gamma", "Identity", "Conservative", "UniformProduct", "AttnLRP",
-    "AHLRP", "Constant", "DropoutOff", "HeadIdentity", "RULES", "rule_from_spec",
+    "Rule",
+    "Pass",
+    "Epsilon",
+    "Gamma",
+    "ZPlus",
+    "AlphaBeta",
+    "ZBox",
+    "Flat",
+    "WSquare",
+    "Identity",
+    "Conservative",
+    "UniformProduct",
+    "ConstantGate",
+    "AttnLRP",
+    "AHLRP",
+    "Constant",
+    "DropoutOff",
+    "HeadIdentity",
+    "RULES",
+    "register_rule",
+    "list_rules",
+    "rule_from_spec",
 ]
 
 Forward = Callable[..., Any]
@@ -70,49 +91,189 @@ class Epsilon(Rule):
         return fwd
 
 
-def _affine_with(module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    if isinstance(module, nn.Linear):
-        return torch.nn.functional.linear(x, weight, bias)
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return module._conv_forward(x, weight, bias)  # type: ignore[operator]
-    if type(module).__name__ == "Conv1D":  # transformers' GPT-2 style, weight (in, out)
-        out = x.reshape(-1, x.shape[-1]) @ weight
-        if bias is not None:
-            out = out + bias
-        return out.reshape(*x.shape[:-1], weight.shape[-1])
-    raise TypeError(f"the gamma rule needs a Linear, Conv1D or ConvNd module, got {type(module).__name__}")
+@dataclass(frozen=True, repr=False)
+class _LinearRule(Rule):
+    """A rule that modifies a linear map (Linear, transformers' Conv1D, ConvNd) in the backward pass.
+
+    Subclasses list their modified copies of the map as :class:`~lxt_plus.functional.Term` s,
+    in zennit's formulation (``BasicHook``: input modifier, parameter modifier, shared
+    denominator, reducer); :func:`~lxt_plus.functional.modified_linear` does the rest. Forward
+    values are unchanged. ``eps`` stabilises the denominators (``+ε·sign``, ``sign 0 = +1``).
+    """
+
+    def terms(self) -> tuple[Term, ...]:
+        raise NotImplementedError
+
+    def bounds(self) -> tuple[Any, Any]:
+        return None, None
+
+    def wrap(self, module, forward, probe):  # type: ignore[no-untyped-def]
+        try:
+            lin = LinearMap(module)
+        except TypeError:
+            kind = type(module).__name__
+            raise UnsupportedModelError(
+                f"rule {self.name!r} applies to Linear, Conv1D and ConvNd modules, not to {kind}; give "
+                f"{kind} another rule, e.g. preset.override('type:{kind}', 'epsilon')"
+            ) from None
+        terms, eps, bounds = self.terms(), float(getattr(self, "eps", 1e-6)), self.bounds()
+
+        def fwd(x: Tensor, *args: Any, **kwargs: Any) -> Any:
+            return modified_linear(x, lambda t: forward(t, *args, **kwargs), lin, terms, eps, bounds)
+
+        return fwd
+
+
+def _plus(gamma: float) -> Callable[[Tensor], Tensor]:
+    return lambda p: p + gamma * p.clamp(min=0)
+
+
+def _minus(gamma: float) -> Callable[[Tensor], Tensor]:
+    return lambda p: p + gamma * p.clamp(max=0)
+
+
+def _positive(p: Tensor) -> Tensor:
+    return p.clamp(min=0)
+
+
+def _negative(p: Tensor) -> Tensor:
+    return p.clamp(max=0)
 
 
 @dataclass(frozen=True, repr=False)
-class Gamma(Rule):
-    """LRP-γ on a linear or convolutional layer: positive weights are favoured by ``1 + γ``.
+class Gamma(_LinearRule):
+    """LRP-γ, generalised to signed inputs and outputs as zennit defines it (``zennit.rules.Gamma``).
 
-    ``R_i = Σ_j x_i (w_ij + γ w_ij⁺) R_j / Σ_i' x_i' (w_i'j + γ w_i'j⁺)`` (Montavon et al. 2019);
-    used by AttnLRP for vision transformers. Forward values are unchanged.
+    For an output ``z_j > 0`` the positive inputs pair with ``w + γw⁺`` (and ``b + γb⁺``) and the
+    negative inputs with ``w + γw⁻``; a negative output takes the mirrored pairs (Montavon et al.
+    2019; Andéol et al. 2021). ``R_i = Σ_j x_i w̃_ij R_j / Σ_i' x_i' w̃_i'j`` within each branch.
+    With ``generalized=False`` it is the original rule: ``w + γw⁺`` and ``b + γb⁺`` for every
+    sign, which agrees with the generalised rule only for non-negative inputs and positive
+    outputs. Forward values are unchanged.
     """
 
     name: ClassVar[str] = "gamma"
-    paper: ClassVar[str] = "Montavon et al. 2019"
+    paper: ClassVar[str] = "Montavon et al. 2019; Andéol et al. 2021"
     gamma: float = 0.25
-    eps: float = 1e-9
+    eps: float = 1e-6
+    generalized: bool = True
 
-    def wrap(self, module, forward, probe):  # type: ignore[no-untyped-def]
-        gamma, eps = self.gamma, self.eps
+    def terms(self) -> tuple[Term, ...]:
+        plus, minus = _plus(self.gamma), _minus(self.gamma)
+        if not self.generalized:
+            return (Term("x", plus),)
+        return (
+            Term("pos", plus, group=0, mask="pos"),
+            Term("neg", minus, zero_bias=True, group=0, mask="pos"),
+            Term("pos", minus, group=1, mask="neg"),
+            Term("neg", plus, zero_bias=True, group=1, mask="neg"),
+        )
 
-        def fwd(x: Tensor, *args: Any, **kwargs: Any) -> Any:
-            z = forward(x, *args, **kwargs)
-            if not (torch.is_grad_enabled() and x.requires_grad):
-                return z
-            w = module.weight.detach()
-            b = None if getattr(module, "bias", None) is None else module.bias.detach()
-            w_g = w + gamma * w.clamp(min=0)
-            b_g = None if b is None else b + gamma * b.clamp(min=0)
-            z_g = _affine_with(module, x, w_g, b_g)
-            # value z exactly; gradient of z_g scaled by z / z_g (the γ-rule's redistribution)
-            t = z_g * (z.detach() / stabilize(z_g.detach(), eps))
-            return z.detach() + (t - t.detach())
 
-        return fwd
+@dataclass(frozen=True, repr=False)
+class ZPlus(_LinearRule):
+    """LRP-z⁺ (Bach et al. 2015; Montavon et al. 2017): only positive contributions ``x⁺w⁺`` and
+    ``x⁻w⁻`` share the relevance (zennit's ``ZPlus``, equal to αβ with α=1, β=0)."""
+
+    name: ClassVar[str] = "zplus"
+    paper: ClassVar[str] = "Montavon et al. 2017"
+    eps: float = 1e-6
+
+    def terms(self) -> tuple[Term, ...]:
+        return (Term("pos", _positive), Term("neg", _negative, zero_bias=True))
+
+
+@dataclass(frozen=True, repr=False)
+class AlphaBeta(_LinearRule):
+    """LRP-αβ (Bach et al. 2015): positive contributions weighted by α, negative ones by β
+    (``α - β = 1``; zennit's ``AlphaBeta``). Common settings: α=2, β=1 and α=1, β=0."""
+
+    name: ClassVar[str] = "alpha-beta"
+    paper: ClassVar[str] = "Bach et al. 2015"
+    alpha: float = 2.0
+    beta: float = 1.0
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0 or self.beta < 0 or abs(self.alpha - self.beta - 1.0) > 1e-12:
+            raise ConfigError(
+                f"alpha-beta needs alpha >= 0, beta >= 0 and alpha - beta = 1, "
+                f"got alpha={self.alpha}, beta={self.beta}"
+            )
+
+    def terms(self) -> tuple[Term, ...]:
+        a, b = self.alpha, -self.beta
+        return (
+            Term("pos", _positive, group=0, coef=a),
+            Term("neg", _negative, zero_bias=True, group=0, coef=a),
+            Term("pos", _negative, group=1, coef=b),
+            Term("neg", _positive, zero_bias=True, group=1, coef=b),
+        )
+
+
+def _bound(value: Any) -> Tensor:
+    return torch.as_tensor(value, dtype=torch.float64)
+
+
+@dataclass(frozen=True, repr=False)
+class ZBox(_LinearRule):
+    """LRP-z^B for a bounded input layer (Montavon et al. 2017; zennit's ``ZBox``).
+
+    ``low`` and ``high`` are the lowest and highest possible input values: floats, or one value
+    per channel (dimension 1 of a convolution's input, the last dimension of a Linear's).
+    Relevance is ``x w - l w⁺ - h w⁻`` over its sum; it lands on inputs that are ``0`` too, which
+    lxt_plus reports exactly when this rule is applied to the explained input itself.
+    """
+
+    name: ClassVar[str] = "zbox"
+    paper: ClassVar[str] = "Montavon et al. 2017"
+    low: float | tuple[float, ...] = 0.0
+    high: float | tuple[float, ...] = 1.0
+    eps: float = 1e-6
+
+    def bounds(self) -> tuple[Any, Any]:
+        return _bound(self.low), _bound(self.high)
+
+    def terms(self) -> tuple[Term, ...]:
+        return (
+            Term("x"),
+            Term("low", _positive, sign=-1.0, coef=-1.0),
+            Term("high", _negative, sign=-1.0, coef=-1.0),
+        )
+
+
+def _ones(p: Tensor) -> Tensor:
+    return torch.ones_like(p)
+
+
+def _square(p: Tensor) -> Tensor:
+    return p * p
+
+
+@dataclass(frozen=True, repr=False)
+class Flat(_LinearRule):
+    """LRP-flat (Lapuschkin et al. 2019; zennit's ``Flat``): relevance spread evenly over each
+    output's receptive field, whatever the inputs and weights. Meant for the input layer."""
+
+    name: ClassVar[str] = "flat"
+    paper: ClassVar[str] = "Lapuschkin et al. 2019"
+    eps: float = 1e-6
+
+    def terms(self) -> tuple[Term, ...]:
+        return (Term("ones", _ones, zero_bias=True),)
+
+
+@dataclass(frozen=True, repr=False)
+class WSquare(_LinearRule):
+    """LRP-w² (Montavon et al. 2017; zennit's ``WSquare``): relevance in proportion to ``w²``,
+    independent of the input. Meant for an unbounded input layer."""
+
+    name: ClassVar[str] = "wsquare"
+    paper: ClassVar[str] = "Montavon et al. 2017"
+    eps: float = 1e-6
+
+    def terms(self) -> tuple[Term, ...]:
+        return (Term("ones", _square),)
 
 
 @dataclass(frozen=True, repr=False)
@@ -152,8 +313,9 @@ def _closed_form_ratio(module: nn.Module) -> Callable[[Tensor], Tensor] | None:
     return _RATIOS.get(type(module))
 
 
-def _under_mode(forward: Forward, make_mode: Callable[[], Any], probe: dict[str, int],
-                counter: str | None = None) -> Forward:
+def _under_mode(
+    forward: Forward, make_mode: Callable[[], Any], probe: dict[str, int], counter: str | None = None
+) -> Forward:
     """``forward`` run inside a fresh torch-function mode; its hit count is added to ``probe[counter]``."""
 
     def fwd(*args: Any, **kwargs: Any) -> Any:
@@ -193,6 +355,22 @@ class UniformProduct(Rule):
 
 
 @dataclass(frozen=True, repr=False)
+class ConstantGate(Rule):
+    """CP-LRP's rule for gated products (LXT's ``cp_gated_mlp_forward``): in ``act(g) · u`` the gate
+    ``act(g)`` is a constant, like an attention weight, and all relevance flows through ``u``.
+
+    A product of two input-dependent factors where neither (or both) is the output of an
+    element-wise non-linearity keeps the uniform rule.
+    """
+
+    name: ClassVar[str] = "constant-gate"
+    paper: ClassVar[str] = "Ali et al. 2022; LXT (Achtibat et al. 2024)"
+
+    def wrap(self, module, forward, probe):  # type: ignore[no-untyped-def]
+        return _under_mode(forward, lambda: ProductMode(constant_gate=True), probe)
+
+
+@dataclass(frozen=True, repr=False)
 class _AttentionRule(Rule):
     detach_weights: ClassVar[bool] = False
 
@@ -224,8 +402,11 @@ def _detach_all(out: Any) -> Any:
     if isinstance(out, Tensor):
         return out.detach()
     if isinstance(out, tuple):
-        return type(out)(_detach_all(o) for o in out) if not hasattr(out, "_fields") else type(out)(
-            *(_detach_all(o) for o in out))
+        return (
+            type(out)(_detach_all(o) for o in out)
+            if not hasattr(out, "_fields")
+            else type(out)(*(_detach_all(o) for o in out))
+        )
     if isinstance(out, list):
         return [_detach_all(o) for o in out]
     return out
@@ -259,7 +440,8 @@ class DropoutOff(Rule):
 
 # The head mode of the current thread, so that the backbone can step out of it.
 _HEAD_MODE: contextvars.ContextVar[ElementwiseIdentityMode | None] = contextvars.ContextVar(
-    "lxt_plus_head_mode", default=None)
+    "lxt_plus_head_mode", default=None
+)
 
 
 @dataclass(frozen=True, repr=False)
@@ -307,19 +489,77 @@ class HeadIdentity(Rule):
         return fwd
 
 
-RULES: dict[str, type[Rule]] = {
-    cls.name: cls
-    for cls in (Pass, Epsilon, Gamma, Identity, Conservative, UniformProduct, AttnLRP, AHLRP, Constant,
-                DropoutOff, HeadIdentity)
-}
-RULES["cp-lrp"] = AHLRP
-RULES["gradient"] = Pass
+RULES: dict[str, type[Rule]] = {}
+
+
+def register_rule(cls: type[Rule] | None = None, *, name: str | None = None) -> Any:
+    """Make a :class:`Rule` subclass usable by name in Python, YAML presets and the CLI.
+
+    Use as a decorator (``@register_rule``) or call it (``register_rule(MyRule, name="alias")``).
+    The name defaults to the class's ``name``; registering a different class under a taken name
+    raises :class:`~lxt_plus.errors.ConfigError`.
+    """
+
+    def add(rule_cls: type[Rule]) -> type[Rule]:
+        if not (isinstance(rule_cls, type) and issubclass(rule_cls, Rule)):
+            raise ConfigError(f"register_rule needs a Rule subclass, got {rule_cls!r}")
+        key = name or rule_cls.name
+        if RULES.get(key, rule_cls) is not rule_cls:
+            raise ConfigError(f"a rule named {key!r} is already registered ({RULES[key].__name__})")
+        RULES[key] = rule_cls
+        return rule_cls
+
+    return add if cls is None else add(cls)
+
+
+def list_rules() -> list[str]:
+    """Every rule name that presets, YAML files and the CLI accept."""
+    return sorted(RULES)
+
+
+for _cls in (
+    Pass,
+    Epsilon,
+    Gamma,
+    ZPlus,
+    AlphaBeta,
+    ZBox,
+    Flat,
+    WSquare,
+    Identity,
+    Conservative,
+    UniformProduct,
+    ConstantGate,
+    AttnLRP,
+    AHLRP,
+    Constant,
+    DropoutOff,
+    HeadIdentity,
+):
+    register_rule(_cls)
+register_rule(AHLRP, name="cp-lrp")  # CP-LRP's attention rule is AH-LRP's
+register_rule(Pass, name="gradient")
+
+
+def _coerce(cls: type[Rule], key: str, value: Any, where: str) -> Any:
+    """A YAML/CLI value as the type of field ``key``: bool, float, or a tuple of floats."""
+    hint = str(next(f.type for f in fields(cls) if f.name == key))
+    if hint == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(
+                f"{where}: parameter {key!r} of rule {cls.name!r} is true or false, got {value!r}"
+            )
+        return value
+    if "tuple" in hint and isinstance(value, (list, tuple)):
+        return tuple(float(v) for v in value)
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{where}: parameter {key!r} of rule {cls.name!r} is a number, got {value!r}")
+    return float(value)
 
 
 def rule_from_spec(spec: Any, where: str = "rule") -> Rule:
     """A rule from a name (``"epsilon"``), a dict (``{"epsilon": {"eps": 1e-6}}`` or
     ``{"name": "gamma", "gamma": 0.25}``) or a :class:`Rule` instance."""
-    from .errors import ConfigError
     from .plan import nearest
 
     if isinstance(spec, Rule):
@@ -335,15 +575,19 @@ def rule_from_spec(spec: Any, where: str = "rule") -> Rule:
         else:
             raise ConfigError(f"{where}: a rule is a name or a one-key mapping, got {spec!r}")
     if not isinstance(spec, str) or spec not in RULES:
-        raise ConfigError(f"{where}: unknown rule {spec!r}{nearest(str(spec), RULES)}; "
-                          f"valid rules: {', '.join(sorted(RULES))}")
+        raise ConfigError(
+            f"{where}: unknown rule {spec!r}{nearest(str(spec), RULES)}; "
+            f"valid rules: {', '.join(list_rules())}"
+        )
     cls = RULES[spec]
     valid = {f.name for f in fields(cls)}
     for key in params:
         if key not in valid:
-            raise ConfigError(f"{where}: rule {spec!r} has no parameter {key!r}{nearest(key, valid)}; "
-                              f"valid: {', '.join(sorted(valid)) or '(none)'}")
+            raise ConfigError(
+                f"{where}: rule {spec!r} has no parameter {key!r}{nearest(key, valid)}; "
+                f"valid: {', '.join(sorted(valid)) or '(none)'}"
+            )
     try:
-        return cls(**{k: float(v) for k, v in params.items()})
+        return cls(**{k: _coerce(cls, k, v, where) for k, v in params.items()})
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: bad parameters for rule {spec!r}: {exc}") from None

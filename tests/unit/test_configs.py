@@ -72,7 +72,7 @@ def test_custom_example_overrides_by_name_and_type(tiny: dict[str, torch.nn.Modu
         assert rules["model.layers.1.self_attn"] == PRESETS["attnlrp"].rules[0][1]
         assert rules["model.layers.1.mlp.down_proj"] == Epsilon(eps=1e-6)
     with lxt_plus.patched(gpt2, preset) as handle:
-        assert {e.rule for e in handle.plan.entries if e.type_name == "Conv1D"} == {Gamma(gamma=0.1)}
+        assert {e.rule for e in handle.plan.entries if e.type_name == "Conv1D"} == {Gamma(gamma=0.1, eps=1e-9)}
 
 
 # ------------------------------------------------------------------ errors name the key and the fix

@@ -161,7 +161,7 @@ def test_gamma_rule_on_linear(gamma: float) -> None:
     x = torch.randn(3, 5, dtype=DTYPE)
     g = torch.randn(3, 4, dtype=DTYPE)
 
-    rule = Gamma(gamma=gamma)
+    rule = Gamma(gamma=gamma, generalized=False)  # the original rule; the generalised one: test_linear_rules_reference.py
     r_lib, y = library_relevance(model, only("linear", rule), x, g)
 
     torch.testing.assert_close(y, layer(x).detach(), rtol=0, atol=0)  # forward value unchanged
@@ -177,7 +177,7 @@ def test_gamma_rule_on_conv2d() -> None:
     x = torch.randn(1, 2, 4, 4, dtype=DTYPE)
     g = torch.randn(1, 3, 4, 4, dtype=DTYPE)
 
-    rule = Gamma(gamma=gamma)
+    rule = Gamma(gamma=gamma, generalized=False)  # the original rule; the generalised one: test_linear_rules_reference.py
     r_lib, y = library_relevance(model, only("conv", rule), x, g)
 
     torch.testing.assert_close(y, conv(x).detach(), rtol=0, atol=0)
