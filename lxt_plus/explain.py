@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -392,7 +392,10 @@ def explain(
     target:
         ``None`` for the prediction (next token at the last real position, or the predicted
         class); a token id or token string (several tokens: the sum of their logits); a class
-        index or label name. A list gives one target per row.
+        index or label name. A list gives one target per row. Or any scalar: a function from the
+        model's output (for HF models the ``ModelOutput``, whose ``logits`` then cover every
+        position) to one value per row, ``(batch,)`` — a log probability, a margin over a set of
+        tokens, a sum over a span; ``target_logit`` and the conservation check then refer to it.
     contrast:
         A foil: the explained value becomes ``logit(target) - logit(contrast)``.
     rules:
@@ -416,6 +419,7 @@ def explain(
         ``relevance`` is ``(seq,)`` for one sequence or ``(batch, seq)`` for a batch.
     """
     kind = model_kind(model)
+    function = _target_function(target, contrast)
     batch = _prepare(model, inputs, tokenizer, attention_mask, kind, chat)
     captures = _parse_capture(capture)
     with _memory_errors(batch), explaining(model, rules, strict=strict, keep_train=checkpointing) as handle, \
@@ -424,10 +428,13 @@ def explain(
         recorder = _make_recorder(model, captures)
         extra: list[Tensor] = []
         with recorder, input_relevance() as exact:
-            leaf, logits, positions = _forward(model, batch, kind, position, extra)
+            leaf, logits, positions, output = _forward(model, batch, kind, position, extra, function is not None)
         rows = logits.shape[0]
-        targets, sel_ids, foil_ids = _targets(model, kind, logits, target, contrast, tokenizer, rows, positions)
-        picked = torch.stack([acc(logits[r, list(sel_ids[r])]).sum() for r in range(rows)])
+        if function is not None:
+            picked, targets, sel_ids, foil_ids = _function_target(function, output, rows)
+        else:
+            targets, sel_ids, foil_ids = _targets(model, kind, logits, target, contrast, tokenizer, rows, positions)
+            picked = torch.stack([acc(logits[r, list(sel_ids[r])]).sum() for r in range(rows)])
         if any(foil_ids):
             picked = picked - torch.stack([acc(logits[r, list(foil_ids[r])]).sum() if foil_ids[r]
                                            else acc(logits.new_zeros(())) for r in range(rows)])
@@ -455,7 +462,7 @@ def explain(
             f"relevance has NaN/inf (model dtype {leaf.dtype}); float16 overflows in relevance: "
             "use model.to(torch.bfloat16) or float32")
     probs = None
-    if kind != "plain":
+    if kind != "plain" and function is None:
         probs = torch.stack([torch.softmax(logits[r].detach().float(), -1)[sel_ids[r][0]] for r in range(rows)])
     tokens = _token_strings(tokenizer, batch, rel)
     return Explanation(
@@ -486,20 +493,21 @@ def _extra_relevance(leaves: list[Tensor], grads: Sequence[Tensor | None], rows:
     return None if total is None else total.cpu()
 
 
-def _forward(model: nn.Module, batch: _Batch, kind: str, position: int | None,
-             extra: list[Tensor]) -> tuple[Tensor, Tensor, list[int]]:
-    """Run the patched model; return the leaf, per-row logits ``(batch, n_out)`` and positions."""
+def _forward(model: nn.Module, batch: _Batch, kind: str, position: int | None, extra: list[Tensor],
+             all_logits: bool = False) -> tuple[Tensor, Tensor, list[int], Any]:
+    """Run the patched model; return the leaf, per-row logits ``(batch, n_out)``, positions and the
+    model's own output. ``all_logits`` keeps every position's logits (for a target function)."""
     device = input_device(model)
     if batch.values is not None:
         leaf = batch.values.detach().to(device).requires_grad_(True)
         if is_hf_model(model):
             out = model(**{getattr(model, "main_input_name", "pixel_values"): leaf})
-            return leaf, out.logits, []
+            return leaf, out.logits, [], out
         out = model(leaf)
         if not isinstance(out, Tensor) or out.dim() != 2:
             raise InputError(f"{type(model).__name__} must return a (batch, n_outputs) tensor to be explained, "
                              f"got {type(out).__name__}")
-        return leaf, out, []
+        return leaf, out, [], out
     ids = batch.input_ids.to(device)  # type: ignore[union-attr]
     mask = batch.attention_mask.to(device)  # type: ignore[union-attr]
     store: list[Tensor] = []
@@ -523,7 +531,7 @@ def _forward(model: nn.Module, batch: _Batch, kind: str, position: int | None,
         if _accepts(model, "position_ids") and bool((mask == 0).any()):
             kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
         keep = sorted(set(positions))
-        if _accepts(model, "logits_to_keep"):
+        if _accepts(model, "logits_to_keep") and not all_logits:
             kwargs["logits_to_keep"] = torch.tensor(keep, device=device)
         with _leaf_at_embeddings(model, store, extra, rows):
             out = model(**kwargs)
@@ -535,12 +543,41 @@ def _forward(model: nn.Module, batch: _Batch, kind: str, position: int | None,
             rows = [logits[r, p] for r, p in enumerate(positions)]
         if not store:
             raise InputError(f"{type(model).__name__} did not call its input embeddings")
-        return store[0], torch.stack(rows), positions
+        return store[0], torch.stack(rows), positions, out
     with _leaf_at_embeddings(model, store, extra, rows):
         out = model(**kwargs)
     if not store:
         raise InputError(f"{type(model).__name__} did not call its input embeddings")
-    return store[0], out.logits, positions
+    return store[0], out.logits, positions, out
+
+
+def _target_function(target: Any, contrast: Any) -> Callable[[Any], Tensor] | None:
+    """``target`` when it is a function of the model output, else ``None``."""
+    if not callable(target) or isinstance(target, (str, int, Tensor)):
+        return None
+    if contrast is not None:
+        raise TargetError("a target function cannot take a contrast: compute the margin inside the function, "
+                          "e.g. target=lambda out: out.logits[:, -1, a] - out.logits[:, -1, b]")
+    return cast(Callable[[Any], Tensor], target)
+
+
+def _function_target(function: Callable[[Any], Tensor], output: Any, rows: int
+                     ) -> tuple[Tensor, list[Target], list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """The explained values ``(rows,)`` from a target function, with their result records."""
+    name = getattr(function, "__name__", type(function).__name__)
+    try:
+        value = function(output)
+    except Exception as exc:  # the user's function: name it, keep its own message
+        raise TargetError(f"the target function {name!r} raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(value, Tensor) or value.numel() != rows or not value.is_floating_point():
+        got = f"a {tuple(value.shape)} {value.dtype} tensor" if isinstance(value, Tensor) else type(value).__name__
+        raise TargetError(f"the target function {name!r} must return one float per row, a ({rows},) tensor; "
+                          f"got {got}")
+    if not value.requires_grad:
+        raise TargetError(f"the target function {name!r} returned a value that does not depend on the model "
+                          "output (no gradient): compute it from the output it is given")
+    targets = [Target("function", (), name) for _ in range(rows)]
+    return acc(value.reshape(rows)), targets, [()] * rows, [()] * rows
 
 
 def _targets(model: nn.Module, kind: str, logits: Tensor, target: Any, contrast: Any, tokenizer: Any,

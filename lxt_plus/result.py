@@ -17,8 +17,9 @@ class Target:
     Attributes
     ----------
     kind:
-        ``"token"`` (causal LM next-token logit), ``"class"`` (classifier logit) or ``"output"``
-        (an index into a plain model's output).
+        ``"token"`` (causal LM next-token logit), ``"class"`` (classifier logit), ``"output"``
+        (an index into a plain model's output) or ``"function"`` (a target function of the model
+        output; ``label`` is its name).
     ids:
         Token ids or class indices whose logits are summed.
     label:
