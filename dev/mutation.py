@@ -1,0 +1,356 @@
+"""Mutation testing: does the suite fail when the code has a small, realistic bug?
+
+Each mutant is one textual change to one file of ``lxt_plus/`` — a sign, a factor, a detach, a
+restore step — together with the tests that should catch it. The runner copies the package, the
+tests and the configs into a temporary folder, applies one mutant, runs those tests there
+(``PYTHONPATH`` puts the copy ahead of the installed package) and counts the mutant *killed* when
+pytest fails. A mutant whose snippet no longer occurs in the code is reported as *stale*: the list
+must follow the code. Mutants that are provably equivalent are listed in ``EQUIVALENT`` with the
+reason and are not run.
+
+Usage (from the repository root)::
+
+    python dev/mutation.py              # every mutant, one after another (about 10 minutes)
+    python dev/mutation.py --only gamma # the mutants whose name contains "gamma"
+    python dev/mutation.py --list       # names, files and tests, without running
+
+Exit status: 0 when every mutant is killed, 1 when one survives or is stale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COPIED = ("lxt_plus", "tests", "configs", "notebooks", "pyproject.toml", "README.md")
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+M = Mutant
+MUTANTS: tuple[Mutant, ...] = (
+    # ------------------------------------------------------------------ autograd functions
+    M(
+        "stabilizer-sign",
+        "lxt_plus/functional.py",
+        "torch.copysign(torch.tensor(eps, dtype=x.dtype, device=x.device), x).add_(x)",
+        "torch.copysign(torch.tensor(eps, dtype=x.dtype, device=x.device), -x).add_(x)",
+        ("tests/unit/test_rules_reference.py",),
+    ),
+    M(
+        "identity-ratio-inverted",
+        "lxt_plus/functional.py",
+        "acc(y) / stabilize(acc(x), eps)",
+        "acc(x) / stabilize(acc(y), eps)",
+        ("tests/unit/test_rules_reference.py",),
+    ),
+    M(
+        "epsilon-ratio-inverted",
+        "lxt_plus/functional.py",
+        "ratio = acc(z) / stabilize(acc(z), eps)",
+        "ratio = stabilize(acc(z), eps) / acc(z)",
+        ("tests/unit/test_rules_reference.py",),
+    ),
+    M(
+        "uniform-product-full-share",
+        "lxt_plus/functional.py",
+        "grad, other, value=0.5)",
+        "grad, other, value=1.0)",
+        ("tests/unit/test_rules_reference.py",),
+    ),
+    M(
+        "uniform-matmul-full-share",
+        "lxt_plus/functional.py",
+        "grad_scale(torch.matmul(a, b), 0.5",
+        "grad_scale(torch.matmul(a, b), 1.0",
+        ("tests/unit/test_patching.py", "tests/integration/test_reference_lrp.py"),
+    ),
+    M(
+        "zennit-stabilizer-one-sided",
+        "lxt_plus/functional.py",
+        "torch.where(x >= 0, x + eps, x - eps)",
+        "torch.where(x >= 0, x + eps, x + eps)",
+        ("tests/unit/test_zennit_parity.py",),
+    ),
+    M(
+        "linear-rule-neg-input-mask",
+        "lxt_plus/functional.py",
+        "g_in = g_in * (xa < 0).to(g_in.dtype)",
+        "g_in = g_in * (xa > 0).to(g_in.dtype)",
+        ("tests/unit/test_linear_rules_reference.py",),
+    ),
+    M(
+        "linear-rule-output-mask",
+        "lxt_plus/functional.py",
+        '((za > 0) if t.mask == "pos" else (za < 0))',
+        '((za > 0) if t.mask == "pos" else (za > 0))',
+        ("tests/unit/test_linear_rules_reference.py",),
+    ),
+    M(
+        "exact-input-correction-dropped",
+        "lxt_plus/explain.py",
+        "rel = rel + correction",
+        "rel = rel",
+        ("tests/unit/test_zennit_parity.py",),
+    ),
+    # ------------------------------------------------------------------ rules
+    M(
+        "gamma-negative-inputs-favour-plus",
+        "lxt_plus/rules.py",
+        'Term("neg", minus, zero_bias=True, group=0, mask="pos")',
+        'Term("neg", plus, zero_bias=True, group=0, mask="pos")',
+        ("tests/unit/test_linear_rules_reference.py", "tests/unit/test_zennit_parity.py"),
+    ),
+    M(
+        "gamma-negative-output-keeps-positive-bias",
+        "lxt_plus/rules.py",
+        'Term("pos", minus, group=1, mask="neg")',
+        'Term("pos", plus, group=1, mask="neg")',
+        ("tests/unit/test_linear_rules_reference.py",),
+    ),
+    M(
+        "alpha-beta-adds-beta",
+        "lxt_plus/rules.py",
+        "a, b = self.alpha, -self.beta",
+        "a, b = self.alpha, self.beta",
+        ("tests/unit/test_linear_rules_reference.py",),
+    ),
+    M(
+        "zbox-low-bound-on-negative-weights",
+        "lxt_plus/rules.py",
+        'Term("low", _positive, sign=-1.0, coef=-1.0)',
+        'Term("low", _negative, sign=-1.0, coef=-1.0)',
+        ("tests/unit/test_linear_rules_reference.py",),
+    ),
+    M(
+        "flat-keeps-bias",
+        "lxt_plus/rules.py",
+        'Term("ones", _ones, zero_bias=True)',
+        'Term("ones", _ones)',
+        ("tests/unit/test_linear_rules_reference.py",),
+    ),
+    M(
+        "constant-gate-detaches-the-wrong-factor",
+        "lxt_plus/modes.py",
+        "func(a.detach(), b) if gate_a else func(a, b.detach())",
+        "func(a, b.detach()) if gate_a else func(a.detach(), b)",
+        ("tests/integration/test_cp_lrp.py",),
+    ),
+    M(
+        "cp-lrp-splits-gates",
+        "lxt_plus/plan.py",
+        '"cp-lrp": Preset("cp-lrp", _lrp(AHLRP(), Constant(), ConstantGate()))',
+        '"cp-lrp": Preset("cp-lrp", _lrp(AHLRP(), Constant(), UniformProduct()))',
+        ("tests/integration/test_cp_lrp.py",),
+    ),
+    M(
+        "norm-scale-not-constant",
+        "lxt_plus/modes.py",
+        "scale = torch.rsqrt(xf.detach().pow(2)",
+        "scale = torch.rsqrt(xf.pow(2)",
+        ("tests/unit/test_rules_reference.py",),
+    ),
+    M(
+        "layernorm-mean-detached",
+        "lxt_plus/modes.py",
+        "centred = xf - xf.mean(dim=dims, keepdim=True)",
+        "centred = xf - xf.mean(dim=dims, keepdim=True).detach()",
+        ("tests/unit/test_rules_reference.py",),
+    ),
+    M(
+        "inline-softmax-not-detached",
+        "lxt_plus/modes.py",
+        "return out.detach() if self.detach_weights else out",
+        "return out",
+        ("tests/unit/test_patching.py", "tests/integration/test_families.py"),
+    ),
+    M(
+        "attnlrp-qk-half",
+        "lxt_plus/attention.py",
+        "(None, 1.0) if detach_weights else (0.25, 0.5)",
+        "(None, 1.0) if detach_weights else (0.5, 0.5)",
+        ("tests/unit/test_attention.py", "tests/integration/test_reference_lrp.py"),
+    ),
+    M(
+        "ahlrp-value-half",
+        "lxt_plus/attention.py",
+        "(None, 1.0) if detach_weights else (0.25, 0.5)",
+        "(None, 0.5) if detach_weights else (0.25, 0.5)",
+        ("tests/unit/test_attention.py", "tests/integration/test_families.py"),
+    ),
+    # ------------------------------------------------------------------ patching and undo
+    M(
+        "zeroed-biases-not-restored",
+        "lxt_plus/patching.py",
+        "p.copy_(value)",
+        "pass",
+        ("tests/unit/test_patching.py",),
+    ),
+    M(
+        "instance-forward-left-behind",
+        "lxt_plus/patching.py",
+        "delattr(module, attr)",
+        "pass",
+        ("tests/unit/test_patching.py",),
+    ),
+    M(
+        "registry-keys-left-behind",
+        "lxt_plus/patching.py",
+        "        _KeyUse.users -= 1\n        if _KeyUse.users == 0:",
+        "        _KeyUse.users -= 1\n        if _KeyUse.users == -1:",
+        ("tests/unit/test_patching.py",),
+    ),
+    M(
+        "first-match-becomes-last-match",
+        "lxt_plus/plan.py",
+        "        for sel, rule in self.rules:\n",
+        "        for sel, rule in reversed(self.rules):\n",
+        ("tests/unit/test_plan.py",),
+    ),
+    M(
+        "conservative-check-keeps-biases",
+        "lxt_plus/plan.py",
+        "_lrp(AHLRP(), Constant(), UniformProduct()), zero_bias=True",
+        "_lrp(AHLRP(), Constant(), UniformProduct()), zero_bias=False",
+        ("tests/unit/test_patching.py", "tests/integration/test_families.py"),
+    ),
+    # ------------------------------------------------------------------ inputs and targets
+    M(
+        "target-at-last-column-not-last-real-token",
+        "lxt_plus/explain.py",
+        "last = (mask.shape[1] - 1 - mask.flip(-1).argmax(-1)).tolist()",
+        "last = [mask.shape[1] - 1] * mask.shape[0]",
+        ("tests/unit/test_explain.py", "tests/integration/test_families.py"),
+    ),
+    M(
+        "padding-keeps-relevance",
+        "lxt_plus/explain.py",
+        "rel = rel * mask.to(rel.dtype)",
+        "rel = rel * 1",
+        ("tests/unit/test_explain.py", "tests/integration/test_families.py"),
+    ),
+    M(
+        "left-padding-positions-not-shifted",
+        "lxt_plus/explain.py",
+        'kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)',
+        "pass",
+        ("tests/integration/test_families.py",),
+    ),
+    M(
+        "chat-template-boundary-off-by-one",
+        "lxt_plus/explain.py",
+        "(start < 0 or b <= start or a >= end)",
+        "(start < 0 or b < start or a >= end)",
+        ("tests/unit/test_explain.py",),
+    ),
+    M(
+        "perturbation-steps-floor",
+        "lxt_plus/evaluate.py",
+        "m = int(math.floor(k * n / steps + 0.5))",
+        "m = int(math.floor(k * n / steps))",
+        ("tests/unit/test_evaluate.py",),
+    ),
+)
+
+# Changes that cannot alter any result, so no test can (or should) catch them.
+EQUIVALENT: tuple[tuple[str, str], ...] = (
+    (
+        "functional.stabilize: `copysign(ε, x).add_(x)` -> `copysign(ε, x) + x`",
+        "the same sum in the same dtype; only whether the temporary is reused differs",
+    ),
+)
+
+
+def run(mutant: Mutant, timeout: float) -> tuple[str, float]:
+    """Apply ``mutant`` in a fresh copy and run its tests; an empty ``old`` runs the code as it is."""
+    source = (ROOT / mutant.path).read_text()
+    if mutant.old and source.count(mutant.old) != 1:
+        return "stale", 0.0
+    with tempfile.TemporaryDirectory(prefix="lxt-mutant-") as tmp:
+        for name in COPIED:
+            src = ROOT / name
+            if src.is_dir():
+                shutil.copytree(src, Path(tmp) / name, ignore=shutil.ignore_patterns("__pycache__"))
+            elif src.exists():
+                shutil.copy2(src, Path(tmp) / name)
+        (Path(tmp) / mutant.path).write_text(source.replace(mutant.old, mutant.new))
+        env = {**os.environ, "PYTHONPATH": tmp, "OMP_NUM_THREADS": "1"}
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pytest",
+                    "-x",
+                    "-q",
+                    "-p",
+                    "no:cacheprovider",
+                    "-m",
+                    "not slow",
+                    *mutant.tests,
+                ],
+                cwd=tmp,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            return "killed (timeout)", time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        if proc.returncode == 5:
+            return "no tests", seconds
+        return ("killed" if proc.returncode != 0 else "SURVIVED"), seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="run the mutants whose name contains this text")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per mutant")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTANTS if args.only in m.name]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:45} {m.path:26} {' '.join(m.tests)}")
+        return 0
+    # the unmutated code must pass the same tests, or a "killed" mutant proves nothing
+    tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+    status, seconds = run(Mutant("baseline", chosen[0].path, "", "", tests), args.timeout)
+    print(f"{'baseline ' + ('passed' if status == 'SURVIVED' else 'FAILED'):16} {seconds:6.1f} s", flush=True)
+    if status != "SURVIVED":
+        print("the unmutated code fails these tests; fix that first")
+        return 1
+    results = []
+    for m in chosen:
+        status, seconds = run(m, args.timeout)
+        results.append((m, status))
+        print(f"{status:16} {seconds:6.1f} s  {m.name}  ({m.path})", flush=True)
+    killed = sum(s.startswith("killed") for _, s in results)
+    print(
+        f"\nmutation score: {killed}/{len(results)} killed"
+        f" ({len(EQUIVALENT)} equivalent mutants listed in dev/mutation.py, not run)"
+    )
+    for text, reason in EQUIVALENT:
+        print(f"  equivalent: {text}: {reason}")
+    return 0 if killed == len(results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
