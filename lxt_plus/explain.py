@@ -399,7 +399,7 @@ def explain(
     contrast:
         A foil: the explained value becomes ``logit(target) - logit(contrast)``.
     rules:
-        Preset name (``"attnlrp"``, ``"ah-lrp"``/``"cp-lrp"``, ``"gradient"``...), YAML path or
+        Preset name (``"attnlrp"``, ``"cp-lrp"``, ``"ah-lrp"``, ``"gradient"``...; see :func:`~lxt_plus.plan.list_presets`), YAML path or
         :class:`~lxt_plus.plan.Preset`.
     position:
         For causal LMs, the position whose next-token logits are explained (default: last real

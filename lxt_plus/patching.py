@@ -354,7 +354,7 @@ def patch(model: nn.Module, rules: str | Preset | dict[str, Any] = "attnlrp", *,
     model:
         A HuggingFace ``PreTrainedModel`` or a plain ``torch.nn.Module``.
     rules:
-        A preset name (``"attnlrp"``, ``"ah-lrp"``/``"cp-lrp"``, ``"gradient"``,
+        A preset name (``"attnlrp"``, ``"cp-lrp"``, ``"ah-lrp"``, ``"gradient"``,
         ``"conservative-check"``), a YAML path, a mapping, or a :class:`~lxt_plus.plan.Preset`.
     strict:
         Raise :class:`~lxt_plus.errors.UnsupportedModelError` (before touching the model) when a

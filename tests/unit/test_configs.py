@@ -119,8 +119,9 @@ def test_same_names_in_python_yaml_and_cli(tmp_path: Path) -> None:
     from_dict = Preset.from_dict(spec)
     path = _write(tmp_path, from_dict.to_yaml())
     assert load_preset(path) == from_dict == get_preset(str(path))
-    assert from_dict.rules[1:] == PRESETS["ah-lrp"].rules
-    assert get_preset("cp-lrp") == get_preset("ah-lrp") == load_preset(CONFIGS / "ah-lrp.yaml")
+    assert from_dict.rules[1:] == PRESETS["cp-lrp"].rules
+    assert get_preset("cp-lrp") == load_preset(CONFIGS / "cp-lrp.yaml")
+    assert get_preset("ah-lrp") == load_preset(CONFIGS / "ah-lrp.yaml") != get_preset("cp-lrp")
     from lxt_plus.cli import build_parser
 
     args = build_parser().parse_args(["explain", "hi", "--rules", str(path)])

@@ -43,7 +43,9 @@ def test_roles_are_recognised_by_structure() -> None:
 
 
 def test_presets_and_aliases() -> None:
-    assert get_preset("cp-lrp") is PRESETS["ah-lrp"]
+    assert get_preset("cp-lrp") is PRESETS["cp-lrp"] and get_preset("CPLRP") is PRESETS["cp-lrp"]
+    assert get_preset("ahlrp") is PRESETS["ah-lrp"] and PRESETS["cp-lrp"] != PRESETS["ah-lrp"]
+    assert lxt_plus.list_presets() == sorted(PRESETS)
     assert get_preset("AttnLRP") is PRESETS["attnlrp"]
     assert get_preset(PRESETS["gradient"]) is PRESETS["gradient"]
     with pytest.raises(PresetError, match=r"unknown preset 'ah_lrp' \(did you mean 'ah-lrp'\?\)"):
