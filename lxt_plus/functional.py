@@ -48,20 +48,29 @@ def stabilize(x: Tensor, eps: float) -> Tensor:
 
 class _GradScale(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, factor: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, factor: float, fresh: bool) -> Tensor:  # type: ignore[override]
         ctx.factor = factor
-        return x.view_as(x)
+        # A view of a custom function's output may not be modified in place (autograd would replace
+        # this backward); an alias made by ``detach`` is no view, and in-place ops on it are recorded
+        # on top of this node as usual. It is only safe when nothing else reads ``x`` (``fresh``).
+        return x.detach() if fresh else x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        return grad * ctx.factor, None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        return grad * ctx.factor, None, None
 
 
-def grad_scale(x: Tensor, factor: float) -> Tensor:
-    """Identity in the forward pass; multiplies the gradient by ``factor`` in the backward pass."""
+def grad_scale(x: Tensor, factor: float, *, fresh: bool = False) -> Tensor:
+    """Identity in the forward pass; multiplies the gradient by ``factor`` in the backward pass.
+
+    ``fresh=True`` says that ``x`` is a temporary nothing else reads (an operation's output that the
+    result replaces): the result may then be modified in place, as model code does with attention
+    scores (Falcon's ``scores /= sqrt(d)``). Otherwise it is a view of ``x``, and an in-place change
+    raises rather than going unseen by a reader of ``x``. Neither copies.
+    """
     if factor == 1.0 or not x.requires_grad:
         return x
-    return _GradScale.apply(x, factor)
+    return _GradScale.apply(x, factor, fresh)
 
 
 class _IdentityRule(torch.autograd.Function):
@@ -161,8 +170,8 @@ def uniform_mul(a: Tensor, b: Tensor) -> Tensor:
 
 
 def uniform_matmul(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` with the uniform rule (see :func:`uniform_mul`)."""
-    return grad_scale(torch.matmul(a, b), 0.5)
+    """``a @ b`` with the uniform rule (see :func:`uniform_mul`); the result may be modified in place."""
+    return grad_scale(torch.matmul(a, b), 0.5, fresh=True)
 
 
 # ------------------------------------------------------------------ rules that modify a linear map

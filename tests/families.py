@@ -73,14 +73,28 @@ def config(model_type: str, **overrides: Any) -> Any:
     return cfg
 
 
-def build(model_type: str, head: str = "auto", seed: int = 0, **overrides: Any) -> torch.nn.Module:
-    """A tiny random model in eval mode. ``head``: "causal-lm", "seqcls" or "auto"."""
+def build(
+    model_type: str,
+    head: str = "auto",
+    seed: int = 0,
+    attn_implementation: str | None = None,
+    **overrides: Any,
+) -> torch.nn.Module:
+    """A tiny random model in eval mode. ``head``: "causal-lm", "seqcls" or "auto".
+
+    ``attn_implementation`` is given to ``from_config``, the one route every family honours (Falcon
+    ignores a later ``set_attn_implementation``), and checked: no family silently runs another one.
+    """
     torch.manual_seed(seed)
     cfg = config(model_type, **overrides)
     if head == "auto":
         head = "causal-lm" if model_type in DECODERS else "seqcls"
     cls = tf.AutoModelForCausalLM if head == "causal-lm" else tf.AutoModelForSequenceClassification
-    model = cls.from_config(cfg)
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    model = cls.from_config(cfg, **kwargs)
+    if attn_implementation is not None:
+        actual = model.config._attn_implementation
+        assert actual == attn_implementation, f"{model_type}: asked for {attn_implementation}, runs {actual}"
     return model.eval()
 
 

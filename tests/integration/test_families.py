@@ -15,8 +15,11 @@ from lxt_plus.errors import NumericalError
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import families as F  # noqa: E402
 
-CASES = [(f, "causal-lm") for f in F.DECODERS] + [(f, "seqcls") for f in F.SEQCLS] + [
-    (f, "seqcls") for f in F.ENCODERS]
+CASES = (
+    [(f, "causal-lm") for f in F.DECODERS]
+    + [(f, "seqcls") for f in F.SEQCLS]
+    + [(f, "seqcls") for f in F.ENCODERS]
+)
 
 
 def total_relevance(res: lxt_plus.Explanation) -> torch.Tensor:
@@ -42,7 +45,9 @@ def test_conservation_and_presets(family: str, head: str) -> None:
     assert not torch.allclose(attn.batch_relevance, grad.batch_relevance, rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "bert", "qwen3", "phi", "modernbert", "mixtral"])
+@pytest.mark.parametrize(
+    "family", ["llama", "gpt2", "bert", "qwen3", "phi", "modernbert", "mixtral", "falcon"]
+)
 @pytest.mark.parametrize("rules", ["attnlrp", "ah-lrp"])
 def test_eager_and_sdpa_give_the_same_relevance(family: str, rules: str) -> None:
     ids = torch.randint(3, 90, (2, 7), generator=torch.Generator().manual_seed(2))
@@ -50,8 +55,7 @@ def test_eager_and_sdpa_give_the_same_relevance(family: str, rules: str) -> None
     mask[1, -2:] = 0  # (right) padding exercises the masked path
     results = {}
     for impl in ("eager", "sdpa"):
-        model = F.build(family, attn_implementation=impl)
-        assert model.config._attn_implementation == impl
+        model = F.build(family, attn_implementation=impl)  # asserts the implementation is in effect
         results[impl] = lxt_plus.explain(model, ids, rules=rules, attention_mask=mask).batch_relevance
         assert model.config._attn_implementation == impl
     torch.testing.assert_close(results["eager"], results["sdpa"], rtol=1e-4, atol=1e-5)

@@ -55,8 +55,9 @@ def _mask(kind: str, gen: torch.Generator) -> Any:
 @pytest.mark.parametrize("hk", [HQ, 2])
 @pytest.mark.parametrize("detach", [False, True], ids=["attnlrp", "ah-lrp"])
 @pytest.mark.parametrize("kind", ["none", "causal", "tril", "bool", "padding", "float"])
-def test_rule_gradient_is_autograd_times_the_rule_factors(kind: str, detach: bool, hk: int, blocks: str,
-                                                          route: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rule_gradient_is_autograd_times_the_rule_factors(
+    kind: str, detach: bool, hk: int, blocks: str, route: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``rule_sdpa`` as patched models call it, and our blocked backward forced for both rules."""
     if blocks == "many":  # 16-row blocks: several per sequence, each over its own key prefix
         monkeypatch.setattr(attention, "ROWS", 16)
@@ -158,7 +159,8 @@ def test_given_weights_replace_the_recomputation() -> None:
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 9, 4, dtype=torch.float64, requires_grad=True) for _ in "qkv")
     mask = torch.zeros(1, 1, 9, 9, dtype=torch.float64).masked_fill(
-        torch.ones(9, 9, dtype=torch.bool).triu(1), torch.finfo(torch.float64).min)
+        torch.ones(9, 9, dtype=torch.bool).triu(1), torch.finfo(torch.float64).min
+    )
     probs = torch.softmax(q @ k.transpose(-1, -2) * 0.5 + mask, -1).detach()
     out = (probs @ v).detach()
     assert probs_match(q, k, probs, mask, 0.5)
@@ -186,28 +188,27 @@ def _rule_attention_nodes(fn: Any) -> int:
 
 
 SOFTCAPPED = {"gemma2"}  # soft-capped scores: autograd with the identity rule on tanh
-ALWAYS_SDPA = {"falcon"}  # inline attention that calls scaled_dot_product_attention itself
 
 
 @pytest.mark.parametrize("rules", ["attnlrp", "ah-lrp"])
-@pytest.mark.parametrize(("family", "impl"), [(f, i) for f in ALL_TEXT for i in ("eager", "sdpa")
-                                               if (f, i) != ("gemma2", "sdpa")])  # soft-capping: eager only
+@pytest.mark.parametrize(
+    ("family", "impl"), [(f, i) for f in ALL_TEXT for i in ("eager", "sdpa") if (f, i) != ("gemma2", "sdpa")]
+)  # soft-capping: eager only
 def test_every_family_gets_the_blocked_backward(family: str, impl: str, rules: str) -> None:
     """Eager attention (both rules) and AH-LRP through SDPA use our backward in every layer.
 
     AttnLRP through SDPA keeps torch's fused backward (see ``rule_sdpa``)."""
-    model = build(family)
-    model.set_attn_implementation(impl)
+    model = build(family, attn_implementation=impl)  # checked: Falcon ignores set_attn_implementation
     ids = torch.randint(3, 90, (1, 10))
     with lxt_plus.patched(model, rules=rules):
         emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
         logits = model(inputs_embeds=emb).logits
     n = _rule_attention_nodes(logits.grad_fn)
-    # a class that computes attention inline takes the inline-ops route, whose matmul/softmax rules
-    # are autograd's (GPT-J did before transformers 5.24; it dispatches through the registry since)
+    # a class that computes attention inline (Falcon) takes the inline-ops route: under "eager" its
+    # matmul/softmax rules are autograd's; under "sdpa" it calls scaled_dot_product_attention, which
+    # gets the SDPA rule (GPT-J computed inline before transformers 5.24; it uses the registry since)
     inline = not type(model)._can_set_attn_implementation()
-    sdpa = impl == "sdpa" or family in ALWAYS_SDPA
-    if family in SOFTCAPPED or (inline and family not in ALWAYS_SDPA) or (sdpa and rules == "attnlrp"):
+    if family in SOFTCAPPED or (inline and impl == "eager") or (impl == "sdpa" and rules == "attnlrp"):
         assert n == 0
     else:
         assert n == model.config.num_hidden_layers
@@ -225,8 +226,12 @@ def test_batched_upstream_gradients_match_one_pass_each(detach: bool, probs: boo
     assert spec is not None
     with torch.no_grad():
         out = F.scaled_dot_product_attention(q, k, v, **kwargs)
-        weights = torch.softmax((q @ k.repeat_interleave(2, 1).transpose(-1, -2) * spec.scale).masked_fill(
-            torch.ones(12, 12, dtype=torch.bool).triu(1), float("-inf")), -1)
+        weights = torch.softmax(
+            (q @ k.repeat_interleave(2, 1).transpose(-1, -2) * spec.scale).masked_fill(
+                torch.ones(12, 12, dtype=torch.bool).triu(1), float("-inf")
+            ),
+            -1,
+        )
     out = rule_attention(q, k, v, out, spec, probs=weights if probs else None)
     grads = torch.randn(3, *out.shape, dtype=torch.float64)
     wrt = (v,) if detach else (q, k, v)
@@ -235,3 +240,27 @@ def test_batched_upstream_gradients_match_one_pass_each(detach: bool, probs: boo
         one = torch.autograd.grad(out, wrt, grads[i], retain_graph=True)
         for b, o in zip(batched, one, strict=True):
             torch.testing.assert_close(b[i], o)
+
+
+def test_uniform_matmul_output_may_be_modified_in_place() -> None:
+    """Falcon's eager attention divides its scores in place (``scores /= sqrt(d)``): the uniform
+    ``q @ kᵀ`` result allows it, and the gradient is half the plain one through the same in-place op.
+    A ``grad_scale`` of a tensor others may read stays a view, and an in-place change raises."""
+    from lxt_plus.functional import grad_scale, uniform_matmul
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, 5, 4, dtype=torch.float64, generator=gen) for _ in "qk")
+    weight = torch.randn(1, 2, 5, 5, dtype=torch.float64, generator=gen)
+
+    def grads(matmul):  # type: ignore[no-untyped-def]
+        a, b = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
+        scores = matmul(a, b.transpose(-1, -2))
+        scores /= 2.0
+        (weight * torch.softmax(scores, -1)).sum().backward()
+        return a.grad, b.grad
+
+    for got, plain in zip(grads(uniform_matmul), grads(torch.matmul), strict=True):
+        torch.testing.assert_close(got, 0.5 * plain, rtol=1e-12, atol=1e-12)
+    shared = grad_scale(q.clone().requires_grad_(True) * 1.0, 0.5)
+    with pytest.raises(RuntimeError, match="is a view and is being modified inplace"):
+        shared /= 2.0
