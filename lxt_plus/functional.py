@@ -118,7 +118,10 @@ class _EpsilonRule(torch.autograd.Function):
     def forward(ctx, z: Tensor, eps: float) -> Tensor:  # type: ignore[override]
         ratio = acc(z) / stabilize(acc(z), eps)
         ctx.save_for_backward(ratio)
-        return z.view_as(z)
+        # an alias, not a view: modules modify a Linear's output in place (Falcon's scores /= √d),
+        # which autograd forbids on a view made inside a custom function; the output is a
+        # temporary that nothing else reads, and the ratio is already saved
+        return z.detach()
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]

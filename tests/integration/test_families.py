@@ -124,3 +124,15 @@ def test_float16_works_or_raises_clearly() -> None:
         return
     assert torch.isfinite(res.relevance).all()
     assert torch.nn.functional.cosine_similarity(res.relevance, ref, dim=0) > 0.95
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_falcon_with_epsilon_on_linear_layers(impl: str) -> None:
+    """ε > 0 on every Linear: Falcon modifies a Linear's output in place, which must not crash."""
+    model = F.build("falcon", attn_implementation=impl)
+    ids = torch.randint(3, 90, (2, 7), generator=torch.Generator().manual_seed(5))
+    preset = lxt_plus.get_preset("attnlrp").override("linear", lxt_plus.rules.Epsilon(eps=0.01))
+    res = lxt_plus.explain(model, ids, rules=preset)
+    plain = lxt_plus.explain(model, ids, rules="attnlrp")
+    assert torch.isfinite(res.batch_relevance).all()
+    assert not torch.allclose(res.batch_relevance, plain.batch_relevance, rtol=1e-4, atol=1e-6)
