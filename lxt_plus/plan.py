@@ -82,11 +82,14 @@ class Preset:
 
     ``zero_bias`` zeroes every bias while patched (restored exactly on remove): with ``ah-lrp``
     this makes relevance conservative, which is how :func:`lxt_plus.audit` checks a plan.
+    ``description`` says in words what the preset holds constant and how products split (the
+    built-in presets cite their definitions); it does not take part in comparisons.
     """
 
     name: str
     rules: tuple[tuple[str, Rule], ...]
     zero_bias: bool = False
+    description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         for sel, _ in self.rules:
@@ -96,8 +99,12 @@ class Preset:
         self, selector: str, rule: Rule | str | Mapping[str, Any], name: str | None = None
     ) -> Preset:
         """A copy where ``selector`` gets ``rule`` ahead of every other entry."""
-        new = ((_check_selector(selector), rule_from_spec(rule, f"override {selector!r}")),) + self.rules
-        return replace(self, rules=new, name=name or f"{self.name}+")
+        entry = (_check_selector(selector), rule_from_spec(rule, f"override {selector!r}"))
+        note = f"{selector} -> {entry[1]!r}"
+        description = f"{self.description}; overridden: {note}" if self.description else f"overridden: {note}"
+        return replace(
+            self, rules=(entry,) + self.rules, name=name or f"{self.name}+", description=description
+        )
 
     def rule_for(self, info: ModuleInfo) -> Rule | None:
         for sel, rule in self.rules:
@@ -108,6 +115,7 @@ class Preset:
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            **({"description": self.description} if self.description else {}),
             "zero_bias": self.zero_bias,
             "rules": [
                 {"select": sel, "rule": {rule.name: rule.params()} if rule.params() else rule.name}
@@ -130,7 +138,7 @@ class Preset:
                 f"{where}: a preset is a mapping with keys name, base, zero_bias, rules; "
                 f"got {type(data).__name__}"
             )
-        valid = {"name", "base", "zero_bias", "rules"}
+        valid = {"name", "base", "zero_bias", "rules", "description"}
         for key in data:
             if key not in valid:
                 raise ConfigError(
@@ -162,7 +170,10 @@ class Preset:
         if not isinstance(zero_bias, bool):
             raise ConfigError(f"{where}: zero_bias must be true or false, got {zero_bias!r}")
         return cls(
-            name=str(data.get("name", base.name if base else "custom")), rules=rules, zero_bias=zero_bias
+            name=str(data.get("name", base.name if base else "custom")),
+            rules=rules,
+            zero_bias=zero_bias,
+            description=str(data.get("description", "")),
         )
 
     def __repr__(self) -> str:
@@ -195,18 +206,36 @@ def _lrp(attention: Rule, router: Rule, products: Rule) -> tuple[tuple[str, Rule
     ) + _REST
 
 
+_AH = "attention weights and MoE router weights are constants, relevance flows through the values"
 PRESETS: dict[str, Preset] = {
-    # AttnLRP (Achtibat et al. 2024): softmax rule, uniform rule on q·kᵀ, A·v and gated products
-    "attnlrp": Preset("attnlrp", _lrp(AttnLRP(), Pass(), UniformProduct())),
-    # CP-LRP as LXT defines it: attention weights, MoE router weights and the gate act(g) of a gated
-    # MLP are constants; relevance flows through v and up_proj
-    "cp-lrp": Preset("cp-lrp", _lrp(AHLRP(), Constant(), ConstantGate())),
-    # AH-LRP (Ali et al. 2022): attention weights and router weights constant; gated products split ½/½
-    "ah-lrp": Preset("ah-lrp", _lrp(AHLRP(), Constant(), UniformProduct())),
-    "gradient": Preset("gradient", (("dropout", DropoutOff()), ("any", Pass()))),
-    # AH-LRP with every bias zeroed: relevance sums to the target logit (how audit checks a plan)
+    "attnlrp": Preset(
+        "attnlrp",
+        _lrp(AttnLRP(), Pass(), UniformProduct()),
+        description="AttnLRP (Achtibat et al. 2024): the softmax rule, and the uniform rule (half to each "
+        "factor) on q·kᵀ, on A·v, on gated products act(g)·u and on router weight × expert output",
+    ),
+    "cp-lrp": Preset(
+        "cp-lrp",
+        _lrp(AHLRP(), Constant(), ConstantGate()),
+        description="CP-LRP as LXT defines it (cp_wrap_attention_forward, cp_gated_mlp_forward): "
+        f"{_AH}, and the gate act(gate_proj(x)) of a gated MLP is a constant too, so all of its "
+        "relevance flows through up_proj",
+    ),
+    "ah-lrp": Preset(
+        "ah-lrp",
+        _lrp(AHLRP(), Constant(), UniformProduct()),
+        description=f"AH-LRP (Ali et al. 2022): {_AH}; a gated MLP's product act(g)·u splits its relevance "
+        "half and half (uniform rule); cp-lrp holds the gate constant instead",
+    ),
+    "gradient": Preset(
+        "gradient", (("dropout", DropoutOff()), ("any", Pass())), description="plain Gradient×Input"
+    ),
     "conservative-check": Preset(
-        "conservative-check", _lrp(AHLRP(), Constant(), UniformProduct()), zero_bias=True
+        "conservative-check",
+        _lrp(AHLRP(), Constant(), UniformProduct()),
+        zero_bias=True,
+        description="ah-lrp with every bias zeroed while patched: relevance then sums to the target logit, "
+        "which is how audit proves a plan complete",
     ),
 }
 _ALIASES = {
@@ -283,6 +312,8 @@ class Plan:
             f"lxt_plus plan: preset {self.preset.name!r}"
             + (" (biases zeroed)" if self.preset.zero_bias else "")
         ]
+        if self.preset.description:
+            lines.append(f"  {self.preset.description}")
         rows = [e for e in self.entries if show_pass or (e.route != "none")]
         width = max((len(e.path or "<model>") for e in rows), default=10)
         for e in rows:

@@ -18,7 +18,7 @@ from families import build, tiny_vit  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 FILES = sorted(CONFIGS.glob("*.yaml"))
-MIRRORS = {"attnlrp", "ah-lrp", "gradient", "conservative-check"}
+MIRRORS = {"attnlrp", "cp-lrp", "ah-lrp", "gradient", "conservative-check"}
 
 
 def test_every_expected_file_exists() -> None:
@@ -34,6 +34,9 @@ def test_config_loads_and_round_trips(path: Path) -> None:
     assert Preset.from_dict(__import__("yaml").safe_load(preset.to_yaml())) == preset
     if path.stem in MIRRORS:
         assert preset == PRESETS[path.stem]
+    if path.stem in ("cp-lrp", "ah-lrp"):  # the definition is stated in the YAML as in Python
+        assert preset.description == PRESETS[path.stem].description != ""
+        assert "description" in preset.to_dict()
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +52,9 @@ def test_config_explains_tiny_models(path: Path, tiny: dict[str, torch.nn.Module
 
 
 def test_conservative_check_yaml_conserves(tiny: dict[str, torch.nn.Module]) -> None:
-    exp = lxt_plus.explain(tiny["llama"], torch.tensor([3, 4, 5, 6, 7]), rules=CONFIGS / "conservative-check.yaml")
+    exp = lxt_plus.explain(
+        tiny["llama"], torch.tensor([3, 4, 5, 6, 7]), rules=CONFIGS / "conservative-check.yaml"
+    )
     torch.testing.assert_close(exp.relevance.sum(), exp.target_logit[0], rtol=1e-4, atol=1e-5)
 
 
@@ -72,7 +77,9 @@ def test_custom_example_overrides_by_name_and_type(tiny: dict[str, torch.nn.Modu
         assert rules["model.layers.1.self_attn"] == PRESETS["attnlrp"].rules[0][1]
         assert rules["model.layers.1.mlp.down_proj"] == Epsilon(eps=1e-6)
     with lxt_plus.patched(gpt2, preset) as handle:
-        assert {e.rule for e in handle.plan.entries if e.type_name == "Conv1D"} == {Gamma(gamma=0.1, eps=1e-9)}
+        assert {e.rule for e in handle.plan.entries if e.type_name == "Conv1D"} == {
+            Gamma(gamma=0.1, eps=1e-9)
+        }
 
 
 # ------------------------------------------------------------------ errors name the key and the fix
@@ -82,20 +89,35 @@ def _write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("name: x\nbase: attnlrp\nzero_bais: true\n", r"unknown key 'zero_bais' \(did you mean 'zero_bias'\?\)"),
-    ("base: attnlrp\nrules:\n  - select: linear\n    rule: epsilonn\n",
-     r"unknown rule 'epsilonn' \(did you mean 'epsilon'\?\)"),
-    ("base: attnlrp\nrules:\n  - select: linear\n    rule: {gamma: {gama: 0.5}}\n",
-     r"rule 'gamma' has no parameter 'gama' \(did you mean 'gamma'\?\)"),
-    ("base: attnlrp\nrules:\n  - select: linaer\n    rule: epsilon\n",
-     r"unknown selector 'linaer' \(did you mean 'linear'\?\)"),
-    ("base: attnlrp\nrules:\n  - selct: linear\n    rule: epsilon\n", r"rules\[0\] must be a mapping with keys"),
-    ("base: attnlrp\nzero_bias: maybe\n", "zero_bias must be true or false"),
-    ("base: attnlrp\nrules:\n  - select: linear\n    rule: {epsilon: {eps: lots}}\n", "bad parameters"),
-    ("- just\n- a list\n", "a preset is a mapping"),
-    ("name: empty\n", "no rules and no base preset"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "name: x\nbase: attnlrp\nzero_bais: true\n",
+            r"unknown key 'zero_bais' \(did you mean 'zero_bias'\?\)",
+        ),
+        (
+            "base: attnlrp\nrules:\n  - select: linear\n    rule: epsilonn\n",
+            r"unknown rule 'epsilonn' \(did you mean 'epsilon'\?\)",
+        ),
+        (
+            "base: attnlrp\nrules:\n  - select: linear\n    rule: {gamma: {gama: 0.5}}\n",
+            r"rule 'gamma' has no parameter 'gama' \(did you mean 'gamma'\?\)",
+        ),
+        (
+            "base: attnlrp\nrules:\n  - select: linaer\n    rule: epsilon\n",
+            r"unknown selector 'linaer' \(did you mean 'linear'\?\)",
+        ),
+        (
+            "base: attnlrp\nrules:\n  - selct: linear\n    rule: epsilon\n",
+            r"rules\[0\] must be a mapping with keys",
+        ),
+        ("base: attnlrp\nzero_bias: maybe\n", "zero_bias must be true or false"),
+        ("base: attnlrp\nrules:\n  - select: linear\n    rule: {epsilon: {eps: lots}}\n", "bad parameters"),
+        ("- just\n- a list\n", "a preset is a mapping"),
+        ("name: empty\n", "no rules and no base preset"),
+    ],
+)
 def test_config_errors(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_preset(_write(tmp_path, text))
@@ -115,7 +137,11 @@ def test_unknown_base_preset_suggests(tmp_path: Path) -> None:
 
 def test_same_names_in_python_yaml_and_cli(tmp_path: Path) -> None:
     """A rule or preset name means the same thing in a dict, a YAML file and a --rules argument."""
-    spec = {"name": "mine", "base": "cp-lrp", "rules": [{"select": "linear", "rule": {"epsilon": {"eps": 0.01}}}]}
+    spec = {
+        "name": "mine",
+        "base": "cp-lrp",
+        "rules": [{"select": "linear", "rule": {"epsilon": {"eps": 0.01}}}],
+    }
     from_dict = Preset.from_dict(spec)
     path = _write(tmp_path, from_dict.to_yaml())
     assert load_preset(path) == from_dict == get_preset(str(path))
