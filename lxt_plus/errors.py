@@ -21,6 +21,8 @@ __all__ = [
     "MissingDependencyError",
     "ConservationError",
     "OutOfMemoryError",
+    "LxtPlusWarning",
+    "TargetWarning",
 ]
 
 
@@ -81,3 +83,13 @@ class ConservationError(LxtPlusError, AssertionError):
 
 class OutOfMemoryError(LxtPlusError, MemoryError):
     """The forward and backward pass did not fit in memory."""
+
+
+class LxtPlusWarning(UserWarning):
+    """Base class of every warning lxt_plus emits."""
+
+
+class TargetWarning(LxtPlusWarning):
+    """A target that is probably not what was meant: several tokens, a missing leading space, a class
+    label given to a causal LM. ``strict_target=True`` (``--strict-target``) turns it into a
+    :class:`TargetError`."""

@@ -190,8 +190,15 @@ def _reads_last_token(model: nn.Module) -> bool:
 
 
 # ------------------------------------------------------------------------------------ targets
-def resolve_token(tokenizer: Any, spec: str | int, vocab: int, what: str = "target") -> tuple[tuple[int, ...], str]:
-    """Token id(s) and a label for a token target given as an id or a string."""
+def resolve_token(tokenizer: Any, spec: str | int, vocab: int, what: str = "target", *,
+                  strict_target: bool = False) -> tuple[tuple[int, ...], str]:
+    """Token id(s) and a label for a token target given as an id or a string.
+
+    A string that splits into several tokens (explained as the sum of their logits), lacks the
+    leading space of its usual single-token form (``"Paris"`` for ``" Paris"``) or looks like a
+    class label (``"POSITIVE"``) gives a :class:`~lxt_plus.errors.TargetWarning` naming the tokens,
+    or a :class:`TargetError` with ``strict_target=True`` (see :mod:`lxt_plus.targets`).
+    """
     if isinstance(spec, bool) or not isinstance(spec, (int, str)):
         raise TargetError(f"{what} must be a token id or a token string, got {spec!r}")
     if isinstance(spec, int):
@@ -209,6 +216,9 @@ def resolve_token(tokenizer: Any, spec: str | int, vocab: int, what: str = "targ
         raise TargetError(f"{what} {spec!r} is not in the tokenizer's vocabulary")
     if max(ids) >= vocab:
         raise TargetError(f"{what} {spec!r} maps to ids {ids} outside the model's vocabulary of {vocab}")
+    from .targets import check_token_target
+
+    check_token_target(tokenizer, spec, ids, what, strict=strict_target)
     return ids, spec
 
 

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 import lxt_plus
-from lxt_plus.errors import InputError, LxtPlusError, PresetError, TargetError, TokenizerMismatchError
+from lxt_plus.errors import (
+    InputError,
+    LxtPlusError,
+    PresetError,
+    TargetError,
+    TargetWarning,
+    TokenizerMismatchError,
+)
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import families as F  # noqa: E402
@@ -51,7 +58,8 @@ def test_token_string_contrast_and_multi_token_targets(lm) -> None:  # type: ign
     torch.testing.assert_close(both.target_logit, paris.target_logit - lyon.target_logit)
     torch.testing.assert_close(both.relevance, paris.relevance - lyon.relevance, rtol=1e-4, atol=1e-6)
     assert both.targets[0].describe() == "'paris' vs 'lyon' @ position 4"
-    two = lxt_plus.explain(model, text, tokenizer=tok, target="paris lyon")  # two tokens: sum of logits
+    with pytest.warns(TargetWarning, match=r"'paris lyon' splits into 2 tokens \['paris', 'lyon'\]"):
+        two = lxt_plus.explain(model, text, tokenizer=tok, target="paris lyon")  # two tokens: sum of logits
     torch.testing.assert_close(two.target_logit, paris.target_logit + lyon.target_logit)
     by_id = lxt_plus.explain(model, text, tokenizer=tok, target=tok.convert_tokens_to_ids("paris"))
     torch.testing.assert_close(by_id.relevance, paris.relevance)
