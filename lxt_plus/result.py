@@ -186,7 +186,11 @@ class Explanation:
         return self.to_html()
 
     def to_terminal(self, **kwargs: Any) -> str:
-        """The heatmap as ANSI-coloured text (rich); readable on dark and light terminals."""
+        """The heatmap as ANSI-coloured text (rich); readable on dark and light terminals.
+
+        ``color=False`` (or ``NO_COLOR`` set) gives plain text: no escape codes, each token followed
+        by its normalised relevance. Keywords: see :func:`lxt_plus.render.terminal.explanation_terminal`.
+        """
         from .render.terminal import explanation_terminal
 
         return explanation_terminal(self, **kwargs)
@@ -297,6 +301,8 @@ class GenerationExplanation:
         return self.to_html()
 
     def to_terminal(self, **kwargs: Any) -> str:
+        """Each generated token with its top sources; ``color=False`` for plain text (see
+        :func:`lxt_plus.render.terminal.generation_terminal`)."""
         from .render.terminal import generation_terminal
 
         return generation_terminal(self, **kwargs)

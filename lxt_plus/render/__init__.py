@@ -15,11 +15,45 @@ from ..errors import InputError
 if TYPE_CHECKING:
     from ..result import Explanation, GenerationExplanation
 
-__all__ = ["save_explanation", "save_generation"]
+__all__ = [
+    "COLOR_MODES",
+    "EXPLANATION_FORMATS",
+    "GENERATION_FORMATS",
+    "IMAGE_FORMATS",
+    "save_explanation",
+    "save_generation",
+    "use_color",
+]
 
-EXPLANATION_SUFFIXES = (".png", ".pdf", ".svg", ".html", ".json", ".tex")
-GENERATION_SUFFIXES = (".png", ".pdf", ".svg", ".html", ".json")
-_IMAGE = (".png", ".pdf", ".svg")
+# The one list of file formats: ``save`` picks the format by suffix, and the command line derives
+# its ``--format`` choices from these names (plus "terminal").
+IMAGE_FORMATS = ("png", "pdf", "svg")  # matplotlib figures (binary: they need a file)
+EXPLANATION_FORMATS = (*IMAGE_FORMATS, "html", "json", "tex")
+GENERATION_FORMATS = (*IMAGE_FORMATS, "html", "json")
+EXPLANATION_SUFFIXES = tuple(f".{f}" for f in EXPLANATION_FORMATS)
+GENERATION_SUFFIXES = tuple(f".{f}" for f in GENERATION_FORMATS)
+_IMAGE = tuple(f".{f}" for f in IMAGE_FORMATS)
+
+COLOR_MODES = ("auto", "always", "never")
+
+
+def use_color(mode: str = "auto", tty: bool | None = None) -> bool:
+    """Whether to write ANSI colour, by the usual conventions.
+
+    ``"always"`` and ``"never"`` decide alone. ``"auto"``: no colour when ``NO_COLOR`` is set to
+    anything non-empty (https://no-color.org); colour when ``FORCE_COLOR`` is (``NO_COLOR`` wins
+    when both are); else colour only when the output is a terminal (``tty``; ``None``, for a string
+    whose destination is unknown, counts as a terminal).
+    """
+    if mode not in COLOR_MODES:
+        raise InputError(f"unknown colour mode {mode!r}; expected one of {', '.join(COLOR_MODES)}")
+    if mode != "auto":
+        return mode == "always"
+    if os.environ.get("NO_COLOR"):
+        return False
+    if os.environ.get("FORCE_COLOR"):
+        return True
+    return True if tty is None else bool(tty)
 
 
 def _suffix(path: str | os.PathLike[str], valid: tuple[str, ...], what: str) -> str:

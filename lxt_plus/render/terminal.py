@@ -1,7 +1,9 @@
 """ANSI-coloured heatmaps for the terminal, rendered with rich.
 
 Each token sits on its own background colour from the shared scale with a text colour chosen for
-contrast, so the output reads the same on dark and light terminals.
+contrast, so the output reads the same on dark and light terminals. Without colour (``color=False``,
+or ``NO_COLOR`` set) the text holds no escape codes at all and each token is followed by its
+signed, normalised relevance, ``[+0.83]``.
 """
 
 from __future__ import annotations
@@ -14,22 +16,23 @@ import torch
 
 from ..words import NEWLINE_SYMBOL, display_token
 from ..words import normalize as _normalize
-from . import colors
+from . import COLOR_MODES, colors, use_color
 from ._common import header_fields, legend_labels, require, row_indices, row_items
 
 if TYPE_CHECKING:
     from ..result import Explanation, GenerationExplanation
 
-__all__ = ["explanation_terminal", "generation_terminal"]
+__all__ = ["COLOR_MODES", "explanation_terminal", "generation_terminal", "use_color"]
 
 
-def _console(width: int | None) -> Any:
+def _console(width: int | None, color: bool) -> Any:
     console_mod = require("rich.console", "terminal output")
     width = width or shutil.get_terminal_size((100, 24)).columns
     return console_mod.Console(
         file=io.StringIO(),
-        force_terminal=True,
-        color_system="truecolor",
+        force_terminal=color,
+        color_system="truecolor" if color else None,  # None: no escape codes at all, bold and dim too
+        no_color=not color,
         width=width,
         highlight=False,
         emoji=False,
@@ -44,14 +47,30 @@ def _style(value: float) -> Any:
     return Style(color=Color.from_rgb(*colors.text_rgb(value)), bgcolor=Color.from_rgb(*colors.rgb(value)))
 
 
-def _legend(limit: float) -> Any:
+def _legend(limit: float, color: bool = True, normalize: str = "max") -> Any:
     from rich.text import Text
 
+    if not color:
+        scale = {"max": "the largest |relevance|", "sum": "the sum of |relevance|"}.get(normalize)
+        if scale is None:
+            return Text("[+/-v]: relevance, not normalised")
+        return Text(f"[+/-v]: relevance / {limit:.4g} ({scale})")
     lo, _, hi = legend_labels(limit)
     text = Text().append(f"{lo} ", style="dim")
     for i in range(21):
         text.append(" ", style=_style(-1 + i / 10))
     return text.append(f" {hi}", style="dim")
+
+
+_CELLS = ((0.5, "##"), (0.15, "++"), (-0.15, ".."), (-0.5, "--"))
+
+
+def _cell(value: float) -> str:
+    """Two characters for a pixel cell without colour: ``##`` ``++`` ``..`` ``--`` ``==`` from + to -."""
+    for bound, mark in _CELLS:
+        if value >= bound:
+            return mark
+    return "=="
 
 
 def _header(fields: list[tuple[str, str]]) -> Any:
@@ -72,8 +91,9 @@ def explanation_terminal(
     words: bool = False,
     width: int | None = None,
     hide_special: bool = False,
+    color: bool | None = None,
 ) -> str:
-    """The explanation as ANSI-coloured text.
+    """The explanation as ANSI-coloured text, or as plain text with a value after each token.
 
     Parameters
     ----------
@@ -89,15 +109,20 @@ def explanation_terminal(
         Line width in characters; defaults to the terminal's width.
     hide_special:
         Leave out special and chat-template tokens (``exp.hidden``).
+    color:
+        ``True`` for ANSI colours, ``False`` for plain text (no escape codes; each token followed
+        by its signed normalised relevance, pixels as ``##``/``++``/``..``/``--``/``==`` cells);
+        ``None``: colour unless ``NO_COLOR`` is set (see :func:`use_color`).
 
     Returns
     -------
     str
-        A header line per row (target, preset, logit, relevance sum), the coloured tokens and a legend.
+        A header line per row (target, preset, logit, relevance sum), the tokens and a legend.
     """
     from rich.text import Text
 
-    console = _console(width)
+    color = use_color() if color is None else color
+    console = _console(width, color)
     for r in row_indices(exp, row):
         console.print(_header(header_fields(exp, r)))
         line = Text()
@@ -106,14 +131,22 @@ def explanation_terminal(
             for i, cells in enumerate(_normalize(rel, normalize).tolist()):
                 line.append("\n" if i else "")
                 for value in cells:
-                    line.append("  ", style=_style(value))
+                    line.append("  " if color else _cell(value), style=_style(value) if color else None)
         else:
             texts, rel = row_items(exp, r, words, hide_special)
             for text, value in zip(texts, _normalize(rel, normalize).tolist(), strict=True):
-                line.append(text, style=_style(value))
+                if color:
+                    line.append(text, style=_style(value))
+                else:
+                    line.append(f"{text}[{value:+.2f}]")
                 line.append("\n" if NEWLINE_SYMBOL in text else "")
         console.print(line)
-        console.print(_legend(colors.color_limit(rel, normalize)))
+        if exp.modality == "pixels" and not color:
+            console.print(
+                Text("cells: ## >= +0.5, ++ >= +0.15, .. near 0, -- <= -0.15, == <= -0.5 (normalised)")
+            )
+        else:
+            console.print(_legend(colors.color_limit(rel, normalize), color, normalize))
     return console.file.getvalue()
 
 
@@ -126,7 +159,11 @@ def _pool(rel: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def generation_terminal(
-    gen: GenerationExplanation, k: int = 5, normalize: str = "max", width: int | None = None
+    gen: GenerationExplanation,
+    k: int = 5,
+    normalize: str = "max",
+    width: int | None = None,
+    color: bool | None = None,
 ) -> str:
     """For each generated token, the ``k`` earlier tokens with the largest ``|relevance|``.
 
@@ -140,6 +177,9 @@ def generation_terminal(
         ``"max"``, ``"sum"`` or ``"none"``, applied to each row of the matrix (colours only).
     width:
         Line width in characters; defaults to the terminal's width.
+    color:
+        ``True`` for ANSI colours, ``False`` for plain text without escape codes; ``None``: colour
+        unless ``NO_COLOR`` is set (see :func:`use_color`).
 
     Returns
     -------
@@ -149,7 +189,8 @@ def generation_terminal(
     """
     from rich.text import Text
 
-    console = _console(width)
+    color = use_color() if color is None else color
+    console = _console(width, color)
     console.print(
         _header(
             [
@@ -167,7 +208,8 @@ def generation_terminal(
         before = row[: gen.prompt_length + t]
         for i in torch.argsort(before.abs(), descending=True)[:k].tolist():
             line.append(
-                display_token(gen.tokens[i]).strip() or repr(gen.tokens[i]), style=_style(float(norm[i]))
+                display_token(gen.tokens[i]).strip() or repr(gen.tokens[i]),
+                style=_style(float(norm[i])) if color else None,
             )
             line.append(f" {float(row[i]):+.3g}  ", style="dim")
         console.print(line)
