@@ -87,7 +87,9 @@ class Explanation:
     single: bool = True
     modality: str = "tokens"
     captures: dict[str, Any] = field(default_factory=dict)
-    extra_relevance: torch.Tensor | None = None  # (batch,) relevance absorbed by position/type embeddings etc.
+    extra_relevance: torch.Tensor | None = (
+        None  # (batch,) relevance absorbed by position/type embeddings etc.
+    )
     hidden: torch.Tensor | None = None  # (batch, seq) True for special / chat-template tokens
 
     # ------------------------------------------------------------------ tensors
@@ -108,19 +110,27 @@ class Explanation:
         return total[0] if self.single else total
 
     @property
-    def conservation(self) -> dict[str, Any]:
-        """Relevance sum next to the explained logit.
+    def conservation(self) -> Conservation:
+        """Relevance sum next to the explained logit, and what the rules absorbed (a dict).
 
-        With biases zeroed and the ``ah-lrp`` preset they are equal; otherwise biases, the softmax
-        bias term and the ε-rule absorb the difference.
+        Keys: ``relevance_sum`` (input tokens), ``position_relevance`` (position and token-type
+        embeddings, or ``None``), ``target_logit`` and ``absorbed`` = logit - both sums. ``absorbed``
+        is not a leak: it is the share the rules give to biases and, under AttnLRP, to the softmax's
+        bias term (and the ε stabiliser). The ``conservative-check`` preset (AH-LRP, biases zeroed)
+        gives ``absorbed == 0`` up to float error. The repr says so.
         """
         logit = self.target_logit[0] if self.single else self.target_logit
         extra = self.extra_relevance
         if extra is not None and self.single:
             extra = extra[0]
         total = self.relevance_sum + (extra if extra is not None else 0.0)
-        return {"relevance_sum": self.relevance_sum, "position_relevance": extra, "target_logit": logit,
-                "absorbed": logit - total}
+        return Conservation(
+            relevance_sum=self.relevance_sum,
+            position_relevance=extra,
+            target_logit=logit,
+            absorbed=logit - total,
+            rules=self.rules,
+        )
 
     def __len__(self) -> int:
         return self.batch_relevance.shape[0]
@@ -239,7 +249,63 @@ class Explanation:
         rows = len(self)
         tgt = self.targets[0].describe() if rows == 1 else f"{rows} targets"
         shape = tuple(self.relevance.shape)
-        return f"Explanation(rules={self.rules!r}, target={tgt}, relevance shape={shape})"
+        text = f"Explanation(rules={self.rules!r}, target={tgt}, relevance shape={shape})"
+        if rows == 1:
+            c = self[0].conservation
+            text += (
+                f"\n  relevance sum {float(c['relevance_sum']):.4g} of target logit {float(c['target_logit']):.4g}; "
+                f"{float(c['absorbed']):.4g} {_absorbed_by(self.rules)} (see .conservation)"
+            )
+        return text
+
+
+def _number(value: Any) -> str:
+    if value is None:
+        return "None"
+    if isinstance(value, torch.Tensor) and value.dim() > 0:
+        return "[" + ", ".join(f"{v:.4g}" for v in value.detach().float().tolist()) + "]"
+    return f"{float(value):.4g}"
+
+
+_ABSORBED = (
+    "absorbed = target_logit - relevance_sum - position_relevance: the share of the logit the rules give "
+    "to no input token. It is not a leak. {why} Exact conservation: explain with "
+    "rules='conservative-check' (AH-LRP with every bias zeroed; forward values change), where absorbed "
+    "is 0 up to float error; `lxt-plus audit` checks it module by module."
+)
+_WHY = {
+    "attnlrp": "Under AttnLRP the softmax rule hands part of the relevance to the softmax's bias term (the "
+    "softmax is not linear), and Linear/norm biases and the epsilon stabiliser keep theirs.",
+    "other": "Linear and norm biases keep their share, and the epsilon stabiliser a little.",
+}
+
+
+def _absorbed_by(rules: str) -> str:
+    name = rules.lower()
+    if name == "gradient":
+        return "not accounted for (plain Gradient×Input does not conserve)"
+    if name == "conservative-check":
+        return "left over (float error: conservative-check conserves exactly)"
+    return "absorbed by biases" + (" and the softmax" if "attnlrp" in name else "") + ", not a leak"
+
+
+class Conservation(dict):  # type: ignore[type-arg]
+    """:attr:`Explanation.conservation`: a plain dict whose repr explains ``absorbed``."""
+
+    def __init__(self, *, rules: str = "", **values: Any) -> None:
+        super().__init__(**values)
+        self.rules = rules
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={_number(v)}" for k, v in self.items())
+        why = _WHY["attnlrp" if "attnlrp" in self.rules.lower() else "other"]
+        if self.rules == "conservative-check":
+            why = "With conservative-check it is float error only."
+        elif self.rules == "gradient":
+            why = "Plain Gradient×Input (rules='gradient') does not conserve at all."
+        import textwrap
+
+        return f"Conservation({fields})\n" + textwrap.fill(_ABSORBED.format(why=why), 100)
 
 
 def _slice_capture(value: Any, sl: slice) -> Any:
@@ -281,7 +347,7 @@ class GenerationExplanation:
 
     @property
     def generated_tokens(self) -> list[str]:
-        return self.tokens[self.prompt_length:]
+        return self.tokens[self.prompt_length :]
 
     @property
     def prompt_tokens(self) -> list[str]:
@@ -323,5 +389,7 @@ class GenerationExplanation:
         return generation_to_dict(self)
 
     def __repr__(self) -> str:
-        return (f"GenerationExplanation(rules={self.rules!r}, prompt={self.prompt_length} tokens, "
-                f"generated={len(self.generated_tokens)} tokens)")
+        return (
+            f"GenerationExplanation(rules={self.rules!r}, prompt={self.prompt_length} tokens, "
+            f"generated={len(self.generated_tokens)} tokens)"
+        )

@@ -80,3 +80,22 @@ def header_fields(exp: Explanation, r: int) -> list[tuple[str, str]]:
 def legend_labels(limit: float) -> tuple[str, str, str]:
     """Labels of the legend's left end, middle and right end for colour limit ``limit``."""
     return f"-{limit:.3g}", "0", f"+{limit:.3g}"
+
+
+def conservation_note(exp: Explanation, r: int) -> str:
+    """One sentence on how much of row ``r``'s logit the input tokens got, and where the rest went."""
+    c = exp[r].conservation
+    total, logit, absorbed = (float(c[k]) for k in ("relevance_sum", "target_logit", "absorbed"))
+    head = f"Relevance sum {total:.4g} of target logit {logit:.4g}"
+    if c["position_relevance"] is not None:
+        head += f" (position embeddings {float(c['position_relevance']):.4g})"
+    name = exp.rules.lower()
+    if name == "conservative-check":
+        return f"{head}: conserved up to float error ({absorbed:.2g})."
+    if name == "gradient":
+        return f"{head}: plain Gradient×Input does not conserve; use an LRP preset."
+    where = "biases and the softmax's bias term (AttnLRP)" if "attnlrp" in name else "biases"
+    return (
+        f"{head}: the other {absorbed:.4g} went to {where}, not to tokens; it is not a leak. "
+        "The conservative-check preset (biases zeroed) conserves exactly."
+    )

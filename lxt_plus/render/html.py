@@ -18,7 +18,7 @@ import torch
 from ..words import NEWLINE_SYMBOL, display_token
 from ..words import normalize as _normalize
 from . import colors
-from ._common import header_fields, legend_labels, row_indices, row_items
+from ._common import conservation_note, header_fields, legend_labels, row_indices, row_items
 
 if TYPE_CHECKING:
     from ..result import Explanation, GenerationExplanation
@@ -38,6 +38,7 @@ _CSS = """<style>
 .lxt-legend{margin-top:6px;font-size:11px;color:#57606a;width:240px}
 .lxt-bar{height:12px;border:1px solid #d0d7de;border-radius:2px}
 .lxt-labels{display:flex;justify-content:space-between}
+.lxt-note{margin-top:4px;font-size:11px;color:#57606a;max-width:640px}
 </style>"""
 
 
@@ -49,6 +50,10 @@ def _legend(limit: float, ids: bool = False) -> str:
         f'</div><div class="lxt-labels"><span{lo_attr}>{escape(lo)}</span><span>{mid}</span>'
         f"<span{hi_attr}>{escape(hi)}</span></div></div>"
     )
+
+
+def _note(exp: Explanation, r: int) -> str:
+    return f'<div class="lxt-note">{escape(conservation_note(exp, r))}</div>'
 
 
 def _span(text: str, value: float, norm: float, cls: str = "lxt-tok") -> str:
@@ -110,13 +115,13 @@ def explanation_html(
     for r in row_indices(exp, row):
         parts.append('<div class="lxt-row">' + _header(header_fields(exp, r)))
         if exp.modality == "pixels":
-            parts.append(_pixels_html(exp, r, normalize) + "</div>")
+            parts.append(_pixels_html(exp, r, normalize) + _note(exp, r) + "</div>")
             continue
         texts, rel = row_items(exp, r, words, hide_special)
         norm = _normalize(rel, normalize)
         spans = "".join(_span(t, float(v), float(n)) for t, v, n in zip(texts, rel, norm, strict=True))
         parts.append(f'<div class="lxt-tokens" dir="auto">{spans}</div>')
-        parts.append(_legend(colors.color_limit(rel, normalize)) + "</div>")
+        parts.append(_legend(colors.color_limit(rel, normalize)) + _note(exp, r) + "</div>")
     return "".join(parts) + "</div>"
 
 

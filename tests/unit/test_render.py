@@ -314,3 +314,21 @@ def test_hide_special_tokens() -> None:
     assert "im_start" not in page and _titles(page) == [0.5, -0.25]
     assert "im_start" not in ANSI.sub("", explanation_terminal(exp, hide_special=True, width=80))
     assert "im" not in explanation_latex(exp, words=True, hide_special=True).split("\n", 2)[2]
+
+
+# ------------------------------------------------------------------------------------- conservation
+def test_conservation_explains_what_is_absorbed() -> None:
+    exp = make_exp()  # relevance sum 0.3 of a logit 1.0 under attnlrp
+    cons = exp.conservation
+    assert isinstance(cons, dict) and set(cons) == {"relevance_sum", "position_relevance", "target_logit", "absorbed"}
+    assert float(cons["absorbed"]) == pytest.approx(0.7)
+    text = repr(cons)
+    assert text.startswith("Conservation(relevance_sum=0.3, position_relevance=None, target_logit=1, absorbed=0.7)")
+    assert "not a leak" in text and "softmax's bias term" in text and "conservative-check" in text
+    assert "0.7 absorbed by biases and the softmax, not a leak" in repr(exp)
+    html = explanation_html(exp)
+    assert "the other 0.7 went to biases and the softmax&#x27;s bias term (AttnLRP)" in html
+    assert "conservative-check preset (biases zeroed) conserves exactly" in html
+    exact = make_exp()
+    exact.rules = "conservative-check"
+    assert "float error" in repr(exact.conservation) and "conserved up to float error" in explanation_html(exact)
