@@ -154,8 +154,8 @@ MUTANTS: tuple[Mutant, ...] = (
     M(
         "cp-lrp-splits-gates",
         "lxt_plus/plan.py",
-        '"cp-lrp": Preset("cp-lrp", _lrp(AHLRP(), Constant(), ConstantGate()))',
-        '"cp-lrp": Preset("cp-lrp", _lrp(AHLRP(), Constant(), UniformProduct()))',
+        "_lrp(AHLRP(), Constant(), ConstantGate()),",
+        "_lrp(AHLRP(), Constant(), UniformProduct()),",
         ("tests/integration/test_cp_lrp.py",),
     ),
     M(
@@ -225,8 +225,8 @@ MUTANTS: tuple[Mutant, ...] = (
     M(
         "conservative-check-keeps-biases",
         "lxt_plus/plan.py",
-        "_lrp(AHLRP(), Constant(), UniformProduct()), zero_bias=True",
-        "_lrp(AHLRP(), Constant(), UniformProduct()), zero_bias=False",
+        "        zero_bias=True,\n",
+        "        zero_bias=False,\n",
         ("tests/unit/test_patching.py", "tests/integration/test_families.py"),
     ),
     # ------------------------------------------------------------------ inputs and targets
@@ -242,7 +242,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "lxt_plus/explain.py",
         "rel = rel * mask.to(rel.dtype)",
         "rel = rel * 1",
-        ("tests/unit/test_explain.py", "tests/integration/test_families.py"),
+        ("tests/unit/test_padding_contract.py", "tests/unit/test_explain.py"),
     ),
     M(
         "left-padding-positions-not-shifted",
@@ -276,11 +276,11 @@ EQUIVALENT: tuple[tuple[str, str], ...] = (
 )
 
 
-def run(mutant: Mutant, timeout: float) -> tuple[str, float]:
+def run(mutant: Mutant, timeout: float) -> tuple[str, float, str]:
     """Apply ``mutant`` in a fresh copy and run its tests; an empty ``old`` runs the code as it is."""
     source = (ROOT / mutant.path).read_text()
     if mutant.old and source.count(mutant.old) != 1:
-        return "stale", 0.0
+        return "stale", 0.0, f"{mutant.old!r} does not occur exactly once in {mutant.path}"
     with tempfile.TemporaryDirectory(prefix="lxt-mutant-") as tmp:
         for name in COPIED:
             src = ROOT / name
@@ -312,11 +312,14 @@ def run(mutant: Mutant, timeout: float) -> tuple[str, float]:
                 timeout=timeout,
             )
         except subprocess.TimeoutExpired:
-            return "killed (timeout)", time.perf_counter() - start
+            return "killed (timeout)", time.perf_counter() - start, ""
         seconds = time.perf_counter() - start
         if proc.returncode == 5:
-            return "no tests", seconds
-        return ("killed" if proc.returncode != 0 else "SURVIVED"), seconds
+            return "no tests", seconds, ""
+        if proc.returncode == 0:
+            return "SURVIVED", seconds, ""
+        failed = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+        return "killed", seconds, (failed[0] if failed else proc.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,16 +335,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # the unmutated code must pass the same tests, or a "killed" mutant proves nothing
     tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
-    status, seconds = run(Mutant("baseline", chosen[0].path, "", "", tests), args.timeout)
+    status, seconds, _ = run(Mutant("baseline", chosen[0].path, "", "", tests), args.timeout)
     print(f"{'baseline ' + ('passed' if status == 'SURVIVED' else 'FAILED'):16} {seconds:6.1f} s", flush=True)
     if status != "SURVIVED":
         print("the unmutated code fails these tests; fix that first")
         return 1
     results = []
     for m in chosen:
-        status, seconds = run(m, args.timeout)
+        status, seconds, detail = run(m, args.timeout)
         results.append((m, status))
         print(f"{status:16} {seconds:6.1f} s  {m.name}  ({m.path})", flush=True)
+        if detail:
+            print(f"{'':26}{detail[:150]}", flush=True)
     killed = sum(s.startswith("killed") for _, s in results)
     print(
         f"\nmutation score: {killed}/{len(results)} killed"
