@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, UnsupportedModelError
-from .functional import LinearMap, Term, epsilon_rule, identity_rule, modified_linear
+from .functional import LinearMap, Term, epsilon_rule, generalized_gamma_grad, identity_rule, modified_linear
 from .modes import AttentionOpsMode, ElementwiseIdentityMode, NormMode, ProductMode
 
 __all__ = [
@@ -158,10 +158,15 @@ class Gamma(_LinearRule):
     eps: float = 1e-6
     generalized: bool = True
 
-    def terms(self) -> tuple[Term, ...]:
+    def terms(self) -> Any:
         plus, minus = _plus(self.gamma), _minus(self.gamma)
         if not self.generalized:
             return (Term("x", plus),)
+        return generalized_gamma_grad(self.gamma)  # the four terms below, in closed form
+
+    def generalized_terms(self) -> tuple[Term, ...]:
+        """The generalised rule as zennit writes it: four modified copies of the map."""
+        plus, minus = _plus(self.gamma), _minus(self.gamma)
         return (
             Term("pos", plus, group=0, mask="pos"),
             Term("neg", minus, zero_bias=True, group=0, mask="pos"),

@@ -175,3 +175,32 @@ def test_bad_rule_parameters_are_config_errors() -> None:
         R.rule_from_spec({"alpha-beta": {"alpha": 2, "beta": 2}})
     with pytest.raises(lxt_plus.errors.ConfigError, match="'generalized' of rule 'gamma' is true or false"):
         R.rule_from_spec({"gamma": {"generalized": "yes"}})
+
+
+class _FourTermGamma(R.Gamma):
+    """The generalised γ through the generic four-term path, as zennit writes it."""
+
+    def terms(self) -> tuple[object, ...]:  # type: ignore[override]
+        return self.generalized_terms()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.Linear(6, 5),
+        lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2),
+        lambda: nn.Conv1d(3, 4, 3, dilation=2),
+    ],
+    ids=["linear-seq", "conv2d-grouped", "conv1d-dilated"],
+)
+def test_generalised_gamma_closed_form_equals_its_four_terms(make) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(7)
+    layer = make().to(DTYPE)
+    shape = {nn.Linear: (2, 3, 6), nn.Conv2d: (2, 4, 5, 5), nn.Conv1d: (2, 3, 9)}[type(layer)]
+    x = torch.randn(shape, dtype=DTYPE)
+    x.view(-1)[::7] = 0.0
+    g = torch.randn_like(layer(x))
+    for gamma in (0.25, 1.0):
+        a, _ = explained(nn.Sequential(layer), x, g, R.Gamma(gamma=gamma))
+        b, _ = explained(nn.Sequential(layer), x, g, _FourTermGamma(gamma=gamma))
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12 * float(b.abs().max()))

@@ -156,3 +156,29 @@ def test_original_gamma_differs_from_the_generalised_rule_with_signed_inputs() -
     a = ours(layer, xp[:1], target, R.Gamma())
     b = ours(layer, xp[:1], target, R.Gamma(generalized=False))
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", sorted(INPUT_LAYER))
+def test_input_layer_rule_behind_a_flatten_equals_zennit(name: str) -> None:
+    """An image MLP starts with ``nn.Flatten``: the first Linear sees a view of the explained input,
+    and its zero pixels (a black row) still get their relevance."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).to(DTYPE)
+    x = torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(5), dtype=DTYPE)
+    x[:, 0] = 0.0
+    rule, zrule = INPUT_LAYER[name]
+    preset = lxt_plus.get_preset("gradient").override("linear", R.Epsilon(eps=1e-6)).override("name:1", rule)
+    a = lxt_plus.explain(model, x, target=1, rules=preset).batch_relevance
+    with Gradient(model, NameMapComposite([(["1"], zrule), (["3"], Epsilon(epsilon=1e-6))])) as attributor:
+        _, b = attributor(x.clone().requires_grad_(True), lambda out: out * torch.eye(3, dtype=DTYPE)[[1]])
+    assert_same(a, b.detach())
+    assert (b[:, 0] != 0).any()
+
+
+def test_constant_input_rule_on_a_computed_input_warns() -> None:
+    """In a middle layer the relevance of zero-valued inputs cannot be carried: say so."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(DTYPE)
+    preset = lxt_plus.get_preset("gradient").override("name:2", R.Flat())
+    with pytest.warns(RuntimeWarning, match="relevance of\\s+its zero inputs is lost"):
+        lxt_plus.explain(model, inputs(mlp()), target=1, rules=preset)
