@@ -159,9 +159,8 @@ class Gamma(_LinearRule):
     generalized: bool = True
 
     def terms(self) -> Any:
-        plus, minus = _plus(self.gamma), _minus(self.gamma)
         if not self.generalized:
-            return (Term("x", plus),)
+            return (Term("x", _plus(self.gamma)),)
         return generalized_gamma_grad(self.gamma)  # the four terms below, in closed form
 
     def generalized_terms(self) -> tuple[Term, ...]:
