@@ -8,6 +8,8 @@ builds the replacement forward from the original one.
 from __future__ import annotations
 
 import contextvars
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
@@ -546,19 +548,42 @@ register_rule(Pass, name="gradient")
 
 
 def _coerce(cls: type[Rule], key: str, value: Any, where: str) -> Any:
-    """A YAML/CLI value as the type of field ``key``: bool, float, or a tuple of floats."""
-    hint = str(next(f.type for f in fields(cls) if f.name == key))
-    if hint == "bool":
-        if not isinstance(value, bool):
-            raise ConfigError(
-                f"{where}: parameter {key!r} of rule {cls.name!r} is true or false, got {value!r}"
-            )
-        return value
-    if "tuple" in hint and isinstance(value, (list, tuple)):
-        return tuple(float(v) for v in value)
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ConfigError(f"{where}: parameter {key!r} of rule {cls.name!r} is a number, got {value!r}")
-    return float(value)
+    """A YAML/CLI value as the declared type of field ``key`` (bool, int, float, str, a tuple of
+    floats, or a union of those with ``None``); values of other declared types pass unchanged."""
+    hint = typing.get_type_hints(cls).get(key, Any)
+    options = (
+        set(typing.get_args(hint)) if typing.get_origin(hint) in (typing.Union, types.UnionType) else {hint}
+    )
+    if value is None and type(None) in options:
+        return None
+    options.discard(type(None))
+    sequences = [o for o in options if typing.get_origin(o) is tuple]
+    bad = f"{where}: parameter {key!r} of rule {cls.name!r}"
+    if sequences and isinstance(value, (list, tuple)):
+        try:
+            return tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{bad} is a list of numbers, got {value!r}") from None
+    if bool in options:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{bad} is true or false, got {value!r}")
+    if int in options and float not in options:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{bad} is a whole number, got {value!r}")
+    if float in options:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{bad} is a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{bad} is a number, got {value!r}") from None
+    if str in options:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{bad} is a string, got {value!r}")
+    return value
 
 
 def rule_from_spec(spec: Any, where: str = "rule") -> Rule:

@@ -69,3 +69,51 @@ def test_a_name_cannot_be_taken_twice(halve: type[R.Rule]) -> None:
 def test_unknown_rule_lists_the_registered_names() -> None:
     with pytest.raises(ConfigError, match=r"unknown rule 'zplsu' \(did you mean 'zplus'\?\).*wsquare"):
         R.rule_from_spec("zplsu")
+
+
+@dataclass(frozen=True, repr=False)
+class _Typed(R.Rule):
+    name: ClassVar[str] = "test-typed"
+    steps: int = 1
+    mode: str = "a"
+    flag: bool = False
+    scale: float = 1.0
+    bound: float | tuple[float, ...] | None = None
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({"steps": 3, "mode": "b", "flag": True}, _Typed(steps=3, mode="b", flag=True)),
+        ({"scale": "1e-3", "bound": [1, 2]}, _Typed(scale=1e-3, bound=(1.0, 2.0))),
+        ({"bound": 0.5}, _Typed(bound=0.5)),
+        ({"bound": None}, _Typed(bound=None)),
+    ],
+)
+def test_parameters_take_their_declared_types(params: dict[str, object], expected: R.Rule) -> None:
+    lxt_plus.register_rule(_Typed)
+    try:
+        rule = R.rule_from_spec({"test-typed": params})
+        assert rule == expected
+        assert type(rule.steps) is int and type(rule.scale) is float  # type: ignore[attr-defined]
+    finally:
+        del R.RULES["test-typed"]
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"steps": 2.5}, "'steps' of rule 'test-typed' is a whole number"),
+        ({"flag": 1}, "'flag' of rule 'test-typed' is true or false"),
+        ({"mode": 3}, "'mode' of rule 'test-typed' is a string"),
+        ({"scale": "x"}, "'scale' of rule 'test-typed' is a number"),
+        ({"bound": ["a"]}, "'bound' of rule 'test-typed' is a list of numbers"),
+    ],
+)
+def test_parameters_of_the_wrong_type_are_config_errors(params: dict[str, object], match: str) -> None:
+    lxt_plus.register_rule(_Typed)
+    try:
+        with pytest.raises(ConfigError, match=match):
+            R.rule_from_spec({"test-typed": params})
+    finally:
+        del R.RULES["test-typed"]
