@@ -41,8 +41,10 @@ def model_kind(model: nn.Module) -> str:
         return "classifier"
     if getattr(model, "get_output_embeddings", lambda: None)() is not None:
         return "causal-lm"
-    raise InputError(f"{name} has no task head lxt_plus knows how to target: explain a "
-                     "...ForCausalLM, ...ForSequenceClassification or ...ForImageClassification model")
+    raise InputError(
+        f"{name} has no task head lxt_plus knows how to target: explain a "
+        "...ForCausalLM, ...ForSequenceClassification or ...ForImageClassification model"
+    )
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -80,8 +82,13 @@ def _max_positions(model: nn.Module) -> int | None:
     return None
 
 
-def prepare_text(tokenizer: Any, texts: list[str], model: nn.Module | None = None,
-                 chat: bool = False, with_hidden: bool = False) -> Any:
+def prepare_text(
+    tokenizer: Any,
+    texts: list[str],
+    model: nn.Module | None = None,
+    chat: bool = False,
+    with_hidden: bool = False,
+) -> Any:
     """Tokenise with padding; empty texts and texts longer than the model's positions are errors."""
     for i, t in enumerate(texts):
         if not isinstance(t, str):
@@ -92,8 +99,12 @@ def prepare_text(tokenizer: Any, texts: list[str], model: nn.Module | None = Non
     if chat:
         if getattr(tokenizer, "chat_template", None) is None:
             raise InputError("chat=True needs a tokenizer with a chat template")
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                               add_generation_prompt=True) for t in texts]
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
+            )
+            for t in texts
+        ]
     if getattr(tokenizer, "pad_token", None) is None and len(texts) > 1:
         tokenizer.pad_token = tokenizer.eos_token
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
@@ -102,7 +113,8 @@ def prepare_text(tokenizer: Any, texts: list[str], model: nn.Module | None = Non
     if limit is not None and ids.shape[1] > limit:
         raise ContextTooLongError(
             f"the input has {ids.shape[1]} tokens but {type(model).__name__} accepts at most {limit} "
-            "positions; shorten the text")
+            "positions; shorten the text"
+        )
     if with_hidden:
         try:
             hidden = _hidden_mask(tokenizer, raw, texts, ids)
@@ -112,10 +124,12 @@ def prepare_text(tokenizer: Any, texts: list[str], model: nn.Module | None = Non
     return ids, mask
 
 
-def _prepare(model: nn.Module, inputs: Any, tokenizer: Any, attention_mask: Tensor | None,
-             kind: str, chat: bool) -> _Batch:
-    if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs
-                                    and all(isinstance(t, str) for t in inputs)):
+def _prepare(
+    model: nn.Module, inputs: Any, tokenizer: Any, attention_mask: Tensor | None, kind: str, chat: bool
+) -> _Batch:
+    if isinstance(inputs, str) or (
+        isinstance(inputs, (list, tuple)) and inputs and all(isinstance(t, str) for t in inputs)
+    ):
         if tokenizer is None:
             raise InputError("text input needs tokenizer=...; or pass input_ids as a tensor")
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
@@ -140,19 +154,27 @@ def _prepare(model: nn.Module, inputs: Any, tokenizer: Any, attention_mask: Tens
         else:
             raise InputError(f"an input mapping needs 'input_ids' or 'pixel_values', got keys {sorted(data)}")
     if not isinstance(inputs, Tensor):
-        raise InputError(f"inputs must be text, a list of texts, a tensor or a tokenizer output, "
-                         f"got {type(inputs).__name__}")
+        raise InputError(
+            f"inputs must be text, a list of texts, a tensor or a tokenizer output, "
+            f"got {type(inputs).__name__}"
+        )
     if inputs.is_floating_point():
         if kind == "causal-lm" or getattr(model, "main_input_name", None) == "input_ids":
-            raise InputError(f"{type(model).__name__} takes integer token ids, got a {inputs.dtype} tensor; "
-                             "pass input_ids (or text with tokenizer=...)")
+            raise InputError(
+                f"{type(model).__name__} takes integer token ids, got a {inputs.dtype} tensor; "
+                "pass input_ids (or text with tokenizer=...)"
+            )
         single = is_hf_model(model) and inputs.dim() == 3 or not is_hf_model(model) and inputs.dim() == 1
         values = inputs[None] if single else inputs
         return _Batch(None, None, values, single)
     if getattr(model, "main_input_name", "input_ids") != "input_ids" or not is_hf_model(model):
-        raise InputError(f"{type(model).__name__} takes float inputs, got an integer tensor of dtype {inputs.dtype}")
+        raise InputError(
+            f"{type(model).__name__} takes float inputs, got an integer tensor of dtype {inputs.dtype}"
+        )
     if inputs.dim() not in (1, 2) or inputs.shape[-1] == 0:
-        raise InputError(f"input_ids must have shape (seq,) or (batch, seq) with seq > 0, got {tuple(inputs.shape)}")
+        raise InputError(
+            f"input_ids must have shape (seq,) or (batch, seq) with seq > 0, got {tuple(inputs.shape)}"
+        )
     single = inputs.dim() == 1
     ids = inputs[None] if single else inputs
     if attention_mask is None:
@@ -160,17 +182,23 @@ def _prepare(model: nn.Module, inputs: Any, tokenizer: Any, attention_mask: Tens
     else:
         mask = attention_mask[None] if attention_mask.dim() == 1 else attention_mask
         if mask.shape != ids.shape:
-            raise InputError(f"attention_mask shape {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}")
+            raise InputError(
+                f"attention_mask shape {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}"
+            )
     if bool((mask.sum(-1) == 0).any()):
         raise InputError("a row of the batch has no real token (its attention_mask is all zeros)")
     if kind == "classifier" and not _reads_last_token(model) and bool((mask[:, 0] == 0).any()):
-        raise InputError(f"{type(model).__name__} classifies from the first position, but the batch is "
-                         "left-padded; pad on the right (tokenizer.padding_side = 'right')")
+        raise InputError(
+            f"{type(model).__name__} classifies from the first position, but the batch is "
+            "left-padded; pad on the right (tokenizer.padding_side = 'right')"
+        )
     _check_vocabulary(model, ids)
     limit = _max_positions(model)
     if limit is not None and ids.shape[1] > limit:
-        raise ContextTooLongError(f"the input has {ids.shape[1]} tokens but {type(model).__name__} accepts at "
-                                  f"most {limit} positions; shorten the text")
+        raise ContextTooLongError(
+            f"the input has {ids.shape[1]} tokens but {type(model).__name__} accepts at "
+            f"most {limit} positions; shorten the text"
+        )
     return _Batch(ids, mask, None, single)
 
 
@@ -179,19 +207,24 @@ def _check_vocabulary(model: nn.Module, ids: Tensor) -> None:
     if int(ids.max()) >= vocab or int(ids.min()) < 0:
         raise TokenizerMismatchError(
             f"token id {int(ids.max())} is outside {type(model).__name__}'s vocabulary of {vocab}: "
-            "the tokenizer does not match the model")
+            "the tokenizer does not match the model"
+        )
 
 
 def _reads_last_token(model: nn.Module) -> bool:
     """Decoder-style sequence classifiers pool the last real token (left padding is fine)."""
     cfg = getattr(model, "config", None)
-    return bool(getattr(cfg, "is_decoder", False)) or type(model).__name__.endswith("ForSequenceClassification") \
+    return (
+        bool(getattr(cfg, "is_decoder", False))
+        or type(model).__name__.endswith("ForSequenceClassification")
         and hasattr(model, "score")
+    )
 
 
 # ------------------------------------------------------------------------------------ targets
-def resolve_token(tokenizer: Any, spec: str | int, vocab: int, what: str = "target", *,
-                  strict_target: bool = False) -> tuple[tuple[int, ...], str]:
+def resolve_token(
+    tokenizer: Any, spec: str | int, vocab: int, what: str = "target", *, strict_target: bool = False
+) -> tuple[tuple[int, ...], str]:
     """Token id(s) and a label for a token target given as an id or a string.
 
     A string that splits into several tokens (explained as the sum of their logits), lacks the
@@ -228,8 +261,10 @@ def _resolve_class(model: nn.Module, spec: int | str, num: int, what: str) -> tu
         raise TargetError(f"{what} must be a class index or label name, got {spec!r}")
     if isinstance(spec, int):
         if not -num <= spec < num:
-            raise TargetError(f"{what} class {spec} is out of range: the model has {num} classes "
-                              f"({', '.join(f'{i}={id2label.get(i, i)}' for i in range(num))})")
+            raise TargetError(
+                f"{what} class {spec} is out of range: the model has {num} classes "
+                f"({', '.join(f'{i}={id2label.get(i, i)}' for i in range(num))})"
+            )
         idx = spec % num
         return (idx,), id2label.get(idx, str(idx))
     by_name = {v.lower(): k for k, v in id2label.items()}
@@ -277,13 +312,16 @@ def _eval_mode(model: nn.Module, keep_train: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def explaining(model: nn.Module, rules: str | Preset | dict[str, Any], strict: bool = True,
-               keep_train: bool = False) -> Iterator[Handle]:
+def explaining(
+    model: nn.Module, rules: str | Preset | dict[str, Any], strict: bool = True, keep_train: bool = False
+) -> Iterator[Handle]:
     """Patch (unless already patched with the same preset), freeze weights, eval mode; undo all on exit."""
     preset = get_preset(rules)
     existing = _PATCHED.get(model)
     # reuse a patch with the same preset; another preset raises AlreadyPatchedError in patch()
-    handle = None if existing is not None and existing.preset == preset else patch(model, preset, strict=strict)
+    handle = (
+        None if existing is not None and existing.preset == preset else patch(model, preset, strict=strict)
+    )
     try:
         with frozen_parameters(model), _eval_mode(model, keep_train):
             yield handle if handle is not None else existing  # type: ignore[misc]
@@ -299,13 +337,17 @@ def _memory_errors(batch: _Batch) -> Iterator[None]:
         yield
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         text = str(exc)
-        if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in text \
-                and "out of memory" not in text.lower():
+        if (
+            not isinstance(exc, torch.OutOfMemoryError)
+            and "can't allocate memory" not in text
+            and "out of memory" not in text.lower()
+        ):
             raise
         shape = tuple(batch.input_ids.shape) if batch.input_ids is not None else tuple(batch.values.shape)  # type: ignore[union-attr]
         raise OutOfMemoryError(
             f"explaining inputs of shape {shape} ran out of memory; pass checkpointing=True (recomputes "
-            "layer activations in the backward pass), a smaller batch, or a shorter text") from None
+            "layer activations in the backward pass), a smaller batch, or a shorter text"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -317,7 +359,9 @@ def _checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise InputError(f"{type(model).__name__} does not support gradient checkpointing")
     new_api = hasattr(model, "activation_checkpointing_enable")  # transformers >= 5.2x names
-    was = bool(getattr(model, "is_activation_checkpointing" if new_api else "is_gradient_checkpointing", False))
+    was = bool(
+        getattr(model, "is_activation_checkpointing" if new_api else "is_gradient_checkpointing", False)
+    )
     modes = [(m, m.training) for m in model.modules()]
     hf = cast(Any, model)
     if new_api:
@@ -335,7 +379,9 @@ def _checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _leaf_at_embeddings(model: nn.Module, store: list[Tensor], extra: list[Tensor], rows: int) -> Iterator[None]:
+def _leaf_at_embeddings(
+    model: nn.Module, store: list[Tensor], extra: list[Tensor], rows: int
+) -> Iterator[None]:
     """Replace the token-embedding output by a leaf that requires grad (``store[0]``), and the
     outputs of other embeddings (positions, token types) by leaves too (``extra``), so the
     relevance that lands on them is reported."""
@@ -357,8 +403,11 @@ def _leaf_at_embeddings(model: nn.Module, store: list[Tensor], extra: list[Tenso
         return leaf
 
     hooks = [emb.register_forward_hook(token_hook)]
-    hooks += [m.register_forward_hook(other_hook) for m in model.modules()
-              if isinstance(m, nn.Embedding) and m is not emb]
+    hooks += [
+        m.register_forward_hook(other_hook)
+        for m in model.modules()
+        if isinstance(m, nn.Embedding) and m is not emb
+    ]
     try:
         yield
     finally:
@@ -406,6 +455,9 @@ def explain(
         model's output (for HF models the ``ModelOutput``, whose ``logits`` then cover every
         position) to one value per row, ``(batch,)`` — a log probability, a margin over a set of
         tokens, a sum over a span; ``target_logit`` and the conservation check then refer to it.
+        A function of two arguments gets ``(output, positions)``, the explained position of each
+        row of a causal LM (needed for padded batches and ``position=``, e.g.
+        ``lambda out, pos: out.logits[torch.arange(len(pos)), pos, token_id]``).
     contrast:
         A foil: the explained value becomes ``logit(target) - logit(contrast)``.
     rules:
@@ -432,25 +484,40 @@ def explain(
     function = _target_function(target, contrast)
     batch = _prepare(model, inputs, tokenizer, attention_mask, kind, chat)
     captures = _parse_capture(capture)
-    with _memory_errors(batch), explaining(model, rules, strict=strict, keep_train=checkpointing) as handle, \
-            _checkpointing(model, checkpointing):
+    with (
+        _memory_errors(batch),
+        explaining(model, rules, strict=strict, keep_train=checkpointing) as handle,
+        _checkpointing(model, checkpointing),
+    ):
         preset_name = handle.preset.name
         recorder = _make_recorder(model, captures)
         extra: list[Tensor] = []
         with recorder, input_relevance() as exact:
-            leaf, logits, positions, output = _forward(model, batch, kind, position, extra, function is not None)
+            leaf, logits, positions, output = _forward(
+                model, batch, kind, position, extra, function is not None
+            )
         rows = logits.shape[0]
         if function is not None:
-            picked, targets, sel_ids, foil_ids = _function_target(function, output, rows)
+            padded = batch.attention_mask is not None and bool((batch.attention_mask == 0).any())
+            picked, targets, sel_ids, foil_ids = _function_target(
+                function, output, rows, kind, positions, padded, position
+            )
         else:
-            targets, sel_ids, foil_ids = _targets(model, kind, logits, target, contrast, tokenizer, rows, positions)
+            targets, sel_ids, foil_ids = _targets(
+                model, kind, logits, target, contrast, tokenizer, rows, positions
+            )
             picked = torch.stack([acc(logits[r, list(sel_ids[r])]).sum() for r in range(rows)])
         if any(foil_ids):
-            picked = picked - torch.stack([acc(logits[r, list(foil_ids[r])]).sum() if foil_ids[r]
-                                           else acc(logits.new_zeros(())) for r in range(rows)])
+            picked = picked - torch.stack(
+                [
+                    acc(logits[r, list(foil_ids[r])]).sum() if foil_ids[r] else acc(logits.new_zeros(()))
+                    for r in range(rows)
+                ]
+            )
         if not torch.isfinite(picked).all():
-            raise NumericalError(f"the target logit is {picked.tolist()} in dtype {logits.dtype}; "
-                                 "use float32 or bfloat16")
+            raise NumericalError(
+                f"the target logit is {picked.tolist()} in dtype {logits.dtype}; use float32 or bfloat16"
+            )
         latent = recorder.tensors()
         wanted = [leaf, *extra, *latent]
         grads = torch.autograd.grad(picked.sum(), wanted, allow_unused=True)
@@ -458,8 +525,8 @@ def explain(
         rel = acc(leaf.detach()) * acc(grad)
         for correction in exact.get(id(leaf), []):  # rules with constant input terms (z^B, flat)
             rel = rel + correction
-        extra_rel = _extra_relevance(extra, grads[1:1 + len(extra)], rows)
-        recorder.finish(grads[1 + len(extra):])
+        extra_rel = _extra_relevance(extra, grads[1 : 1 + len(extra)], rows)
+        recorder.finish(grads[1 + len(extra) :])
     if batch.values is not None:
         rel = rel.sum(1) if (is_hf_model(model) and rel.dim() == 4) else rel
         mask = None
@@ -470,10 +537,13 @@ def explain(
     if not torch.isfinite(rel).all():
         raise NumericalError(
             f"relevance has NaN/inf (model dtype {leaf.dtype}); float16 overflows in relevance: "
-            "use model.to(torch.bfloat16) or float32")
+            "use model.to(torch.bfloat16) or float32"
+        )
     probs = None
     if kind != "plain" and function is None:
-        probs = torch.stack([torch.softmax(logits[r].detach().float(), -1)[sel_ids[r][0]] for r in range(rows)])
+        probs = torch.stack(
+            [torch.softmax(logits[r].detach().float(), -1)[sel_ids[r][0]] for r in range(rows)]
+        )
     tokens = _token_strings(tokenizer, batch, rel)
     return Explanation(
         batch_relevance=rel.detach().cpu(),
@@ -485,10 +555,16 @@ def explain(
         probability=None if probs is None else probs.cpu(),
         rules=preset_name,
         single=batch.single,
-        modality="tokens" if batch.input_ids is not None else ("pixels" if is_hf_model(model) else "features"),
+        modality="tokens"
+        if batch.input_ids is not None
+        else ("pixels" if is_hf_model(model) else "features"),
         captures=recorder.result(),
         extra_relevance=extra_rel,
-        hidden=None if batch.hidden is None else batch.hidden & mask.bool().cpu() if mask is not None else None,
+        hidden=None
+        if batch.hidden is None
+        else batch.hidden & mask.bool().cpu()
+        if mask is not None
+        else None,
     )
 
 
@@ -503,8 +579,14 @@ def _extra_relevance(leaves: list[Tensor], grads: Sequence[Tensor | None], rows:
     return None if total is None else total.cpu()
 
 
-def _forward(model: nn.Module, batch: _Batch, kind: str, position: int | None, extra: list[Tensor],
-             all_logits: bool = False) -> tuple[Tensor, Tensor, list[int], Any]:
+def _forward(
+    model: nn.Module,
+    batch: _Batch,
+    kind: str,
+    position: int | None,
+    extra: list[Tensor],
+    all_logits: bool = False,
+) -> tuple[Tensor, Tensor, list[int], Any]:
     """Run the patched model; return the leaf, per-row logits ``(batch, n_out)``, positions and the
     model's own output. ``all_logits`` keeps every position's logits (for a target function)."""
     device = input_device(model)
@@ -515,8 +597,10 @@ def _forward(model: nn.Module, batch: _Batch, kind: str, position: int | None, e
             return leaf, out.logits, [], out
         out = model(leaf)
         if not isinstance(out, Tensor) or out.dim() != 2:
-            raise InputError(f"{type(model).__name__} must return a (batch, n_outputs) tensor to be explained, "
-                             f"got {type(out).__name__}")
+            raise InputError(
+                f"{type(model).__name__} must return a (batch, n_outputs) tensor to be explained, "
+                f"got {type(out).__name__}"
+            )
         return leaf, out, [], out
     ids = batch.input_ids.to(device)  # type: ignore[union-attr]
     mask = batch.attention_mask.to(device)  # type: ignore[union-attr]
@@ -566,32 +650,83 @@ def _target_function(target: Any, contrast: Any) -> Callable[[Any], Tensor] | No
     if not callable(target) or isinstance(target, (str, int, Tensor)):
         return None
     if contrast is not None:
-        raise TargetError("a target function cannot take a contrast: compute the margin inside the function, "
-                          "e.g. target=lambda out: out.logits[:, -1, a] - out.logits[:, -1, b]")
+        raise TargetError(
+            "a target function cannot take a contrast: compute the margin inside the function, "
+            "e.g. target=lambda out: out.logits[:, -1, a] - out.logits[:, -1, b]"
+        )
     return cast(Callable[[Any], Tensor], target)
 
 
-def _function_target(function: Callable[[Any], Tensor], output: Any, rows: int
-                     ) -> tuple[Tensor, list[Target], list[tuple[int, ...]], list[tuple[int, ...]]]:
-    """The explained values ``(rows,)`` from a target function, with their result records."""
+def _function_target(
+    function: Callable[..., Tensor],
+    output: Any,
+    rows: int,
+    kind: str,
+    positions: list[int],
+    padded: bool,
+    position: int | None,
+) -> tuple[Tensor, list[Target], list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """The explained values ``(rows,)`` from a target function, with their result records.
+
+    A function of two arguments gets ``(output, positions)``: for a causal LM the explained position
+    of each row (its last real token, or ``position=``) as a ``(rows,)`` tensor, else ``None``. A
+    one-argument function on a padded causal-LM batch, or with ``position=``, would read the wrong
+    positions for some rows (``logits[:, -1]`` is a pad on the right, spans shift on the left), so it
+    is refused with the two-argument form as the fix.
+    """
     name = getattr(function, "__name__", type(function).__name__)
     try:
-        value = function(output)
+        arity = sum(
+            p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            for p in inspect.signature(function).parameters.values()
+        )
+    except (TypeError, ValueError):
+        arity = 1
+    causal = kind == "causal-lm"
+    if arity < 2 and causal and (padded or position is not None):
+        why = "with position=" if position is not None else "on a padded batch (rows of different lengths)"
+        raise TargetError(
+            f"the target function {name!r} takes only the model output, which {why} does not say which "
+            "position each row explains; give it a second argument for the positions, e.g. "
+            "target=lambda out, pos: out.logits[torch.arange(len(pos)), pos, token_id]"
+        )
+    explained = torch.tensor(positions, device=_logits_of(output).device) if causal else None
+    try:
+        value = function(output, explained) if arity >= 2 else function(output)
     except Exception as exc:  # the user's function: name it, keep its own message
         raise TargetError(f"the target function {name!r} raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(value, Tensor) or value.numel() != rows or not value.is_floating_point():
-        got = f"a {tuple(value.shape)} {value.dtype} tensor" if isinstance(value, Tensor) else type(value).__name__
-        raise TargetError(f"the target function {name!r} must return one float per row, a ({rows},) tensor; "
-                          f"got {got}")
+        got = (
+            f"a {tuple(value.shape)} {value.dtype} tensor"
+            if isinstance(value, Tensor)
+            else type(value).__name__
+        )
+        raise TargetError(
+            f"the target function {name!r} must return one float per row, a ({rows},) tensor; got {got}"
+        )
     if not value.requires_grad:
-        raise TargetError(f"the target function {name!r} returned a value that does not depend on the model "
-                          "output (no gradient): compute it from the output it is given")
-    targets = [Target("function", (), name) for _ in range(rows)]
+        raise TargetError(
+            f"the target function {name!r} returned a value that does not depend on the model "
+            "output (no gradient): compute it from the output it is given"
+        )
+    targets = [Target("function", (), name, positions[r] if causal else None) for r in range(rows)]
     return acc(value.reshape(rows)), targets, [()] * rows, [()] * rows
 
 
-def _targets(model: nn.Module, kind: str, logits: Tensor, target: Any, contrast: Any, tokenizer: Any,
-             rows: int, positions: list[int]) -> tuple[list[Target], list[tuple[int, ...]], list[tuple[int, ...]]]:
+def _logits_of(output: Any) -> Tensor:
+    return output if isinstance(output, Tensor) else output.logits
+
+
+def _targets(
+    model: nn.Module,
+    kind: str,
+    logits: Tensor,
+    target: Any,
+    contrast: Any,
+    tokenizer: Any,
+    rows: int,
+    positions: list[int],
+) -> tuple[list[Target], list[tuple[int, ...]], list[tuple[int, ...]]]:
     n_out = logits.shape[-1]
     t_specs = _per_row(target, rows, "target")
     c_specs = _per_row(contrast, rows, "contrast")
@@ -603,13 +738,17 @@ def _targets(model: nn.Module, kind: str, logits: Tensor, target: Any, contrast:
             if spec is None:
                 spec = int(logits[r].argmax())
             ids, label = resolve_token(tokenizer, spec, vocab)
-            cids, clabel = resolve_token(tokenizer, cspec, vocab, "contrast") if cspec is not None else ((), None)
+            cids, clabel = (
+                resolve_token(tokenizer, cspec, vocab, "contrast") if cspec is not None else ((), None)
+            )
             targets.append(Target("token", ids, label, positions[r], cids, clabel))
         elif kind == "classifier":
             if spec is None:
                 spec = int(logits[r].argmax())
             ids, label = _resolve_class(model, spec, n_out, "target")
-            cids, clabel = _resolve_class(model, cspec, n_out, "contrast") if cspec is not None else ((), None)
+            cids, clabel = (
+                _resolve_class(model, cspec, n_out, "contrast") if cspec is not None else ((), None)
+            )
             targets.append(Target("class", ids, label, None, cids, clabel))
         else:
             if spec is None:

@@ -130,6 +130,7 @@ class Explanation:
             target_logit=logit,
             absorbed=logit - total,
             rules=self.rules,
+            function=any(t.kind == "function" for t in self.targets),
         )
 
     def __len__(self) -> int:
@@ -292,9 +293,10 @@ def _absorbed_by(rules: str) -> str:
 class Conservation(dict):  # type: ignore[type-arg]
     """:attr:`Explanation.conservation`: a plain dict whose repr explains ``absorbed``."""
 
-    def __init__(self, *, rules: str = "", **values: Any) -> None:
+    def __init__(self, *, rules: str = "", function: bool = False, **values: Any) -> None:
         super().__init__(**values)
         self.rules = rules
+        self.function = function
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={_number(v)}" for k, v in self.items())
@@ -303,6 +305,12 @@ class Conservation(dict):  # type: ignore[type-arg]
             why = "With conservative-check it is float error only."
         elif self.rules == "gradient":
             why = "Plain Gradient×Input (rules='gradient') does not conserve at all."
+        if self.function:
+            why += (
+                " The target is a function of the output: only a function that is linear in the logits "
+                "(a margin, a sum over a span) is conserved; what a non-linear one (a log probability) "
+                "does not pass on stays here too."
+            )
         import textwrap
 
         return f"Conservation({fields})\n" + textwrap.fill(_ABSORBED.format(why=why), 100)

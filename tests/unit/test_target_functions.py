@@ -93,3 +93,46 @@ def test_bad_target_functions_fail_clearly(function: object, match: str) -> None
 def test_a_target_function_takes_no_contrast() -> None:
     with pytest.raises(TargetError, match="cannot take a contrast"):
         lxt_plus.explain(F.build("llama"), IDS, target=lambda out: out.logits[:, -1, 5], contrast=7)
+
+
+def _right_padded() -> tuple[torch.Tensor, torch.Tensor]:
+    mask = torch.ones_like(IDS)
+    mask[1, -3:] = 0
+    return IDS.clone(), mask
+
+
+def test_padded_batches_need_the_positions_argument() -> None:
+    model = F.build("llama")
+    ids, mask = _right_padded()
+    with pytest.raises(TargetError, match="on a padded batch.*second argument for the positions"):
+        lxt_plus.explain(model, ids, attention_mask=mask, target=lambda out: out.logits[:, -1, 5])
+    with pytest.raises(TargetError, match="with position=.*second argument"):
+        lxt_plus.explain(model, IDS, position=3, target=lambda out: out.logits[:, 3, 5])
+
+
+def test_the_positions_argument_gives_each_row_its_own_position() -> None:
+    model = F.build("llama")
+    ids, mask = _right_padded()
+
+    def token_5(out: object, pos: torch.Tensor) -> torch.Tensor:
+        return out.logits[torch.arange(len(pos)), pos, 5]  # type: ignore[attr-defined]
+
+    res = lxt_plus.explain(model, ids, attention_mask=mask, target=token_5)
+    pair = lxt_plus.explain(model, ids, attention_mask=mask, target=5)
+    torch.testing.assert_close(res.target_logit, pair.target_logit, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(res.batch_relevance, pair.batch_relevance, rtol=1e-5, atol=1e-6)
+    assert [t.position for t in res.targets] == [6, 3]
+    at = lxt_plus.explain(model, IDS, position=2, target=token_5)
+    torch.testing.assert_close(
+        at.batch_relevance, lxt_plus.explain(model, IDS, position=2, target=5).batch_relevance
+    )
+
+
+def test_conservation_repr_says_a_non_linear_function_is_not_conserved() -> None:
+    res = lxt_plus.explain(
+        F.build("llama"),
+        IDS[0],
+        target=lambda out: out.logits[:, -1].log_softmax(-1)[:, 5],
+        rules="conservative-check",
+    )
+    assert "only a function that is linear in the logits" in repr(res.conservation)
