@@ -438,6 +438,7 @@ def explain(
     chat: bool = False,
     strict: bool = True,
     checkpointing: bool = False,
+    strict_target: bool = False,
 ) -> Explanation:
     """Explain a prediction with LRP in one forward and one backward pass.
 
@@ -474,6 +475,10 @@ def explain(
         Gradient (activation) checkpointing while explaining, for long contexts: layer activations
         are recomputed in the backward pass instead of stored. Dropout stays off; relevance is
         identical to the plain run.
+    strict_target:
+        A token target string that splits into several tokens, lacks the leading space of its
+        one-token form, or looks like a class label raises :class:`~lxt_plus.errors.TargetError`
+        instead of a :class:`~lxt_plus.errors.TargetWarning`.
 
     Returns
     -------
@@ -504,7 +509,7 @@ def explain(
             )
         else:
             targets, sel_ids, foil_ids = _targets(
-                model, kind, logits, target, contrast, tokenizer, rows, positions
+                model, kind, logits, target, contrast, tokenizer, rows, positions, strict_target
             )
             picked = torch.stack([acc(logits[r, list(sel_ids[r])]).sum() for r in range(rows)])
         if any(foil_ids):
@@ -726,6 +731,7 @@ def _targets(
     tokenizer: Any,
     rows: int,
     positions: list[int],
+    strict_target: bool = False,
 ) -> tuple[list[Target], list[tuple[int, ...]], list[tuple[int, ...]]]:
     n_out = logits.shape[-1]
     t_specs = _per_row(target, rows, "target")
@@ -737,9 +743,11 @@ def _targets(
             vocab = n_out
             if spec is None:
                 spec = int(logits[r].argmax())
-            ids, label = resolve_token(tokenizer, spec, vocab)
+            ids, label = resolve_token(tokenizer, spec, vocab, strict_target=strict_target)
             cids, clabel = (
-                resolve_token(tokenizer, cspec, vocab, "contrast") if cspec is not None else ((), None)
+                resolve_token(tokenizer, cspec, vocab, "contrast", strict_target=strict_target)
+                if cspec is not None
+                else ((), None)
             )
             targets.append(Target("token", ids, label, positions[r], cids, clabel))
         elif kind == "classifier":

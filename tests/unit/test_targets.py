@@ -141,3 +141,22 @@ def test_explain_warns_at_the_callers_line(bpe: Any) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert lxt_plus.explain(clf, "The capital", tokenizer=bpe, target="POSITIVE").targets[0].ids == (2,)
+
+
+def test_explain_strict_target_raises(bpe: Any) -> None:
+    model = F.build("llama", vocab_size=len(bpe))
+    with pytest.raises(TargetError, match="strict target"):
+        lxt_plus.explain(model, "The capital of France is", tokenizer=bpe, target="Paris", strict_target=True)
+    with pytest.raises(TargetError, match="contrast 'Lyon' splits"):
+        lxt_plus.explain(
+            model,
+            "The capital of France is",
+            tokenizer=bpe,
+            target=" Paris",
+            contrast="Lyon",
+            strict_target=True,
+        )
+    res = lxt_plus.explain(
+        model, "The capital of France is", tokenizer=bpe, target=" Paris", strict_target=True
+    )
+    assert res.targets[0].ids == (bpe.convert_tokens_to_ids("ĠParis"),)
