@@ -134,9 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--rules",
         metavar="NAME|FILE.yaml",
         default="attnlrp",
-        help="preset name (attnlrp, ah-lrp/cp-lrp, gradient, conservative-check) or a "
-        "YAML preset file (default: attnlrp)",
+        help=f"preset name ({_PRESET_NAMES}) or a YAML preset file (default: attnlrp)",
     )
+    _add_override(rules)
     strict = _Parser(add_help=False)
     strict.add_argument(
         "--strict-target",
@@ -201,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="ah-lrp",
         help="plan to audit, biases zeroed (default: ah-lrp)",
     )
+    _add_override(p)
     p.set_defaults(func=_cmd_audit)
 
     p = sub.add_parser(
@@ -285,11 +286,45 @@ def _nonempty(text: str, name: str) -> None:
         raise _UsageError(f"{name} is empty or whitespace only: there is nothing to explain")
 
 
-def _check_rules(rules: str) -> None:
-    """Validate the preset before loading any model, so that config errors come fast."""
+def _check_rules(args: argparse.Namespace) -> Any:
+    """The preset with its ``--override`` entries, validated before any model loads (config errors
+    come fast)."""
+    import yaml
+
+    from .errors import ConfigError
     from .plan import get_preset
 
-    get_preset(rules)
+    preset = get_preset(args.rules)
+    for text in args.override or []:  # as preset.override(...) chained: the last one given is tried first
+        selector, eq, spec = text.partition("=")
+        name, _, raw = spec.partition(":")
+        if not eq or not selector or not name:
+            raise ConfigError(f"--override {text!r}: expected SELECTOR=RULE or SELECTOR=RULE:key=value,...")
+        params: dict[str, Any] = {}
+        for item in filter(None, raw.split(";" if ";" in raw else ",")):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise ConfigError(f"--override {text!r}: parameter {item!r} is not key=value")
+            params[key.strip()] = yaml.safe_load(value)
+        preset = preset.override(selector, {name: params} if params else name)
+    return preset
+
+
+# the preset names, for --help without importing torch (tests/integration/test_cli.py checks them
+# against lxt_plus.list_presets())
+_PRESET_NAMES = "attnlrp, cp-lrp, ah-lrp, gradient, conservative-check"
+
+
+def _add_override(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--override",
+        action="append",
+        metavar="SELECTOR=RULE[:k=v;...]",
+        help="put a rule ahead of the preset's, e.g. linear=zplus, conv=gamma:gamma=0.5, "
+        'name:model.layers.0.*=epsilon:eps=1e-3, "conv=zbox:low=[-1,-2];high=1" (repeatable: the '
+        "last one given is tried first, as chained preset.override(...) calls; see lxt_plus.list_rules() "
+        "for the rule names)",
+    )
 
 
 def _load(name: str | None) -> tuple[Any, Any]:
@@ -340,7 +375,7 @@ def _emit(result: Any, fmt: str, out: str | None, color: str, **render: Any) -> 
 def _cmd_explain(args: argparse.Namespace) -> int:
     _nonempty(args.text, "TEXT")
     fmt = _format(args, EXPLAIN_FORMATS)
-    _check_rules(args.rules)
+    rules = _check_rules(args)
     from .explain import explain
 
     model, tokenizer = _load(args.model)
@@ -351,7 +386,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         args.text,
         target,
         tokenizer=tokenizer,
-        rules=args.rules,
+        rules=rules,
         contrast=contrast,
         chat=args.chat,
     )
@@ -364,12 +399,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise _UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     fmt = _format(args, GENERATE_FORMATS)
-    _check_rules(args.rules)
+    rules = _check_rules(args)
     from .generation import explain_generation
 
     model, tokenizer = _load(args.model)
     gen = explain_generation(
-        model, tokenizer, args.prompt, args.max_new_tokens, rules=args.rules, chat=args.chat, progress=True
+        model, tokenizer, args.prompt, args.max_new_tokens, rules=rules, chat=args.chat, progress=True
     )
     _emit(gen, fmt, args.out, args.color)
     return EXIT_OK
@@ -378,15 +413,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_audit(args: argparse.Namespace) -> int:
     from .audit import audit
 
-    _check_rules(args.rules)
+    rules = _check_rules(args)
     model, _ = _load(args.model)
-    report = audit(model, rules=args.rules)
+    report = audit(model, rules=rules)
     print(report)
     return EXIT_OK if report.ok else EXIT_FAILURE
 
 
 def _cmd_explain_file(args: argparse.Namespace) -> int:
-    _check_rules(args.rules)
+    rules = _check_rules(args)
     if args.batch_size < 1:
         raise _UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     source = Path(args.source)
@@ -402,7 +437,7 @@ def _cmd_explain_file(args: argparse.Namespace) -> int:
         str(source),
         str(out),
         tokenizer=tokenizer,
-        rules=args.rules,
+        rules=rules,
         column=args.column,
         batch_size=args.batch_size,
         target=_spec(args.target),

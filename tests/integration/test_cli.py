@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -643,3 +644,63 @@ def test_help_and_version_import_neither_torch_nor_transformers() -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "HEAVY []"
     assert "exit codes:" in proc.stdout and "--strict-target" in proc.stdout
+
+
+# ------------------------------------------------------------------ rules by name on the command line
+def test_override_puts_rules_by_name_ahead_of_the_preset(
+    folders: SimpleNamespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import lxt_plus
+
+    code, out, err = cli(
+        capsys,
+        "explain",
+        "the film was good",
+        "--model",
+        folders.lm,
+        "--format",
+        "json",
+        "--rules",
+        "cp-lrp",
+        "--override",
+        "linear=gamma:gamma=0.5;generalized=false",
+        "--override",
+        "name:lm_head=zplus",
+    )
+    assert code == 0, err
+    via_cli = json.loads(out)["relevance"][0]
+    model, tok = lxt_plus.models.load_model(folders.lm)
+    preset = (
+        lxt_plus.get_preset("cp-lrp")
+        .override("linear", lxt_plus.rules.Gamma(gamma=0.5, generalized=False))
+        .override("name:lm_head", "zplus")
+    )
+    expected = lxt_plus.explain(model, "the film was good", tokenizer=tok, rules=preset).relevance.tolist()
+    assert via_cli == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    code, out, err = cli(capsys, "audit", "--model", folders.lm, "--override", "linear=epsilon:eps=1e-3")
+    assert "epsilon(eps=0.001)" in out, err
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("linear", "expected SELECTOR=RULE"),
+        ("linear=zpluss", r"unknown rule 'zpluss' \(did you mean 'zplus'\?\)"),
+        ("linear=gamma:gama=1", r"rule 'gamma' has no parameter 'gama' \(did you mean 'gamma'\?\)"),
+        ("linear=gamma:gamma", "parameter 'gamma' is not key=value"),
+        ("lineer=zplus", "unknown selector 'lineer'"),
+    ],
+)
+def test_bad_overrides_exit_2(
+    folders: SimpleNamespace, capsys: pytest.CaptureFixture[str], override: str, match: str
+) -> None:
+    code, _, err = cli(capsys, "explain", "hi", "--model", folders.lm, "--override", override)
+    assert code == 2
+    assert re.search(match, one_error_line(err))
+
+
+def test_help_names_every_preset() -> None:
+    import lxt_plus
+    from lxt_plus import cli as cli_module
+
+    assert sorted(n.strip() for n in cli_module._PRESET_NAMES.split(",")) == lxt_plus.list_presets()
