@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train-sentiment",
         parents=[common],
-        help="fine-tune MiniLM on Rotten Tomatoes reviews (cached; a few minutes on a CPU)",
+        help="fine-tune MiniLM on Rotten Tomatoes reviews (once, then cached; 1-2 minutes on 2 CPU cores)",
         epilog=exit_codes,
     )
     p.add_argument("--out", metavar="DIR", default=None, help="where to save the model (default: the cache)")
