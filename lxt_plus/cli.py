@@ -389,6 +389,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         rules=rules,
         contrast=contrast,
         chat=args.chat,
+        strict_target=args.strict_target,
     )
     _emit(exp, fmt, args.out, args.color, **({"words": True} if args.words and fmt != "json" else {}))
     return EXIT_OK
