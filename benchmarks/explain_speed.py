@@ -8,7 +8,7 @@ For each sequence length (256, 1024) and attention implementation (eager, sdpa):
 - ``gxi``: plain Gradient×Input with no rules (``rules="gradient"``: same inputs, one backward);
 - ``naive-gxi``: what a user writes by hand: forward on ``inputs_embeds`` with all logits and
   trainable weights, then ``backward()`` (weight gradients computed);
-- ``attnlrp`` / ``ah-lrp``: ``lxt_plus.explain``.
+- ``attnlrp`` / ``cp-lrp`` / ``ah-lrp``: ``lxt_plus.explain``.
 
 Timing: one process per (length, attention) loads the model once, warms every method up, then
 runs them round-robin ``--repeats`` times. Each ratio is taken within a round (the two methods ran
@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-METHODS = ("forward", "forward-last", "gxi", "naive-gxi", "attnlrp", "ah-lrp")
+METHODS = ("forward", "forward-last", "gxi", "naive-gxi", "attnlrp", "cp-lrp", "ah-lrp")
 
 
 def _setup(length: int, impl: str) -> dict[str, Callable[[], None]]:
@@ -67,8 +67,15 @@ def _setup(length: int, impl: str) -> dict[str, Callable[[], None]]:
     def explainer(rules: str) -> Callable[[], None]:
         return lambda: lxt_plus.explain(model, ids, rules=rules)
 
-    methods = {"forward": forward, "forward-last": forward_last, "gxi": explainer("gradient"),
-               "naive-gxi": naive_gxi, "attnlrp": explainer("attnlrp"), "ah-lrp": explainer("ah-lrp")}
+    methods = {
+        "forward": forward,
+        "forward-last": forward_last,
+        "gxi": explainer("gradient"),
+        "naive-gxi": naive_gxi,
+        "attnlrp": explainer("attnlrp"),
+        "cp-lrp": explainer("cp-lrp"),
+        "ah-lrp": explainer("ah-lrp"),
+    }
     return methods
 
 
@@ -80,7 +87,7 @@ def time_all(length: int, impl: str, repeats: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {m: [] for m in methods}
     names = list(methods)
     for r in range(repeats):
-        for m in names[r % len(names):] + names[: r % len(names)]:  # rotate the order each round
+        for m in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order each round
             t0 = time.perf_counter()
             methods[m]()
             times[m].append(time.perf_counter() - t0)
@@ -154,8 +161,11 @@ def main() -> None:
             times = _child("time", str(length), impl, str(args.repeats))
             mem = {m: _child("memory", m, str(length), impl) for m in METHODS}
             for m in METHODS:
-                print(f"  {length:5d} {impl:5s} {m:12s} {statistics.median(times[m]):.3f}s  "
-                      f"peak +{mem[m]:.0f} MB", flush=True)
+                print(
+                    f"  {length:5d} {impl:5s} {m:12s} {statistics.median(times[m]):.3f}s  "
+                    f"peak +{mem[m]:.0f} MB",
+                    flush=True,
+                )
             rows.append((length, impl, times, mem))
     lines = [
         f"SmolLM2-135M (float32), {torch.get_num_threads()} CPU threads, torch {torch.__version__}; "
@@ -163,9 +173,10 @@ def main() -> None:
         "memory: peak RSS above the loaded model (sampled every ms, one run in a fresh process).",
         "",
         "| tokens | attention | forward s | attnlrp s | attnlrp ÷ forward | attnlrp ÷ plain GxI "
+        "| cp-lrp ÷ forward | cp-lrp ÷ plain GxI "
         "| ah-lrp ÷ forward | ah-lrp ÷ plain GxI | plain GxI ÷ forward | attnlrp ÷ last-logit forward "
-        "| naive GxI ÷ forward | peak MB forward / GxI / attnlrp / ah-lrp / naive |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| naive GxI ÷ forward | peak MB forward / GxI / attnlrp / cp-lrp / ah-lrp / naive |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(times: dict[str, list[float]], num: str, den: str) -> str:
@@ -173,12 +184,16 @@ def main() -> None:
         return f"{med:.2f}× [{q1:.2f}–{q3:.2f}]"
 
     for length, impl, t, mem in rows:
-        peaks = " / ".join(f"{mem[m]:.0f}" for m in ("forward", "gxi", "attnlrp", "ah-lrp", "naive-gxi"))
+        peaks = " / ".join(
+            f"{mem[m]:.0f}" for m in ("forward", "gxi", "attnlrp", "cp-lrp", "ah-lrp", "naive-gxi")
+        )
         lines.append(
             f"| {length} | {impl} | {statistics.median(t['forward']):.3f} | {statistics.median(t['attnlrp']):.3f} "
-            f"| {cell(t, 'attnlrp', 'forward')} | {cell(t, 'attnlrp', 'gxi')} | {cell(t, 'ah-lrp', 'forward')} "
+            f"| {cell(t, 'attnlrp', 'forward')} | {cell(t, 'attnlrp', 'gxi')} | {cell(t, 'cp-lrp', 'forward')} "
+            f"| {cell(t, 'cp-lrp', 'gxi')} | {cell(t, 'ah-lrp', 'forward')} "
             f"| {cell(t, 'ah-lrp', 'gxi')} | {cell(t, 'gxi', 'forward')} | {cell(t, 'attnlrp', 'forward-last')} "
-            f"| {cell(t, 'naive-gxi', 'forward')} | {peaks} |")
+            f"| {cell(t, 'naive-gxi', 'forward')} | {peaks} |"
+        )
     table = "\n".join(lines)
     print("\n" + table)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -108,6 +108,27 @@ MUTANTS: tuple[Mutant, ...] = (
         "rel = rel",
         ("tests/unit/test_zennit_parity.py",),
     ),
+    M(
+        "closed-form-gamma-factor",
+        "lxt_plus/functional.py",
+        ".mul_(1 + gamma / 2)",
+        ".mul_(1 + gamma)",
+        ("tests/unit/test_linear_rules_reference.py",),
+    ),
+    M(
+        "closed-form-gamma-negative-bias",
+        "lxt_plus/functional.py",
+        "d_neg + gamma * bias.clamp(max=0)",
+        "d_neg + gamma * bias.clamp(min=0)",
+        ("tests/unit/test_linear_rules_reference.py", "tests/unit/test_zennit_parity.py"),
+    ),
+    M(
+        "exact-input-not-found-behind-a-flatten",
+        "lxt_plus/functional.py",
+        "ctx.record, ctx.leaf_shape = store.setdefault(id(leaf), []), leaf.shape",
+        "pass",
+        ("tests/unit/test_zennit_parity.py",),
+    ),
     # ------------------------------------------------------------------ rules
     M(
         "gamma-negative-inputs-favour-plus",
@@ -257,6 +278,20 @@ MUTANTS: tuple[Mutant, ...] = (
         "(start < 0 or b <= start or a >= end)",
         "(start < 0 or b < start or a >= end)",
         ("tests/unit/test_explain.py",),
+    ),
+    M(
+        "target-function-reads-pads",
+        "lxt_plus/explain.py",
+        "if arity < 2 and causal and (padded or position is not None):",
+        "if False:",
+        ("tests/unit/test_target_functions.py",),
+    ),
+    M(
+        "cli-overrides-in-reverse",
+        "lxt_plus/cli.py",
+        "for text in args.override or []:",
+        "for text in reversed(args.override or []):",
+        ("tests/integration/test_cli.py",),
     ),
     M(
         "perturbation-steps-floor",
