@@ -35,8 +35,15 @@ from .functional import acc
 from .plan import PRESETS, Preset, get_preset
 
 __all__ = [
-    "Curves", "MethodResult", "EvaluationReport", "evaluate", "perturbation_curves", "abpc",
-    "aopc_comprehensiveness", "aopc_sufficiency", "resolve_method",
+    "Curves",
+    "MethodResult",
+    "EvaluationReport",
+    "evaluate",
+    "perturbation_curves",
+    "abpc",
+    "aopc_comprehensiveness",
+    "aopc_sufficiency",
+    "resolve_method",
 ]
 
 MethodSpec = str | Preset | Method
@@ -59,25 +66,37 @@ def _replacement_vector(model: nn.Module, replacement: Any, tokenizer: Any, like
         return torch.zeros_like(like[0, 0])
     if isinstance(replacement, Tensor) and replacement.is_floating_point():
         if replacement.shape != like.shape[-1:]:
-            raise InputError(f"a replacement vector must have shape ({like.shape[-1]},), "
-                             f"got {tuple(replacement.shape)}")
+            raise InputError(
+                f"a replacement vector must have shape ({like.shape[-1]},), got {tuple(replacement.shape)}"
+            )
         return replacement.to(like)
     if isinstance(replacement, str):
         if tokenizer is None:
-            raise InputError(f"replacement={replacement!r} is a token string: pass tokenizer=... or a token id")
+            raise InputError(
+                f"replacement={replacement!r} is a token string: pass tokenizer=... or a token id"
+            )
         ids = tokenizer.encode(replacement, add_special_tokens=False)
         if len(ids) != 1:
             raise InputError(f"replacement {replacement!r} must be exactly one token, it is {len(ids)}")
         replacement = ids[0]
     if isinstance(replacement, bool) or not isinstance(replacement, int):
-        raise InputError(f"replacement must be None (zeros), a token id, a token string or a vector, "
-                         f"got {replacement!r}")
+        raise InputError(
+            f"replacement must be None (zeros), a token id, a token string or a vector, got {replacement!r}"
+        )
     return embed(model, torch.tensor([[replacement]]))[0, 0].to(like)
 
 
-def perturbation_curves(model: nn.Module, input_ids: Tensor, relevance: Tensor, target: int, *,
-                        steps: int = 10, replacement: Tensor | int | str | None = None,
-                        tokenizer: Any = None, chunk: int = 32) -> Curves:
+def perturbation_curves(
+    model: nn.Module,
+    input_ids: Tensor,
+    relevance: Tensor,
+    target: int,
+    *,
+    steps: int = 10,
+    replacement: Tensor | int | str | None = None,
+    tokenizer: Any = None,
+    chunk: int = 32,
+) -> Curves:
     """MoRF and LeRF curves of one unpadded sequence, in one batched forward pass.
 
     Parameters
@@ -163,7 +182,8 @@ class MethodResult:
         n = self.abpc.numel()
         se = float(self.abpc.std() / math.sqrt(n)) if n > 1 else float("nan")
         return {
-            "abpc": float(self.abpc.mean()), "abpc_se": se,
+            "abpc": float(self.abpc.mean()),
+            "abpc_se": se,
             "comprehensiveness": float(self.comprehensiveness.mean()),
             "sufficiency": float(self.sufficiency.mean()),
             "conservation_error": None if self.conservation is None else float(self.conservation.mean()),
@@ -213,20 +233,47 @@ class EvaluationReport:
         """The mean scores as a markdown (``"markdown"``) or aligned plain-text (``"plain"``) table."""
         if fmt not in ("markdown", "plain"):
             raise InputError(f"fmt must be 'markdown' or 'plain', got {fmt!r}")
-        head = ["method", "ABPC ↑", "± s.e.", "comprehensiveness ↑", "sufficiency ↓", "conservation err",
-                "s / explanation"]
+        head = [
+            "method",
+            "ABPC ↑",
+            "± s.e.",
+            "comprehensiveness ↑",
+            "sufficiency ↓",
+            "conservation err",
+            "s / explanation",
+        ]
         rows = []
         for name, s in self.summary().items():
             cons = s["conservation_error"]
-            rows.append([name, f"{s['abpc']:.{digits}f}", f"{s['abpc_se']:.{digits}f}",
-                         f"{s['comprehensiveness']:.{digits}f}", f"{s['sufficiency']:.{digits}f}",
-                         "–" if cons is None else f"{cons:.{digits}f}", f"{s['seconds']:.3f}"])
+            rows.append(
+                [
+                    name,
+                    f"{s['abpc']:.{digits}f}",
+                    f"{s['abpc_se']:.{digits}f}",
+                    f"{s['comprehensiveness']:.{digits}f}",
+                    f"{s['sufficiency']:.{digits}f}",
+                    "–" if cons is None else f"{cons:.{digits}f}",
+                    f"{s['seconds']:.3f}",
+                ]
+            )
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         if fmt == "plain":
-            return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
-                                       enumerate(zip(r, widths, strict=True))) for r in [head, *rows])
-        line = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in [head, *rows]]
-        rule = "|" + "|".join(("-" * (w + 1) + ":") if i else ("-" * (w + 2)) for i, w in enumerate(widths)) + "|"
+            return "\n".join(
+                "  ".join(
+                    c.ljust(w) if i == 0 else c.rjust(w)
+                    for i, (c, w) in enumerate(zip(r, widths, strict=True))
+                )
+                for r in [head, *rows]
+            )
+        line = [
+            "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"
+            for r in [head, *rows]
+        ]
+        rule = (
+            "|"
+            + "|".join(("-" * (w + 1) + ":") if i else ("-" * (w + 2)) for i, w in enumerate(widths))
+            + "|"
+        )
         return "\n".join([line[0], rule, *line[1:]])
 
     def __str__(self) -> str:
@@ -257,13 +304,29 @@ class EvaluationReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain lists and floats: summary, per-sample scores and curves."""
-        out: dict[str, Any] = {"fractions": self.fractions, "targets": self.targets,
-                               "replacement": self.replacement, "meta": self.meta, "methods": {}}
+        out: dict[str, Any] = {
+            "fractions": self.fractions,
+            "targets": self.targets,
+            "replacement": self.replacement,
+            "meta": self.meta,
+            "methods": {},
+        }
         for name, r in self.results.items():
             out["methods"][name] = {
                 "summary": r.summary(),
-                **{k: getattr(r, k).tolist() for k in ("abpc", "comprehensiveness", "sufficiency", "seconds",
-                                                      "morf_logit", "lerf_logit", "morf_prob", "lerf_prob")},
+                **{
+                    k: getattr(r, k).tolist()
+                    for k in (
+                        "abpc",
+                        "comprehensiveness",
+                        "sufficiency",
+                        "seconds",
+                        "morf_logit",
+                        "lerf_logit",
+                        "morf_prob",
+                        "lerf_prob",
+                    )
+                },
                 "conservation": None if r.conservation is None else r.conservation.tolist(),
             }
         return out
@@ -282,8 +345,10 @@ def resolve_method(spec: MethodSpec, seed: int = 0) -> tuple[str, Method, Preset
         try:
             preset = get_preset(spec)
         except LookupError:
-            raise InputError(f"unknown method {spec!r}: use a preset ({', '.join(sorted(PRESETS))}), a baseline "
-                             f"({', '.join(BASELINES)}), a YAML preset path or a callable") from None
+            raise InputError(
+                f"unknown method {spec!r}: use a preset ({', '.join(sorted(PRESETS))}), a baseline "
+                f"({', '.join(BASELINES)}), a YAML preset path or a callable"
+            ) from None
         return spec, _preset_call(preset), preset
     if callable(spec):
         return getattr(spec, "__name__", type(spec).__name__), spec, None
@@ -299,7 +364,9 @@ def _preset_call(preset: Preset) -> Method:
 
 def _rows(model: nn.Module, inputs: Any, tokenizer: Any) -> list[Tensor]:
     """Unpadded ``(seq,)`` id tensors, one per sample."""
-    if isinstance(inputs, str) or (isinstance(inputs, Sequence) and inputs and all(isinstance(t, str) for t in inputs)):
+    if isinstance(inputs, str) or (
+        isinstance(inputs, Sequence) and inputs and all(isinstance(t, str) for t in inputs)
+    ):
         if tokenizer is None:
             raise InputError("text inputs need tokenizer=...; or pass input_ids")
         from .explain import prepare_text
@@ -315,8 +382,10 @@ def _rows(model: nn.Module, inputs: Any, tokenizer: Any) -> list[Tensor]:
             raise InputError(f"an input mapping needs 'input_ids', got keys {sorted(inputs)}")
         inputs, mask = inputs["input_ids"], inputs.get("attention_mask")
     if not isinstance(inputs, Tensor) or inputs.is_floating_point() or inputs.dim() not in (1, 2):
-        raise InputError("inputs must be text(s) with tokenizer=..., input_ids (seq,)/(batch, seq), a list of "
-                         f"id tensors or a tokenizer output, got {type(inputs).__name__}")
+        raise InputError(
+            "inputs must be text(s) with tokenizer=..., input_ids (seq,)/(batch, seq), a list of "
+            f"id tensors or a tokenizer output, got {type(inputs).__name__}"
+        )
     ids = inputs if inputs.dim() == 2 else inputs[None]
     mask = torch.ones_like(ids) if mask is None else mask.reshape(ids.shape)
     rows = [ids[r, mask[r].bool()] for r in range(ids.shape[0])]
@@ -330,8 +399,10 @@ def _target_id(model: nn.Module, spec: Any, logits: Tensor, tokenizer: Any) -> i
     if spec is None:
         return int(logits.argmax())
     if isinstance(spec, str):
-        labels = {str(v).lower(): int(k) for k, v in (getattr(getattr(model, "config", None), "id2label", None)
-                                                       or {}).items()}
+        labels = {
+            str(v).lower(): int(k)
+            for k, v in (getattr(getattr(model, "config", None), "id2label", None) or {}).items()
+        }
         from .explain import model_kind, resolve_token
 
         if is_hf_model(model) and model_kind(model) == "classifier":
@@ -339,9 +410,21 @@ def _target_id(model: nn.Module, spec: Any, logits: Tensor, tokenizer: Any) -> i
                 raise TargetError(f"unknown target label {spec!r}; valid labels: {', '.join(labels)}")
             return labels[spec.lower()]
         ids, _ = resolve_token(tokenizer, spec, n_out)
+        if len(ids) != 1:  # the curves follow one logit; explain() would sum several
+            pieces = (
+                tokenizer.convert_ids_to_tokens(list(ids))
+                if hasattr(tokenizer, "convert_ids_to_tokens")
+                else ids
+            )
+            raise TargetError(
+                f"evaluate follows one token's logit, but target {spec!r} splits into {len(ids)} "
+                f"tokens {pieces}; pass one of them, or its token id"
+            )
         return ids[0]
     if isinstance(spec, bool) or not isinstance(spec, int) or not -n_out <= spec < n_out:
-        raise TargetError(f"target must be an output index in 0..{n_out - 1} or a token/label string, got {spec!r}")
+        raise TargetError(
+            f"target must be an output index in 0..{n_out - 1} or a token/label string, got {spec!r}"
+        )
     return spec % n_out
 
 
@@ -413,7 +496,9 @@ def evaluate(
         auto, fn, preset = resolve_method(spec, seed)
         resolved.append((name or auto, fn, preset))
     if len({n for n, _, _ in resolved}) != len(resolved):
-        raise InputError(f"duplicate method names {[n for n, _, _ in resolved]}: pass a mapping name -> method")
+        raise InputError(
+            f"duplicate method names {[n for n, _, _ in resolved]}: pass a mapping name -> method"
+        )
     rows = _rows(model, inputs, tokenizer)
     specs = target if isinstance(target, (list, tuple)) else [target] * len(rows)
     if len(specs) != len(rows):
@@ -438,18 +523,27 @@ def evaluate(
                 seconds = time.perf_counter() - start
                 rel = torch.as_tensor(rel).detach().reshape(-1).float().cpu()
                 if rel.numel() != ids.numel():
-                    raise InputError(f"method {name!r} returned {rel.numel()} relevance values for "
-                                     f"{ids.numel()} tokens; expected shape (batch, seq)")
+                    raise InputError(
+                        f"method {name!r} returned {rel.numel()} relevance values for "
+                        f"{ids.numel()} tokens; expected shape (batch, seq)"
+                    )
                 if not torch.isfinite(rel).all():
                     raise InputError(f"method {name!r} returned NaN or inf relevance")
-                c = perturbation_curves(model, ids, rel, t, steps=steps, replacement=replacement,
-                                        tokenizer=tokenizer)
+                c = perturbation_curves(
+                    model, ids, rel, t, steps=steps, replacement=replacement, tokenizer=tokenizer
+                )
                 rec = records[name]
-                for key, value in (("abpc", abpc(c)), ("comprehensiveness", aopc_comprehensiveness(c)),
-                                   ("sufficiency", aopc_sufficiency(c)), ("seconds", seconds),
-                                   ("morf_logit", c.morf_logit), ("lerf_logit", c.lerf_logit),
-                                   ("morf_prob", c.morf_prob), ("lerf_prob", c.lerf_prob),
-                                   ("conservation", None if cons is None else float(cons.reshape(-1)[0]))):
+                for key, value in (
+                    ("abpc", abpc(c)),
+                    ("comprehensiveness", aopc_comprehensiveness(c)),
+                    ("sufficiency", aopc_sufficiency(c)),
+                    ("seconds", seconds),
+                    ("morf_logit", c.morf_logit),
+                    ("lerf_logit", c.lerf_logit),
+                    ("morf_prob", c.morf_prob),
+                    ("lerf_prob", c.lerf_prob),
+                    ("conservation", None if cons is None else float(cons.reshape(-1)[0])),
+                ):
                     rec.setdefault(key, []).append(value)
                 bar.update()
     results = {}
@@ -462,8 +556,15 @@ def evaluate(
             **{k: torch.stack(rec[k]) for k in ("morf_logit", "lerf_logit", "morf_prob", "lerf_prob")},
             conservation=None if any(v is None for v in conservation) else torch.tensor(conservation),
         )
-    what = "zeros" if replacement is None else (f"token {replacement!r}" if not isinstance(replacement, Tensor)
-                                               else "vector")
-    return EvaluationReport(results, [k / steps for k in range(steps + 1)], targets, what,
-                            {"model": type(model).__name__, "steps": steps})
-
+    what = (
+        "zeros"
+        if replacement is None
+        else (f"token {replacement!r}" if not isinstance(replacement, Tensor) else "vector")
+    )
+    return EvaluationReport(
+        results,
+        [k / steps for k in range(steps + 1)],
+        targets,
+        what,
+        {"model": type(model).__name__, "steps": steps},
+    )

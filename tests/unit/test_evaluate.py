@@ -27,7 +27,7 @@ from lxt_plus.evaluate import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from families import build  # noqa: E402
+from families import build, tiny_tokenizer  # noqa: E402
 
 
 class BagOfWords(nn.Module):
@@ -290,6 +290,9 @@ def test_evaluate_on_tiny_models_padding_and_targets():
     assert fixed.targets == [3, 4]
     with pytest.raises(TargetError, match="2 samples"):
         evaluate(llama, rows, ["gradient"], target=[3])
+    tok = tiny_tokenizer()
+    with pytest.raises(TargetError, match=r"target 'good film' splits into 2 tokens"):
+        evaluate(llama, rows, ["gradient"], tokenizer=tok, target="good film", steps=2)
     bert = build("bert")
     bert.config.id2label = {0: "NEG", 1: "NEU", 2: "POS"}
     out = evaluate(bert, ids[1:], ["random"], target="pos", steps=2)
