@@ -296,7 +296,7 @@ class _ModifiedLinear(torch.autograd.Function):
     ) -> Tensor:
         z = forward(x)
         # the parameters are read now: accelerate may offload them again before the backward pass
-        weight = lin.module.weight.detach()
+        weight = cast(Tensor, lin.module.weight).detach()
         bias = getattr(lin.module, "bias", None)
         ctx.save_for_backward(x, weight, None if bias is None else bias.detach())
         ctx.lin, ctx.terms, ctx.eps, ctx.bounds = lin, terms, eps, bounds
@@ -331,7 +331,8 @@ class _ModifiedLinear(torch.autograd.Function):
             return terms(lin, xa, weight, bias, za, r_out, eps).to(x.dtype), None, None, None, None, None
         ins, weights, outs = [], [], []
         for t in terms:
-            xi = _term_input(xa, t.inputs, *ctx.bounds, 1 if lin.kind == "conv" else -1)
+            low, high = ctx.bounds
+            xi = _term_input(xa, t.inputs, low, high, 1 if lin.kind == "conv" else -1)
             w = weight if t.param is None else t.param(weight)
             b = None if (bias is None or t.zero_bias) else (bias if t.param is None else t.param(bias))
             ins.append(xi)
