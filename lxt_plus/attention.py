@@ -55,8 +55,9 @@ class AttentionSpec:
     v_factor: float
 
     @classmethod
-    def for_rule(cls, detach_weights: bool, *, scale: float, mask: Tensor | None,
-                 causal: bool) -> AttentionSpec:
+    def for_rule(
+        cls, detach_weights: bool, *, scale: float, mask: Tensor | None, causal: bool
+    ) -> AttentionSpec:
         """The spec of AH-LRP (``detach_weights``) or AttnLRP, with :func:`rule_factors`."""
         qk_factor, v_factor = rule_factors(detach_weights)
         return cls(scale=scale, mask=mask, causal=causal, qk_factor=qk_factor, v_factor=v_factor)
@@ -169,8 +170,9 @@ def _sum_groups(grad: Tensor, n_kv_heads: int) -> Tensor:
     return grad if heads == n_kv_heads else grad.reshape(*lead, n_kv_heads, heads // n_kv_heads, n, d).sum(-3)
 
 
-def _grads(q: Tensor, k: Tensor, v: Tensor, do: Tensor, probs: Tensor | None,
-           spec: AttentionSpec) -> tuple[Tensor | None, Tensor | None, Tensor]:
+def _grads(
+    q: Tensor, k: Tensor, v: Tensor, do: Tensor, probs: Tensor | None, spec: AttentionSpec
+) -> tuple[Tensor | None, Tensor | None, Tensor]:
     """Rule gradients of ``q (b, hq, L, d)``, ``k, v (b, hk, S, d)`` for ``do (b, hq, L, dv)``."""
     dtype = acc(q).dtype
     q, k, v, do = (t.to(dtype).contiguous() for t in (q, k, v, do))
@@ -210,8 +212,9 @@ def _is_batched(t: Tensor) -> bool:
     return bool(f.is_legacy_batchedtensor(t) or f.is_batchedtensor(t))
 
 
-def _batched_grads(q: Tensor, k: Tensor, v: Tensor, do: Tensor, probs: Tensor | None,
-                   spec: AttentionSpec) -> tuple[Tensor | None, Tensor | None, Tensor]:
+def _batched_grads(
+    q: Tensor, k: Tensor, v: Tensor, do: Tensor, probs: Tensor | None, spec: AttentionSpec
+) -> tuple[Tensor | None, Tensor | None, Tensor]:
     """:func:`_grads` for a batch of upstream gradients (``autograd.grad(is_grads_batched=True)``).
 
     Under batching, ``do`` is a batched tensor: no blocks, no data-dependent skips and no writes
@@ -234,8 +237,16 @@ def _batched_grads(q: Tensor, k: Tensor, v: Tensor, do: Tensor, probs: Tensor | 
 
 class _RuleAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, out: Tensor,  # type: ignore[override]
-                probs: Tensor | None, spec: AttentionSpec, heads_last: bool) -> Tensor:
+    def forward(
+        ctx,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,  # type: ignore[override]
+        probs: Tensor | None,
+        spec: AttentionSpec,
+        heads_last: bool,
+    ) -> Tensor:
         ctx.spec, ctx.heads_last = spec, heads_last
         ctx.save_for_backward(q, k, v, probs)
         return out.view_as(out)
@@ -248,13 +259,22 @@ class _RuleAttention(torch.autograd.Function):
             dq, dk, dv = _batched_grads(q, k, v, do, probs, ctx.spec)  # is_grads_batched
         else:
             dq, dk, dv = _grads(q, k, v, do, probs, ctx.spec)
-        grads = tuple(g.to(q.dtype) if g is not None and need else None
-                      for g, need in zip((dq, dk, dv), ctx.needs_input_grad[:3], strict=True))
+        grads = tuple(
+            g.to(q.dtype) if g is not None and need else None
+            for g, need in zip((dq, dk, dv), ctx.needs_input_grad[:3], strict=True)
+        )
         return (*grads, None, None, None, None)
 
 
-def rule_attention(q: Tensor, k: Tensor, v: Tensor, out: Tensor, spec: AttentionSpec,
-                   probs: Tensor | None = None, heads_last: bool = False) -> Tensor:
+def rule_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    spec: AttentionSpec,
+    probs: Tensor | None = None,
+    heads_last: bool = False,
+) -> Tensor:
     """``out`` (computed without gradient) with the attention rule as its backward pass.
 
     ``heads_last``: ``out`` is laid out ``(batch, queries, heads, dim)`` (transformers' attention
@@ -264,8 +284,9 @@ def rule_attention(q: Tensor, k: Tensor, v: Tensor, out: Tensor, spec: Attention
         q, k = q.detach(), k.detach()
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in (q, k, v)):
         return out
-    return _RuleAttention.apply(q, k, v, out.detach(), None if probs is None else probs.detach(),
-                                spec, heads_last)
+    return _RuleAttention.apply(
+        q, k, v, out.detach(), None if probs is None else probs.detach(), spec, heads_last
+    )
 
 
 def probs_match(q: Tensor, k: Tensor, probs: Tensor, mask: Tensor | None, scale: float) -> bool:
@@ -283,7 +304,9 @@ def probs_match(q: Tensor, k: Tensor, probs: Tensor, mask: Tensor | None, scale:
     scores = torch.matmul(q[:, :, -1:], kr.transpose(-1, -2)) * scale
     if mask is not None:
         m = mask[..., -1:, : k.shape[2]]
-        scores = scores.masked_fill(~m, torch.finfo(scores.dtype).min) if m.dtype == torch.bool else scores + m
+        scores = (
+            scores.masked_fill(~m, torch.finfo(scores.dtype).min) if m.dtype == torch.bool else scores + m
+        )
     expected = torch.softmax(scores, -1, dtype=acc(scores).dtype)
     got = probs[:, :, -1:].to(expected.dtype)
     tol = 1e-3 if probs.dtype in (torch.float16, torch.bfloat16) else 1e-5
@@ -293,28 +316,39 @@ def probs_match(q: Tensor, k: Tensor, probs: Tensor, mask: Tensor | None, scale:
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
-def sdpa_spec(args: tuple[Any, ...], kwargs: dict[str, Any], detach_weights: bool
-              ) -> tuple[dict[str, Any], AttentionSpec | None]:
+def sdpa_spec(
+    args: tuple[Any, ...], kwargs: dict[str, Any], detach_weights: bool
+) -> tuple[dict[str, Any], AttentionSpec | None]:
     """The arguments of a ``scaled_dot_product_attention`` call by name (dropout off), and the
     :class:`AttentionSpec` of the rule, or ``None`` for calls our backward does not cover (a mask
     that itself needs a gradient, arguments we do not know)."""
     bound: dict[str, Any] = dict(zip(_SDPA_PARAMS, args, strict=False))
-    known = len(args) <= len(_SDPA_PARAMS) and not (set(kwargs) - set(_SDPA_PARAMS)) and not (
-        set(bound) & set(kwargs))
+    known = (
+        len(args) <= len(_SDPA_PARAMS)
+        and not (set(kwargs) - set(_SDPA_PARAMS))
+        and not (set(bound) & set(kwargs))
+    )
     bound.update(kwargs)
     bound["dropout_p"] = 0.0
     q, k, v, mask = (bound.get(n) for n in ("query", "key", "value", "attn_mask"))
-    if not (known and all(isinstance(t, Tensor) for t in (q, k, v))
-            and (mask is None or (isinstance(mask, Tensor) and not mask.requires_grad))):
+    if not (
+        known
+        and all(isinstance(t, Tensor) for t in (q, k, v))
+        and (mask is None or (isinstance(mask, Tensor) and not mask.requires_grad))
+    ):
         return bound, None
     scale = bound.get("scale")
     return bound, AttentionSpec.for_rule(
-        detach_weights, scale=float(scale) if scale is not None else q.shape[-1] ** -0.5,  # type: ignore[union-attr]
-        mask=mask, causal=bool(bound.get("is_causal")) and mask is None)
+        detach_weights,
+        scale=float(scale) if scale is not None else q.shape[-1] ** -0.5,  # type: ignore[union-attr]
+        mask=mask,
+        causal=bool(bound.get("is_causal")) and mask is None,
+    )
 
 
-def rule_sdpa(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-              detach_weights: bool) -> tuple[Any, bool]:
+def rule_sdpa(
+    func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], detach_weights: bool
+) -> tuple[Any, bool]:
     """``scaled_dot_product_attention`` under an attention rule. Dropout is off.
 
     AH-LRP: torch's kernel without gradient, then our backward pass, which computes only the

@@ -75,21 +75,27 @@ class AuditReport:
     def __str__(self) -> str:
         lines = [] if self.plan is None else [self.plan.describe(), ""]
         lines.append(f"conservation audit of {self.model_name} with preset {self.preset!r} (biases zeroed)")
-        lines.append(f"  target logit {self.target_logit:+.6g}   input relevance {self.input_relevance:+.6g}   "
-                     f"relative error {self.total_error:.2e}")
+        lines.append(
+            f"  target logit {self.target_logit:+.6g}   input relevance {self.input_relevance:+.6g}   "
+            f"relative error {self.total_error:.2e}"
+        )
         if self.layers:
             lines.append("  layer by layer (relevance entering each layer's output / leaving to its input):")
             for f in self.layers:
                 lines.append(f"    {f.path:<40} out {f.relevance_out:+.6g}  in {f.relevance_in:+.6g}")
         first = self.first_leak
         if first is None and self.ok:
-            lines.append(f"  OK: every module conserves relevance (tolerance {self.tolerance:.0e} of the logit)")
+            lines.append(
+                f"  OK: every module conserves relevance (tolerance {self.tolerance:.0e} of the logit)"
+            )
         elif first is None:
             lines.append("  LEAK: relevance is lost between the embeddings and the logit")
         else:
-            lines.append(f"  LEAK: first module that does not conserve relevance: {first.path} ({first.type_name}) "
-                         f"receives {first.relevance_out:+.6g} at its output but passes {first.relevance_in:+.6g} "
-                         "to its inputs; it needs a rule")
+            lines.append(
+                f"  LEAK: first module that does not conserve relevance: {first.path} ({first.type_name}) "
+                f"receives {first.relevance_out:+.6g} at its output but passes {first.relevance_in:+.6g} "
+                "to its inputs; it needs a rule"
+            )
         return "\n".join(lines)
 
 
@@ -119,8 +125,9 @@ def _alias(obj: Any, store: list[Tensor]) -> Any:
 
 
 @contextlib.contextmanager
-def _flow_hooks(model: nn.Module, records: list[tuple[str, nn.Module, list[Tensor], list[Tensor]]]
-                ) -> Iterator[None]:
+def _flow_hooks(
+    model: nn.Module, records: list[tuple[str, nn.Module, list[Tensor], list[Tensor]]]
+) -> Iterator[None]:
     handles = []
     pending: dict[int, list[list[Tensor]]] = {}
 
@@ -135,15 +142,23 @@ def _flow_hooks(model: nn.Module, records: list[tuple[str, nn.Module, list[Tenso
             pending.setdefault(key, []).append(store)
             return args, kwargs
 
-        def post(mod: nn.Module, args: Any, kwargs: Any, out: Any, key: int = id(module), p: str = path) -> Any:
+        def post(
+            mod: nn.Module, args: Any, kwargs: Any, out: Any, key: int = id(module), p: str = path
+        ) -> Any:
             inputs = pending[key].pop()
             # the caller gets a clone, so in-place updates of the output (``mlp_out += attn_out``)
             # cannot change the tensor measured here
             if isinstance(out, Tensor) and out.requires_grad and out.is_floating_point():
                 records.append((p, mod, inputs, [out]))
                 return out.clone()
-            if isinstance(out, tuple) and not hasattr(out, "_fields") and out and isinstance(out[0], Tensor) \
-                    and out[0].requires_grad and out[0].is_floating_point():
+            if (
+                isinstance(out, tuple)
+                and not hasattr(out, "_fields")
+                and out
+                and isinstance(out[0], Tensor)
+                and out[0].requires_grad
+                and out[0].is_floating_point()
+            ):
                 records.append((p, mod, inputs, [out[0]]))
                 return (out[0].clone(), *out[1:])
             outs = [t for t in _tensors(out) if t.requires_grad and t.is_floating_point()][:1]
@@ -167,8 +182,14 @@ def _layer_list(model: nn.Module) -> str | None:
     return best
 
 
-def audit(model: nn.Module, rules: str | Preset = "ah-lrp", *, inputs: Tensor | None = None,
-          tolerance: float = 1e-4, seed: int = 0) -> AuditReport:
+def audit(
+    model: nn.Module,
+    rules: str | Preset = "ah-lrp",
+    *,
+    inputs: Tensor | None = None,
+    tolerance: float = 1e-4,
+    seed: int = 0,
+) -> AuditReport:
     """Check a rule plan on ``model``: biases zeroed, conservation layer by layer and module by module.
 
     Parameters
@@ -190,8 +211,10 @@ def audit(model: nn.Module, rules: str | Preset = "ah-lrp", *, inputs: Tensor | 
         ``print(report)`` shows the plan, the layer-by-layer table and the first leaking module.
     """
     if not is_hf_model(model):
-        raise InputError("audit() needs a HuggingFace model; for plain torch models compare "
-                         "explain(...).relevance.sum() with the target logit under 'conservative-check'")
+        raise InputError(
+            "audit() needs a HuggingFace model; for plain torch models compare "
+            "explain(...).relevance.sum() with the target logit under 'conservative-check'"
+        )
     if model in _PATCHED:
         raise InputError("audit() patches the model itself: remove the existing handle first")
     preset = replace(get_preset(rules), zero_bias=True)
@@ -225,16 +248,29 @@ def audit(model: nn.Module, rules: str | Preset = "ah-lrp", *, inputs: Tensor | 
         for _, _, ins, outs in records:
             tensors += ins + outs
         grads = torch.autograd.grad(target, tensors, allow_unused=True)
-        rel = {id(t): (0.0 if g is None else float((acc(t.detach()) * acc(g)).sum()))
-               for t, g in zip(tensors, grads, strict=True)}
+        rel = {
+            id(t): (0.0 if g is None else float((acc(t.detach()) * acc(g)).sum()))
+            for t, g in zip(tensors, grads, strict=True)
+        }
         input_rel = sum(rel[id(t)] for t in [store[0], *extra])
         flows = []
         for path, mod, ins, outs in records:
             if not ins or not outs or "Embedding" in type(mod).__name__:
                 continue  # embedding stages are where relevance is read, not passed on
-            flows.append(ModuleFlow(path, type(mod).__name__, sum(rel[id(t)] for t in outs),
-                                    sum(rel[id(t)] for t in ins)))
+            flows.append(
+                ModuleFlow(
+                    path, type(mod).__name__, sum(rel[id(t)] for t in outs), sum(rel[id(t)] for t in ins)
+                )
+            )
         layer_list = _layer_list(model)
         layers = [f for f in flows if layer_list is not None and f.path.rsplit(".", 1)[0] == layer_list]
-        return AuditReport(type(model).__name__, handle.preset.name, float(target.detach()), input_rel, tolerance,
-                           flows, layers, handle.plan)
+        return AuditReport(
+            type(model).__name__,
+            handle.preset.name,
+            float(target.detach()),
+            input_rel,
+            tolerance,
+            flows,
+            layers,
+            handle.plan,
+        )

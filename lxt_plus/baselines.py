@@ -28,9 +28,18 @@ from .functional import acc
 from .plan import Preset, get_preset
 
 __all__ = [
-    "Method", "BASELINES", "output_logits", "rowwise", "preset_method", "explain_with_preset",
-    "gradient_x_input", "integrated_gradients", "attention_rollout", "last_layer_attention",
-    "random_method", "eager_attention",
+    "Method",
+    "BASELINES",
+    "output_logits",
+    "rowwise",
+    "preset_method",
+    "explain_with_preset",
+    "gradient_x_input",
+    "integrated_gradients",
+    "attention_rollout",
+    "last_layer_attention",
+    "random_method",
+    "eager_attention",
 ]
 
 Method = Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]
@@ -47,8 +56,10 @@ def _input_embeddings(model: nn.Module) -> nn.Module:
     get = getattr(model, "get_input_embeddings", None)
     emb = get() if callable(get) else None
     if not isinstance(emb, nn.Module):
-        raise InputError(f"{type(model).__name__} has no get_input_embeddings(): perturbation and gradient "
-                         "baselines need a model that embeds token ids and accepts inputs_embeds=")
+        raise InputError(
+            f"{type(model).__name__} has no get_input_embeddings(): perturbation and gradient "
+            "baselines need a model that embeds token ids and accepts inputs_embeds="
+        )
     return emb
 
 
@@ -79,8 +90,10 @@ def output_logits(model: nn.Module, inputs_embeds: Tensor) -> Tensor:
     if logits is None and isinstance(out, (tuple, list)):
         logits = out[0]
     if not isinstance(logits, Tensor) or logits.dim() not in (2, 3):
-        raise InputError(f"{type(model).__name__}(inputs_embeds=...) must return logits of shape "
-                         f"(batch, n_out) or (batch, seq, vocab), got {type(out).__name__}")
+        raise InputError(
+            f"{type(model).__name__}(inputs_embeds=...) must return logits of shape "
+            f"(batch, n_out) or (batch, seq, vocab), got {type(out).__name__}"
+        )
     return logits[:, -1] if logits.dim() == 3 else logits
 
 
@@ -89,8 +102,9 @@ def rowwise(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     :data:`Method`: padding is stripped per row and gets relevance 0."""
 
     @functools.wraps(fn)
-    def run(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, target_ids: Tensor,
-            **kwargs: Any) -> Tensor:
+    def run(
+        model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, target_ids: Tensor, **kwargs: Any
+    ) -> Tensor:
         ids = input_ids if input_ids.dim() == 2 else input_ids[None]
         mask = torch.ones_like(ids) if attention_mask is None else attention_mask.reshape(ids.shape)
         targets = torch.as_tensor(target_ids).reshape(-1)
@@ -122,8 +136,9 @@ def _quiet(model: nn.Module) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------ LRP presets
-def explain_with_preset(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, target_ids: Tensor,
-                        rules: str | Preset) -> tuple[Tensor, Tensor]:
+def explain_with_preset(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, target_ids: Tensor, rules: str | Preset
+) -> tuple[Tensor, Tensor]:
     """LRP relevance ``(batch, seq)`` with a preset, and the conservation error ``(batch,)``.
 
     The conservation error is ``|Σ R − logit| / |logit|``, where relevance landing on position or
@@ -165,15 +180,18 @@ def preset_method(rules: str | Preset) -> Method:
     return method
 
 
-def gradient_x_input(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, target_ids: Tensor) -> Tensor:
+def gradient_x_input(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, target_ids: Tensor
+) -> Tensor:
     """Plain Gradient×Input (Shrikumar et al. 2016): the ``"gradient"`` preset, ``(batch, seq)``."""
     return explain_with_preset(model, input_ids, attention_mask, target_ids, "gradient")[0]
 
 
 # ------------------------------------------------------------------------------ integrated gradients
 @rowwise
-def _integrated_gradients(model: nn.Module, ids: Tensor, target: Tensor, steps: int = 32,
-                          batch_size: int = 16) -> Tensor:
+def _integrated_gradients(
+    model: nn.Module, ids: Tensor, target: Tensor, steps: int = 32, batch_size: int = 16
+) -> Tensor:
     x = embed(model, ids)  # (1, n, d)
     alphas = (torch.arange(steps, dtype=x.dtype, device=x.device) + 0.5) / steps  # midpoint rule
     total = torch.zeros_like(acc(x))
@@ -186,8 +204,15 @@ def _integrated_gradients(model: nn.Module, ids: Tensor, target: Tensor, steps: 
     return (acc(x) * total / steps).sum(-1)[0]
 
 
-def integrated_gradients(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, target_ids: Tensor,
-                         *, steps: int = 32, batch_size: int = 16) -> Tensor:
+def integrated_gradients(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    target_ids: Tensor,
+    *,
+    steps: int = 32,
+    batch_size: int = 16,
+) -> Tensor:
     """Integrated Gradients (Sundararajan et al. 2017) from the all-zero embedding, ``(batch, seq)``.
 
     ``R_i = x_i · (1/m) Σ_j ∂f(α_j x)/∂x_i`` with midpoints ``α_j = (j + ½)/m`` (Riemann sum),
@@ -195,8 +220,9 @@ def integrated_gradients(model: nn.Module, input_ids: Tensor, attention_mask: Te
     """
     if steps < 1 or batch_size < 1:
         raise InputError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
-    return _integrated_gradients(model, input_ids, attention_mask, target_ids, steps=steps,
-                                 batch_size=batch_size)
+    return _integrated_gradients(
+        model, input_ids, attention_mask, target_ids, steps=steps, batch_size=batch_size
+    )
 
 
 # ------------------------------------------------------------------------------ attention
@@ -205,8 +231,10 @@ def eager_attention(model: nn.Module) -> Iterator[None]:
     """Switch a HF model to eager attention (so attention weights are returned); restored on exit."""
     config = getattr(model, "config", None)
     if not is_hf_model(model) or config is None:
-        raise InputError(f"attention baselines need a transformers model that returns attention weights, "
-                         f"got {type(model).__name__}")
+        raise InputError(
+            f"attention baselines need a transformers model that returns attention weights, "
+            f"got {type(model).__name__}"
+        )
     hf: Any = model
     previous = config._attn_implementation
     if previous != "eager":
@@ -250,7 +278,9 @@ def _rollout(model: nn.Module, ids: Tensor, target: Tensor) -> Tensor:
     return roll[_query_position(atts[0])]
 
 
-def attention_rollout(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, target_ids: Tensor) -> Tensor:
+def attention_rollout(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, target_ids: Tensor
+) -> Tensor:
     """Attention rollout (Abnar & Zuidema 2020), ``(batch, seq)``.
 
     Head-averaged attention plus the identity for the residual, row-normalised, multiplied over
@@ -266,8 +296,9 @@ def _last_layer(model: nn.Module, ids: Tensor, target: Tensor) -> Tensor:
     return atts[-1].mean(0)[_query_position(atts[0])]
 
 
-def last_layer_attention(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                         target_ids: Tensor) -> Tensor:
+def last_layer_attention(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, target_ids: Tensor
+) -> Tensor:
     """Attention of the reading position in the last layer, averaged over heads, ``(batch, seq)``."""
     return _last_layer(model, input_ids, attention_mask, target_ids)
 

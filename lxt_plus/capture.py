@@ -49,14 +49,23 @@ from .patching import ATTENTION_OBSERVERS
 if TYPE_CHECKING:
     from .result import Explanation
 
-__all__ = ["Recorder", "BlockParts", "find_blocks", "keep_patterns", "top_neurons", "layer_contributions",
-           "PATTERN_MAX_SEQ", "CAPTURES"]
+__all__ = [
+    "Recorder",
+    "BlockParts",
+    "find_blocks",
+    "keep_patterns",
+    "top_neurons",
+    "layer_contributions",
+    "PATTERN_MAX_SEQ",
+    "CAPTURES",
+]
 
 CAPTURES = ("layers", "heads", "neurons")
 PATTERN_MAX_SEQ = 256
 _OUT_NAMES = ("o_proj", "out_proj", "c_proj", "dense", "wo", "out_lin", "o", "proj", "out")
 _PATTERN_LAYERS: contextvars.ContextVar[tuple[int, ...] | str | None] = contextvars.ContextVar(
-    "lxt_plus_pattern_layers", default=None)
+    "lxt_plus_pattern_layers", default=None
+)
 
 
 @contextlib.contextmanager
@@ -152,18 +161,26 @@ def find_blocks(model: nn.Module) -> tuple[str, list[BlockParts]]:
         if not isinstance(m, nn.ModuleList) or len(m) == 0:
             continue
         prefix = f"{path}." if path else ""
-        with_attention = {p[len(prefix):].split(".")[0] for p in attention_paths if p.startswith(prefix)}
+        with_attention = {p[len(prefix) :].split(".")[0] for p in attention_paths if p.startswith(prefix)}
         if len(with_attention) == len(m) and (best is None or len(m) > len(best[1])):
             best = (path, m)
     if best is None:
-        raise InputError(f"{type(model).__name__} has no list of transformer blocks with attention: "
-                         "capture works on transformer models")
+        raise InputError(
+            f"{type(model).__name__} has no list of transformer blocks with attention: "
+            "capture works on transformer models"
+        )
     path, blocks = best
     parts = []
     for i, block in enumerate(blocks):
         block_path = f"{path}.{i}" if path else str(i)
-        attention = next((info.module for info in infos
-                          if info.role == "attention" and info.path.startswith(block_path + ".")), None)
+        attention = next(
+            (
+                info.module
+                for info in infos
+                if info.role == "attention" and info.path.startswith(block_path + ".")
+            ),
+            None,
+        )
         parts.append(_block_parts(model, block, attention))
     return path, parts
 
@@ -175,14 +192,29 @@ def _block_parts(model: nn.Module, block: nn.Module, attention: nn.Module | None
     if attention is not None and n_heads:
         named = [(p.rsplit(".", 1)[-1], m) for p, m in attention.named_modules() if _features(m)]
         # the concatenated heads feed a linear with a head-divisible width, named like an output projection
-        out_proj = next((m for name in _OUT_NAMES for last, m in reversed(named)
-                         if last == name and _features(m)[0] % n_heads == 0), None)  # type: ignore[index]
+        out_proj = next(
+            (
+                m
+                for name in _OUT_NAMES
+                for last, m in reversed(named)
+                if last == name and _features(m)[0] % n_heads == 0
+            ),
+            None,
+        )  # type: ignore[index]
         if out_proj is None:  # BERT / ViT: the projection sits in a sibling ``output`` module
             parent = next((m for m in block.modules() if any(c is attention for c in m.children())), None)
             if parent is not None:
-                out_proj = next((m for p, m in parent.named_modules()
-                                 if id(m) not in inside and _features(m) and "output" in p.split(".")
-                                 and _features(m)[0] % n_heads == 0), None)  # type: ignore[index]
+                out_proj = next(
+                    (
+                        m
+                        for p, m in parent.named_modules()
+                        if id(m) not in inside
+                        and _features(m)
+                        and "output" in p.split(".")
+                        and _features(m)[0] % n_heads == 0
+                    ),
+                    None,
+                )  # type: ignore[index]
     d_model = _features(out_proj)[1] if out_proj is not None else None  # type: ignore[index]
     down_proj = None
     if d_model is not None:
@@ -234,13 +266,16 @@ class Recorder:
         if "heads" in self.captures:
             missing = [i for i, p in enumerate(self.parts) if p.out_proj is None]
             if missing:
-                raise InputError(f"capture 'heads': no attention output projection found in layer {missing[0]} "
-                                 f"of {name}")
+                raise InputError(
+                    f"capture 'heads': no attention output projection found in layer {missing[0]} of {name}"
+                )
         if "neurons" in self.captures:
             missing = [i for i, p in enumerate(self.parts) if p.down_proj is None]
             if missing:
-                raise InputError(f"capture 'neurons': layer {missing[0]} of {name} has no dense MLP down "
-                                 "projection (mixture-of-experts layers are not supported)")
+                raise InputError(
+                    f"capture 'neurons': layer {missing[0]} of {name} has no dense MLP down "
+                    "projection (mixture-of-experts layers are not supported)"
+                )
         self._layer_of = {id(p.attention): i for i, p in enumerate(self.parts) if p.attention is not None}
         self._reset()
 
@@ -282,6 +317,7 @@ class Recorder:
                 store[i] = value
 
         if "layers" in self.captures:
+
             def first(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
                 if self._first_input is None:
                     x = args[0] if args else kwargs.get("hidden_states")
@@ -289,24 +325,38 @@ class Recorder:
 
             self._hooks.append(self.parts[0].block.register_forward_pre_hook(first, with_kwargs=True))
             for i, p in enumerate(self.parts):
+
                 def out_hook(module: nn.Module, args: Any, out: Any, i: int = i) -> None:
                     keep(self._outputs, i, out[0] if isinstance(out, (tuple, list)) else out)
 
                 self._hooks.append(p.block.register_forward_hook(out_hook))
-        for name, store, attr in (("heads", self._heads, "out_proj"), ("neurons", self._neurons, "down_proj")):
+        for name, store, attr in (
+            ("heads", self._heads, "out_proj"),
+            ("neurons", self._neurons, "down_proj"),
+        ):
             if name not in self.captures:
                 continue
             for i, p in enumerate(self.parts):
-                def pre(module: nn.Module, args: tuple[Any, ...], i: int = i,
-                        store: list[Tensor | None] = store) -> None:
+
+                def pre(
+                    module: nn.Module, args: tuple[Any, ...], i: int = i, store: list[Tensor | None] = store
+                ) -> None:
                     keep(store, i, args[0] if args else None)
 
                 self._hooks.append(getattr(p, attr).register_forward_pre_hook(pre))
         if "heads" in self.captures:
             self._token = ATTENTION_OBSERVERS.set(ATTENTION_OBSERVERS.get() + (self._observe,))
 
-    def _observe(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                 mask: Tensor | None, out: Any, kwargs: dict[str, Any]) -> None:
+    def _observe(
+        self,
+        module: nn.Module,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        mask: Tensor | None,
+        out: Any,
+        kwargs: dict[str, Any],
+    ) -> None:
         i = self._layer_of.get(id(module))
         if i is None or i in self._calls or not self._wants_pattern(i, query.shape[2]):
             return
@@ -314,10 +364,17 @@ class Recorder:
         expected = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
         causal = kwargs.get("is_causal")
         self._calls[i] = _AttentionCall(
-            query.detach(), key.detach(), value.detach(), mask,
+            query.detach(),
+            key.detach(),
+            value.detach(),
+            mask,
             bool(getattr(module, "is_causal", False) if causal is None else causal),
-            kwargs.get("scaling"), kwargs.get("softcap"), kwargs.get("position_bias"), kwargs.get("s_aux"),
-            weights.detach() if isinstance(weights, Tensor) and tuple(weights.shape) == expected else None)
+            kwargs.get("scaling"),
+            kwargs.get("softcap"),
+            kwargs.get("position_bias"),
+            kwargs.get("s_aux"),
+            weights.detach() if isinstance(weights, Tensor) and tuple(weights.shape) == expected else None,
+        )
 
     def _wants_pattern(self, layer: int, seq: int) -> bool:
         chosen = _PATTERN_LAYERS.get()
@@ -339,8 +396,10 @@ class Recorder:
         if "neurons" in self.captures:
             out += self._neurons
         if any(t is None for t in out):
-            raise InputError(f"capture {self.captures}: some blocks of {type(self.model).__name__} did not run "
-                             "or gave no differentiable tensor during the forward pass")
+            raise InputError(
+                f"capture {self.captures}: some blocks of {type(self.model).__name__} did not run "
+                "or gave no differentiable tensor during the forward pass"
+            )
         return out  # type: ignore[return-value]
 
     def finish(self, grads: Sequence[Tensor | None]) -> None:
@@ -353,7 +412,7 @@ class Recorder:
         result: dict[str, Any] = {}
         with torch.no_grad():
             if "layers" in self.captures:
-                layers, pairs = pairs[:n + 1], pairs[n + 1:]
+                layers, pairs = pairs[: n + 1], pairs[n + 1 :]
                 result["layers"] = torch.stack([_relevance(x, g).sum(-1) for x, g in layers], 1).cpu()
             if "heads" in self.captures:
                 heads, pairs = pairs[:n], pairs[n:]
@@ -431,8 +490,9 @@ def _captured(exp: Explanation, key: str) -> Tensor:
     return exp.captures[key]
 
 
-def top_neurons(exp: Explanation, k: int = 10, row: int = 0,
-                by: str = "positive") -> list[tuple[int, int, float]]:
+def top_neurons(
+    exp: Explanation, k: int = 10, row: int = 0, by: str = "positive"
+) -> list[tuple[int, int, float]]:
     """The ``k`` most relevant MLP neurons.
 
     Parameters

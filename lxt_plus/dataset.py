@@ -64,8 +64,9 @@ def _load_rows(source: Source, column: str, max_rows: int | None) -> list[_Row]:
         elif isinstance(item, Mapping) and column in item:
             rows.append(_Row(i, str(item[column]), {k: v for k, v in item.items() if k != column}))
         else:
-            raise InputError(f"source row {i} is a {type(item).__name__}; expected a text or a mapping "
-                             f"with key {column!r}")
+            raise InputError(
+                f"source row {i} is a {type(item).__name__}; expected a text or a mapping with key {column!r}"
+            )
     return rows
 
 
@@ -86,8 +87,10 @@ def _read_lines(path: Path, repair: bool) -> dict[int, str]:
             except (ValueError, KeyError, TypeError) as exc:
                 if n == len(complete) - 1 and not tail:
                     break
-                raise InputError(f"{path.name} line {n + 1} is not a result record ({exc}); "
-                                 "remove the file or pass resume=False") from None
+                raise InputError(
+                    f"{path.name} line {n + 1} is not a result record ({exc}); "
+                    "remove the file or pass resume=False"
+                ) from None
             found.setdefault(index, text)
         end += len(raw) + 1
     if repair and end < len(data):
@@ -124,8 +127,9 @@ def _finalize(out: Path) -> None:
         shard.unlink()
 
 
-def _records(model: nn.Module, rows: list[_Row], tokenizer: Any, rules: Any, target: Any,
-             contrast: Any) -> Iterator[dict[str, Any]]:
+def _records(
+    model: nn.Module, rows: list[_Row], tokenizer: Any, rules: Any, target: Any, contrast: Any
+) -> Iterator[dict[str, Any]]:
     """Explain ``rows`` in one padded batch; on an error, row by row so that only bad rows fail."""
     texts = [r.text for r in rows]
     targets = [target(r.text, r.meta) for r in rows] if callable(target) else target
@@ -134,8 +138,12 @@ def _records(model: nn.Module, rows: list[_Row], tokenizer: Any, rules: Any, tar
         exp = explain(model, texts, targets, tokenizer=tokenizer, rules=rules, contrast=foils)
     except LxtPlusError as exc:
         if len(rows) == 1:
-            yield {"index": rows[0].index, "text": rows[0].text, "meta": rows[0].meta,
-                   "error": f"{type(exc).__name__}: {exc}"}
+            yield {
+                "index": rows[0].index,
+                "text": rows[0].text,
+                "meta": rows[0].meta,
+                "error": f"{type(exc).__name__}: {exc}",
+            }
             return
         for row in rows:
             yield from _records(model, [row], tokenizer, rules, target, contrast)
@@ -147,10 +155,21 @@ def _records(model: nn.Module, rows: list[_Row], tokenizer: Any, rules: Any, tar
         position = t.position
         if position is not None and mask is not None:  # count real tokens only: independent of padding
             position = int(mask[b, :position].sum())
-        yield {"index": row.index, "text": row.text, "tokens": tokens, "relevance": rel.tolist(),
-               "target": {"label": t.label, "ids": list(t.ids), "position": position,
-                          "contrast": t.contrast_label, "contrast_ids": list(t.contrast_ids)},
-               "target_logit": float(exp.target_logit[b]), "meta": row.meta}
+        yield {
+            "index": row.index,
+            "text": row.text,
+            "tokens": tokens,
+            "relevance": rel.tolist(),
+            "target": {
+                "label": t.label,
+                "ids": list(t.ids),
+                "position": position,
+                "contrast": t.contrast_label,
+                "contrast_ids": list(t.contrast_ids),
+            },
+            "target_logit": float(exp.target_logit[b]),
+            "meta": row.meta,
+        }
 
 
 def explain_dataset(
@@ -230,8 +249,10 @@ def explain_dataset(
         raise InputError(f"batch_size must be at least 1, got {batch_size}")
     for name, value in (("target", target), ("contrast", contrast)):
         if isinstance(value, (list, tuple)):
-            raise InputError(f"{name} must be one {name} for every row or a callable (text, meta) -> {name}, "
-                             f"got a {type(value).__name__}")
+            raise InputError(
+                f"{name} must be one {name} for every row or a callable (text, meta) -> {name}, "
+                f"got a {type(value).__name__}"
+            )
     rows = _load_rows(source, column, max_rows)
     # without any accelerator, processes spawned by `accelerate launch --multi_gpu` or torchrun talk over gloo
     state = PartialState(cpu=not torch.accelerator.is_available())
@@ -246,8 +267,10 @@ def explain_dataset(
             _finalize(out)  # fold in shards of a killed parallel run; cut a truncated last line
     state.wait_for_everyone()
     done = set(_read_lines(out, repair=False)) if resume else set()
-    mine = sorted((r for r in rows if r.index % n == rank and r.index not in done),
-                  key=lambda r: (-len(r.text), r.index))
+    mine = sorted(
+        (r for r in rows if r.index % n == rank and r.index not in done),
+        key=lambda r: (-len(r.text), r.index),
+    )
     written = 0
     if mine:
         from tqdm.auto import tqdm
@@ -257,13 +280,22 @@ def explain_dataset(
         with open(dest, "a", encoding="utf-8") as fh, explaining(model, rules):
             empty = [r for r in mine if not r.text.strip()]
             for r in empty:
-                fh.write(json.dumps({"index": r.index, "text": r.text, "meta": r.meta,
-                                     "error": "InputError: the text is empty or whitespace only"}) + "\n")
+                fh.write(
+                    json.dumps(
+                        {
+                            "index": r.index,
+                            "text": r.text,
+                            "meta": r.meta,
+                            "error": "InputError: the text is empty or whitespace only",
+                        }
+                    )
+                    + "\n"
+                )
             written += len(empty)
             bar.update(len(empty))
             todo = [r for r in mine if r.text.strip()]
             for start in range(0, len(todo), batch_size):
-                chunk = todo[start:start + batch_size]
+                chunk = todo[start : start + batch_size]
                 for rec in _records(model, chunk, tokenizer, rules, target, contrast):
                     fh.write(json.dumps(rec, default=str) + "\n")
                 fh.flush()
@@ -275,4 +307,3 @@ def explain_dataset(
         _finalize(out)
     state.wait_for_everyone()
     return written
-

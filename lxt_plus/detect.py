@@ -17,16 +17,45 @@ from torch import nn
 __all__ = ["ROLES", "ModuleInfo", "detect_roles", "owning_pretrained", "is_hf_model", "input_device"]
 
 ROLES = (
-    "attention", "activation", "norm", "mlp", "router", "linear", "conv", "embedding", "dropout",
-    "softmax", "rotary", "structural", "head", "container", "unknown",
+    "attention",
+    "activation",
+    "norm",
+    "mlp",
+    "router",
+    "linear",
+    "conv",
+    "embedding",
+    "dropout",
+    "softmax",
+    "rotary",
+    "structural",
+    "head",
+    "container",
+    "unknown",
 )
 
 _ACTIVATION_MODULES = ("transformers.activations", "torch.nn.modules.activation")
-_NOT_ACTIVATION = {"Softmax", "Softmin", "LogSoftmax", "Softmax2d", "MultiheadAttention", "GLU",
-                   "Threshold", "ClassInstantier"}
-_STRUCTURAL = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.pooling._AvgPoolNd,
-               nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._MaxPoolNd,
-               nn.modules.pooling._AdaptiveMaxPoolNd, nn.Upsample, nn.ZeroPad2d)
+_NOT_ACTIVATION = {
+    "Softmax",
+    "Softmin",
+    "LogSoftmax",
+    "Softmax2d",
+    "MultiheadAttention",
+    "GLU",
+    "Threshold",
+    "ClassInstantier",
+}
+_STRUCTURAL = (
+    nn.Identity,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.Upsample,
+    nn.ZeroPad2d,
+)
 _ATTN_NAME = re.compile(r"Attention|Attn", re.IGNORECASE)
 _NORM_NAME = re.compile(r"Norm($|[A-Z0-9_])")
 
@@ -147,12 +176,16 @@ def detect_roles(model: nn.Module) -> list[ModuleInfo]:
             path, lambda c: _ATTN_NAME.search(type(named[c]).__name__) is not None
         ):
             roles[path] = "attention"
+
     # 3. MLP blocks: maximal modules holding an activation and no attention
     def mlp_like(p: str) -> bool:
         m = named[p]
-        return (p not in roles and not isinstance(m, (nn.ModuleList, nn.ModuleDict))
-                and has(p, lambda c: roles.get(c) == "activation")
-                and not has(p, lambda c: roles.get(c) == "attention"))
+        return (
+            p not in roles
+            and not isinstance(m, (nn.ModuleList, nn.ModuleDict))
+            and has(p, lambda c: roles.get(c) == "activation")
+            and not has(p, lambda c: roles.get(c) == "attention")
+        )
 
     candidates = {p for p in named if p != "" and mlp_like(p)}
     for path in candidates:

@@ -36,8 +36,13 @@ _MAX_CHUNK = 32  # targets per batched backward pass
 _CHUNK_BUDGET = 8192  # targets x tokens per batched backward pass (bounds the memory of the batched grads)
 
 
-def _as_ids(value: str | Tensor | Sequence[int], tokenizer: Any, what: str, chat: bool = False,
-            model: nn.Module | None = None) -> Tensor:
+def _as_ids(
+    value: str | Tensor | Sequence[int],
+    tokenizer: Any,
+    what: str,
+    chat: bool = False,
+    model: nn.Module | None = None,
+) -> Tensor:
     """1-D token ids from text (tokenised), a tensor ``(seq,)``/``(1, seq)`` or a list of ints."""
     if isinstance(value, str):
         if tokenizer is None:
@@ -51,8 +56,9 @@ def _as_ids(value: str | Tensor | Sequence[int], tokenizer: Any, what: str, chat
     if ids.dim() == 2 and ids.shape[0] == 1:
         ids = ids[0]
     if ids.dim() != 1 or ids.is_floating_point():
-        raise InputError(f"the {what} must be text or integer ids of shape (seq,), got {ids.dtype} "
-                         f"{tuple(ids.shape)}")
+        raise InputError(
+            f"the {what} must be text or integer ids of shape (seq,), got {ids.dtype} {tuple(ids.shape)}"
+        )
     return ids.long().cpu()
 
 
@@ -63,12 +69,21 @@ def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
     return set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
 
-def _generate(model: nn.Module, prompt: Tensor, max_new_tokens: int, eos: set[int], pad: int | None) -> Tensor:
+def _generate(
+    model: nn.Module, prompt: Tensor, max_new_tokens: int, eos: set[int], pad: int | None
+) -> Tensor:
     """Greedy continuation ids ``(n_generated,)``, up to and including the first end-of-sequence token."""
     device = input_device(model)
     ids = prompt[None].to(device)
-    kwargs: dict[str, Any] = dict(attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                  do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None)
+    kwargs: dict[str, Any] = dict(
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
     if eos:
         kwargs["eos_token_id"] = sorted(eos)
     if pad is not None:
@@ -77,7 +92,7 @@ def _generate(model: nn.Module, prompt: Tensor, max_new_tokens: int, eos: set[in
         kwargs["pad_token_id"] = min(eos)
     with torch.no_grad():
         out = model.generate(ids, **kwargs)  # type: ignore[operator]
-    return _cut_at_eos(out[0, prompt.shape[0]:].cpu(), eos)
+    return _cut_at_eos(out[0, prompt.shape[0] :].cpu(), eos)
 
 
 def _cut_at_eos(ids: Tensor, eos: set[int]) -> Tensor:
@@ -136,8 +151,9 @@ def explain_generation(
     """
     if model_kind(model) != "causal-lm":
         raise InputError(f"explain_generation needs a causal LM, got {type(model).__name__}")
-    if continuation is None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
-                                 or max_new_tokens < 1):
+    if continuation is None and (
+        isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1
+    ):
         raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     preset = get_preset(rules)  # a bad preset fails before the generation
     prompt_ids = _as_ids(prompt, tokenizer, "prompt", chat, model)
@@ -146,28 +162,43 @@ def explain_generation(
     vocab = model.get_input_embeddings().num_embeddings  # type: ignore[operator, union-attr]
     eos = _eos_ids(model, tokenizer)
     if continuation is None:
-        gen_ids = _generate(model, prompt_ids, max_new_tokens, eos,
-                            getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None)
+        gen_ids = _generate(
+            model,
+            prompt_ids,
+            max_new_tokens,
+            eos,
+            getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None,
+        )
     else:
         gen_ids = _as_ids(continuation, tokenizer, "continuation")
     if gen_ids.numel() == 0:
         raise InputError("no token was generated (or the continuation is empty): there is nothing to explain")
     ids = torch.cat([prompt_ids, gen_ids])
     if int(ids.max()) >= vocab or int(ids.min()) < 0:
-        raise TokenizerMismatchError(f"token id {int(ids.max())} is outside {type(model).__name__}'s vocabulary of {vocab}")
+        raise TokenizerMismatchError(
+            f"token id {int(ids.max())} is outside {type(model).__name__}'s vocabulary of {vocab}"
+        )
     limit = _max_positions(model)
     if limit is not None and ids.numel() - 1 > limit:
-        raise ContextTooLongError(f"prompt and continuation have {ids.numel()} tokens but {type(model).__name__} "
-                                  f"accepts at most {limit} positions; shorten them")
+        raise ContextTooLongError(
+            f"prompt and continuation have {ids.numel()} tokens but {type(model).__name__} "
+            f"accepts at most {limit} positions; shorten them"
+        )
     n_p = prompt_ids.numel()
     matrix, logits = _attribute(model, ids, n_p, preset, progress)
-    tokens = (tokenizer.batch_decode([[i] for i in ids.tolist()]) if tokenizer is not None
-              else [str(i) for i in ids.tolist()])
-    return GenerationExplanation(tokens=tokens, token_ids=ids, prompt_length=n_p, matrix=matrix,
-                                 target_logit=logits, rules=preset.name)
+    tokens = (
+        tokenizer.batch_decode([[i] for i in ids.tolist()])
+        if tokenizer is not None
+        else [str(i) for i in ids.tolist()]
+    )
+    return GenerationExplanation(
+        tokens=tokens, token_ids=ids, prompt_length=n_p, matrix=matrix, target_logit=logits, rules=preset.name
+    )
 
 
-def _attribute(model: nn.Module, ids: Tensor, n_p: int, rules: Preset, progress: bool) -> tuple[Tensor, Tensor]:
+def _attribute(
+    model: nn.Module, ids: Tensor, n_p: int, rules: Preset, progress: bool
+) -> tuple[Tensor, Tensor]:
     """One patched forward over ``ids[:-1]``; relevance ``(n_generated, n)`` and target logits ``(n_generated,)``."""
     n, n_g = ids.numel(), ids.numel() - n_p
     device = input_device(model)
@@ -191,7 +222,9 @@ def _attribute(model: nn.Module, ids: Tensor, n_p: int, rules: Preset, progress:
         targets = ids[n_p:].to(device)
         picked = acc(logits[torch.arange(n_g, device=device), targets])
         if not torch.isfinite(picked).all():
-            raise NumericalError(f"a target logit is not finite in dtype {logits.dtype}; use float32 or bfloat16")
+            raise NumericalError(
+                f"a target logit is not finite in dtype {logits.dtype}; use float32 or bfloat16"
+            )
         from tqdm.auto import tqdm
 
         value = acc(leaf.detach()[0])
@@ -224,10 +257,15 @@ def _grads(picked: Tensor, leaf: Tensor, start: int, stop: int, last: bool) -> T
         eye = torch.zeros(k, picked.numel(), dtype=picked.dtype, device=picked.device)
         eye[torch.arange(k), torch.arange(start, stop)] = 1
         try:
-            (grad,) = torch.autograd.grad(picked, leaf, grad_outputs=eye, is_grads_batched=True,
-                                          retain_graph=True)
+            (grad,) = torch.autograd.grad(
+                picked, leaf, grad_outputs=eye, is_grads_batched=True, retain_graph=True
+            )
             return grad
         except RuntimeError:  # an op without a batching rule: one pass per target below
             pass
-    return torch.stack([torch.autograd.grad(picked[t], leaf, retain_graph=not last or t < stop - 1)[0]
-                        for t in range(start, stop)])
+    return torch.stack(
+        [
+            torch.autograd.grad(picked[t], leaf, retain_graph=not last or t < stop - 1)[0]
+            for t in range(start, stop)
+        ]
+    )

@@ -37,12 +37,14 @@ _ORIGINAL_OF_KEY = {v: k for k, v in ATTENTION_KEYS.items()}
 _LOCK = threading.RLock()
 _PATCHED: weakref.WeakKeyDictionary[nn.Module, Handle] = weakref.WeakKeyDictionary()
 _ATTN_RULES: weakref.WeakKeyDictionary[nn.Module, tuple[_AttentionRule, dict[str, int]]] = (
-    weakref.WeakKeyDictionary())
+    weakref.WeakKeyDictionary()
+)
 _CONFIG_USERS: dict[int, list[Any]] = {}  # id(config) -> [config, original value, users]
 _EAGER_CACHE: dict[type, Callable[..., Any]] = {}
 # model -> {preset: (structure signature, plan, paths routed to inline ops)}: validate once, reuse
 _PLAN_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[Preset, tuple[Any, Plan, frozenset[str]]]] = (
-    weakref.WeakKeyDictionary())
+    weakref.WeakKeyDictionary()
+)
 
 
 class _KeyUse:
@@ -54,7 +56,8 @@ class _KeyUse:
 
 # Observers of patched attention calls in this thread (per-head capture): fn(module, q, k, v, mask, out)
 ATTENTION_OBSERVERS: contextvars.ContextVar[tuple[Callable[..., None], ...]] = contextvars.ContextVar(
-    "lxt_plus_attention_observers", default=())
+    "lxt_plus_attention_observers", default=()
+)
 
 
 # ----------------------------------------------------------------------------- attention registry
@@ -108,8 +111,16 @@ def _make_attention(original: str) -> Callable[..., Any]:
     return lxt_plus_attention
 
 
-def _eager_with_rule(fn: Callable[..., Any], module: nn.Module, query: torch.Tensor, key: torch.Tensor,
-                     value: torch.Tensor, mask: Any, kwargs: dict[str, Any], rule: _AttentionRule) -> Any:
+def _eager_with_rule(
+    fn: Callable[..., Any],
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: Any,
+    kwargs: dict[str, Any],
+    rule: _AttentionRule,
+) -> Any:
     """The family's eager attention without gradient, then the rule's own backward pass.
 
     The eager function returns the attention weights, so the backward pass needs no recomputed
@@ -118,16 +129,23 @@ def _eager_with_rule(fn: Callable[..., Any], module: nn.Module, query: torch.Ten
     """
     with torch.no_grad():
         out = fn(module, query, key, value, mask, **kwargs)
-    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor)
-            and isinstance(out[1], torch.Tensor)):
+    if not (
+        isinstance(out, tuple)
+        and len(out) == 2
+        and isinstance(out[0], torch.Tensor)
+        and isinstance(out[1], torch.Tensor)
+    ):
         return None
     attn, probs = out
     b, hq, n_q, _ = query.shape
     scale = kwargs.get("scaling")
     scale = float(scale) if scale is not None else query.shape[-1] ** -0.5
-    if (attn.shape[:3] != (b, n_q, hq) or (mask is not None and not isinstance(mask, torch.Tensor))
-            or (isinstance(mask, torch.Tensor) and mask.requires_grad)
-            or not probs_match(query, key, probs, mask, scale)):
+    if (
+        attn.shape[:3] != (b, n_q, hq)
+        or (mask is not None and not isinstance(mask, torch.Tensor))
+        or (isinstance(mask, torch.Tensor) and mask.requires_grad)
+        or not probs_match(query, key, probs, mask, scale)
+    ):
         return None
     spec = AttentionSpec.for_rule(rule.detach_weights, scale=scale, mask=mask, causal=False)
     return rule_attention(query, key, value, attn, spec, probs=probs, heads_last=True), probs
@@ -144,8 +162,12 @@ def _register_keys(undo: list[Callable[[], None]]) -> None:
 
     registries = (AttentionInterface._global_mapping, AttentionMaskInterface._global_mapping)
     if _KeyUse.users == 0:
-        _KeyUse.previous = {(i, key): reg[key] for i, reg in enumerate(registries)
-                            for key in ATTENTION_KEYS.values() if key in reg}
+        _KeyUse.previous = {
+            (i, key): reg[key]
+            for i, reg in enumerate(registries)
+            for key in ATTENTION_KEYS.values()
+            if key in reg
+        }
         for original, key in ATTENTION_KEYS.items():
             AttentionInterface.register(key, _make_attention(original))
             AttentionMaskInterface.register(key, cast(Any, registries[1][original]))
@@ -257,8 +279,11 @@ def is_patched(model: nn.Module) -> bool:
     return model in _PATCHED
 
 
-def _wrap_forward(module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any] | None],
-                  undo: list[Callable[[], None]]) -> bool:
+def _wrap_forward(
+    module: nn.Module,
+    make: Callable[[Callable[..., Any]], Callable[..., Any] | None],
+    undo: list[Callable[[], None]],
+) -> bool:
     # accelerate's hooks call ``_old_forward`` between loading and offloading the weights: rules
     # that read parameters must run there
     attr = "_old_forward" if hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__ else "forward"
@@ -289,7 +314,8 @@ def _zero_biases(model: nn.Module, undo: list[Callable[[], None]]) -> None:
     if any(p.device.type == "meta" for p in model.parameters()):
         raise UnsupportedModelError(
             f"{type(model).__name__} has offloaded weights (on the 'meta' device): zeroing biases for the "
-            "conservation check needs the model in one piece; load it without offloading for the check")
+            "conservation check needs the model in one piece; load it without offloading for the check"
+        )
     saved = []
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -321,8 +347,14 @@ def _probe_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
     return None
 
 
-def _apply_entry(model: nn.Module, entry: PlanEntry, stats: dict[str, int], named: dict[str, nn.Module],
-                 undo: list[Callable[[], None]], force_ops: bool = False) -> None:
+def _apply_entry(
+    model: nn.Module,
+    entry: PlanEntry,
+    stats: dict[str, int],
+    named: dict[str, nn.Module],
+    undo: list[Callable[[], None]],
+    force_ops: bool = False,
+) -> None:
     module = named[entry.path]
     rule = entry.rule
     if entry.role == "attention" and isinstance(rule, _AttentionRule):
@@ -345,8 +377,13 @@ def _apply_entry(model: nn.Module, entry: PlanEntry, stats: dict[str, int], name
             _wrap_forward(backbone, HeadIdentity.wrap_backbone, undo)
 
 
-def patch(model: nn.Module, rules: str | Preset | dict[str, Any] = "attnlrp", *, strict: bool = True,
-          verify: bool = True) -> Handle:
+def patch(
+    model: nn.Module,
+    rules: str | Preset | dict[str, Any] = "attnlrp",
+    *,
+    strict: bool = True,
+    verify: bool = True,
+) -> Handle:
     """Patch ``model`` in place (this instance only) so that one backward pass yields LRP relevance.
 
     Parameters
@@ -382,7 +419,8 @@ def patch(model: nn.Module, rules: str | Preset | dict[str, Any] = "attnlrp", *,
                 return Handle(model, existing.plan, nested=True)
             raise AlreadyPatchedError(
                 f"{type(model).__name__} is already patched with preset {existing.preset.name!r}; "
-                f"remove that handle before patching with {preset.name!r}")
+                f"remove that handle before patching with {preset.name!r}"
+            )
         named = dict(model.named_modules())
         signature = tuple((p, type(m)) for p, m in named.items())
         cached = _PLAN_CACHE.get(model, {}).get(preset)
@@ -399,8 +437,9 @@ def patch(model: nn.Module, rules: str | Preset | dict[str, Any] = "attnlrp", *,
                 if entry.route == "none":
                     continue
                 stats[entry.path] = {}
-                _apply_entry(model, entry, stats[entry.path], named, handle._undo,
-                             force_ops=entry.path in ops_paths)
+                _apply_entry(
+                    model, entry, stats[entry.path], named, handle._undo, force_ops=entry.path in ops_paths
+                )
             if preset.zero_bias:
                 _zero_biases(model, handle._undo)
             if any(e.route == "registry" for e in plan.entries):
@@ -419,12 +458,20 @@ def patch(model: nn.Module, rules: str | Preset | dict[str, Any] = "attnlrp", *,
 
 
 def _copy_plan(plan: Plan) -> Plan:
-    return Plan(plan.preset, [PlanEntry(e.path, e.type_name, e.role, e.rule, e.route) for e in plan.entries],
-                plan.infos)
+    return Plan(
+        plan.preset,
+        [PlanEntry(e.path, e.type_name, e.role, e.rule, e.route) for e in plan.entries],
+        plan.infos,
+    )
 
 
-def _verify(model: nn.Module, plan: Plan, stats: dict[str, dict[str, int]], named: dict[str, nn.Module],
-            handle: Handle) -> None:
+def _verify(
+    model: nn.Module,
+    plan: Plan,
+    stats: dict[str, dict[str, int]],
+    named: dict[str, nn.Module],
+    handle: Handle,
+) -> None:
     """One tiny forward pass proving each norm and attention rule was reached."""
     inputs = _probe_inputs(model) if is_hf_model(model) else None
     if inputs is None:
@@ -446,9 +493,12 @@ def _verify(model: nn.Module, plan: Plan, stats: dict[str, dict[str, int]], name
             rerouted = True
     if rerouted:
         run()
-    missed = [e for e in plan.entries
-              if (e.role == "norm" and e.route != "none" and not stats[e.path].get("norm_hits"))
-              or (e.route == "ops" and not stats[e.path].get("attention_hits"))]
+    missed = [
+        e
+        for e in plan.entries
+        if (e.role == "norm" and e.route != "none" and not stats[e.path].get("norm_hits"))
+        or (e.route == "ops" and not stats[e.path].get("attention_hits"))
+    ]
     if missed:  # modules not called at all on the probe input (an unused pooler) are not evidence
         called = _called_modules(model, inputs)
         missed = [e for e in missed if e.path in called]
@@ -457,13 +507,15 @@ def _verify(model: nn.Module, plan: Plan, stats: dict[str, dict[str, int]], name
         raise UnsupportedModelError(
             f"{type(model).__name__}: the rule for these modules never saw the operation it must change, so "
             f"their forward computes it in a way lxt_plus does not recognise: {listing}. "
-            "Pass strict=False to let them through with plain gradients, or report the architecture.")
+            "Pass strict=False to let them through with plain gradients, or report the architecture."
+        )
 
 
 def _called_modules(model: nn.Module, inputs: dict[str, torch.Tensor]) -> set[str]:
     called: set[str] = set()
-    hooks = [m.register_forward_pre_hook(lambda mod, args, p=p: called.add(p))
-             for p, m in model.named_modules()]
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, p=p: called.add(p)) for p, m in model.named_modules()
+    ]
     try:
         with torch.no_grad():
             model(**inputs)

@@ -53,8 +53,10 @@ def _layer_list(infos: list[ModuleInfo]) -> tuple[str, int]:
             if any(a.startswith(f"{info.path}.{k}.") for a in attention for k in range(len(m))):
                 best = (info.path, len(m))
     if not best[1]:
-        raise InputError("tune() needs a transformer with a list of blocks (a ModuleList holding attention "
-                         "modules); none was found")
+        raise InputError(
+            "tune() needs a transformer with a list of blocks (a ModuleList holding attention "
+            "modules); none was found"
+        )
     return best
 
 
@@ -75,12 +77,18 @@ def _selectors(infos: list[ModuleInfo], layers: str, indices: Sequence[int], rol
     globs = _index_globs(indices)
 
     def exact(patterns: list[str]) -> bool:
-        hit = {i.path for i in infos if i.role != "container"
-               and any(fnmatch.fnmatchcase(i.path, p) for p in patterns)}
+        hit = {
+            i.path
+            for i in infos
+            if i.role != "container" and any(fnmatch.fnmatchcase(i.path, p) for p in patterns)
+        }
         return hit == wanted
 
-    short = list(dict.fromkeys(f"{layers}.{g}.{'*.' + r.rsplit('.', 1)[1] if '.' in r else r}"
-                               for g in globs for r in rels))
+    short = list(
+        dict.fromkeys(
+            f"{layers}.{g}.{'*.' + r.rsplit('.', 1)[1] if '.' in r else r}" for g in globs for r in rels
+        )
+    )
     for patterns in (short, [f"{layers}.{g}.{r}" for g in globs for r in rels], sorted(wanted)):
         if exact(patterns):
             return [f"name:{p}" for p in patterns]
@@ -110,18 +118,23 @@ class Candidate:
         if len(set(self.attention)) == 1:
             parts.append(f"attention={self.attention[0]}")
         else:
-            parts.append("attention=" + ",".join(f"{g}:{a}" for g, a in zip(groups, self.attention, strict=True)))
+            parts.append(
+                "attention=" + ",".join(f"{g}:{a}" for g, a in zip(groups, self.attention, strict=True))
+            )
         parts.append(f"eps={self.eps:g}")
         if any(self.gamma):
-            parts.append("gamma=" + ",".join(f"{g}:{v:g}" for g, v in zip(groups, self.gamma, strict=True) if v))
+            parts.append(
+                "gamma=" + ",".join(f"{g}:{v:g}" for g, v in zip(groups, self.gamma, strict=True) if v)
+            )
         return " ".join(parts)
 
 
 class _Space:
     """Builds presets from candidates for one model (selectors resolved once)."""
 
-    def __init__(self, model: nn.Module, base: Preset, epsilons: Sequence[float], gammas: Sequence[float],
-                 mixed: bool) -> None:
+    def __init__(
+        self, model: nn.Module, base: Preset, epsilons: Sequence[float], gammas: Sequence[float], mixed: bool
+    ) -> None:
         infos = detect_roles(model)
         layers, _ = _layer_list(infos)
         self.base, self.epsilons, self.gammas, self.mixed = base, tuple(epsilons), tuple(gammas), mixed
@@ -156,11 +169,17 @@ class _Space:
         yield [Candidate((a,) * n, c.eps, c.gamma) for a in _ATTENTION if (a,) * n != c.attention]
         yield [replace(c, eps=e) for e in self.epsilons if e != c.eps]
         for g in range(n):
-            yield [replace(c, gamma=c.gamma[:g] + (v,) + c.gamma[g + 1:]) for v in self.gammas if v != c.gamma[g]]
+            yield [
+                replace(c, gamma=c.gamma[:g] + (v,) + c.gamma[g + 1 :])
+                for v in self.gammas
+                if v != c.gamma[g]
+            ]
         if self.mixed and n > 1:
             flip = {"attnlrp": "ah-lrp", "ah-lrp": "attnlrp"}
-            yield [replace(c, attention=c.attention[:g] + (flip[c.attention[g]],) + c.attention[g + 1:])
-                   for g in range(n)]
+            yield [
+                replace(c, attention=c.attention[:g] + (flip[c.attention[g]],) + c.attention[g + 1 :])
+                for g in range(n)
+            ]
 
     def mutate(self, c: Candidate, rng: random.Random) -> Candidate:
         n = len(self.groups)
@@ -169,10 +188,10 @@ class _Space:
         if dim == "eps":
             return replace(c, eps=rng.choice(self.epsilons))
         if dim == "gamma":
-            return replace(c, gamma=c.gamma[:g] + (rng.choice(self.gammas),) + c.gamma[g + 1:])
+            return replace(c, gamma=c.gamma[:g] + (rng.choice(self.gammas),) + c.gamma[g + 1 :])
         if dim == "attention":
             return replace(c, attention=(rng.choice(list(_ATTENTION)),) * n)
-        return replace(c, attention=c.attention[:g] + (rng.choice(list(_ATTENTION)),) + c.attention[g + 1:])
+        return replace(c, attention=c.attention[:g] + (rng.choice(list(_ATTENTION)),) + c.attention[g + 1 :])
 
 
 # ------------------------------------------------------------------------------ result
@@ -223,25 +242,35 @@ class TuneResult:
 
     def report(self) -> str:
         """A short text report: what changed, scores on the tuning and held-out inputs."""
-        lines = [f"tune: {len(self.trials)} trials in {self.seconds:.0f} s; best: {self.description}",
-                 f"{'preset':<24} {'tuning ABPC':>12} {'held-out ABPC':>14}"]
+        lines = [
+            f"tune: {len(self.trials)} trials in {self.seconds:.0f} s; best: {self.description}",
+            f"{'preset':<24} {'tuning ABPC':>12} {'held-out ABPC':>14}",
+        ]
 
         def fmt(v: float | None) -> str:
             return "–" if v is None else f"{v:.4f}"
 
-        lines.append(f"{self.default.name + ' (default)':<24} {fmt(self.default_score):>12} "
-                     f"{fmt(self.default_held_out_score):>14}")
-        lines.append(f"{self.preset.name + ' (tuned)':<24} {fmt(self.score):>12} {fmt(self.held_out_score):>14}")
+        lines.append(
+            f"{self.default.name + ' (default)':<24} {fmt(self.default_score):>12} "
+            f"{fmt(self.default_held_out_score):>14}"
+        )
+        lines.append(
+            f"{self.preset.name + ' (tuned)':<24} {fmt(self.score):>12} {fmt(self.held_out_score):>14}"
+        )
         if self.preset is self.default:
             lines.append("no candidate beat the default preset on the tuning inputs")
         elif self.held_out_score is not None and self.default_held_out_score is not None:
             gain = self.held_out_score - self.default_held_out_score
             verdict = "carries over" if gain > 0 else "does not carry over (overfit to the tuning inputs)"
-            lines.append(f"held-out gain {gain:+.4f} vs tuning gain {self.score - self.default_score:+.4f}: "
-                         f"the improvement {verdict}")
+            lines.append(
+                f"held-out gain {gain:+.4f} vs tuning gain {self.score - self.default_score:+.4f}: "
+                f"the improvement {verdict}"
+            )
         failed = [t for t in self.trials if t.error]
         if failed:
-            lines.append(f"{len(failed)} candidate(s) failed, e.g. {failed[0].description}: {failed[0].error}")
+            lines.append(
+                f"{len(failed)} candidate(s) failed, e.g. {failed[0].description}: {failed[0].error}"
+            )
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -349,14 +378,23 @@ def tune(
                 best = c
     finally:
         bar.close()
-    result = TuneResult(space.preset(best), scores[best], space.base, scores[space.start], trials=trials,
-                        description=best.describe(space.names))
+    result = TuneResult(
+        space.preset(best),
+        scores[best],
+        space.base,
+        scores[space.start],
+        trials=trials,
+        description=best.describe(space.names),
+    )
     if held_out is not None:
         held = _rows(model, held_out, tokenizer)
         held_target = None if isinstance(target, (list, tuple)) else target
         result.default_held_out_score = _mean_abpc(model, held, space.base, held_target, steps)
-        result.held_out_score = (result.default_held_out_score if best == space.start
-                                 else _mean_abpc(model, held, result.preset, held_target, steps))
+        result.held_out_score = (
+            result.default_held_out_score
+            if best == space.start
+            else _mean_abpc(model, held, result.preset, held_target, steps)
+        )
     result.seconds = time.perf_counter() - start_time
     return result
 

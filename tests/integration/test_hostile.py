@@ -48,8 +48,6 @@ def tiny_tokenizer(extra: list[str] = (), vocab_size: int = 96) -> Any:  # type:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
 
 
-
-
 @pytest.fixture(scope="module")
 def tok() -> Any:
     return tiny_tokenizer()
@@ -97,7 +95,9 @@ def test_empty_tensor_and_empty_list(llama: nn.Module) -> None:
 
 def test_text_longer_than_max_positions(llama: nn.Module, tok: Any) -> None:
     text = " ".join(WORDS[i % len(WORDS)] for i in range(70))  # 70 tokens > 64 positions
-    fails(llama, ContextTooLongError, "70 tokens but LlamaForCausalLM accepts at most 64", text, tokenizer=tok)
+    fails(
+        llama, ContextTooLongError, "70 tokens but LlamaForCausalLM accepts at most 64", text, tokenizer=tok
+    )
     fails(llama, ContextTooLongError, "at most 64 positions", torch.randint(2, 90, (1, 65)))
 
 
@@ -111,7 +111,7 @@ def test_mixed_length_batch_equals_single_rows(llama: nn.Module, tok: Any) -> No
         assert tokens == text.split() == single.tokens[0]
         torch.testing.assert_close(rel, single.relevance, rtol=1e-4, atol=1e-5)
         assert batch.targets[r].ids == single.target.ids
-        assert (batch.relevance[r, len(tokens):] == 0).all()
+        assert (batch.relevance[r, len(tokens) :] == 0).all()
 
 
 @pytest.mark.parametrize("text", UNICODE)
@@ -126,8 +126,11 @@ def test_unicode_emoji_and_right_to_left_text(llama: nn.Module, tok: Any, text: 
 # ------------------------------------------------------------------------------------ model state
 @pytest.mark.parametrize("family", ["gpt2", "bert"])
 def test_train_mode_model(family: str) -> None:
-    model = build(family, resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5) if family == "gpt2" else \
-        build(family, hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5)
+    model = (
+        build(family, resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5)
+        if family == "gpt2"
+        else build(family, hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5)
+    )
     ids = IDS if family == "gpt2" else IDS.clamp(max=60)
     reference = explain(model, ids)  # eval mode
     model.train()
@@ -211,7 +214,8 @@ class Scaler(nn.Module):
 
 def test_unsupported_module(llama: nn.Module) -> None:
     llama.model.layers[1].post_attention_layernorm = nn.Sequential(
-        llama.model.layers[1].post_attention_layernorm, Scaler(32))
+        llama.model.layers[1].post_attention_layernorm, Scaler(32)
+    )
     fails(llama, UnsupportedModelError, r"model\.layers\.1\.post_attention_layernorm\.1 \(Scaler", IDS)
     fails(llama, UnsupportedModelError, "strict=False", IDS)
     exp = explain(llama, IDS, strict=False)
@@ -238,16 +242,26 @@ def test_target_out_of_range(llama: nn.Module, tok: Any) -> None:
     fails(llama, TargetError, "token id 96 is out of range: valid ids are 0..95", IDS, target=96)
     fails(llama, TargetError, "token id -1 is out of range", IDS, target=-1)
     fails(llama, TargetError, "position 7 is out of range", IDS, position=7)
-    fails(llama, TargetError, "'zebra' is not in the tokenizer's vocabulary", "the movie", target="zebra",
-          tokenizer=tok)
+    fails(
+        llama,
+        TargetError,
+        "'zebra' is not in the tokenizer's vocabulary",
+        "the movie",
+        target="zebra",
+        tokenizer=tok,
+    )
     classifier = build("llama", head="seqcls")
     fails(classifier, TargetError, "class 3 is out of range: the model has 3 classes", IDS, target=3)
     fails(classifier, TargetError, "unknown target label 'happy'", IDS, target="happy")
 
 
 def test_token_ids_beyond_the_vocabulary(llama: nn.Module) -> None:
-    fails(llama, TokenizerMismatchError, "token id 500 is outside LlamaForCausalLM's vocabulary of 96: the "
-          "tokenizer does not match the model", torch.tensor([[3, 500, 4]]))
+    fails(
+        llama,
+        TokenizerMismatchError,
+        "token id 500 is outside LlamaForCausalLM's vocabulary of 96: the tokenizer does not match the model",
+        torch.tensor([[3, 500, 4]]),
+    )
 
 
 def test_tokenizer_that_does_not_match_the_model(llama: nn.Module) -> None:
@@ -261,7 +275,9 @@ def test_wrong_input_dtypes(llama: nn.Module) -> None:
     fails(llama, InputError, "takes integer token ids, got a torch.float32 tensor", IDS.float())
     fails(llama, InputError, "takes integer token ids", torch.randn(1, 7, 32))
     vit = tiny_vit()
-    fails(vit, InputError, "takes float inputs, got an integer tensor", torch.ones(1, 1, 8, 8, dtype=torch.long))
+    fails(
+        vit, InputError, "takes float inputs, got an integer tensor", torch.ones(1, 1, 8, 8, dtype=torch.long)
+    )
     fails(llama, InputError, "text input needs tokenizer=", "the movie")
     fails(llama, InputError, "got dict_keys|needs 'input_ids' or 'pixel_values'", {"ids": IDS})
 

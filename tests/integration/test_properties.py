@@ -21,14 +21,14 @@ FAMILIES = ["llama", "gpt2", "qwen2", "gemma2", "opt", "bert"]
 LAYER_KEY = {"gpt2": "n_layer"}
 
 
-
-
 @st.composite
 def cases(draw: Any) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """A tiny random model (family, 1-2 layers, seed) and a right-padded batch of 1-2 rows of 2-8 tokens."""
     family = draw(st.sampled_from(FAMILIES))
     layers = draw(st.integers(1, 2))
-    model = build(family, seed=draw(st.integers(0, 2**16)), **{LAYER_KEY.get(family, "num_hidden_layers"): layers})
+    model = build(
+        family, seed=draw(st.integers(0, 2**16)), **{LAYER_KEY.get(family, "num_hidden_layers"): layers}
+    )
     seq = draw(st.integers(2, 8))
     lengths = draw(st.lists(st.integers(2, seq), min_size=1, max_size=2))
     lengths[0] = seq
@@ -46,7 +46,9 @@ def state(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torc
 
 @settings(max_examples=15, deadline=None)
 @given(cases(), st.sampled_from(["attnlrp", "ah-lrp", "gradient"]))
-def test_model_restored_and_relevance_finite(case: tuple[nn.Module, torch.Tensor, torch.Tensor], rules: str) -> None:
+def test_model_restored_and_relevance_finite(
+    case: tuple[nn.Module, torch.Tensor, torch.Tensor], rules: str
+) -> None:
     model, ids, mask = case
     logits, flags = state(model, ids, mask)
     exp = explain(model, ids, attention_mask=mask, rules=rules)

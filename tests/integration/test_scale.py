@@ -80,8 +80,10 @@ def test_bfloat16_end_to_end(family: str, checkpointing: bool) -> None:
     assert next(model.parameters()).dtype == torch.bfloat16
 
 
-CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
-           "to allocate 4718592 bytes. Error code 12 (Cannot allocate memory)")
+CPU_OOM = (
+    "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+    "to allocate 4718592 bytes. Error code 12 (Cannot allocate memory)"
+)
 
 
 @pytest.mark.parametrize("error", [RuntimeError(CPU_OOM), torch.OutOfMemoryError("CUDA out of memory.")])

@@ -24,8 +24,6 @@ IDS = torch.tensor([[5, 9, 14, 3, 22, 41, 7, 8], [11, 12, 13, 17, 2, 0, 0, 0]])
 MASK = (IDS != 0).long()
 
 
-
-
 def lrp(model: nn.Module, rules: str) -> Callable[[], torch.Tensor]:
     return lambda: explain(model, IDS, attention_mask=MASK, rules=rules).relevance
 
@@ -66,7 +64,9 @@ def run_concurrently(jobs: dict[str, Callable[[], torch.Tensor]]) -> dict[str, l
     assert not any(t.is_alive() for t in threads), "a thread hung"
     if errors:
         raise errors[0]
-    assert max(a for a, _ in spans.values()) < min(b for _, b in spans.values()), "the threads did not overlap"
+    assert max(a for a, _ in spans.values()) < min(b for _, b in spans.values()), (
+        "the threads did not overlap"
+    )
     return results
 
 
@@ -79,8 +79,11 @@ def test_threads_do_not_interfere(pair: str) -> None:
         torch.manual_seed(1)
         second = type(first)(first.config).eval()
     bystander = build("qwen2", seed=2)
-    jobs = {"attnlrp": lrp(first, "attnlrp"), "ah-lrp": lrp(second, "ah-lrp"),
-            "plain": plain_gradient_x_input(bystander)}
+    jobs = {
+        "attnlrp": lrp(first, "attnlrp"),
+        "ah-lrp": lrp(second, "ah-lrp"),
+        "plain": plain_gradient_x_input(bystander),
+    }
     expected = {name: job() for name, job in jobs.items()}  # single-threaded
     results = run_concurrently(jobs)
     for name, values in results.items():

@@ -83,6 +83,7 @@ def _frozen_final_norm(model: torch.nn.Module):
 
 def _logit_with(model, ids, module, zero: slice, target: int) -> float:
     """Plain forward with the frozen final norm and ``module``'s input features ``zero`` set to 0."""
+
     def pre(mod, args):
         x = args[0].clone()
         x[..., zero] = 0.0
@@ -138,8 +139,10 @@ def test_neurons_sum_to_mlp_relevance(family: str, llama, bert) -> None:
     with lxt_plus.patched(model, "conservative-check"), torch.enable_grad():
         emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
         out = model(inputs_embeds=emb, attention_mask=mask).logits
-        value = sum(out[r, t.position, t.ids[0]] if family == "llama" else out[r, t.ids[0]]
-                    for r, t in enumerate(exp.targets))
+        value = sum(
+            out[r, t.position, t.ids[0]] if family == "llama" else out[r, t.ids[0]]
+            for r, t in enumerate(exp.targets)
+        )
         grads = torch.autograd.grad(value, outs)
     for h in hooks:
         h.remove()
@@ -148,8 +151,9 @@ def test_neurons_sum_to_mlp_relevance(family: str, llama, bert) -> None:
 
 
 @pytest.mark.parametrize("rules", ["attnlrp", "ah-lrp"])
-@pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("llama", "eager"), ("bert", "sdpa"),
-                                         ("bert", "eager")])
+@pytest.mark.parametrize(
+    "family,attn", [("llama", "sdpa"), ("llama", "eager"), ("bert", "sdpa"), ("bert", "eager")]
+)
 def test_pattern_rows_sum_to_head_relevance(family: str, attn: str, rules: str) -> None:
     model = _model(family, attn_implementation=attn)
     ids, mask = _inputs()
@@ -181,7 +185,9 @@ def test_helpers_and_batch_rows(llama) -> None:
     assert len(top) == 5 and all(0 <= layer < 2 and 0 <= n < 64 for layer, n, _ in top)
     assert [r for *_, r in top] == sorted((r for *_, r in top), reverse=True)
     assert top[0][2] == pytest.approx(float(exp.captures["neurons"][0].max()))
-    assert cap.top_neurons(exp, k=1, by="negative")[0][2] == pytest.approx(float(exp.captures["neurons"][0].min()))
+    assert cap.top_neurons(exp, k=1, by="negative")[0][2] == pytest.approx(
+        float(exp.captures["neurons"][0].min())
+    )
     parts = cap.layer_contributions(exp, row=1)
     assert parts["attention"].shape == parts["mlp"].shape == (2,)
     row = exp[1]
@@ -196,8 +202,9 @@ def test_other_families_and_errors() -> None:
         c = lxt_plus.explain(_model(family), _inputs(rows=1)[0], rules="conservative-check", capture=ALL)
         _rel_close(c.captures["layers"][0].sum(-1), c.target_logit.expand(3))
     vit = families.tiny_vit().double()
-    exp = lxt_plus.explain(vit, torch.randn(1, 1, 8, 8, dtype=torch.float64), rules="conservative-check",
-                           capture=ALL)
+    exp = lxt_plus.explain(
+        vit, torch.randn(1, 1, 8, 8, dtype=torch.float64), rules="conservative-check", capture=ALL
+    )
     assert exp.captures["layers"].shape == (1, 3, 17)
     _rel_close(exp.captures["layers"][0].sum(-1), exp.target_logit.expand(3))
     with pytest.raises(InputError, match="no dense MLP"):
@@ -216,8 +223,12 @@ def test_plots(llama) -> None:
     from lxt_plus.render import latent
 
     exp = lxt_plus.explain(llama, _inputs(rows=1)[0], capture=ALL)
-    for fig in (latent.plot_layers(exp), latent.plot_heads(exp), latent.plot_head_pattern(exp, -1, 0),
-                latent.plot_neurons(exp, k=5)):
+    for fig in (
+        latent.plot_layers(exp),
+        latent.plot_heads(exp),
+        latent.plot_head_pattern(exp, -1, 0),
+        latent.plot_neurons(exp, k=5),
+    ):
         assert isinstance(fig, Figure) and fig.axes
     with pytest.raises(InputError, match="no patterns"):
         latent.plot_head_pattern(lxt_plus.explain(llama, _inputs(rows=1)[0], capture="layers"), 0, 0)

@@ -25,8 +25,10 @@ from lxt_plus.dataset import explain_dataset, read_results  # noqa: E402
 from lxt_plus.errors import InputError  # noqa: E402
 from lxt_plus.patching import is_patched  # noqa: E402
 
-WORDS = ("the a movie film was is good bad great boring plot actor scene story love hate fun dull "
-         "and but not very really quite funny sad long short music end").split()
+WORDS = (
+    "the a movie film was is good bad great boring plot actor scene story love hate fun dull "
+    "and but not very really quite funny sad long short music end"
+).split()
 
 
 def tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 96) -> Any:
@@ -88,15 +90,29 @@ def test_csv_meta_target_callable_and_max_rows(setup: tuple[Any, Any], tmp_path:
         w.writerows([t, i % 2] for i, t in enumerate(texts(12)))
     out = tmp_path / "out.jsonl"
     target = lambda text, meta: " good" if meta["label"] == "1" else " bad"  # noqa: E731
-    assert explain_dataset(model, src, out, tokenizer=tok, column="review", target=target, max_rows=10,
-                           batch_size=4, progress=False) == 10
+    assert (
+        explain_dataset(
+            model,
+            src,
+            out,
+            tokenizer=tok,
+            column="review",
+            target=target,
+            max_rows=10,
+            batch_size=4,
+            progress=False,
+        )
+        == 10
+    )
     records = read_results(out)
     assert [r["meta"] for r in records] == [{"label": str(i % 2)} for i in range(10)]
     assert [r["target"]["label"] for r in records] == [" good" if i % 2 else " bad" for i in range(10)]
     with pytest.raises(InputError, match="no column 'text'"):
         explain_dataset(model, src, out, tokenizer=tok, progress=False)
     with pytest.raises(InputError, match="one target for every row or a callable"):
-        explain_dataset(model, src, out, tokenizer=tok, column="review", target=[" good"] * 12, progress=False)
+        explain_dataset(
+            model, src, out, tokenizer=tok, column="review", target=[" good"] * 12, progress=False
+        )
     with pytest.raises(InputError, match="is not a file"):
         explain_dataset(model, str(tmp_path / "missing.csv"), out, tokenizer=tok, progress=False)
 
@@ -113,7 +129,9 @@ def test_kill_and_resume(setup: tuple[Any, Any], tmp_path: Path) -> None:
     assert explain_dataset(model, rows, killed, tokenizer=tok, progress=False) == 30
     assert indices(killed) == list(range(50))
     for rec in read_results(killed):
-        torch.testing.assert_close(torch.tensor(rec["relevance"]), torch.tensor(reference[rec["index"]]["relevance"]))
+        torch.testing.assert_close(
+            torch.tensor(rec["relevance"]), torch.tensor(reference[rec["index"]]["relevance"])
+        )
     assert explain_dataset(model, rows, killed, tokenizer=tok, progress=False) == 0  # nothing left
     assert explain_dataset(model, rows, killed, tokenizer=tok, resume=False, progress=False) == 50
     assert indices(killed) == list(range(50))
@@ -166,9 +184,25 @@ def test_two_processes_merge_every_row_once(setup: tuple[Any, Any], tmp_path: Pa
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # `--cpu` alone starts one process unless MPI is installed; --multi_gpu spawns them like torchrun
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(port), str(script), str(folder), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        str(script),
+        str(folder),
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -179,8 +213,9 @@ def test_two_processes_merge_every_row_once(setup: tuple[Any, Any], tmp_path: Pa
     explain_dataset(model, rows, reference, tokenizer=tok, progress=False)
     for a, b in zip(read_results(out), read_results(reference), strict=True):
         assert a["tokens"] == b["tokens"]
-        torch.testing.assert_close(torch.tensor(a["relevance"]), torch.tensor(b["relevance"]),
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            torch.tensor(a["relevance"]), torch.tensor(b["relevance"]), rtol=1e-4, atol=1e-5
+        )
 
 
 def reviews_csv() -> Path:

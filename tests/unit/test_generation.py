@@ -38,7 +38,7 @@ def test_causality(model: torch.nn.Module) -> None:
     gen = lxt_plus.explain_generation(model, None, PROMPT, 6)
     n_g, width = gen.matrix.shape
     for t in range(n_g):
-        assert torch.all(gen.matrix[t, gen.prompt_length + t:] == 0)
+        assert torch.all(gen.matrix[t, gen.prompt_length + t :] == 0)
         assert gen.matrix[t, : gen.prompt_length].abs().sum() > 0
     assert torch.all(gen.matrix[:, -1] == 0)
 
@@ -46,8 +46,13 @@ def test_causality(model: torch.nn.Module) -> None:
 def test_greedy_generation_matches_generate(model: torch.nn.Module) -> None:
     gen = lxt_plus.explain_generation(model, None, PROMPT, 6)
     with torch.no_grad():
-        out = model.generate(PROMPT[None], attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
-                             max_new_tokens=6, do_sample=False, pad_token_id=0)
+        out = model.generate(
+            PROMPT[None],
+            attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=0,
+        )
     assert gen.token_ids.tolist() == out[0].tolist()
     assert all(p.requires_grad for p in model.parameters())  # frozen only while explaining
 
@@ -58,7 +63,7 @@ def test_stops_at_eos() -> None:
     eos = int(first.token_ids[len(PROMPT) + 1])  # make the second generated token the end of sequence
     model.generation_config.eos_token_id = eos
     gen = lxt_plus.explain_generation(model, None, PROMPT, 8)
-    assert gen.token_ids[len(PROMPT):].tolist() == first.token_ids[len(PROMPT): len(PROMPT) + 2].tolist()
+    assert gen.token_ids[len(PROMPT) :].tolist() == first.token_ids[len(PROMPT) : len(PROMPT) + 2].tolist()
 
 
 def test_continuation_and_batched_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -69,15 +74,25 @@ def test_continuation_and_batched_chunks(monkeypatch: pytest.MonkeyPatch) -> Non
     import lxt_plus.generation as generation
 
     monkeypatch.setattr(generation, "_MAX_CHUNK", 2)  # chunks of 2, 2, 1 targets
-    torch.testing.assert_close(lxt_plus.explain_generation(model, None, PROMPT, continuation=cont.tolist()).matrix,
-                               full.matrix, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        lxt_plus.explain_generation(model, None, PROMPT, continuation=cont.tolist()).matrix,
+        full.matrix,
+        rtol=1e-6,
+        atol=1e-7,
+    )
     monkeypatch.setattr(generation, "_MAX_CHUNK", 1)  # one backward pass per target
-    torch.testing.assert_close(lxt_plus.explain_generation(model, None, PROMPT, continuation=cont).matrix,
-                               full.matrix, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        lxt_plus.explain_generation(model, None, PROMPT, continuation=cont).matrix,
+        full.matrix,
+        rtol=1e-6,
+        atol=1e-7,
+    )
 
 
 def test_text_prompt_with_tokenizer() -> None:
-    gen = lxt_plus.explain_generation(build("llama"), tiny_tokenizer(), "the dog is", continuation="a good film")
+    gen = lxt_plus.explain_generation(
+        build("llama"), tiny_tokenizer(), "the dog is", continuation="a good film"
+    )
     assert gen.prompt_tokens == ["the", "dog", "is"] and gen.generated_tokens == ["a", "good", "film"]
     assert gen.matrix.shape == (3, 6)
 

@@ -56,10 +56,12 @@ def test_presets_and_aliases() -> None:
 
 def test_overrides_win_first_match() -> None:
     model = F.build("llama")
-    preset = (get_preset("attnlrp")
-              .override("linear", Epsilon(eps=1e-6))
-              .override("name:model.layers.0.*", Gamma(gamma=0.5))
-              .override("type:LlamaAttention", AHLRP()))
+    preset = (
+        get_preset("attnlrp")
+        .override("linear", Epsilon(eps=1e-6))
+        .override("name:model.layers.0.*", Gamma(gamma=0.5))
+        .override("type:LlamaAttention", AHLRP())
+    )
     plan = build_plan(model, preset)
     by_path = {e.path: e.rule for e in plan.entries}
     assert by_path["model.layers.0.mlp.up_proj"] == Gamma(gamma=0.5)
@@ -73,7 +75,9 @@ def test_overrides_change_relevance() -> None:
     model = F.build("llama")
     ids = torch.randint(3, 90, (6,), generator=torch.Generator().manual_seed(0))
     base = lxt_plus.explain(model, ids, rules="attnlrp").relevance
-    eps = lxt_plus.explain(model, ids, rules=get_preset("attnlrp").override("linear", Epsilon(eps=0.5))).relevance
+    eps = lxt_plus.explain(
+        model, ids, rules=get_preset("attnlrp").override("linear", Epsilon(eps=0.5))
+    ).relevance
     assert not torch.allclose(base, eps)
 
 
@@ -104,4 +108,7 @@ def test_preset_yaml_round_trip(tmp_path: Path) -> None:
     bad.write_text("rules: [unclosed\n")
     with pytest.raises(ConfigError, match="malformed YAML"):
         lxt_plus.load_preset(bad)
-    assert Preset.from_dict({"base": "ah-lrp", "rules": {"linear": "identity"}}).rules[0] == ("linear", Identity())
+    assert Preset.from_dict({"base": "ah-lrp", "rules": {"linear": "identity"}}).rules[0] == (
+        "linear",
+        Identity(),
+    )

@@ -320,10 +320,17 @@ def test_hide_special_tokens() -> None:
 def test_conservation_explains_what_is_absorbed() -> None:
     exp = make_exp()  # relevance sum 0.3 of a logit 1.0 under attnlrp
     cons = exp.conservation
-    assert isinstance(cons, dict) and set(cons) == {"relevance_sum", "position_relevance", "target_logit", "absorbed"}
+    assert isinstance(cons, dict) and set(cons) == {
+        "relevance_sum",
+        "position_relevance",
+        "target_logit",
+        "absorbed",
+    }
     assert float(cons["absorbed"]) == pytest.approx(0.7)
     text = repr(cons)
-    assert text.startswith("Conservation(relevance_sum=0.3, position_relevance=None, target_logit=1, absorbed=0.7)")
+    assert text.startswith(
+        "Conservation(relevance_sum=0.3, position_relevance=None, target_logit=1, absorbed=0.7)"
+    )
     assert "not a leak" in text and "softmax's bias term" in text and "conservative-check" in text
     assert "0.7 absorbed by biases and the softmax, not a leak" in repr(exp)
     html = explanation_html(exp)
@@ -331,4 +338,6 @@ def test_conservation_explains_what_is_absorbed() -> None:
     assert "conservative-check preset (biases zeroed) conserves exactly" in html
     exact = make_exp()
     exact.rules = "conservative-check"
-    assert "float error" in repr(exact.conservation) and "conserved up to float error" in explanation_html(exact)
+    assert "float error" in repr(exact.conservation) and "conserved up to float error" in explanation_html(
+        exact
+    )

@@ -161,7 +161,9 @@ def test_gamma_rule_on_linear(gamma: float) -> None:
     x = torch.randn(3, 5, dtype=DTYPE)
     g = torch.randn(3, 4, dtype=DTYPE)
 
-    rule = Gamma(gamma=gamma, generalized=False)  # the original rule; the generalised one: test_linear_rules_reference.py
+    rule = Gamma(
+        gamma=gamma, generalized=False
+    )  # the original rule; the generalised one: test_linear_rules_reference.py
     r_lib, y = library_relevance(model, only("linear", rule), x, g)
 
     torch.testing.assert_close(y, layer(x).detach(), rtol=0, atol=0)  # forward value unchanged
@@ -177,7 +179,9 @@ def test_gamma_rule_on_conv2d() -> None:
     x = torch.randn(1, 2, 4, 4, dtype=DTYPE)
     g = torch.randn(1, 3, 4, 4, dtype=DTYPE)
 
-    rule = Gamma(gamma=gamma, generalized=False)  # the original rule; the generalised one: test_linear_rules_reference.py
+    rule = Gamma(
+        gamma=gamma, generalized=False
+    )  # the original rule; the generalised one: test_linear_rules_reference.py
     r_lib, y = library_relevance(model, only("conv", rule), x, g)
 
     torch.testing.assert_close(y, conv(x).detach(), rtol=0, atol=0)
@@ -185,8 +189,11 @@ def test_gamma_rule_on_conv2d() -> None:
 
 
 # --------------------------------------------------------------------------- identity rule
-@pytest.mark.parametrize("act", [nn.GELU(), nn.SiLU(), nn.Tanh(), nn.ReLU(), ACT2FN["silu"]],
-                         ids=["gelu", "silu", "tanh", "relu", "hf-silu"])
+@pytest.mark.parametrize(
+    "act",
+    [nn.GELU(), nn.SiLU(), nn.Tanh(), nn.ReLU(), ACT2FN["silu"]],
+    ids=["gelu", "silu", "tanh", "relu", "hf-silu"],
+)
 def test_identity_rule_on_activation_modules(act: nn.Module) -> None:
     """Identity rule (Achtibat et al. 2024, Sec. 3.3.2): ``R(x_i) = R(y_i)`` element-wise.
 
@@ -400,12 +407,20 @@ def test_uniform_rule_on_gated_product() -> None:
     torch.testing.assert_close(r_lib.sum(-1), (y * g).sum(-1), **TIGHT)  # conserved end to end
 
 
-@pytest.mark.parametrize(("shape_a", "shape_b", "dtype_a", "dtype_b"), [
-    ((3, 4), (3, 4), torch.float64, torch.float64),
-    ((3, 1), (3, 4), torch.float64, torch.float64),  # MoE: a router weight per token times an expert output
-    ((4,), (2, 3, 4), torch.float32, torch.float32),
-    ((3, 1), (3, 4), torch.float32, torch.bfloat16),  # float32 router weights, bf16 experts
-])
+@pytest.mark.parametrize(
+    ("shape_a", "shape_b", "dtype_a", "dtype_b"),
+    [
+        ((3, 4), (3, 4), torch.float64, torch.float64),
+        (
+            (3, 1),
+            (3, 4),
+            torch.float64,
+            torch.float64,
+        ),  # MoE: a router weight per token times an expert output
+        ((4,), (2, 3, 4), torch.float32, torch.float32),
+        ((3, 1), (3, 4), torch.float32, torch.bfloat16),  # float32 router weights, bf16 experts
+    ],
+)
 def test_uniform_product_is_half_the_product_rule(shape_a, shape_b, dtype_a, dtype_b) -> None:  # type: ignore[no-untyped-def]
     """Each factor gets half of what the product rule gives it, reduced over broadcast dimensions
     and in its own dtype, and the forward value is the plain product bit for bit."""

@@ -77,8 +77,11 @@ def test_selectors_on_an_encoder():
     cand = Candidate(("ah-lrp", "ah-lrp", "attnlrp"), 0.0, (0.1, 0.0, 0.0))
     rules = {e.path: e.rule for e in build_plan(model, space.preset(cand)).entries}
     gamma = {p for p, r in rules.items() if isinstance(r, Gamma)}
-    assert gamma == {p for p, r in rules.items() if p.startswith("bert.encoder.layer.0.")
-                     and isinstance(r, Gamma | Epsilon)}
+    assert gamma == {
+        p
+        for p, r in rules.items()
+        if p.startswith("bert.encoder.layer.0.") and isinstance(r, Gamma | Epsilon)
+    }
     assert len(gamma) == 6  # query, key, value, attention output, intermediate, output
     assert rules["bert.encoder.layer.2.attention.self"] == AttnLRP()
     assert rules["bert.encoder.layer.1.attention.self"] == AHLRP()
