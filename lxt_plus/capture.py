@@ -197,10 +197,10 @@ def _block_parts(model: nn.Module, block: nn.Module, attention: nn.Module | None
                 m
                 for name in _OUT_NAMES
                 for last, m in reversed(named)
-                if last == name and _features(m)[0] % n_heads == 0
+                if last == name and _features(m)[0] % n_heads == 0  # type: ignore[index]
             ),
             None,
-        )  # type: ignore[index]
+        )
         if out_proj is None:  # BERT / ViT: the projection sits in a sibling ``output`` module
             parent = next((m for m in block.modules() if any(c is attention for c in m.children())), None)
             if parent is not None:
@@ -211,7 +211,7 @@ def _block_parts(model: nn.Module, block: nn.Module, attention: nn.Module | None
                         if id(m) not in inside
                         and _features(m)
                         and "output" in p.split(".")
-                        and _features(m)[0] % n_heads == 0
+                        and _features(m)[0] % n_heads == 0  # type: ignore[index]
                     ),
                     None,
                 )  # type: ignore[index]
