@@ -302,6 +302,7 @@ class _ModifiedLinear(torch.autograd.Function):
         ctx.lin, ctx.terms, ctx.eps, ctx.bounds = lin, terms, eps, bounds
         ctx.record, ctx.leaf_shape = None, None
         constant_inputs = not callable(terms) and any(t.inputs not in _PROPORTIONAL for t in terms)
+        ctx.constant_inputs = constant_inputs
         store = _EXACT_INPUT.get()
         if constant_inputs and store is not None:
             leaf = _leaf_behind(x)
@@ -342,7 +343,7 @@ class _ModifiedLinear(torch.autograd.Function):
         for t, o in zip(terms, outs, strict=True):
             denom[t.group] = denom[t.group] + t.sign * o if t.group in denom else t.sign * o
         r_in = grad_x = None
-        exact = all(t.inputs in _PROPORTIONAL for t in terms)
+        exact = not ctx.constant_inputs
         for t, xi, w in zip(terms, ins, weights, strict=True):
             g_out = r_out / zennit_stabilize(denom[t.group], eps)
             if t.mask is not None:
