@@ -22,6 +22,7 @@ from .errors import (
 )
 from .functional import acc, input_relevance
 from .patching import _PATCHED, Handle, patch
+from .pipelines import explain_pipeline, is_pipeline
 from .plan import Preset, get_preset
 from .result import Explanation, Target
 
@@ -439,13 +440,17 @@ def explain(
     strict: bool = True,
     checkpointing: bool = False,
     strict_target: bool = False,
+    pipeline_kwargs: dict[str, Any] | None = None,
 ) -> Explanation:
     """Explain a prediction with LRP in one forward and one backward pass.
 
     Parameters
     ----------
     model:
-        A HF causal LM, sequence or image classifier, or a plain ``torch.nn.Module``.
+        A HF causal LM, sequence or image classifier, or a plain ``torch.nn.Module``. Or a
+        ``text-classification``, ``text-generation``, ``fill-mask`` or ``image-classification``
+        pipeline: its answer (the label it prints, the token it generates, the token that fills the
+        mask) is explained on the inputs it prepares itself, and the pipeline is left unchanged.
     inputs:
         Text or a list of texts (with ``tokenizer``), ``input_ids`` ``(seq,)``/``(batch, seq)``, a
         tokenizer output, ``pixel_values`` ``(batch, C, H, W)``, or features ``(batch, n)``.
@@ -479,12 +484,35 @@ def explain(
         A token target string that splits into several tokens, lacks the leading space of its
         one-token form, or looks like a class label raises :class:`~lxt_plus.errors.TargetError`
         instead of a :class:`~lxt_plus.errors.TargetWarning`.
+    pipeline_kwargs:
+        With a pipeline as ``model``: keyword arguments of the pipeline call
+        (``{"max_new_tokens": 4}``, ``{"top_k": 3}``, ...).
 
     Returns
     -------
     Explanation
         ``relevance`` is ``(seq,)`` for one sequence or ``(batch, seq)`` for a batch.
     """
+    if is_pipeline(model):
+        if tokenizer is not None or attention_mask is not None or chat:
+            raise InputError(
+                "a pipeline tokenises its inputs itself: drop tokenizer=, attention_mask= and chat="
+            )
+        return explain_pipeline(
+            model,
+            inputs,
+            target,
+            pipeline_kwargs,
+            rules=rules,
+            contrast=contrast,
+            position=position,
+            capture=capture,
+            strict=strict,
+            checkpointing=checkpointing,
+            strict_target=strict_target,
+        )
+    if pipeline_kwargs is not None:
+        raise InputError("pipeline_kwargs= is for a pipeline passed as the model")
     kind = model_kind(model)
     function = _target_function(target, contrast)
     batch = _prepare(model, inputs, tokenizer, attention_mask, kind, chat)
