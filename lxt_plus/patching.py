@@ -23,11 +23,12 @@ import torch
 from torch import nn
 
 from .attention import AttentionSpec, probs_match, qkv_rule, rule_attention
-from .detect import input_device, is_hf_model, owning_pretrained
+from .detect import input_device, is_hf_model
 from .errors import AlreadyPatchedError, InputError, NotPatchedError, UnsupportedModelError
+from .install import ATTENTION_RULES, Site
 from .modes import ElementwiseIdentityMode, SDPARuleMode
 from .plan import Plan, PlanEntry, Preset, build_plan, get_preset
-from .rules import HeadIdentity, _AttentionRule
+from .rules import AttentionRule
 
 __all__ = ["Handle", "patch", "patched", "is_patched", "ATTENTION_KEYS"]
 
@@ -36,9 +37,6 @@ _ORIGINAL_OF_KEY = {v: k for k, v in ATTENTION_KEYS.items()}
 
 _LOCK = threading.RLock()
 _PATCHED: weakref.WeakKeyDictionary[nn.Module, Handle] = weakref.WeakKeyDictionary()
-_ATTN_RULES: weakref.WeakKeyDictionary[nn.Module, tuple[_AttentionRule, dict[str, int]]] = (
-    weakref.WeakKeyDictionary()
-)
 _CONFIG_USERS: dict[int, list[Any]] = {}  # id(config) -> [config, original value, users]
 _EAGER_CACHE: dict[type, Callable[..., Any]] = {}
 # model -> {preset: (structure signature, plan, paths routed to inline ops)}: validate once, reuse
@@ -80,7 +78,7 @@ def _original_attention(module: nn.Module, original: str) -> Callable[..., Any]:
 def _make_attention(original: str) -> Callable[..., Any]:
     def lxt_plus_attention(module, query, key, value, attention_mask, *args, **kwargs):  # type: ignore[no-untyped-def]
         fn = _original_attention(module, original)
-        found = _ATTN_RULES.get(module)
+        found = ATTENTION_RULES.get(module)
         if found is None:
             return fn(module, query, key, value, attention_mask, *args, **kwargs)
         rule, stats = found
@@ -119,7 +117,7 @@ def _eager_with_rule(
     value: torch.Tensor,
     mask: Any,
     kwargs: dict[str, Any],
-    rule: _AttentionRule,
+    rule: AttentionRule,
 ) -> Any:
     """The family's eager attention without gradient, then the rule's own backward pass.
 
@@ -261,7 +259,11 @@ class Handle:
             if _PATCHED.get(self.model) is self:
                 del _PATCHED[self.model]
             if errors:
-                raise errors[0]
+                raise ExceptionGroup(
+                    f"{len(errors)} undo step(s) failed while removing the patch of "
+                    f"{type(self.model).__name__}; every other step was undone",
+                    errors,
+                )
 
     def __enter__(self) -> Handle:
         return self
@@ -277,32 +279,6 @@ class Handle:
 
 def is_patched(model: nn.Module) -> bool:
     return model in _PATCHED
-
-
-def _wrap_forward(
-    module: nn.Module,
-    make: Callable[[Callable[..., Any]], Callable[..., Any] | None],
-    undo: list[Callable[[], None]],
-) -> bool:
-    # accelerate's hooks call ``_old_forward`` between loading and offloading the weights: rules
-    # that read parameters must run there
-    attr = "_old_forward" if hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__ else "forward"
-    had = attr in module.__dict__
-    previous = module.__dict__.get(attr)
-    new = make(getattr(module, attr))
-    if new is None:
-        return False
-    new.__lxt_plus__ = True  # type: ignore[attr-defined]
-    setattr(module, attr, new)
-
-    def restore() -> None:
-        if had:
-            setattr(module, attr, previous)
-        else:
-            delattr(module, attr)
-
-    undo.append(restore)
-    return True
 
 
 # parameters added to activations: biases, and the learned tokens / positions that ViT-like
@@ -355,26 +331,11 @@ def _apply_entry(
     undo: list[Callable[[], None]],
     force_ops: bool = False,
 ) -> None:
-    module = named[entry.path]
-    rule = entry.rule
-    if entry.role == "attention" and isinstance(rule, _AttentionRule):
-        owner = owning_pretrained(model, entry.path)
-        if not force_ops and owner is not None and cast(Any, type(owner))._can_set_attn_implementation():
-            entry.route = "registry"
-            _ATTN_RULES[module] = (rule, stats)
-
-            def forget() -> None:
-                _ATTN_RULES.pop(module, None)
-
-            undo.append(forget)
-            return
-        entry.route = "ops"
-    if _wrap_forward(module, lambda fwd: rule.wrap(module, fwd, stats), undo):
-        entry.route = "ops" if entry.route == "ops" else "forward"
-    if isinstance(rule, HeadIdentity):
-        backbone = getattr(model, "base_model", None)
-        if isinstance(backbone, nn.Module) and backbone is not model:
-            _wrap_forward(backbone, HeadIdentity.wrap_backbone, undo)
+    site = Site(model, entry.path, named[entry.path], entry.role, stats, force_ops)
+    installed = entry.rule.install(site)
+    undo.extend(installed.undo)
+    if not installed.noop:
+        entry.route = installed.route
 
 
 def patch(
@@ -488,7 +449,7 @@ def _verify(
     for e in plan.entries:
         if e.route == "registry" and not stats[e.path].get("attention_hits"):
             # the class does not dispatch through the registry after all: rule its inline ops
-            _ATTN_RULES.pop(named[e.path], None)
+            ATTENTION_RULES.pop(named[e.path], None)
             _apply_entry(model, e, stats[e.path], named, handle._undo, force_ops=True)
             rerouted = True
     if rerouted:

@@ -341,11 +341,9 @@ def build_plan(model: nn.Module, preset: Preset, strict: bool = True) -> Plan:
                 continue
             rule = Pass()
             info.note = "passed through (strict=False)"
-        if isinstance(rule, Pass) and info.role == "container":
+        if rule.is_noop() and info.role == "container":
             continue
-        route = (
-            "none" if isinstance(rule, Pass) or (isinstance(rule, Epsilon) and rule.eps == 0) else "forward"
-        )
+        route = "none" if rule.is_noop() else "forward"
         plan.entries.append(PlanEntry(info.path, info.type_name, info.role, rule, route))
     if missing:
         listing = "; ".join(f"{m.path or '<model>'} ({m.type_name}, role {m.role})" for m in missing[:12])

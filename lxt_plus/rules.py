@@ -1,8 +1,9 @@
 """Rules: small declarative objects with parameters and a readable ``repr``.
 
-A rule says how relevance passes one module. How it is installed (instance ``forward`` wrappers,
-torch-function modes, the attention registry) lives in :mod:`lxt_plus.patching`; a rule only
-builds the replacement forward from the original one.
+A rule says how relevance passes one module, and installs itself: :meth:`Rule.install` returns
+the route it took and its own undo steps (see :mod:`lxt_plus.install`). Most rules only build a
+replacement forward from the original one (:meth:`Rule.wrap`); :mod:`lxt_plus.patching` applies a
+whole plan and never looks at a rule's concrete type.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .detect import owning_pretrained
 from .errors import ConfigError, UnsupportedModelError
 from .functional import LinearMap, Term, epsilon_rule, generalized_gamma_grad, identity_rule, modified_linear
+from .install import ATTENTION_RULES, Installed, Site, wrap_forward
 from .modes import AttentionOpsMode, ElementwiseIdentityMode, NormMode, ProductMode
 
 __all__ = [
     "Rule",
+    "AttentionRule",
     "Pass",
     "Epsilon",
     "Gamma",
@@ -51,13 +55,32 @@ Forward = Callable[..., Any]
 
 @dataclass(frozen=True)
 class Rule:
-    """Base class. ``wrap(module, forward)`` returns the patched forward, or ``None`` for no change."""
+    """Base class of every rule.
+
+    A subclass overrides :meth:`wrap` (the usual case: a replacement forward) or :meth:`install`
+    (a rule that needs another route), and :meth:`is_noop` if some parameters change nothing.
+    Registered with :func:`register_rule`, it is usable by name in Python, YAML and the CLI.
+    """
 
     name: ClassVar[str] = "rule"
     paper: ClassVar[str] = ""
 
     def wrap(self, module: nn.Module, forward: Forward, probe: dict[str, int]) -> Forward | None:
+        """The module's new forward, built from its current ``forward``; ``None`` for no change.
+
+        ``probe`` holds the counters of :class:`~lxt_plus.install.Site` ``.stats``.
+        """
         return None
+
+    def is_noop(self) -> bool:
+        """Whether this rule leaves every module as it is (plain gradient through it)."""
+        return False
+
+    def install(self, site: Site) -> Installed:
+        """Apply the rule to ``site.module``; return the route taken and the undo steps."""
+        undo: list[Callable[[], None]] = []
+        changed = wrap_forward(site.module, lambda fwd: self.wrap(site.module, fwd, site.stats), undo)
+        return Installed("forward" if changed else "none", undo)
 
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -73,6 +96,9 @@ class Pass(Rule):
 
     name: ClassVar[str] = "pass"
 
+    def is_noop(self) -> bool:
+        return True
+
 
 @dataclass(frozen=True, repr=False)
 class Epsilon(Rule):
@@ -81,6 +107,9 @@ class Epsilon(Rule):
     name: ClassVar[str] = "epsilon"
     paper: ClassVar[str] = "Bach et al. 2015"
     eps: float = 0.0
+
+    def is_noop(self) -> bool:
+        return self.eps == 0.0
 
     def wrap(self, module, forward, probe):  # type: ignore[no-untyped-def]
         if self.eps == 0.0:
@@ -377,7 +406,15 @@ class ConstantGate(Rule):
 
 
 @dataclass(frozen=True, repr=False)
-class _AttentionRule(Rule):
+class AttentionRule(Rule):
+    """Base class of the attention rules: ``detach_weights`` says whether the attention weights are
+    held constant (relevance through ``v`` only) or get AttnLRP's softmax and uniform rules.
+
+    Attention of a model that dispatches through transformers' attention registry is ruled there
+    (route ``"registry"``); any other attention module gets its inline ``softmax``/``matmul``
+    operations ruled by a torch-function mode (route ``"ops"``).
+    """
+
     detach_weights: ClassVar[bool] = False
 
     def wrap(self, module, forward, probe):  # type: ignore[no-untyped-def]
@@ -385,9 +422,27 @@ class _AttentionRule(Rule):
         detach = self.detach_weights
         return _under_mode(forward, lambda: AttentionOpsMode(detach), probe, "attention_hits")
 
+    def install(self, site: Site) -> Installed:
+        owner = owning_pretrained(site.model, site.path)
+        if (
+            site.role == "attention"
+            and not site.force_ops
+            and owner is not None
+            and type(owner)._can_set_attn_implementation()  # type: ignore[attr-defined]
+        ):
+            module = site.module
+            ATTENTION_RULES[module] = (self, site.stats)
+
+            def forget() -> None:
+                ATTENTION_RULES.pop(module, None)
+
+            return Installed("registry", [forget])
+        done = super().install(site)
+        return Installed("ops" if site.role == "attention" else done.route, done.undo)
+
 
 @dataclass(frozen=True, repr=False)
-class AttnLRP(_AttentionRule):
+class AttnLRP(AttentionRule):
     """AttnLRP (Achtibat et al. 2024): softmax rule, uniform rule on ``q·kᵀ`` and ``A·v``."""
 
     name: ClassVar[str] = "attnlrp"
@@ -396,7 +451,7 @@ class AttnLRP(_AttentionRule):
 
 
 @dataclass(frozen=True, repr=False)
-class AHLRP(_AttentionRule):
+class AHLRP(AttentionRule):
     """AH-LRP / CP-LRP (Ali et al. 2022): attention weights are constants; relevance flows via ``v``."""
 
     name: ClassVar[str] = "ah-lrp"
@@ -469,6 +524,13 @@ class HeadIdentity(Rule):
                 _HEAD_MODE.reset(token)
 
         return fwd
+
+    def install(self, site: Site) -> Installed:
+        done = super().install(site)
+        backbone = getattr(site.model, "base_model", None)
+        if not done.noop and isinstance(backbone, nn.Module) and backbone is not site.model:
+            wrap_forward(backbone, self.wrap_backbone, done.undo)
+        return done
 
     @staticmethod
     def wrap_backbone(forward: Forward) -> Forward:

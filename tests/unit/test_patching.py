@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -353,3 +354,25 @@ def test_attention_that_bypasses_the_registry_is_rerouted_to_inline_rules(rules:
     expected = lxt_plus.explain(ref, ids, rules=rules).relevance
     torch.testing.assert_close(lxt_plus.explain(model, ids, rules=rules).relevance, expected)
     assert attn.forward is inline_forward  # restored after explain
+
+
+def test_remove_undoes_everything_then_reports_every_failure() -> None:
+    model = F.randomize_biases_and_norms(F.build("llama"))
+    ids = torch.tensor([[3, 5, 7, 9]])
+    with torch.no_grad():
+        before = model(ids).logits
+    handle = lxt_plus.patch(model, "conservative-check")
+
+    def fail(exc: Exception) -> Any:
+        def step() -> None:
+            raise exc
+
+        return step
+
+    handle._undo[:0] = [fail(RuntimeError("first")), fail(ValueError("second"))]  # run last
+    with pytest.raises(ExceptionGroup) as info:
+        handle.remove()
+    assert [type(e) for e in info.value.exceptions] == [ValueError, RuntimeError]
+    assert not is_patched(model)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before), "the other undo steps did not all run"

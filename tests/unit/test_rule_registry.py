@@ -15,6 +15,7 @@ import lxt_plus
 from lxt_plus import rules as R
 from lxt_plus.errors import ConfigError
 from lxt_plus.functional import grad_scale
+from lxt_plus.install import Installed, Site
 
 
 @pytest.fixture
@@ -117,3 +118,37 @@ def test_parameters_of_the_wrong_type_are_config_errors(params: dict[str, object
             R.rule_from_spec({"test-typed": params})
     finally:
         del R.RULES["test-typed"]
+
+
+def test_a_rule_with_its_own_install_route_needs_no_other_code() -> None:
+    """A rule may install itself another way (here a forward hook): patching only runs install()
+    and its undo steps, so the hook is gone after remove() and the plan says the route."""
+
+    @lxt_plus.register_rule
+    @dataclass(frozen=True, repr=False)
+    class HookHalf(R.Rule):
+        name: ClassVar[str] = "test-hook-half"
+
+        def install(self, site: Site) -> Installed:
+            handle = site.module.register_forward_hook(lambda m, a, out: grad_scale(out, 0.5))
+            return Installed("forward", [handle.remove])
+
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 2, bias=False))
+        x = torch.randn(1, 3)
+        preset = lxt_plus.get_preset("gradient").override("linear", "test-hook-half")
+        with lxt_plus.patched(model, preset) as handle:
+            assert "test-hook-half" in handle.describe()
+            assert len(model[0]._forward_hooks) == 1
+        assert len(model[0]._forward_hooks) == 0
+        mine = lxt_plus.explain(model, x, target=0, rules=preset).relevance
+        plain = lxt_plus.explain(model, x, target=0, rules="gradient").relevance
+        torch.testing.assert_close(mine, 0.5 * plain)
+    finally:
+        del R.RULES["test-hook-half"]
+
+
+def test_noop_rules_are_said_by_the_rule() -> None:
+    assert R.Pass().is_noop() and R.Epsilon(0.0).is_noop()
+    assert not R.Epsilon(1e-6).is_noop() and not R.AttnLRP().is_noop()
