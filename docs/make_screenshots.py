@@ -16,13 +16,15 @@ out.mkdir(exist_ok=True)
 
 lm, tok = models.load_smollm2()
 lxt_plus.explain(lm, "The capital of France is", tokenizer=tok, target=" Paris", contrast=" Lyon").save(
-    str(out / "llm_paris_vs_lyon.png"))
+    str(out / "llm_paris_vs_lyon.png")
+)
 layers = lxt_plus.explain(lm, "The capital of France is", tokenizer=tok, capture=("layers",))
 plot_layers(layers).savefig(out / "relevance_by_layer.png", dpi=120, bbox_inches="tight")
 
 clf, ctok = models.load_sentiment_classifier()
-lxt_plus.explain(clf, "A gorgeous, witty film, though the ending drags badly.", tokenizer=ctok,
-                 target="POSITIVE").save(str(out / "sentiment.png"), words=True)
+lxt_plus.explain(
+    clf, "A gorgeous, witty film, though the ending drags badly.", tokenizer=ctok, target="POSITIVE"
+).save(str(out / "sentiment.png"), words=True)
 
 vision = models.train_vit_digits(progress=False)
 with torch.no_grad():

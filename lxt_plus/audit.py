@@ -16,9 +16,9 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from .detect import is_hf_model
-from .errors import InputError
-from .explain import _leaf_at_embeddings, explaining, model_kind
+from .detect import find_block_list, input_device, is_hf_model
+from .errors import ConservationError, InputError
+from .explain import explaining, leaf_at_embeddings, model_kind
 from .functional import acc
 from .patching import _PATCHED
 from .plan import Plan, Preset, get_preset
@@ -71,6 +71,24 @@ class AuditReport:
     @property
     def ok(self) -> bool:
         return self.first_leak is None and self.total_error <= self.tolerance
+
+    def raise_for_leak(self) -> AuditReport:
+        """Raise :class:`~lxt_plus.errors.ConservationError` naming the first leaking module (or the
+        total error) unless the audit passed; return the report otherwise, for chaining."""
+        if self.ok:
+            return self
+        leak = self.first_leak
+        where = (
+            f"first leak at {leak.path or '<model>'} ({leak.type_name}): {leak.relevance_out:+.6g} in, "
+            f"{leak.relevance_in:+.6g} out"
+            if leak is not None
+            else f"input relevance {self.input_relevance:+.6g} of target logit {self.target_logit:+.6g}"
+        )
+        raise ConservationError(
+            f"{self.model_name} does not conserve relevance under preset {self.preset!r} "
+            f"(relative error {self.total_error:.2e}, tolerance {self.tolerance:g}); {where}. "
+            "Give that module a conservative rule (preset.override), or report the architecture"
+        )
 
     def __str__(self) -> str:
         lines = [] if self.plan is None else [self.plan.describe(), ""]
@@ -174,14 +192,6 @@ def _flow_hooks(
             h.remove()
 
 
-def _layer_list(model: nn.Module) -> str | None:
-    best, size = None, 0
-    for path, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) > size:
-            best, size = path, len(m)
-    return best
-
-
 def audit(
     model: nn.Module,
     rules: str | Preset = "ah-lrp",
@@ -220,7 +230,7 @@ def audit(
     preset = replace(get_preset(rules), zero_bias=True)
     kind = model_kind(model)
     gen = torch.Generator().manual_seed(seed)
-    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    device = input_device(model)
     if inputs is None:
         if getattr(model, "main_input_name", "input_ids") == "pixel_values":
             cfg = cast(Any, model).config
@@ -240,7 +250,7 @@ def audit(
                 logits = model(pixel_values=leaf).logits
                 store.append(leaf)
             else:
-                with _leaf_at_embeddings(model, store, extra, 1):
+                with leaf_at_embeddings(model, store, extra, 1):
                     logits = model(input_ids=inputs).logits
         out = logits[0, -1] if kind == "causal-lm" else logits[0]
         target = acc(out[int(out.argmax())])
@@ -262,8 +272,8 @@ def audit(
                     path, type(mod).__name__, sum(rel[id(t)] for t in outs), sum(rel[id(t)] for t in ins)
                 )
             )
-        layer_list = _layer_list(model)
-        layers = [f for f in flows if layer_list is not None and f.path.rsplit(".", 1)[0] == layer_list]
+        blocks = find_block_list(model)
+        layers = [f for f in flows if blocks is not None and f.path.rsplit(".", 1)[0] == blocks[0]]
         return AuditReport(
             type(model).__name__,
             handle.preset.name,

@@ -8,7 +8,7 @@ the target at the last real token (causal LM) or the class logit (classifier).
 
 Methods here: Gradient×Input (the ``"gradient"`` preset), Integrated Gradients (Sundararajan
 et al. 2017), attention rollout (Abnar & Zuidema 2020), last-layer attention and a seeded random
-attribution. :func:`preset_method` turns any LRP preset into a method.
+attribution.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .detect import is_hf_model
+from .detect import input_device, is_hf_model
 from .errors import InputError
+from .explain import explain, explaining, frozen_eval
 from .functional import acc
 from .plan import Preset, get_preset
 
@@ -32,7 +33,6 @@ __all__ = [
     "BASELINES",
     "output_logits",
     "rowwise",
-    "preset_method",
     "explain_with_preset",
     "gradient_x_input",
     "integrated_gradients",
@@ -63,15 +63,11 @@ def _input_embeddings(model: nn.Module) -> nn.Module:
     return emb
 
 
-def _device(module: nn.Module) -> torch.device:
-    return next((p.device for p in module.parameters()), torch.device("cpu"))
-
-
 def embed(model: nn.Module, input_ids: Tensor) -> Tensor:
     """Token embeddings ``(batch, seq, d_model)`` of ``input_ids``, detached."""
     emb = _input_embeddings(model)
     with torch.no_grad():
-        return emb(input_ids.to(_device(emb))).detach()
+        return emb(input_ids.to(input_device(emb))).detach()
 
 
 def output_logits(model: nn.Module, inputs_embeds: Tensor) -> Tensor:
@@ -118,23 +114,6 @@ def rowwise(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     return run
 
 
-@contextlib.contextmanager
-def _quiet(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no weight gradients, both restored on exit."""
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for m, flag in modes:
-            m.training = flag
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
 # ------------------------------------------------------------------------------ LRP presets
 def explain_with_preset(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, target_ids: Tensor, rules: str | Preset
@@ -145,7 +124,6 @@ def explain_with_preset(
     token-type embeddings counts as conserved. HF models go through :func:`lxt_plus.explain`;
     plain modules (taking ``inputs_embeds=``) through the same patching on their embeddings.
     """
-    from .explain import explain, explaining
 
     preset = get_preset(rules)
     targets = [int(t) for t in torch.as_tensor(target_ids).reshape(-1)]
@@ -168,18 +146,6 @@ def explain_with_preset(
     return rel, err
 
 
-def preset_method(rules: str | Preset) -> Method:
-    """An LRP preset (``"attnlrp"``, ``"ah-lrp"``, ``"gradient"``, a YAML path or a
-    :class:`~lxt_plus.plan.Preset`) as a :data:`Method`."""
-    preset = get_preset(rules)
-
-    def method(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, target_ids: Tensor) -> Tensor:
-        return explain_with_preset(model, input_ids, attention_mask, target_ids, preset)[0]
-
-    method.__name__ = preset.name
-    return method
-
-
 def gradient_x_input(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, target_ids: Tensor
 ) -> Tensor:
@@ -195,7 +161,7 @@ def _integrated_gradients(
     x = embed(model, ids)  # (1, n, d)
     alphas = (torch.arange(steps, dtype=x.dtype, device=x.device) + 0.5) / steps  # midpoint rule
     total = torch.zeros_like(acc(x))
-    with _quiet(model):
+    with frozen_eval(model):
         for chunk in alphas.split(batch_size):
             scaled = (chunk[:, None, None] * x).requires_grad_(True)
             logit = output_logits(model, scaled)[:, int(target[0])]
@@ -248,8 +214,8 @@ def eager_attention(model: nn.Module) -> Iterator[None]:
 
 def _attentions(model: nn.Module, ids: Tensor) -> list[Tensor]:
     """Per-layer attention weights ``(heads, seq, seq)`` of one unpadded row, float."""
-    device = _device(_input_embeddings(model))
-    with eager_attention(model), _quiet(model), torch.no_grad():
+    device = input_device(model)
+    with eager_attention(model), frozen_eval(model), torch.no_grad():
         kwargs: dict[str, Any] = {"input_ids": ids.to(device), "output_attentions": True}
         if _accepts(model, "use_cache"):
             kwargs["use_cache"] = False

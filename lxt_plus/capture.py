@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from .detect import detect_roles
-from .errors import InputError
+from .detect import detect_roles, find_block_list
+from .errors import InputError, UnsupportedModelError
 from .functional import acc
 from .patching import ATTENTION_OBSERVERS
 
@@ -151,21 +151,13 @@ def find_blocks(model: nn.Module) -> tuple[str, list[BlockParts]]:
 
     Raises
     ------
-    InputError
+    UnsupportedModelError
         If no ``nn.ModuleList`` of blocks with attention is found.
     """
     infos = detect_roles(model)
-    attention_paths = [i.path for i in infos if i.role == "attention"]
-    best: tuple[str, nn.ModuleList] | None = None
-    for path, m in model.named_modules():
-        if not isinstance(m, nn.ModuleList) or len(m) == 0:
-            continue
-        prefix = f"{path}." if path else ""
-        with_attention = {p[len(prefix) :].split(".")[0] for p in attention_paths if p.startswith(prefix)}
-        if len(with_attention) == len(m) and (best is None or len(m) > len(best[1])):
-            best = (path, m)
+    best = find_block_list(model, infos)
     if best is None:
-        raise InputError(
+        raise UnsupportedModelError(
             f"{type(model).__name__} has no list of transformer blocks with attention: "
             "capture works on transformer models"
         )
@@ -272,7 +264,7 @@ class Recorder:
         if "neurons" in self.captures:
             missing = [i for i, p in enumerate(self.parts) if p.down_proj is None]
             if missing:
-                raise InputError(
+                raise UnsupportedModelError(
                     f"capture 'neurons': layer {missing[0]} of {name} has no dense MLP down "
                     "projection (mixture-of-experts layers are not supported)"
                 )

@@ -484,21 +484,10 @@ def _quiet(debug: bool, strict_target: bool) -> Iterator[None]:
         if debug:
             yield
             return
-        from huggingface_hub.utils import logging as hub_logging
-        from transformers.utils import logging as hf_logging
+        from .hf import quiet_transformers
 
-        hub_level = hub_logging.get_verbosity()
-        hub_logging.set_verbosity_error()
-        level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        try:
+        with quiet_transformers(progress_bars=False):
             yield
-        finally:
-            hf_logging.set_verbosity(level)
-            hub_logging.set_verbosity(hub_level)
-            if bars:
-                hf_logging.enable_progress_bar()
 
 
 def _fail(message: str, code: int, debug: bool) -> int:

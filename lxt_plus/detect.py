@@ -14,7 +14,15 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-__all__ = ["ROLES", "ModuleInfo", "detect_roles", "owning_pretrained", "is_hf_model", "input_device"]
+__all__ = [
+    "ROLES",
+    "ModuleInfo",
+    "detect_roles",
+    "find_block_list",
+    "owning_pretrained",
+    "is_hf_model",
+    "input_device",
+]
 
 ROLES = (
     "attention",
@@ -204,3 +212,23 @@ def detect_roles(model: nn.Module) -> list[ModuleInfo]:
         role = roles.get(path, "container")
         infos.append(ModuleInfo(path, m, role))
     return infos
+
+
+def find_block_list(
+    model: nn.Module, infos: list[ModuleInfo] | None = None
+) -> tuple[str, nn.ModuleList] | None:
+    """The list of transformer blocks: the longest ``nn.ModuleList`` whose items hold attention.
+
+    Items without attention are allowed (hybrid models interleave other blocks), but at least one
+    must hold a module of role ``"attention"``. Returns ``(path, list)``, or ``None`` if none exists.
+    """
+    infos = detect_roles(model) if infos is None else infos
+    attention = [i.path for i in infos if i.role == "attention"]
+    best: tuple[str, nn.ModuleList] | None = None
+    for path, m in model.named_modules():
+        if not isinstance(m, nn.ModuleList) or len(m) == 0 or (best is not None and len(m) <= len(best[1])):
+            continue
+        prefix = f"{path}." if path else ""
+        if any(a.startswith(prefix) and a[len(prefix) :].split(".")[0].isdigit() for a in attention):
+            best = (path, m)
+    return best

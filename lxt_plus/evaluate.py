@@ -28,9 +28,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .baselines import BASELINES, Method, _quiet, embed, explain_with_preset, output_logits
+from .baselines import BASELINES, Method, embed, explain_with_preset, output_logits
 from .detect import is_hf_model
 from .errors import InputError, TargetError
+from .explain import frozen_eval, model_kind, prepare_text, resolve_token
 from .functional import acc
 from .plan import PRESETS, Preset, get_preset
 
@@ -134,7 +135,7 @@ def perturbation_curves(
         batch[k, order[:m]] = fill
         if 0 < k < steps:
             batch[steps + k, least[:m]] = fill
-    with _quiet(model), torch.no_grad():
+    with frozen_eval(model), torch.no_grad():
         logits = torch.cat([acc(output_logits(model, part)) for part in batch.split(chunk)])
     logit = logits[:, target].double().cpu()
     prob = torch.softmax(logits, -1)[:, target].double().cpu()
@@ -369,7 +370,6 @@ def _rows(model: nn.Module, inputs: Any, tokenizer: Any) -> list[Tensor]:
     ):
         if tokenizer is None:
             raise InputError("text inputs need tokenizer=...; or pass input_ids")
-        from .explain import prepare_text
 
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
         ids, mask = prepare_text(tokenizer, texts, model if is_hf_model(model) else None)
@@ -403,7 +403,6 @@ def _target_id(model: nn.Module, spec: Any, logits: Tensor, tokenizer: Any) -> i
             str(v).lower(): int(k)
             for k, v in (getattr(getattr(model, "config", None), "id2label", None) or {}).items()
         }
-        from .explain import model_kind, resolve_token
 
         if is_hf_model(model) and model_kind(model) == "classifier":
             if spec.lower() not in labels:
@@ -507,7 +506,7 @@ def evaluate(
     targets: list[int] = []
     with _progress(len(rows) * len(resolved), progress, "evaluating") as bar:
         for i, (ids, spec) in enumerate(zip(rows, specs, strict=True)):
-            with _quiet(model), torch.no_grad():
+            with frozen_eval(model), torch.no_grad():
                 clean = output_logits(model, embed(model, ids[None])).float()[0]
             t = _target_id(model, spec, clean, tokenizer)
             targets.append(t)

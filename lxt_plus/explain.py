@@ -19,6 +19,7 @@ from .errors import (
     OutOfMemoryError,
     TargetError,
     TokenizerMismatchError,
+    UnsupportedModelError,
 )
 from .functional import acc, input_relevance
 from .patching import _PATCHED, Handle, patch
@@ -26,9 +27,15 @@ from .pipelines import explain_pipeline, is_pipeline
 from .plan import Preset, get_preset
 from .result import Explanation, Target
 
-__all__ = ["explain", "model_kind", "prepare_text", "resolve_token", "frozen_parameters", "explaining"]
-
-TargetSpec = int | str | Sequence[int] | None
+__all__ = [
+    "explain",
+    "model_kind",
+    "prepare_text",
+    "resolve_token",
+    "frozen_parameters",
+    "frozen_eval",
+    "explaining",
+]
 
 
 def model_kind(model: nn.Module) -> str:
@@ -42,7 +49,7 @@ def model_kind(model: nn.Module) -> str:
         return "classifier"
     if getattr(model, "get_output_embeddings", lambda: None)() is not None:
         return "causal-lm"
-    raise InputError(
+    raise UnsupportedModelError(
         f"{name} has no task head lxt_plus knows how to target: explain a "
         "...ForCausalLM, ...ForSequenceClassification or ...ForImageClassification model"
     )
@@ -110,12 +117,8 @@ def prepare_text(
         tokenizer.pad_token = tokenizer.eos_token
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
     ids, mask = enc["input_ids"], enc["attention_mask"]
-    limit = _max_positions(model) if model is not None else None
-    if limit is not None and ids.shape[1] > limit:
-        raise ContextTooLongError(
-            f"the input has {ids.shape[1]} tokens but {type(model).__name__} accepts at most {limit} "
-            "positions; shorten the text"
-        )
+    if model is not None:
+        check_ids(model, ids, vocabulary=False)
     if with_hidden:
         try:
             hidden = _hidden_mask(tokenizer, raw, texts, ids)
@@ -141,7 +144,7 @@ def _prepare(
             ids, mask, hidden = prepare_text(tokenizer, texts, model, chat=chat, with_hidden=True)
         finally:
             tokenizer.padding_side = side
-        _check_vocabulary(model, ids)
+        check_ids(model, ids, length=0)
         return _Batch(ids, mask, None, isinstance(inputs, str), hidden)
     if isinstance(inputs, (list, tuple)) and not inputs:
         raise InputError("an empty list of inputs: there is nothing to explain")
@@ -193,22 +196,37 @@ def _prepare(
             f"{type(model).__name__} classifies from the first position, but the batch is "
             "left-padded; pad on the right (tokenizer.padding_side = 'right')"
         )
-    _check_vocabulary(model, ids)
-    limit = _max_positions(model)
-    if limit is not None and ids.shape[1] > limit:
-        raise ContextTooLongError(
-            f"the input has {ids.shape[1]} tokens but {type(model).__name__} accepts at "
-            f"most {limit} positions; shorten the text"
-        )
+    check_ids(model, ids)
     return _Batch(ids, mask, None, single)
 
 
-def _check_vocabulary(model: nn.Module, ids: Tensor) -> None:
-    vocab = cast(Any, model).get_input_embeddings().num_embeddings
-    if int(ids.max()) >= vocab or int(ids.min()) < 0:
-        raise TokenizerMismatchError(
-            f"token id {int(ids.max())} is outside {type(model).__name__}'s vocabulary of {vocab}: "
-            "the tokenizer does not match the model"
+def check_ids(
+    model: nn.Module,
+    ids: Tensor,
+    *,
+    vocabulary: bool = True,
+    length: int | None = None,
+    what: str = "the input",
+) -> None:
+    """Token ids the model can embed, and no more positions than it has.
+
+    Raises :class:`~lxt_plus.errors.TokenizerMismatchError` for an id outside the vocabulary and
+    :class:`~lxt_plus.errors.ContextTooLongError` when ``length`` (default: the last dimension of
+    ``ids``) exceeds the model's maximum number of positions.
+    """
+    if vocabulary and ids.numel():
+        vocab = cast(Any, model).get_input_embeddings().num_embeddings
+        if int(ids.max()) >= vocab or int(ids.min()) < 0:
+            bad = int(ids.max()) if int(ids.max()) >= vocab else int(ids.min())
+            raise TokenizerMismatchError(
+                f"token id {bad} is outside {type(model).__name__}'s vocabulary of {vocab}: "
+                "the tokenizer does not match the model"
+            )
+    limit = _max_positions(model)
+    n = ids.shape[-1] if length is None else length
+    if limit is not None and n > limit:
+        raise ContextTooLongError(
+            f"{what} has {n} tokens but {type(model).__name__} accepts at most {limit} positions; shorten it"
         )
 
 
@@ -313,6 +331,13 @@ def _eval_mode(model: nn.Module, keep_train: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def frozen_eval(model: nn.Module, keep_train: bool = False) -> Iterator[None]:
+    """Eval mode (unless ``keep_train``) and no weight gradients; both restored on exit."""
+    with frozen_parameters(model), _eval_mode(model, keep_train):
+        yield
+
+
+@contextlib.contextmanager
 def explaining(
     model: nn.Module, rules: str | Preset | dict[str, Any], strict: bool = True, keep_train: bool = False
 ) -> Iterator[Handle]:
@@ -324,7 +349,7 @@ def explaining(
         None if existing is not None and existing.preset == preset else patch(model, preset, strict=strict)
     )
     try:
-        with frozen_parameters(model), _eval_mode(model, keep_train):
+        with frozen_eval(model, keep_train):
             yield handle if handle is not None else existing  # type: ignore[misc]
     finally:
         if handle is not None and handle.active:
@@ -358,7 +383,9 @@ def _checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
         yield
         return
     if not getattr(model, "supports_gradient_checkpointing", False):
-        raise InputError(f"{type(model).__name__} does not support gradient checkpointing")
+        raise UnsupportedModelError(
+            f"{type(model).__name__} does not support gradient checkpointing; explain without checkpointing=True"
+        )
     new_api = hasattr(model, "activation_checkpointing_enable")  # transformers >= 5.2x names
     was = bool(
         getattr(model, "is_activation_checkpointing" if new_api else "is_gradient_checkpointing", False)
@@ -380,7 +407,7 @@ def _checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _leaf_at_embeddings(
+def leaf_at_embeddings(
     model: nn.Module, store: list[Tensor], extra: list[Tensor], rows: int
 ) -> Iterator[None]:
     """Replace the token-embedding output by a leaf that requires grad (``store[0]``), and the
@@ -660,7 +687,7 @@ def _forward(
         keep = sorted(set(positions))
         if _accepts(model, "logits_to_keep") and not all_logits:
             kwargs["logits_to_keep"] = torch.tensor(keep, device=device)
-        with _leaf_at_embeddings(model, store, extra, rows):
+        with leaf_at_embeddings(model, store, extra, rows):
             out = model(**kwargs)
         logits = out.logits
         if logits.shape[1] == len(keep) and "logits_to_keep" in kwargs:
@@ -669,12 +696,18 @@ def _forward(
         else:
             rows = [logits[r, p] for r, p in enumerate(positions)]
         if not store:
-            raise InputError(f"{type(model).__name__} did not call its input embeddings")
+            raise UnsupportedModelError(
+                f"{type(model).__name__} did not call its input embeddings, so there is no token relevance to "
+                "read; explain a model whose forward embeds input_ids with get_input_embeddings()"
+            )
         return store[0], torch.stack(rows), positions, out
-    with _leaf_at_embeddings(model, store, extra, rows):
+    with leaf_at_embeddings(model, store, extra, rows):
         out = model(**kwargs)
     if not store:
-        raise InputError(f"{type(model).__name__} did not call its input embeddings")
+        raise UnsupportedModelError(
+            f"{type(model).__name__} did not call its input embeddings, so there is no token relevance to "
+            "read; explain a model whose forward embeds input_ids with get_input_embeddings()"
+        )
     return store[0], out.logits, positions, out
 
 

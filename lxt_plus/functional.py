@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import UnsupportedModelError
+
 __all__ = [
     "stabilize",
     "grad_scale",
@@ -239,7 +241,9 @@ class LinearMap:
         elif isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
             self.kind = "conv"
         else:
-            raise TypeError(type(module).__name__)
+            raise UnsupportedModelError(
+                f"{type(module).__name__} is not a linear map (Linear, transformers' Conv1D or ConvNd)"
+            )
 
     def apply(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if self.kind == "linear":

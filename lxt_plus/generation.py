@@ -17,12 +17,16 @@ import torch
 from torch import Tensor, nn
 
 from .detect import input_device
-from .errors import ContextTooLongError, InputError, NumericalError, TokenizerMismatchError
+from .errors import (
+    InputError,
+    NumericalError,
+    UnsupportedModelError,
+)
 from .explain import (
     _accepts,
-    _leaf_at_embeddings,
-    _max_positions,
+    check_ids,
     explaining,
+    leaf_at_embeddings,
     model_kind,
     prepare_text,
 )
@@ -150,7 +154,9 @@ def explain_generation(
     graph, up to 32 targets per batched pass (Achtibat et al. 2024, AttnLRP, applied per target).
     """
     if model_kind(model) != "causal-lm":
-        raise InputError(f"explain_generation needs a causal LM, got {type(model).__name__}")
+        raise UnsupportedModelError(
+            f"explain_generation needs a causal LM, got {type(model).__name__}; explain a classifier with explain()"
+        )
     if continuation is None and (
         isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1
     ):
@@ -159,7 +165,6 @@ def explain_generation(
     prompt_ids = _as_ids(prompt, tokenizer, "prompt", chat, model)
     if prompt_ids.numel() == 0:
         raise InputError("the prompt has no tokens: there is nothing to condition on")
-    vocab = model.get_input_embeddings().num_embeddings  # type: ignore[operator, union-attr]
     eos = _eos_ids(model, tokenizer)
     if continuation is None:
         gen_ids = _generate(
@@ -174,16 +179,7 @@ def explain_generation(
     if gen_ids.numel() == 0:
         raise InputError("no token was generated (or the continuation is empty): there is nothing to explain")
     ids = torch.cat([prompt_ids, gen_ids])
-    if int(ids.max()) >= vocab or int(ids.min()) < 0:
-        raise TokenizerMismatchError(
-            f"token id {int(ids.max())} is outside {type(model).__name__}'s vocabulary of {vocab}"
-        )
-    limit = _max_positions(model)
-    if limit is not None and ids.numel() - 1 > limit:
-        raise ContextTooLongError(
-            f"prompt and continuation have {ids.numel()} tokens but {type(model).__name__} "
-            f"accepts at most {limit} positions; shorten them"
-        )
+    check_ids(model, ids, length=ids.numel() - 1, what="the prompt and continuation")
     n_p = prompt_ids.numel()
     matrix, logits = _attribute(model, ids, n_p, preset, progress)
     tokens = (
@@ -213,10 +209,10 @@ def _attribute(
     store: list[Tensor] = []
     extra: list[Tensor] = []
     with explaining(model, rules):
-        with _leaf_at_embeddings(model, store, extra, 1):
+        with leaf_at_embeddings(model, store, extra, 1):
             out = model(**kwargs)
         if not store:
-            raise InputError(f"{type(model).__name__} did not call its input embeddings")
+            raise UnsupportedModelError(f"{type(model).__name__} did not call its input embeddings")
         leaf = store[0]
         logits = out.logits[0] if kept and out.logits.shape[1] == n_g else out.logits[0, positions]
         targets = ids[n_p:].to(device)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from lxt_plus.errors import InputError, MissingDependencyError
+from lxt_plus.hf import quiet_transformers
 
 __all__ = [
     "SENTIMENT_RECIPE",
@@ -88,19 +89,6 @@ def _require(module: str, pip_hint: str) -> None:
     """Raise :class:`MissingDependencyError` unless ``module`` can be imported."""
     if importlib.util.find_spec(module) is None:
         raise MissingDependencyError(f"the package {module!r} is not installed; run `pip install {pip_hint}`")
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load report (the fresh classifier head is expected to be missing)."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
 
 
 @contextlib.contextmanager
@@ -168,7 +156,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32, *, cache: bool = True) -> t
     model = None
     if cache and (cached / "config.json").is_file():
         try:
-            with _quiet_transformers():
+            with quiet_transformers():
                 tokenizer = AutoTokenizer.from_pretrained(cached)
                 model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype).eval()
         except Exception:  # a damaged cache (disk full, interrupted copy): convert again
@@ -577,7 +565,7 @@ def _train_sentiment(path: pathlib.Path, settings: dict[str, Any], progress: boo
     torch.manual_seed(seed)
     folder = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    with _quiet_transformers():
+    with quiet_transformers():
         model = BertForSequenceClassification.from_pretrained(
             folder,
             num_labels=2,

@@ -141,7 +141,7 @@ class _LinearRule(Rule):
     def wrap(self, module, forward, probe):  # type: ignore[no-untyped-def]
         try:
             lin = LinearMap(module)
-        except TypeError:
+        except UnsupportedModelError:
             kind = type(module).__name__
             raise UnsupportedModelError(
                 f"rule {self.name!r} applies to Linear, Conv1D and ConvNd modules, not to {kind}; give "

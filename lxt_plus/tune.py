@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .detect import ModuleInfo, detect_roles
-from .errors import InputError, LxtPlusError
+from .detect import ModuleInfo, detect_roles, find_block_list
+from .errors import InputError, LxtPlusError, UnsupportedModelError
 from .evaluate import _rows, evaluate
 from .plan import Preset, get_preset
 from .rules import AHLRP, AttnLRP, Epsilon, Gamma, Rule
@@ -42,22 +42,15 @@ GROUP_NAMES = ("embedding-side", "middle", "head-side")
 
 
 # ------------------------------------------------------------------------------ layer groups
-def _layer_list(infos: list[ModuleInfo]) -> tuple[str, int]:
-    """Path and length of the list of transformer blocks: the longest ``ModuleList`` whose items hold
-    the attention modules."""
-    attention = [i.path for i in infos if i.role == "attention"]
-    best = ("", 0)
-    for info in infos:
-        m = info.module
-        if isinstance(m, nn.ModuleList) and len(m) > best[1]:
-            if any(a.startswith(f"{info.path}.{k}.") for a in attention for k in range(len(m))):
-                best = (info.path, len(m))
-    if not best[1]:
-        raise InputError(
+def _layer_list(model: nn.Module, infos: list[ModuleInfo]) -> tuple[str, int]:
+    """Path and length of the list of transformer blocks (see :func:`~lxt_plus.detect.find_block_list`)."""
+    found = find_block_list(model, infos)
+    if found is None:
+        raise UnsupportedModelError(
             "tune() needs a transformer with a list of blocks (a ModuleList holding attention "
             "modules); none was found"
         )
-    return best
+    return found[0], len(found[1])
 
 
 def _index_globs(indices: Sequence[int]) -> list[str]:
@@ -98,7 +91,7 @@ def _selectors(infos: list[ModuleInfo], layers: str, indices: Sequence[int], rol
 def layer_groups(model: nn.Module, n_groups: int = 3) -> list[tuple[str, list[int]]]:
     """``(name, layer indices)`` of the embedding-side, middle and head-side thirds of the blocks
     (fewer groups when the model has fewer blocks)."""
-    _, n = _layer_list(detect_roles(model))
+    _, n = _layer_list(model, detect_roles(model))
     parts = [p.tolist() for p in torch.arange(n).tensor_split(min(n_groups, n))]
     names = GROUP_NAMES if len(parts) == 3 else (GROUP_NAMES[0], GROUP_NAMES[2])[: len(parts)]
     return list(zip(names, parts, strict=True))
@@ -136,7 +129,7 @@ class _Space:
         self, model: nn.Module, base: Preset, epsilons: Sequence[float], gammas: Sequence[float], mixed: bool
     ) -> None:
         infos = detect_roles(model)
-        layers, _ = _layer_list(infos)
+        layers, _ = _layer_list(model, infos)
         self.base, self.epsilons, self.gammas, self.mixed = base, tuple(epsilons), tuple(gammas), mixed
         self.groups = layer_groups(model)
         self.names = [g for g, _ in self.groups]

@@ -11,7 +11,7 @@ import torch
 
 import lxt_plus
 from lxt_plus import capture as cap
-from lxt_plus.errors import InputError
+from lxt_plus.errors import InputError, UnsupportedModelError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import families  # noqa: E402
@@ -207,10 +207,10 @@ def test_other_families_and_errors() -> None:
     )
     assert exp.captures["layers"].shape == (1, 3, 17)
     _rel_close(exp.captures["layers"][0].sum(-1), exp.target_logit.expand(3))
-    with pytest.raises(InputError, match="no dense MLP"):
+    with pytest.raises(UnsupportedModelError, match="no dense MLP"):
         lxt_plus.explain(families.build("mixtral"), _inputs(rows=1)[0], capture="neurons")
     mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    with pytest.raises(InputError, match="no list of transformer blocks"):
+    with pytest.raises(UnsupportedModelError, match="no list of transformer blocks"):
         lxt_plus.explain(mlp, torch.randn(4), capture="layers")
     with pytest.raises(InputError, match="explain with capture"):
         cap.top_neurons(lxt_plus.explain(mlp, torch.randn(4)))

@@ -10,7 +10,7 @@ import torch
 
 import lxt_plus
 from lxt_plus import explain
-from lxt_plus.errors import InputError
+from lxt_plus.errors import InputError, UnsupportedModelError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from families import build, tiny_tokenizer  # noqa: E402
@@ -107,7 +107,7 @@ def test_errors() -> None:
         lxt_plus.explain_generation(model, None, PROMPT, continuation=[])
     with pytest.raises(InputError, match="vocabulary"):
         lxt_plus.explain_generation(model, None, PROMPT, continuation=[1000])
-    with pytest.raises(InputError, match="causal LM"):
+    with pytest.raises(UnsupportedModelError, match="causal LM"):
         lxt_plus.explain_generation(build("bert"), None, PROMPT, 2)
     with pytest.raises(lxt_plus.LxtPlusError, match="did you mean 'attnlrp'"):
         lxt_plus.explain_generation(model, None, PROMPT, 2, rules="atnlrp")

@@ -12,7 +12,7 @@ import transformers
 from transformers.masking_utils import AttentionMaskInterface
 
 import lxt_plus
-from lxt_plus.errors import AlreadyPatchedError, NotPatchedError, UnsupportedModelError
+from lxt_plus.errors import AlreadyPatchedError, ConservationError, NotPatchedError, UnsupportedModelError
 from lxt_plus.patching import ATTENTION_KEYS, is_patched
 from lxt_plus.plan import PRESETS
 
@@ -276,6 +276,11 @@ def test_unsupported_module_raises_before_touching() -> None:
     report = lxt_plus.audit(model, lxt_plus.get_preset("ah-lrp").override("type:Mystery", "pass"))
     assert report.first_leak is not None and report.first_leak.path == "model.layers.1.mlp.act_fn"
     assert "model.layers.1.mlp.act_fn (Mystery)" in str(report)
+    with pytest.raises(ConservationError, match=r"first leak at model\.layers\.1\.mlp\.act_fn \(Mystery\)"):
+        report.raise_for_leak()
+    model.model.layers[1].mlp.act_fn = torch.nn.SiLU()
+    good = lxt_plus.audit(model, "ah-lrp")
+    assert good.raise_for_leak() is good
 
 
 def test_unrecognised_norm_is_refused_by_the_probe() -> None:
