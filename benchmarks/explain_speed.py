@@ -8,7 +8,7 @@ For each sequence length (256, 1024) and attention implementation (eager, sdpa):
 - ``gxi``: plain Gradient×Input with no rules (``rules="gradient"``: same inputs, one backward);
 - ``naive-gxi``: what a user writes by hand: forward on ``inputs_embeds`` with all logits and
   trainable weights, then ``backward()`` (weight gradients computed);
-- ``attnlrp`` / ``cp-lrp`` / ``ah-lrp``: ``lxt_plus.explain``.
+- ``attnlrp`` / ``cp-lrp`` / ``ah-lrp``: ``lxt_plus.api.explain``.
 
 Timing: one process per (length, attention) loads the model once, warms every method up, then
 runs them round-robin ``--repeats`` times. Each ratio is taken within a round (the two methods ran
@@ -39,7 +39,7 @@ METHODS = ("forward", "forward-last", "gxi", "naive-gxi", "attnlrp", "cp-lrp", "
 
 def _setup(length: int, impl: str) -> dict[str, Callable[[], None]]:
     import lxt_plus
-    from lxt_plus.models import load_smollm2
+    from lxt_plus.demo import load_smollm2
 
     torch.manual_seed(0)
     model, _ = load_smollm2()  # de-quantised from the GGUF file to float32

@@ -5,7 +5,7 @@
 
 Every preset (attnlrp, ah-lrp, gradient) and baseline (integrated gradients, attention rollout,
 last-layer attention, random) is scored by perturbation curves (zero embeddings, k = 0, 10, ..., 100 %):
-mean ABPC, AOPC comprehensiveness / sufficiency and seconds per explanation. ``lxt_plus.tune`` then
+mean ABPC, AOPC comprehensiveness / sufficiency and seconds per explanation. ``lxt_plus.evaluation.tune`` then
 searches rules on a separate tuning split and its preset is scored on the evaluation samples.
 
 Usage::
@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from lxt_plus.baselines import integrated_gradients
-from lxt_plus.evaluate import evaluate
-from lxt_plus.tune import tune
+from lxt_plus.evaluation.baselines import integrated_gradients
+from lxt_plus.evaluation.evaluate import evaluate
+from lxt_plus.evaluation.tune import tune
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIXED = ["attnlrp", "ah-lrp", "gradient"]
@@ -39,7 +39,7 @@ BASELINES = ["integrated_gradients", "attention_rollout", "last_layer_attention"
 
 def imdb_snippets(tokenizer: Any, count: int, length: int = 48, seed: int = 0) -> list[torch.Tensor]:
     """The first ``length`` tokens of ``count`` shuffled IMDB reviews (reviews long enough only)."""
-    from lxt_plus.models import load_movie_reviews
+    from lxt_plus.demo import load_movie_reviews
 
     reviews = [text for text, _ in load_movie_reviews("imdb")]
     random.Random(seed).shuffle(reviews)
@@ -55,25 +55,38 @@ def imdb_snippets(tokenizer: Any, count: int, length: int = 48, seed: int = 0) -
 
 def rt_reviews(tokenizer: Any, count: int, offset: int = 0, max_length: int = 64) -> list[torch.Tensor]:
     """Held-out Rotten Tomatoes reviews (the test part of the classifier's split), tokenised."""
-    from lxt_plus.models import sentiment_split
+    from lxt_plus.demo import sentiment_split
 
     _, test = sentiment_split(seed=0)
     texts = [text for text, _ in test[offset : offset + count]]
-    return [tokenizer(t, truncation=True, max_length=max_length, return_tensors="pt").input_ids[0] for t in texts]
+    return [
+        tokenizer(t, truncation=True, max_length=max_length, return_tensors="pt").input_ids[0] for t in texts
+    ]
 
 
-def run_task(key: str, name: str, model: Any, tokenizer: Any, eval_rows: list[torch.Tensor], tune_rows: list[torch.Tensor],
-             args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
+def run_task(
+    key: str,
+    name: str,
+    model: Any,
+    tokenizer: Any,
+    eval_rows: list[torch.Tensor],
+    tune_rows: list[torch.Tensor],
+    args: argparse.Namespace,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
     """Evaluate every method on ``eval_rows``, tune on ``tune_rows``, score the tuned preset."""
     methods: dict[str, Any] = {m: m for m in FIXED + BASELINES}
-    methods["integrated_gradients"] = functools.partial(integrated_gradients, steps=args.ig_steps,
-                                                        batch_size=args.ig_steps)
+    methods["integrated_gradients"] = functools.partial(
+        integrated_gradients, steps=args.ig_steps, batch_size=args.ig_steps
+    )
     print(f"[{name}] evaluating {len(methods)} methods on {len(eval_rows)} samples", flush=True)
     start = time.perf_counter()
     report = evaluate(model, eval_rows, methods, tokenizer=tokenizer, progress=True, warmup=True)
     print(report.table(), flush=True)
-    print(f"[{name}] evaluation took {time.perf_counter() - start:.0f} s; tuning on {len(tune_rows)} samples",
-          flush=True)
+    print(
+        f"[{name}] evaluation took {time.perf_counter() - start:.0f} s; tuning on {len(tune_rows)} samples",
+        flush=True,
+    )
     result = tune(model, tune_rows, tokenizer=tokenizer, budget_trials=args.trials, progress=True)
     print(result.report(), flush=True)
     summary = report.summary()
@@ -85,18 +98,36 @@ def run_task(key: str, name: str, model: Any, tokenizer: Any, eval_rows: list[to
         tuned_abpc, tuned_se = held["abpc"], held["abpc_se"]
     result.save(str(RESULTS / f"tuned_{key}{args.suffix}.yaml"))
     return {
-        "name": name, **extra, "n_eval": len(eval_rows), "n_tune": len(tune_rows), "report": report.to_dict(),
-        "table": report.table(), "ranking": sorted(summary, key=lambda m: -summary[m]["abpc"]),
-        "tune": {"description": result.description, "trials": len(result.trials), "seconds": result.seconds,
-                 "tuning_score": result.score, "default_tuning_score": result.default_score,
-                 "held_out_abpc": tuned_abpc, "held_out_se": tuned_se, "best_fixed": best_fixed,
-                 "best_fixed_abpc": summary[best_fixed]["abpc"], "best_fixed_se": summary[best_fixed]["abpc_se"],
-                 "preset_file": f"tuned_{key}{args.suffix}.yaml"},
+        "name": name,
+        **extra,
+        "n_eval": len(eval_rows),
+        "n_tune": len(tune_rows),
+        "report": report.to_dict(),
+        "table": report.table(),
+        "ranking": sorted(summary, key=lambda m: -summary[m]["abpc"]),
+        "tune": {
+            "description": result.description,
+            "trials": len(result.trials),
+            "seconds": result.seconds,
+            "tuning_score": result.score,
+            "default_tuning_score": result.default_score,
+            "held_out_abpc": tuned_abpc,
+            "held_out_se": tuned_se,
+            "best_fixed": best_fixed,
+            "best_fixed_abpc": summary[best_fixed]["abpc"],
+            "best_fixed_se": summary[best_fixed]["abpc_se"],
+            "preset_file": f"tuned_{key}{args.suffix}.yaml",
+        },
     }
 
 
-PAIRS = [("attnlrp", "ah-lrp"), ("attnlrp", "integrated_gradients"), ("ah-lrp", "integrated_gradients"),
-         ("integrated_gradients", "gradient"), ("gradient", "random")]
+PAIRS = [
+    ("attnlrp", "ah-lrp"),
+    ("attnlrp", "integrated_gradients"),
+    ("ah-lrp", "integrated_gradients"),
+    ("integrated_gradients", "gradient"),
+    ("gradient", "random"),
+]
 
 
 def paired(methods: dict[str, Any], a: str, b: str) -> str:
@@ -107,75 +138,123 @@ def paired(methods: dict[str, Any], a: str, b: str) -> str:
 
 
 def markdown(sections: dict[str, Any], args: argparse.Namespace) -> str:
-    lines = ["# Faithfulness of explanations: LRP presets vs. baselines", "",
-             f"CPU run ({platform.machine()}, {torch.get_num_threads()} torch thread(s), shared machine: timings are "
-             f"indicative), torch {torch.__version__}. Perturbation: the input embeddings of the top-k % (MoRF) or "
-             "bottom-k % (LeRF) real tokens are set to zero for k = 0, 10, …, 100 %; the explained logit and "
-             "probability are recorded.", "",
-             "- **ABPC** = mean over k of (LeRF − MoRF logit) / |logit at 0 %| (higher is better, random ≈ 0); "
-             "± is the standard error over samples.",
-             "- **comprehensiveness** = mean drop of the target probability when the top-k % are removed "
-             "(higher is better); **sufficiency** = mean drop when only the top-k % are kept (lower is better).",
-             "- **conservation err** = |Σ relevance − logit| / |logit| (LRP presets only).",
-             f"- Integrated gradients: {args.ig_steps} midpoint steps from the zero embedding.", ""]
+    lines = [
+        "# Faithfulness of explanations: LRP presets vs. baselines",
+        "",
+        f"CPU run ({platform.machine()}, {torch.get_num_threads()} torch thread(s), shared machine: timings are "
+        f"indicative), torch {torch.__version__}. Perturbation: the input embeddings of the top-k % (MoRF) or "
+        "bottom-k % (LeRF) real tokens are set to zero for k = 0, 10, …, 100 %; the explained logit and "
+        "probability are recorded.",
+        "",
+        "- **ABPC** = mean over k of (LeRF − MoRF logit) / |logit at 0 %| (higher is better, random ≈ 0); "
+        "± is the standard error over samples.",
+        "- **comprehensiveness** = mean drop of the target probability when the top-k % are removed "
+        "(higher is better); **sufficiency** = mean drop when only the top-k % are kept (lower is better).",
+        "- **conservation err** = |Σ relevance − logit| / |logit| (LRP presets only).",
+        f"- Integrated gradients: {args.ig_steps} midpoint steps from the zero embedding.",
+        "",
+    ]
     tasks = [sections[k] for k in ("llm", "classifier") if k in sections]
     for sec in tasks:
         methods = sec["report"]["methods"]
         logit0 = torch.tensor(methods["random"]["morf_logit"])[:, 0].abs().median()
-        lines += [f"## {sec['name']}", "", f"{sec['setup']} Median |target logit| {float(logit0):.1f}.", "",
-                  sec["table"], "",
-                  "Ranking by ABPC: " + " > ".join(sec["ranking"]) + ".", "",
-                  "Paired ABPC differences (same samples):", "",
-                  *[f"- {paired(methods, a, b)}" for a, b in PAIRS if a in methods and b in methods], ""]
+        lines += [
+            f"## {sec['name']}",
+            "",
+            f"{sec['setup']} Median |target logit| {float(logit0):.1f}.",
+            "",
+            sec["table"],
+            "",
+            "Ranking by ABPC: " + " > ".join(sec["ranking"]) + ".",
+            "",
+            "Paired ABPC differences (same samples):",
+            "",
+            *[f"- {paired(methods, a, b)}" for a, b in PAIRS if a in methods and b in methods],
+            "",
+        ]
     if tasks:
-        lines += ["## Automatic rule tuning (`lxt_plus.tune`)", "",
-                  "Searched on a separate tuning split, then scored on the evaluation samples above.", "",
-                  "| task | tuned preset | trials | tuning ABPC (default → tuned) | held-out ABPC, tuned | "
-                  "held-out ABPC, best fixed preset |",
-                  "|---|---|--:|--:|--:|--:|"]
+        lines += [
+            "## Automatic rule tuning (`lxt_plus.evaluation.tune`)",
+            "",
+            "Searched on a separate tuning split, then scored on the evaluation samples above.",
+            "",
+            "| task | tuned preset | trials | tuning ABPC (default → tuned) | held-out ABPC, tuned | "
+            "held-out ABPC, best fixed preset |",
+            "|---|---|--:|--:|--:|--:|",
+        ]
         for sec in tasks:
             t = sec["tune"]
-            lines.append(f"| {sec['name'].split(',')[0]} | {t['description']} (`{t['preset_file']}`) | {t['trials']} | "
-                         f"{t['default_tuning_score']:.3f} → {t['tuning_score']:.3f} | "
-                         f"{t['held_out_abpc']:.3f} ± {t['held_out_se']:.3f} | "
-                         f"{t['best_fixed_abpc']:.3f} ± {t['best_fixed_se']:.3f} ({t['best_fixed']}) |")
+            lines.append(
+                f"| {sec['name'].split(',')[0]} | {t['description']} (`{t['preset_file']}`) | {t['trials']} | "
+                f"{t['default_tuning_score']:.3f} → {t['tuning_score']:.3f} | "
+                f"{t['held_out_abpc']:.3f} ± {t['held_out_se']:.3f} | "
+                f"{t['best_fixed_abpc']:.3f} ± {t['best_fixed_se']:.3f} ({t['best_fixed']}) |"
+            )
         lines.append("")
     if "checks" in sections:
         c = sections["checks"]
-        lines += ["## Checks", "", "### Classifier with `[MASK]` instead of zero embeddings", "",
-                  "Integrated gradients integrates from the zero embedding, the very input the perturbation test "
-                  "substitutes. Replacing removed tokens by the `[MASK]` embedding instead removes that alignment "
-                  f"(same {c['n_mask']} reviews and targets):", "", c["mask_table"], "",
-                  *[f"- {paired(c['mask_methods'], a, b)}" for a, b in PAIRS[:3]], "",
-                  "### Integrated gradients on SmolLM2: steps and completeness", "",
-                  f"Completeness error |Σ R − (f(x) − f(0))| / |f(x) − f(0)| and ABPC on the first {c['n_ig']} "
-                  "IMDB snippets:", "", c["ig_table"], "",
-                  "| IG steps | mean completeness error |", "|--:|--:|",
-                  *[f"| {k} | {v:.3f} |" for k, v in c["completeness"].items()], "",
-                  "The target logit along the straight path from the zero embedding, f(α·x), first snippet:", "",
-                  "| α | " + " | ".join(f"{a:g}" for a in c["alpha"]) + " |",
-                  "|---|" + "--:|" * len(c["alpha"]),
-                  "| logit | " + " | ".join(f"{v:.1f}" for v in c["alpha_logit"]) + " |", "",
-                  "RMSNorm rescales every token's embedding, so the logit jumps from f(0) to the size of f(x) at "
-                  "very small α, below the first midpoint 1/(2·steps): the Riemann sum misses the jump and IG "
-                  "integrates only the rest of the path. More steps do not fix this at practical step counts.", ""]
+        lines += [
+            "## Checks",
+            "",
+            "### Classifier with `[MASK]` instead of zero embeddings",
+            "",
+            "Integrated gradients integrates from the zero embedding, the very input the perturbation test "
+            "substitutes. Replacing removed tokens by the `[MASK]` embedding instead removes that alignment "
+            f"(same {c['n_mask']} reviews and targets):",
+            "",
+            c["mask_table"],
+            "",
+            *[f"- {paired(c['mask_methods'], a, b)}" for a, b in PAIRS[:3]],
+            "",
+            "### Integrated gradients on SmolLM2: steps and completeness",
+            "",
+            f"Completeness error |Σ R − (f(x) − f(0))| / |f(x) − f(0)| and ABPC on the first {c['n_ig']} "
+            "IMDB snippets:",
+            "",
+            c["ig_table"],
+            "",
+            "| IG steps | mean completeness error |",
+            "|--:|--:|",
+            *[f"| {k} | {v:.3f} |" for k, v in c["completeness"].items()],
+            "",
+            "The target logit along the straight path from the zero embedding, f(α·x), first snippet:",
+            "",
+            "| α | " + " | ".join(f"{a:g}" for a in c["alpha"]) + " |",
+            "|---|" + "--:|" * len(c["alpha"]),
+            "| logit | " + " | ".join(f"{v:.1f}" for v in c["alpha_logit"]) + " |",
+            "",
+            "RMSNorm rescales every token's embedding, so the logit jumps from f(0) to the size of f(x) at "
+            "very small α, below the first midpoint 1/(2·steps): the Riemann sum misses the jump and IG "
+            "integrates only the rest of the path. More steps do not fix this at practical step counts.",
+            "",
+        ]
     return "\n".join(lines)
 
 
 def run_checks(args: argparse.Namespace) -> dict[str, Any]:
     """The classifier with ``[MASK]`` replacement, and integrated gradients' completeness on SmolLM2."""
-    from lxt_plus.baselines import embed, output_logits
-    from lxt_plus.models import load_sentiment_classifier, load_smollm2
+    from lxt_plus.demo import load_sentiment_classifier, load_smollm2
+    from lxt_plus.evaluation.baselines import embed, output_logits
 
     model, tok = load_sentiment_classifier()
     rows = rt_reviews(tok, args.samples)
     ig = functools.partial(integrated_gradients, steps=args.ig_steps, batch_size=args.ig_steps)
-    methods = {"attnlrp": "attnlrp", "ah-lrp": "ah-lrp", "integrated_gradients": ig, "gradient": "gradient",
-               "random": "random"}
-    masked = evaluate(model, rows, methods, tokenizer=tok, replacement=tok.mask_token, progress=True, warmup=True)
+    methods = {
+        "attnlrp": "attnlrp",
+        "ah-lrp": "ah-lrp",
+        "integrated_gradients": ig,
+        "gradient": "gradient",
+        "random": "random",
+    }
+    masked = evaluate(
+        model, rows, methods, tokenizer=tok, replacement=tok.mask_token, progress=True, warmup=True
+    )
     print(masked.table(), flush=True)
-    out: dict[str, Any] = {"n_mask": len(rows), "mask_table": masked.table(),
-                           "mask_methods": masked.to_dict()["methods"]}
+    out: dict[str, Any] = {
+        "n_mask": len(rows),
+        "mask_table": masked.table(),
+        "mask_methods": masked.to_dict()["methods"],
+    }
     model, tok = load_smollm2()
     rows = imdb_snippets(tok, args.ig_check_samples)
     gaps: dict[int, list[float]] = {}
@@ -185,23 +264,32 @@ def run_checks(args: argparse.Namespace) -> dict[str, Any]:
             rel = integrated_gradients(m, ids, mask, target, steps=steps, batch_size=16)
             with torch.no_grad():
                 x = embed(m, ids)
-                delta = float(output_logits(m, x)[0, int(target[0])] - output_logits(m, x * 0)[0, int(target[0])])
+                delta = float(
+                    output_logits(m, x)[0, int(target[0])] - output_logits(m, x * 0)[0, int(target[0])]
+                )
             gaps.setdefault(steps, []).append(abs(float(rel.sum()) - delta) / max(abs(delta), 1e-6))
             return rel
 
         method.__name__ = f"integrated_gradients ({steps} steps)"
         return method
 
-    methods = {"attnlrp": "attnlrp", **{f"integrated_gradients ({s} steps)": ig_with_check(s)
-                                        for s in (args.ig_steps, 4 * args.ig_steps)}}
+    methods = {
+        "attnlrp": "attnlrp",
+        **{f"integrated_gradients ({s} steps)": ig_with_check(s) for s in (args.ig_steps, 4 * args.ig_steps)},
+    }
     report = evaluate(model, rows, methods, tokenizer=tok, progress=True, warmup=True)
     print(report.table(), flush=True)
     alphas = [0.0, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 0.5, 0.7, 1.0]
     with torch.no_grad():
         x = embed(model, rows[0][None])
         path = output_logits(model, torch.tensor(alphas)[:, None, None] * x)[:, report.targets[0]]
-    out.update(n_ig=len(rows), ig_table=report.table(), alpha=alphas, alpha_logit=path.tolist(),
-               completeness={str(k): sum(v[1:]) / len(v[1:]) for k, v in gaps.items()})  # [0]: warm-up
+    out.update(
+        n_ig=len(rows),
+        ig_table=report.table(),
+        alpha=alphas,
+        alpha_logit=path.tolist(),
+        completeness={str(k): sum(v[1:]) / len(v[1:]) for k, v in gaps.items()},
+    )  # [0]: warm-up
     return out
 
 
@@ -210,12 +298,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=None, help="evaluation samples per task (default 40)")
     parser.add_argument("--quick", action="store_true", help="a small smoke run (6 samples, short tuning)")
     parser.add_argument("--part", choices=["all", "llm", "classifier", "checks"], default="all")
-    parser.add_argument("--ig-check-samples", type=int, default=None,
-                        help="SmolLM2 snippets for the integrated-gradients check (default 8)")
-    parser.add_argument("--tune-samples", type=int, default=None,
-                        help="tuning samples per task (default 10 for the LLM, 20 for the classifier)")
-    parser.add_argument("--tune-trials", type=int, default=None,
-                        help="tuning budget in trials (default 12 for the LLM, 20 for the classifier)")
+    parser.add_argument(
+        "--ig-check-samples",
+        type=int,
+        default=None,
+        help="SmolLM2 snippets for the integrated-gradients check (default 8)",
+    )
+    parser.add_argument(
+        "--tune-samples",
+        type=int,
+        default=None,
+        help="tuning samples per task (default 10 for the LLM, 20 for the classifier)",
+    )
+    parser.add_argument(
+        "--tune-trials",
+        type=int,
+        default=None,
+        help="tuning budget in trials (default 12 for the LLM, 20 for the classifier)",
+    )
     parser.add_argument("--ig-steps", type=int, default=None, help="integrated-gradients steps")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
@@ -237,29 +337,55 @@ def main(argv: list[str] | None = None) -> None:
         print(text, flush=True)
 
     if args.part in ("all", "llm"):
-        from lxt_plus.models import load_smollm2
+        from lxt_plus.demo import load_smollm2
 
         model, tok = load_smollm2()
-        n_tune, args.trials = args.tune_samples or (4 if quick else 10), args.tune_trials or (4 if quick else 12)
+        n_tune, args.trials = (
+            args.tune_samples or (4 if quick else 10),
+            args.tune_trials or (4 if quick else 12),
+        )
         rows = imdb_snippets(tok, args.samples + n_tune)
-        setup = (f"SmolLM2-135M-Instruct (float32), target: the predicted next token after the first 48 tokens of "
-                 f"{args.samples} shuffled IMDB reviews; tuning split: {n_tune} other reviews.")
-        sections["llm"] = run_task("llm", "SmolLM2-135M, next token on IMDB snippets", model, tok, rows[: args.samples],
-                                   rows[args.samples :], args, {"setup": setup})
+        setup = (
+            f"SmolLM2-135M-Instruct (float32), target: the predicted next token after the first 48 tokens of "
+            f"{args.samples} shuffled IMDB reviews; tuning split: {n_tune} other reviews."
+        )
+        sections["llm"] = run_task(
+            "llm",
+            "SmolLM2-135M, next token on IMDB snippets",
+            model,
+            tok,
+            rows[: args.samples],
+            rows[args.samples :],
+            args,
+            {"setup": setup},
+        )
         save()
         del model
     if args.part in ("all", "classifier"):
-        from lxt_plus.models import load_sentiment_classifier, train_sentiment
+        from lxt_plus.demo import load_sentiment_classifier, train_sentiment
 
         model, tok = load_sentiment_classifier()
         accuracy = train_sentiment().test_accuracy  # reuses the saved model
-        n_tune, args.trials = args.tune_samples or (4 if quick else 20), args.tune_trials or (4 if quick else 20)
+        n_tune, args.trials = (
+            args.tune_samples or (4 if quick else 20),
+            args.tune_trials or (4 if quick else 20),
+        )
         rows = rt_reviews(tok, args.samples + n_tune)
-        setup = (f"all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes (held-out accuracy {accuracy:.3f}), target: the "
-                 f"predicted class of {args.samples} held-out reviews; tuning split: {n_tune} other "
-                 "held-out reviews.")
-        sections["classifier"] = run_task("classifier", "MiniLM sentiment classifier, held-out Rotten Tomatoes", model, tok,
-                                          rows[: args.samples], rows[args.samples :], args, {"setup": setup})
+        setup = (
+            f"all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes (held-out accuracy {accuracy:.3f}), target: the "
+            f"predicted class of {args.samples} held-out reviews; tuning split: {n_tune} other "
+            "held-out reviews."
+        )
+        sections["classifier"] = run_task(
+            "classifier",
+            "MiniLM sentiment classifier, held-out Rotten Tomatoes",
+            model,
+            tok,
+            rows[: args.samples],
+            rows[args.samples :],
+            args,
+            {"setup": setup},
+        )
         save()
     if args.part in ("all", "checks"):
         sections["checks"] = run_checks(args)

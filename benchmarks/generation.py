@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 import lxt_plus
-from lxt_plus.models import load_smollm2
+from lxt_plus.demo import load_smollm2
 
 PROMPT = "The Eiffel Tower was built in 1889 for the World's Fair in Paris. It became famous because"
 
@@ -51,8 +51,10 @@ def main() -> None:
     gen = lxt_plus.explain_generation(model, tokenizer, PROMPT, args.new_tokens, rules=args.rules)
     ids, n_p = gen.token_ids, gen.prompt_length
     n = len(ids) - n_p
-    print(f"SmolLM2-135M-Instruct, {torch.get_num_threads()} threads, preset {args.rules}: "
-          f"{n_p} prompt tokens, {n} generated: {gen.text!r}")
+    print(
+        f"SmolLM2-135M-Instruct, {torch.get_num_threads()} threads, preset {args.rules}: "
+        f"{n_p} prompt tokens, {n} generated: {gen.text!r}"
+    )
     cont = ids[n_p:]
     mid = n_p + n // 2
 
@@ -66,8 +68,10 @@ def main() -> None:
         return lxt_plus.explain(model, ids[:mid], target=int(ids[mid]), rules=args.rules)
 
     def loop() -> object:
-        return [lxt_plus.explain(model, ids[: n_p + t], target=int(ids[n_p + t]), rules=args.rules)
-                for t in range(n)]
+        return [
+            lxt_plus.explain(model, ids[: n_p + t], target=int(ids[n_p + t]), rules=args.rules)
+            for t in range(n)
+        ]
 
     t_attr = timed(attribution, args.repeats)
     t_gen = timed(with_generation, args.repeats)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import lxt_plus
-from lxt_plus import rules as R
+from lxt_plus.engine import rules as R
 
 RULES: dict[str, R.Rule | None] = {
     "plain": None,

@@ -57,7 +57,7 @@ def _input_ids(tokenizer: Any, length: int) -> Any:
     import torch
 
     try:
-        from lxt_plus.models import load_movie_reviews
+        from lxt_plus.demo import load_movie_reviews
 
         text = " ".join(t for t, _ in load_movie_reviews("imdb")[:200])
     except Exception:  # noqa: BLE001 - the benchmark works without the data package
@@ -111,23 +111,49 @@ def worker(mode: str, length: int, folder: str, limit_gb: float, threads: int) -
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     peak = _peak_kb()
-    return {"mode": mode, "length": length, "seconds": seconds, "peak_mb": peak / 1024,
-            "extra_mb": (peak - before) / 1024 if resettable else None, "weights_rss_mb": before / 1024,
-            "forward_seconds": forward_seconds,
-            "cpu_seconds": cpu_seconds, "forward_cpu_seconds": forward_cpu,
-            "threads": torch.get_num_threads(), "load": os.getloadavg()[0], "error": error}
+    return {
+        "mode": mode,
+        "length": length,
+        "seconds": seconds,
+        "peak_mb": peak / 1024,
+        "extra_mb": (peak - before) / 1024 if resettable else None,
+        "weights_rss_mb": before / 1024,
+        "forward_seconds": forward_seconds,
+        "cpu_seconds": cpu_seconds,
+        "forward_cpu_seconds": forward_cpu,
+        "threads": torch.get_num_threads(),
+        "load": os.getloadavg()[0],
+        "error": error,
+    }
 
 
 def _run_config(mode: str, length: int, folder: str, limit_gb: float, threads: int) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--worker", mode, str(length), "--folder", folder,
-           "--mem-limit-gb", str(limit_gb), "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        mode,
+        str(length),
+        "--folder",
+        folder,
+        "--mem-limit-gb",
+        str(limit_gb),
+        "--threads",
+        str(threads),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
     tail = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-    return {"mode": mode, "length": length, "seconds": None, "peak_mb": None, "extra_mb": None,
-            "error": f"worker died (status {done.returncode}): {tail[:160]}"}
+    return {
+        "mode": mode,
+        "length": length,
+        "seconds": None,
+        "peak_mb": None,
+        "extra_mb": None,
+        "error": f"worker died (status {done.returncode}): {tail[:160]}",
+    }
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -138,18 +164,24 @@ def table(results: list[dict[str, Any]], limit_gb: float) -> str:
     """The Markdown report: raw measurements and ratios to the forward baseline."""
     by = {(r["mode"], r["length"]): r for r in results}
     loads = [r["load"] for r in results if r.get("load") is not None]
-    load = f", load average {min(loads):.1f}–{max(loads):.1f} (other work inflates wall times)" if loads else ""
-    lines = ["# explain at long contexts: SmolLM2-135M (float32, CPU)", "",
-             f"{os.cpu_count()} CPU cores, torch threads {results[0].get('threads', '?')}{load}; each configuration "
-             f"once in a fresh process, address space limited to {limit_gb:g} GiB. Forward: no grad, "
-             "`logits_to_keep=1`. Peak = resident high-water mark during the call; extra = peak minus "
-             "resident size before the call; time ÷ forward divides by a no-grad forward timed in the same "
-             "process just before; CPU = the process's CPU time over all its threads, which other work on "
-             "the machine inflates much less than wall time (the weights are about "
-             f"{_fmt(results[0].get('weights_rss_mb'), '.0f')} MB of resident memory).", "",
-             "| tokens | mode | wall (s) | CPU (s) | peak (MB) | extra (MB) | wall ÷ forward | CPU ÷ forward "
-             "| peak ÷ forward peak | note |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    load = (
+        f", load average {min(loads):.1f}–{max(loads):.1f} (other work inflates wall times)" if loads else ""
+    )
+    lines = [
+        "# explain at long contexts: SmolLM2-135M (float32, CPU)",
+        "",
+        f"{os.cpu_count()} CPU cores, torch threads {results[0].get('threads', '?')}{load}; each configuration "
+        f"once in a fresh process, address space limited to {limit_gb:g} GiB. Forward: no grad, "
+        "`logits_to_keep=1`. Peak = resident high-water mark during the call; extra = peak minus "
+        "resident size before the call; time ÷ forward divides by a no-grad forward timed in the same "
+        "process just before; CPU = the process's CPU time over all its threads, which other work on "
+        "the machine inflates much less than wall time (the weights are about "
+        f"{_fmt(results[0].get('weights_rss_mb'), '.0f')} MB of resident memory).",
+        "",
+        "| tokens | mode | wall (s) | CPU (s) | peak (MB) | extra (MB) | wall ÷ forward | CPU ÷ forward "
+        "| peak ÷ forward peak | note |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for length in sorted({r["length"] for r in results}):
         base = by.get(("forward", length), {})
         for mode in MODES:
@@ -158,21 +190,27 @@ def table(results: list[dict[str, Any]], limit_gb: float) -> str:
                 continue
             ok = r.get("error") is None
             t_ratio = r["seconds"] / r["forward_seconds"] if ok and r.get("forward_seconds") else None
-            c_ratio = r["cpu_seconds"] / r["forward_cpu_seconds"] if ok and r.get("forward_cpu_seconds") else None
+            c_ratio = (
+                r["cpu_seconds"] / r["forward_cpu_seconds"] if ok and r.get("forward_cpu_seconds") else None
+            )
             m_ratio = r["peak_mb"] / base["peak_mb"] if ok and base.get("peak_mb") else None
-            lines.append(f"| {length} | {mode} | {_fmt(r['seconds'] if ok else None, '.2f')} | "
-                         f"{_fmt(r.get('cpu_seconds') if ok else None, '.2f')} | "
-                         f"{_fmt(r['peak_mb'] if ok else None, '.0f')} | {_fmt(r['extra_mb'] if ok else None, '.0f')} | "
-                         f"{_fmt(t_ratio, '.2f')} | {_fmt(c_ratio, '.2f')} | {_fmt(m_ratio, '.2f')} | "
-                         f"{r.get('error') or ''} |")
+            lines.append(
+                f"| {length} | {mode} | {_fmt(r['seconds'] if ok else None, '.2f')} | "
+                f"{_fmt(r.get('cpu_seconds') if ok else None, '.2f')} | "
+                f"{_fmt(r['peak_mb'] if ok else None, '.0f')} | {_fmt(r['extra_mb'] if ok else None, '.0f')} | "
+                f"{_fmt(t_ratio, '.2f')} | {_fmt(c_ratio, '.2f')} | {_fmt(m_ratio, '.2f')} | "
+                f"{r.get('error') or ''} |"
+            )
     lines += ["", "Checkpointing ÷ plain explain", ""]
     lines += ["| tokens | extra memory | wall time | CPU time |", "|---:|---:|---:|---:|"]
     for length in sorted({r["length"] for r in results}):
         a, b = by.get(("explain+ckpt", length), {}), by.get(("explain", length), {})
         if a.get("error") or b.get("error") or not a.get("extra_mb") or not b.get("extra_mb"):
             continue
-        lines.append(f"| {length} | {a['extra_mb'] / b['extra_mb']:.2f} | {a['seconds'] / b['seconds']:.2f} | "
-                     f"{a['cpu_seconds'] / b['cpu_seconds']:.2f} |")
+        lines.append(
+            f"| {length} | {a['extra_mb'] / b['extra_mb']:.2f} | {a['seconds'] / b['seconds']:.2f} | "
+            f"{a['cpu_seconds'] / b['cpu_seconds']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -180,7 +218,7 @@ def _save_plain(folder: str) -> None:
     """SmolLM2 dequantised once from GGUF and saved as plain safetensors (fast to load per worker)."""
     import copy
 
-    from lxt_plus.models import load_smollm2
+    from lxt_plus.demo import load_smollm2
 
     model, tokenizer = load_smollm2()
     config = copy.deepcopy(model.config)
@@ -196,12 +234,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--mem-limit-gb", type=float, default=14.0,
-                        help="address-space limit per worker (0: none)")
+    parser.add_argument(
+        "--mem-limit-gb", type=float, default=14.0, help="address-space limit per worker (0: none)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--from-json", type=Path, help="print the table of a previous run's scale.json")
-    parser.add_argument("--model-dir", help="SmolLM2 already saved as safetensors (skips the GGUF conversion)")
+    parser.add_argument(
+        "--model-dir", help="SmolLM2 already saved as safetensors (skips the GGUF conversion)"
+    )
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--worker", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

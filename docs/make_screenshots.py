@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 import lxt_plus
-from lxt_plus import models
+from lxt_plus import demo as models
 from lxt_plus.render.latent import plot_layers
 
 torch.set_num_threads(1)

@@ -21,6 +21,7 @@ __all__ = [
     "patched",
     "explain",
     "explain_generation",
+    "explore",
     "audit",
     "evaluate",
     "tune",
@@ -41,38 +42,40 @@ __all__ = [
 
 # public name -> the submodule defining it
 _LAZY = {
-    "audit": "audit",
+    "audit": "evaluation.audit",
     "LxtPlusError": "errors",
-    "explain": "explain",
-    "explain_generation": "generation",
-    "evaluate": "evaluate",
-    "tune": "tune",
-    "Handle": "patching",
-    "patch": "patching",
-    "patched": "patching",
-    "PRESETS": "plan",
-    "Preset": "plan",
-    "get_preset": "plan",
-    "list_presets": "plan",
-    "load_preset": "plan",
-    "list_rules": "rules",
-    "register_rule": "rules",
-    "Explanation": "result",
-    "GenerationExplanation": "result",
-    "Target": "result",
+    "explain": "api.explain",
+    "explain_generation": "api.generation",
+    "explore": "api.explore",
+    "evaluate": "evaluation.evaluate",
+    "tune": "evaluation.tune",
+    "Handle": "engine.patching",
+    "patch": "engine.patching",
+    "patched": "engine.patching",
+    "PRESETS": "engine.plan",
+    "Preset": "engine.plan",
+    "get_preset": "engine.plan",
+    "list_presets": "engine.plan",
+    "load_preset": "engine.plan",
+    "list_rules": "engine.rules",
+    "register_rule": "engine.rules",
+    "Explanation": "results.result",
+    "GenerationExplanation": "results.result",
+    "Target": "results.result",
 }
 
 if TYPE_CHECKING:
-    from .audit import audit
-    from .errors import LxtPlusError
-    from .evaluate import evaluate
-    from .explain import explain
-    from .generation import explain_generation
-    from .patching import Handle, patch, patched
-    from .plan import PRESETS, Preset, get_preset, list_presets, load_preset
-    from .result import Explanation, GenerationExplanation, Target
-    from .rules import list_rules, register_rule
-    from .tune import tune
+    from lxt_plus.api.explain import explain
+    from lxt_plus.api.explore import explore
+    from lxt_plus.api.generation import explain_generation
+    from lxt_plus.engine.patching import Handle, patch, patched
+    from lxt_plus.engine.plan import PRESETS, Preset, get_preset, list_presets, load_preset
+    from lxt_plus.engine.rules import list_rules, register_rule
+    from lxt_plus.errors import LxtPlusError
+    from lxt_plus.evaluation.audit import audit
+    from lxt_plus.evaluation.evaluate import evaluate
+    from lxt_plus.evaluation.tune import tune
+    from lxt_plus.results.result import Explanation, GenerationExplanation, Target
 
 
 class _Package(types.ModuleType):
@@ -84,7 +87,7 @@ class _Package(types.ModuleType):
     """
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name:
+        if isinstance(value, types.ModuleType) and _LAZY.get(name, "").rsplit(".", 1)[-1] == name:
             return
         super().__setattr__(name, value)
 

@@ -37,7 +37,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from .errors import InputError, MissingDependencyError
+from lxt_plus.errors import InputError, MissingDependencyError
 
 try:
     from captum._utils.common import (
@@ -55,10 +55,10 @@ except ImportError as exc:  # pragma: no cover - the test suite installs captum
         "lxt_plus.captum needs Captum: pip install 'lxt_plus[captum]' (or pip install captum)"
     ) from exc
 
-from .detect import is_hf_model
-from .explain import explaining
-from .functional import acc, input_relevance
-from .plan import Preset
+from lxt_plus.api.explain import explaining
+from lxt_plus.engine.detect import is_hf_model
+from lxt_plus.engine.functional import acc, input_relevance
+from lxt_plus.engine.plan import Preset
 
 __all__ = ["LRP", "LayerLRP"]
 
@@ -153,7 +153,7 @@ class LRP(_LxtAttribution, GradientAttribution):
         ``(batch, n_outputs)`` scores (or one scalar per example).
     rules:
         Preset name (``"attnlrp"``, ``"cp-lrp"``, ``"ah-lrp"``, ...), YAML path or
-        :class:`~lxt_plus.plan.Preset`.
+        :class:`~lxt_plus.engine.plan.Preset`.
     model:
         The ``nn.Module`` to patch, when ``forward_func`` is a function. Found automatically when it
         is a bound method of a module or an object with a ``.model`` module (inseq's models).
@@ -229,7 +229,7 @@ class LayerLRP(_LxtAttribution, LayerAttribution, GradientAttribution):
     layer:
         The module whose output (``attribute_to_layer_input=False``) or input is attributed.
     rules:
-        Preset name, YAML path or :class:`~lxt_plus.plan.Preset`.
+        Preset name, YAML path or :class:`~lxt_plus.engine.plan.Preset`.
     model:
         The ``nn.Module`` to patch, when ``forward_func`` is a function (see :class:`LRP`).
     strict:

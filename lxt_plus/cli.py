@@ -18,9 +18,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__
-from .errors import ConfigError, InputError, LxtPlusError, PresetError, TargetError, TargetWarning
-from .render import COLOR_MODES, EXPLANATION_FORMATS, GENERATION_FORMATS, IMAGE_FORMATS, use_color
+from lxt_plus import __version__
+from lxt_plus.errors import ConfigError, InputError, LxtPlusError, PresetError, TargetError, TargetWarning
+from lxt_plus.render import COLOR_MODES, EXPLANATION_FORMATS, GENERATION_FORMATS, IMAGE_FORMATS, use_color
 
 __all__ = ["EXIT_CODES", "EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
@@ -271,7 +271,7 @@ def _format(args: argparse.Namespace, formats: Sequence[str]) -> str:
 def _check_token_targets(model: Any, tokenizer: Any, specs: dict[str, Any], strict: bool) -> None:
     """Resolve string targets of a causal LM once, before any work: a warning prints once, and
     ``--strict-target`` fails fast (before a progress bar starts)."""
-    from .explain import model_kind, resolve_token
+    from lxt_plus.api.explain import model_kind, resolve_token
 
     if tokenizer is None or model_kind(model) != "causal-lm":
         return
@@ -291,8 +291,8 @@ def _check_rules(args: argparse.Namespace) -> Any:
     come fast)."""
     import yaml
 
-    from .errors import ConfigError
-    from .plan import get_preset
+    from lxt_plus.engine.plan import get_preset
+    from lxt_plus.errors import ConfigError
 
     preset = get_preset(args.rules)
     for text in args.override or []:  # as preset.override(...) chained: the last one given is tried first
@@ -328,7 +328,7 @@ def _add_override(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(name: str | None) -> tuple[Any, Any]:
-    from . import models
+    from lxt_plus import demo as models
 
     if name is None:
         return models.load_smollm2()
@@ -376,7 +376,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     _nonempty(args.text, "TEXT")
     fmt = _format(args, EXPLAIN_FORMATS)
     rules = _check_rules(args)
-    from .explain import explain
+    from lxt_plus.api.explain import explain
 
     model, tokenizer = _load(args.model)
     target, contrast = _spec(args.target), _spec(args.contrast)
@@ -401,7 +401,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise _UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     fmt = _format(args, GENERATE_FORMATS)
     rules = _check_rules(args)
-    from .generation import explain_generation
+    from lxt_plus.api.generation import explain_generation
 
     model, tokenizer = _load(args.model)
     gen = explain_generation(
@@ -412,7 +412,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from .audit import audit
+    from lxt_plus.evaluation.audit import audit
 
     rules = _check_rules(args)
     model, _ = _load(args.model)
@@ -429,7 +429,7 @@ def _cmd_explain_file(args: argparse.Namespace) -> int:
     if not source.is_file():
         raise InputError(f"input file {str(source)!r} does not exist")
     out = Path(args.out) if args.out else source.with_suffix(".relevance.jsonl")
-    from .dataset import explain_dataset
+    from lxt_plus.api.dataset import explain_dataset
 
     model, tokenizer = _load(args.model)
     _check_token_targets(model, tokenizer, {"target": _spec(args.target)}, args.strict_target)
@@ -450,7 +450,7 @@ def _cmd_explain_file(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_sentiment(args: argparse.Namespace) -> int:
-    from .models import train_sentiment
+    from lxt_plus.demo import train_sentiment
 
     result = train_sentiment(args.out, force=args.force, progress=True)
     state = "trained" if result.trained else "loaded (use --force to retrain)"
@@ -484,7 +484,7 @@ def _quiet(debug: bool, strict_target: bool) -> Iterator[None]:
         if debug:
             yield
             return
-        from .hf import quiet_transformers
+        from lxt_plus.engine.hf import quiet_transformers
 
         with quiet_transformers(progress_bars=False):
             yield

@@ -6,6 +6,9 @@ Messages say what happened, where, what was expected and how to fix it.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 __all__ = [
     "LxtPlusError",
     "UnsupportedModelError",
@@ -23,6 +26,7 @@ __all__ = [
     "OutOfMemoryError",
     "LxtPlusWarning",
     "TargetWarning",
+    "nearest",
 ]
 
 
@@ -93,3 +97,9 @@ class TargetWarning(LxtPlusWarning):
     """A target that is probably not what was meant: several tokens, a missing leading space, a class
     label given to a causal LM. ``strict_target=True`` (``--strict-target``) turns it into a
     :class:`TargetError`."""
+
+
+def nearest(word: str, options: Iterable[str]) -> str:
+    """The hint of an error message for a misspelt name: `` (did you mean 'x'?)`` or ``""``."""
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

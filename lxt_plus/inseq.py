@@ -12,7 +12,7 @@ method with inseq, backed by :class:`lxt_plus.captum.LRP`::
 inseq attributes each generated token to the source (encoder-decoder models) and to the target
 prefix, from the input embeddings; summed over the hidden dimension, a step's relevance equals
 :func:`lxt_plus.explain` of that token given its prefix. :func:`register_method` adds a method
-for any other preset (a registered name, a YAML path or a :class:`~lxt_plus.plan.Preset`).
+for any other preset (a registered name, a YAML path or a :class:`~lxt_plus.engine.plan.Preset`).
 
 inseq is an optional dependency: ``pip install --no-deps inseq jaxtyping 'typeguard<=2.13.3'
 treescope`` (its own metadata pins CUDA wheels that this feature does not need).
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import MissingDependencyError
+from lxt_plus.errors import MissingDependencyError
 
 try:
     from inseq.attr.feat.gradient_attribution import GradientAttributionRegistry
@@ -31,8 +31,8 @@ except ImportError as exc:  # pragma: no cover - the test suite installs inseq
         "lxt_plus.inseq needs inseq: pip install --no-deps inseq jaxtyping 'typeguard<=2.13.3' treescope"
     ) from exc
 
-from .captum import LRP
-from .plan import Preset
+from lxt_plus.captum import LRP
+from lxt_plus.engine.plan import Preset
 
 __all__ = ["register_method", "METHODS"]
 
@@ -49,7 +49,7 @@ def register_method(method_name: str, rules: str | Preset | dict[str, Any]) -> t
     method_name:
         The name to give ``inseq.load_model(model, method_name, ...)``.
     rules:
-        Preset name, YAML path or :class:`~lxt_plus.plan.Preset`.
+        Preset name, YAML path or :class:`~lxt_plus.engine.plan.Preset`.
 
     Returns
     -------

@@ -10,10 +10,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InputError
+from lxt_plus.errors import InputError
 
 if TYPE_CHECKING:
-    from ..result import Explanation, GenerationExplanation
+    from lxt_plus.results.result import Explanation, GenerationExplanation
 
 __all__ = [
     "COLOR_MODES",
@@ -66,7 +66,7 @@ def _suffix(path: str | os.PathLike[str], valid: tuple[str, ...], what: str) -> 
     return suffix
 
 
-def _page(fragment: str, title: str) -> str:
+def html_page(fragment: str, title: str) -> str:
     from html import escape
 
     return (
@@ -88,7 +88,7 @@ def save_explanation(exp: Explanation, path: str | os.PathLike[str], dpi: int = 
         The explanation.
     path:
         Ends in ``.png``/``.pdf``/``.svg`` (matplotlib figure), ``.html`` (a page around
-        :func:`~lxt_plus.render.html.explanation_html`), ``.json`` (:func:`~lxt_plus.serialize.explanation_to_dict`)
+        :func:`~lxt_plus.render.html.explanation_html`), ``.json`` (:func:`~lxt_plus.results.serialize.explanation_to_dict`)
         or ``.tex`` (:func:`~lxt_plus.render.latex.explanation_latex`).
     dpi:
         Resolution of ``.png`` files.
@@ -102,20 +102,20 @@ def save_explanation(exp: Explanation, path: str | os.PathLike[str], dpi: int = 
     """
     suffix = _suffix(path, EXPLANATION_SUFFIXES, "an explanation")
     if suffix in _IMAGE:
-        from .mpl import plot_explanation
+        from lxt_plus.render.mpl import plot_explanation
 
         _save_figure(plot_explanation(exp, **kw), path, dpi)
         return
     if suffix == ".html":
-        from .html import explanation_html
+        from lxt_plus.render.html import explanation_html
 
-        text = _page(explanation_html(exp, **kw), f"lxt_plus: {exp.targets[0].describe()}")
+        text = html_page(explanation_html(exp, **kw), f"lxt_plus: {exp.targets[0].describe()}")
     elif suffix == ".json":
-        from ..serialize import explanation_to_dict
+        from lxt_plus.results.serialize import explanation_to_dict
 
         text = json.dumps(explanation_to_dict(exp), **kw)
     else:
-        from .latex import explanation_latex
+        from lxt_plus.render.latex import explanation_latex
 
         text = explanation_latex(exp, **kw)
     Path(path).write_text(text, encoding="utf-8")
@@ -136,16 +136,16 @@ def save_generation(
     """
     suffix = _suffix(path, GENERATION_SUFFIXES, "a generation explanation")
     if suffix in _IMAGE:
-        from .mpl import plot_generation
+        from lxt_plus.render.mpl import plot_generation
 
         _save_figure(plot_generation(gen, **kw), path, dpi)
         return
     if suffix == ".html":
-        from .html import generation_html
+        from lxt_plus.render.html import generation_html
 
-        text = _page(generation_html(gen, **kw), "lxt_plus: generation")
+        text = html_page(generation_html(gen, **kw), "lxt_plus: generation")
     else:
-        from ..serialize import generation_to_dict
+        from lxt_plus.results.serialize import generation_to_dict
 
         text = json.dumps(generation_to_dict(gen), **kw)
     Path(path).write_text(text, encoding="utf-8")

@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import InputError, MissingDependencyError
-from ..words import NEWLINE_SYMBOL, aggregate_words, detect_scheme, display_token
+from lxt_plus.errors import InputError, MissingDependencyError
+from lxt_plus.results.words import NEWLINE_SYMBOL, aggregate_words, detect_scheme, display_token
 
 if TYPE_CHECKING:
-    from ..result import Explanation
+    from lxt_plus.results.result import Explanation
 
 
 def require(module: str, feature: str) -> Any:

@@ -15,17 +15,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..words import NEWLINE_SYMBOL, display_token
-from ..words import normalize as _normalize
-from . import colors
-from ._common import conservation_note, header_fields, legend_labels, row_indices, row_items
+from lxt_plus.render import colors
+from lxt_plus.render._common import conservation_note, header_fields, legend_labels, row_indices, row_items
+from lxt_plus.results.words import NEWLINE_SYMBOL, display_token
+from lxt_plus.results.words import normalize as _normalize
 
 if TYPE_CHECKING:
-    from ..result import Explanation, GenerationExplanation
+    from lxt_plus.results.result import Explanation, GenerationExplanation
 
 __all__ = ["explanation_html", "generation_html"]
 
-_CSS = """<style>
+CSS = """<style>
 .lxt{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;color:#1f2328;background:#fff;
  padding:8px 10px;line-height:1.5;max-width:100%}
 .lxt-row{margin-bottom:12px}
@@ -42,7 +42,7 @@ _CSS = """<style>
 </style>"""
 
 
-def _legend(limit: float, ids: bool = False) -> str:
+def legend_html(limit: float, ids: bool = False) -> str:
     lo, mid, hi = legend_labels(limit)
     lo_attr, hi_attr = (' class="lxt-lo"', ' class="lxt-hi"') if ids else ("", "")
     return (
@@ -56,7 +56,7 @@ def _note(exp: Explanation, r: int) -> str:
     return f'<div class="lxt-note">{escape(conservation_note(exp, r))}</div>'
 
 
-def _span(text: str, value: float, norm: float, cls: str = "lxt-tok") -> str:
+def token_span(text: str, value: float, norm: float, cls: str = "lxt-tok") -> str:
     style = f"background:{colors.hex_color(norm)};color:{colors.text_color(norm)}"
     span = f'<span class="{cls}" style="{style}" title="relevance {value:+.6g}">{escape(text)}</span>'
     return span + ("<br>" if NEWLINE_SYMBOL in text else "")
@@ -71,7 +71,7 @@ def _header(fields: list[tuple[str, str]]) -> str:
 
 
 def _pixels_html(exp: Explanation, r: int, normalize: str) -> str:
-    from .mpl import plot_explanation
+    from lxt_plus.render.mpl import plot_explanation
 
     fig = plot_explanation(exp, row=r, normalize=normalize)
     buf = io.BytesIO()
@@ -100,7 +100,7 @@ def explanation_html(
     row:
         Row of a batch to show; ``None`` shows every row.
     normalize:
-        ``"max"``, ``"sum"`` or ``"none"``, see :func:`lxt_plus.words.normalize`; applied per row.
+        ``"max"``, ``"sum"`` or ``"none"``, see :func:`lxt_plus.results.words.normalize`; applied per row.
     words:
         Merge sub-word tokens into words first (relevance summed).
     hide_special:
@@ -111,7 +111,7 @@ def explanation_html(
     str
         HTML without external resources, safe to embed (all text is escaped).
     """
-    parts = [f'<div class="lxt">{_CSS}']
+    parts = [f'<div class="lxt">{CSS}']
     for r in row_indices(exp, row):
         parts.append('<div class="lxt-row">' + _header(header_fields(exp, r)))
         if exp.modality == "pixels":
@@ -119,13 +119,13 @@ def explanation_html(
             continue
         texts, rel = row_items(exp, r, words, hide_special)
         norm = _normalize(rel, normalize)
-        spans = "".join(_span(t, float(v), float(n)) for t, v, n in zip(texts, rel, norm, strict=True))
+        spans = "".join(token_span(t, float(v), float(n)) for t, v, n in zip(texts, rel, norm, strict=True))
         parts.append(f'<div class="lxt-tokens" dir="auto">{spans}</div>')
-        parts.append(_legend(colors.color_limit(rel, normalize)) + _note(exp, r) + "</div>")
+        parts.append(legend_html(colors.color_limit(rel, normalize)) + _note(exp, r) + "</div>")
     return "".join(parts) + "</div>"
 
 
-def _safe_json(data: object) -> str:
+def safe_json(data: object) -> str:
     """JSON that cannot end a ``<script>`` element or open an HTML comment."""
     text = json.dumps(data, ensure_ascii=False, allow_nan=False)
     for ch, esc in (
@@ -208,7 +208,7 @@ def generation_html(gen: GenerationExplanation, normalize: str = "max") -> str:
     for i, text in enumerate(texts):
         cls = "lxt-tok" + (" lxt-gen-tok" if i >= start else "") + (" lxt-sel" if i == start else "")
         raw, value = (float(matrix[0, i]), float(norm[0, i])) if n_gen else (0.0, 0.0)
-        spans.append(_span(text, raw, value, cls))
+        spans.append(token_span(text, raw, value, cls))
     first = json.dumps(texts[start], ensure_ascii=False) if n_gen else "-"
     head = (
         f'<div class="lxt-head">preset <b>{escape(gen.rules)}</b> &middot; explaining '
@@ -218,8 +218,8 @@ def generation_html(gen: GenerationExplanation, normalize: str = "max") -> str:
     )
     limit = colors.color_limit(matrix[0], normalize) if n_gen else 1.0
     return (
-        f'<div class="lxt" id="{uid}">{_CSS}{head}<div class="lxt-tokens" dir="auto">{"".join(spans)}'
-        f"</div>{_legend(limit, ids=True)}"
-        f'<script type="application/json" class="lxt-data">{_safe_json(data)}</script>'
+        f'<div class="lxt" id="{uid}">{CSS}{head}<div class="lxt-tokens" dir="auto">{"".join(spans)}'
+        f"</div>{legend_html(limit, ids=True)}"
+        f'<script type="application/json" class="lxt-data">{safe_json(data)}</script>'
         f"<script>{_SCRIPT % json.dumps(uid)}</script></div>"
     )

@@ -10,16 +10,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import InputError
-from ..words import display_token
-from . import colors
-from ._common import require
+from lxt_plus.errors import InputError
+from lxt_plus.render import colors
+from lxt_plus.render._common import require
+from lxt_plus.results.words import display_token
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from ..result import Explanation
+    from lxt_plus.results.result import Explanation
 
 __all__ = ["plot_layers", "plot_heads", "plot_head_pattern", "plot_neurons"]
 
@@ -171,7 +171,7 @@ def plot_head_pattern(exp: Explanation, layer: int, head: int, row: int = 0) -> 
     Parameters
     ----------
     exp:
-        Made with ``capture=("heads",)`` (see :func:`lxt_plus.capture.keep_patterns` for long inputs).
+        Made with ``capture=("heads",)`` (see :func:`lxt_plus.api.capture.keep_patterns` for long inputs).
     layer, head:
         Which head; negative indices count from the end.
     row:
@@ -188,7 +188,7 @@ def plot_head_pattern(exp: Explanation, layer: int, head: int, row: int = 0) -> 
         kept = ", ".join(map(str, sorted(patterns))) or "none"
         raise InputError(
             f"no patterns for layer {layer} (kept: {kept}); explain with capture=('heads',) "
-            "inside `with lxt_plus.capture.keep_patterns([layer]):`"
+            "inside `with lxt_plus.api.capture.keep_patterns([layer]):`"
         )
     pattern = patterns[index][row].detach().float()
     if not -pattern.shape[0] <= head < pattern.shape[0]:
@@ -224,7 +224,7 @@ def plot_neurons(exp: Explanation, k: int = 20, row: int = 0) -> Figure:
     -------
     matplotlib.figure.Figure
     """
-    from ..capture import top_neurons
+    from lxt_plus.results.captures import top_neurons
 
     _get(exp, "neurons", row)
     top = top_neurons(exp, k=k, row=row, by="abs")[::-1]

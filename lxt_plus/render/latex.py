@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..errors import InputError
-from ..words import NEWLINE_SYMBOL
-from ..words import normalize as _normalize
-from . import colors
-from ._common import header_fields, row_indices, row_items
+from lxt_plus.errors import InputError
+from lxt_plus.render import colors
+from lxt_plus.render._common import header_fields, row_indices, row_items
+from lxt_plus.results.words import NEWLINE_SYMBOL
+from lxt_plus.results.words import normalize as _normalize
 
 if TYPE_CHECKING:
-    from ..result import Explanation
+    from lxt_plus.results.result import Explanation
 
 __all__ = ["explanation_latex", "escape_latex"]
 

@@ -10,17 +10,17 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 
-from ..errors import InputError
-from ..words import NEWLINE_SYMBOL, display_token
-from ..words import normalize as _normalize
-from . import colors
-from ._common import header_fields, legend_labels, require, row_indices, row_items
+from lxt_plus.errors import InputError
+from lxt_plus.render import colors
+from lxt_plus.render._common import header_fields, legend_labels, require, row_indices, row_items
+from lxt_plus.results.words import NEWLINE_SYMBOL, display_token
+from lxt_plus.results.words import normalize as _normalize
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from ..result import Explanation, GenerationExplanation
+    from lxt_plus.results.result import Explanation, GenerationExplanation
 
 __all__ = ["plot_explanation", "plot_generation"]
 

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..words import NEWLINE_SYMBOL, display_token
-from ..words import normalize as _normalize
-from . import COLOR_MODES, colors, use_color
-from ._common import header_fields, legend_labels, require, row_indices, row_items
+from lxt_plus.render import COLOR_MODES, colors, use_color
+from lxt_plus.render._common import header_fields, legend_labels, require, row_indices, row_items
+from lxt_plus.results.words import NEWLINE_SYMBOL, display_token
+from lxt_plus.results.words import normalize as _normalize
 
 if TYPE_CHECKING:
-    from ..result import Explanation, GenerationExplanation
+    from lxt_plus.results.result import Explanation, GenerationExplanation
 
 __all__ = ["COLOR_MODES", "explanation_terminal", "generation_terminal", "use_color"]
 

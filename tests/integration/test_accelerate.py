@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from families import build  # noqa: E402
 
 from lxt_plus import explain, get_preset  # noqa: E402
-from lxt_plus.patching import is_patched  # noqa: E402
-from lxt_plus.rules import Gamma  # noqa: E402
+from lxt_plus.engine.patching import is_patched  # noqa: E402
+from lxt_plus.engine.rules import Gamma  # noqa: E402
 
 IDS = torch.tensor([[3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 0, 0]])
 MASK = (IDS != 0).long()
@@ -110,7 +110,7 @@ def test_gamma_rule_on_offloaded_linear(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_smollm2_split_across_cpu_and_disk(tmp_path: Path) -> None:
-    models = pytest.importorskip("lxt_plus.models")
+    models = pytest.importorskip("lxt_plus.demo")
     try:
         model, tokenizer = models.load_smollm2()
     except ImportError as exc:

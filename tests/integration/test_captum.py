@@ -14,8 +14,8 @@ from torch import nn
 
 import lxt_plus
 from lxt_plus.captum import LRP, LayerLRP
+from lxt_plus.engine.patching import _PATCHED
 from lxt_plus.errors import InputError, MissingDependencyError
-from lxt_plus.patching import _PATCHED
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import families as F  # noqa: E402

@@ -218,7 +218,7 @@ def test_explain_file_resumes(
 def test_train_sentiment(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import lxt_plus.models
+    import lxt_plus.demo
 
     seen = {}
 
@@ -226,7 +226,7 @@ def test_train_sentiment(
         seen.update(kw, output_dir=output_dir)
         return SimpleNamespace(test_accuracy=0.8125, path=tmp_path, trained=True)
 
-    monkeypatch.setattr(lxt_plus.models, "train_sentiment", fake)
+    monkeypatch.setattr(lxt_plus.demo, "train_sentiment", fake)
     code, out, _ = cli(capsys, "train-sentiment", "--out", str(tmp_path), "--force")
     assert code == 0 and "test accuracy: 0.8125" in out
     assert seen["force"] is True and seen["output_dir"] == str(tmp_path)
@@ -410,7 +410,7 @@ def test_run_failures_exit_1(
 
     from lxt_plus.errors import NumericalError, UnsupportedModelError
 
-    explain_module = importlib.import_module("lxt_plus.explain")
+    explain_module = importlib.import_module("lxt_plus.api.explain")
 
     def raiser(exc: BaseException):  # type: ignore[no-untyped-def]
         def explain(*args: object, **kwargs: object) -> None:
@@ -432,7 +432,9 @@ def test_run_failures_exit_1(
         assert message in one_error_line(err)
     monkeypatch.undo()
     # a leak found by audit: its report on stdout, exit 1
-    monkeypatch.setattr(importlib.import_module("lxt_plus.audit"), "audit", lambda model, rules: _Leak())
+    monkeypatch.setattr(
+        importlib.import_module("lxt_plus.evaluation.audit"), "audit", lambda model, rules: _Leak()
+    )
     code, out, err = cli(capsys, "audit", "--model", folders.lm)
     assert code == 1 and "LEAK in layer 3" in out and not err
 
@@ -669,10 +671,10 @@ def test_override_puts_rules_by_name_ahead_of_the_preset(
     )
     assert code == 0, err
     via_cli = json.loads(out)["relevance"][0]
-    model, tok = lxt_plus.models.load_model(folders.lm)
+    model, tok = lxt_plus.demo.load_model(folders.lm)
     preset = (
         lxt_plus.get_preset("cp-lrp")
-        .override("linear", lxt_plus.rules.Gamma(gamma=0.5, generalized=False))
+        .override("linear", lxt_plus.engine.rules.Gamma(gamma=0.5, generalized=False))
         .override("name:lm_head", "zplus")
     )
     expected = lxt_plus.explain(model, "the film was good", tokenizer=tok, rules=preset).relevance.tolist()

@@ -84,8 +84,8 @@ def test_cp_lrp_equals_gates_and_attention_held_constant_by_hand(family: str) ->
 
 def test_cp_lrp_preset_holds_gates_constant_and_ah_lrp_splits_them() -> None:
     cp, ah = lxt_plus.get_preset("cp-lrp"), lxt_plus.get_preset("ah-lrp")
-    assert dict(cp.rules)["mlp"] == lxt_plus.rules.ConstantGate()
-    assert dict(ah.rules)["mlp"] == lxt_plus.rules.UniformProduct()
+    assert dict(cp.rules)["mlp"] == lxt_plus.engine.rules.ConstantGate()
+    assert dict(ah.rules)["mlp"] == lxt_plus.engine.rules.UniformProduct()
     for preset in (cp, ah):
-        assert dict(preset.rules)["attention"] == lxt_plus.rules.AHLRP()
-        assert dict(preset.rules)["router"] == lxt_plus.rules.Constant()
+        assert dict(preset.rules)["attention"] == lxt_plus.engine.rules.AHLRP()
+        assert dict(preset.rules)["router"] == lxt_plus.engine.rules.Constant()

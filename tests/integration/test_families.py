@@ -67,7 +67,7 @@ def test_vit_pixel_relevance_is_conservative() -> None:
     res = lxt_plus.explain(model, pixels, rules="conservative-check")
     assert res.relevance.shape == (2, 8, 8) and res.modality == "pixels"
     torch.testing.assert_close(res.relevance.sum((-1, -2)), res.target_logit, rtol=1e-4, atol=1e-5)
-    gamma = lxt_plus.get_preset("attnlrp").override("linear", lxt_plus.rules.Gamma(gamma=0.25))
+    gamma = lxt_plus.get_preset("attnlrp").override("linear", lxt_plus.engine.rules.Gamma(gamma=0.25))
     res_g = lxt_plus.explain(model, pixels[0], rules=gamma)
     assert res_g.relevance.shape == (8, 8) and torch.isfinite(res_g.relevance).all()
 
@@ -131,7 +131,7 @@ def test_falcon_with_epsilon_on_linear_layers(impl: str) -> None:
     """ε > 0 on every Linear: Falcon modifies a Linear's output in place, which must not crash."""
     model = F.build("falcon", attn_implementation=impl)
     ids = torch.randint(3, 90, (2, 7), generator=torch.Generator().manual_seed(5))
-    preset = lxt_plus.get_preset("attnlrp").override("linear", lxt_plus.rules.Epsilon(eps=0.01))
+    preset = lxt_plus.get_preset("attnlrp").override("linear", lxt_plus.engine.rules.Epsilon(eps=0.01))
     res = lxt_plus.explain(model, ids, rules=preset)
     plain = lxt_plus.explain(model, ids, rules="attnlrp")
     assert torch.isfinite(res.batch_relevance).all()

@@ -20,6 +20,7 @@ from families import build, tiny_vit  # noqa: E402
 
 import lxt_plus  # noqa: E402
 from lxt_plus import explain, patch  # noqa: E402
+from lxt_plus.engine.patching import is_patched  # noqa: E402
 from lxt_plus.errors import (  # noqa: E402
     AlreadyPatchedError,
     ConfigError,
@@ -30,7 +31,6 @@ from lxt_plus.errors import (  # noqa: E402
     TokenizerMismatchError,
     UnsupportedModelError,
 )
-from lxt_plus.patching import is_patched  # noqa: E402
 
 WORDS = "the movie was good bad great boring plot actor scene story and but not very".split()
 UNICODE = ["héllo wörld", "😀 🎬 good", "שלום עולם", "مرحبا بالعالم", "日本語 テキスト", "naïve café ﬁlm"]

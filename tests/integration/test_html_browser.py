@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from lxt_plus.result import Explanation, GenerationExplanation, Target
+from lxt_plus.results.result import Explanation, GenerationExplanation, Target
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(

@@ -12,8 +12,8 @@ import transformers as tf
 from PIL import Image
 
 import lxt_plus
+from lxt_plus.engine.patching import _PATCHED
 from lxt_plus.errors import InputError, UnsupportedModelError
-from lxt_plus.patching import _PATCHED
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import families as F  # noqa: E402

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from families import build  # noqa: E402
 
 from lxt_plus import explain  # noqa: E402
-from lxt_plus.patching import is_patched  # noqa: E402
+from lxt_plus.engine.patching import is_patched  # noqa: E402
 
 FAMILIES = ["llama", "gpt2", "qwen2", "gemma2", "opt", "bert"]
 LAYER_KEY = {"gpt2": "n_layer"}

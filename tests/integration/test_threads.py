@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from families import build  # noqa: E402
 
 from lxt_plus import explain  # noqa: E402
-from lxt_plus.patching import is_patched  # noqa: E402
+from lxt_plus.engine.patching import is_patched  # noqa: E402
 
 ITERATIONS = 12
 IDS = torch.tensor([[5, 9, 14, 3, 22, 41, 7, 8], [11, 12, 13, 17, 2, 0, 0, 0]])

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 import lxt_plus
-import lxt_plus.attention as attention
-from lxt_plus.attention import AttentionSpec, probs_match, rule_attention, rule_sdpa, sdpa_spec
+import lxt_plus.engine.attention as attention
+from lxt_plus.engine.attention import AttentionSpec, probs_match, rule_attention, rule_sdpa, sdpa_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from families import ALL_TEXT, build  # noqa: E402
@@ -246,7 +246,7 @@ def test_uniform_matmul_output_may_be_modified_in_place() -> None:
     """Falcon's eager attention divides its scores in place (``scores /= sqrt(d)``): the uniform
     ``q @ kᵀ`` result allows it, and the gradient is half the plain one through the same in-place op.
     A ``grad_scale`` of a tensor others may read stays a view, and an in-place change raises."""
-    from lxt_plus.functional import grad_scale, uniform_matmul
+    from lxt_plus.engine.functional import grad_scale, uniform_matmul
 
     gen = torch.Generator().manual_seed(0)
     q, k = (torch.randn(1, 2, 5, 4, dtype=torch.float64, generator=gen) for _ in "qk")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lxt_plus
-from lxt_plus import capture as cap
+from lxt_plus.api import capture as cap
 from lxt_plus.errors import InputError, UnsupportedModelError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -232,3 +232,26 @@ def test_plots(llama) -> None:
         assert isinstance(fig, Figure) and fig.axes
     with pytest.raises(InputError, match="no patterns"):
         latent.plot_head_pattern(lxt_plus.explain(llama, _inputs(rows=1)[0], capture="layers"), 0, 0)
+
+
+def test_captures_are_typed_and_read_as_a_dict(llama) -> None:
+    from lxt_plus.results.captures import Captures
+    from lxt_plus.results.result import explanation_from_dict
+
+    ids = _inputs(rows=1)[0]
+    exp = lxt_plus.explain(llama, ids, capture=("layers", "heads"))
+    c = exp.captures
+    assert isinstance(c, Captures)
+    assert c.layers is c["layers"] and c.neurons is None and "neurons" not in c
+    assert list(c) == ["layers", "heads", "heads_per_token", "head_patterns"]
+    with pytest.raises(KeyError):
+        c["neurons"]
+    assert sorted(dict(c)) == sorted(c.keys())
+    c["note"] = "kept"
+    assert c.other == {"note": "kept"} and c["note"] == "kept"
+    back = explanation_from_dict(exp.to_dict()).captures  # JSON keys are strings: layers come back as ints
+    assert isinstance(back, Captures) and sorted(back.head_patterns) == sorted(c.head_patterns)
+    torch.testing.assert_close(back.layers, c.layers)
+    assert back["note"] == "kept"
+    del c["note"]
+    assert "note" not in c and "Captures(layers=tensor(" in repr(c)

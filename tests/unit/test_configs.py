@@ -10,8 +10,8 @@ import torch
 
 import lxt_plus
 from lxt_plus import PRESETS, Preset, get_preset, load_preset
+from lxt_plus.engine.rules import AHLRP, Epsilon, Gamma
 from lxt_plus.errors import ConfigError, PresetError
-from lxt_plus.rules import AHLRP, Epsilon, Gamma
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from families import build, tiny_vit  # noqa: E402

@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from families import build  # noqa: E402
 
 from lxt_plus import explain  # noqa: E402
-from lxt_plus.dataset import explain_dataset, read_results  # noqa: E402
+from lxt_plus.api.dataset import explain_dataset, read_results  # noqa: E402
+from lxt_plus.engine.patching import is_patched  # noqa: E402
 from lxt_plus.errors import InputError  # noqa: E402
-from lxt_plus.patching import is_patched  # noqa: E402
 
 WORDS = (
     "the a movie film was is good bad great boring plot actor scene story love hate fun dull "
@@ -157,7 +157,7 @@ def test_resume_folds_in_shards_of_a_killed_parallel_run(setup: tuple[Any, Any],
 SCRIPT = """
 import sys
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-from lxt_plus.dataset import explain_dataset
+from lxt_plus.api.dataset import explain_dataset
 
 folder, out = sys.argv[1], sys.argv[2]
 model = AutoModelForCausalLM.from_pretrained(folder).eval()

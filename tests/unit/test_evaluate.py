@@ -11,14 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from lxt_plus.baselines import (
+from lxt_plus.errors import InputError, TargetError
+from lxt_plus.evaluation.baselines import (
     attention_rollout,
     gradient_x_input,
     integrated_gradients,
     last_layer_attention,
 )
-from lxt_plus.errors import InputError, TargetError
-from lxt_plus.evaluate import (
+from lxt_plus.evaluation.evaluate import (
     abpc,
     aopc_comprehensiveness,
     aopc_sufficiency,

@@ -128,7 +128,7 @@ def test_bad_input_fails_clearly(lm, inputs, kwargs, error, message) -> None:  #
     kwargs = {"tokenizer": tok, **kwargs}
     with pytest.raises(error, match=message):
         lxt_plus.explain(model, inputs, **kwargs)
-    assert not lxt_plus.patching.is_patched(model)
+    assert not lxt_plus.engine.patching.is_patched(model)
     assert issubclass(error, LxtPlusError)
 
 

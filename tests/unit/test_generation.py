@@ -71,7 +71,7 @@ def test_continuation_and_batched_chunks(monkeypatch: pytest.MonkeyPatch) -> Non
     cont = torch.tensor([9, 10, 11, 12, 13])
     full = lxt_plus.explain_generation(model, None, PROMPT, continuation=cont)
     assert full.token_ids.tolist() == PROMPT.tolist() + cont.tolist()
-    import lxt_plus.generation as generation
+    import lxt_plus.api.generation as generation
 
     monkeypatch.setattr(generation, "_MAX_CHUNK", 2)  # chunks of 2, 2, 1 targets
     torch.testing.assert_close(

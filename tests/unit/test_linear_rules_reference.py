@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 import lxt_plus
-from lxt_plus import rules as R
+from lxt_plus.engine import rules as R
 
 DTYPE = torch.float64
 EPS = 1e-6
@@ -139,7 +139,7 @@ def explained(model: nn.Module, x: Tensor, g: Tensor, rule: R.Rule) -> tuple[Ten
     corrections, and the corrections themselves."""
     leaf = x.clone().requires_grad_(True)
     with lxt_plus.patched(model, lxt_plus.get_preset("gradient").override("linear", rule)):
-        with lxt_plus.functional.input_relevance() as exact:
+        with lxt_plus.engine.functional.input_relevance() as exact:
             y = model(leaf)
         torch.testing.assert_close(y.detach(), model(x).detach(), rtol=0, atol=0)  # exact forward value
         (grad,) = torch.autograd.grad((y * g).sum(), leaf)

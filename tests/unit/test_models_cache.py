@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from lxt_plus import models
+from lxt_plus.demo import training as models
 from lxt_plus.errors import InputError
 
 

@@ -12,9 +12,10 @@ import transformers
 from transformers.masking_utils import AttentionMaskInterface
 
 import lxt_plus
+from lxt_plus.engine.hf import ATTENTION_KEYS
+from lxt_plus.engine.patching import is_patched
+from lxt_plus.engine.plan import PRESETS
 from lxt_plus.errors import AlreadyPatchedError, ConservationError, NotPatchedError, UnsupportedModelError
-from lxt_plus.patching import ATTENTION_KEYS, is_patched
-from lxt_plus.plan import PRESETS
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import families as F  # noqa: E402

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import lxt_plus
-from lxt_plus.detect import detect_roles
+from lxt_plus.engine.detect import detect_roles
+from lxt_plus.engine.plan import PRESETS, Preset, build_plan, get_preset
+from lxt_plus.engine.rules import AHLRP, AttnLRP, Epsilon, Gamma, Identity, Pass, rule_from_spec
 from lxt_plus.errors import ConfigError, PresetError
-from lxt_plus.plan import PRESETS, Preset, build_plan, get_preset
-from lxt_plus.rules import AHLRP, AttnLRP, Epsilon, Gamma, Identity, Pass, rule_from_spec
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import families as F  # noqa: E402

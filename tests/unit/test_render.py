@@ -14,7 +14,7 @@ from lxt_plus.render import colors, save_explanation, save_generation
 from lxt_plus.render.html import explanation_html, generation_html
 from lxt_plus.render.latex import escape_latex, explanation_latex
 from lxt_plus.render.terminal import explanation_terminal, generation_terminal
-from lxt_plus.result import Explanation, GenerationExplanation, Target
+from lxt_plus.results.result import Explanation, GenerationExplanation, Target
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 

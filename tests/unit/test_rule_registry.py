@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 import lxt_plus
-from lxt_plus import rules as R
+from lxt_plus.engine import rules as R
+from lxt_plus.engine.functional import grad_scale
+from lxt_plus.engine.install import Installed, Site
 from lxt_plus.errors import ConfigError
-from lxt_plus.functional import grad_scale
-from lxt_plus.install import Installed, Site
 
 
 @pytest.fixture

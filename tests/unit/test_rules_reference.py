@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from transformers.activations import ACT2FN
 
 import lxt_plus
-from lxt_plus.rules import AHLRP, AttnLRP, Conservative, Epsilon, Gamma, Identity, UniformProduct
+from lxt_plus.engine.rules import AHLRP, AttnLRP, Conservative, Epsilon, Gamma, Identity, UniformProduct
 
 DTYPE = torch.float64
 TIGHT = dict(rtol=1e-10, atol=1e-12)
@@ -34,7 +34,7 @@ def library_relevance(
     return leaf.detach() * grad, y.detach()
 
 
-def only(selector: str, rule: lxt_plus.rules.Rule) -> lxt_plus.Preset:
+def only(selector: str, rule: lxt_plus.engine.rules.Rule) -> lxt_plus.Preset:
     """Plain Gradient×Input everywhere except ``selector``, which gets ``rule``."""
     return lxt_plus.get_preset("gradient").override(selector, rule)
 
@@ -424,7 +424,7 @@ def test_uniform_rule_on_gated_product() -> None:
 def test_uniform_product_is_half_the_product_rule(shape_a, shape_b, dtype_a, dtype_b) -> None:  # type: ignore[no-untyped-def]
     """Each factor gets half of what the product rule gives it, reduced over broadcast dimensions
     and in its own dtype, and the forward value is the plain product bit for bit."""
-    from lxt_plus.functional import uniform_mul
+    from lxt_plus.engine.functional import uniform_mul
 
     torch.manual_seed(3)
     a = torch.randn(shape_a, dtype=dtype_a, requires_grad=True)

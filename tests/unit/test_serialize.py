@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from lxt_plus.errors import InputError
-from lxt_plus.result import Explanation, GenerationExplanation, Target
-from lxt_plus.serialize import (
-    FORMAT_VERSION,
+from lxt_plus.results.result import (
+    Explanation,
+    GenerationExplanation,
+    Target,
     explanation_from_dict,
-    explanation_to_dict,
     generation_from_dict,
-    generation_to_dict,
 )
+from lxt_plus.results.serialize import FORMAT_VERSION, explanation_to_dict, generation_to_dict
 
 
 def make_batch() -> Explanation:

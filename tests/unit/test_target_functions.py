@@ -87,7 +87,7 @@ def test_bad_target_functions_fail_clearly(function: object, match: str) -> None
     model = F.build("llama")
     with pytest.raises(TargetError, match=match):
         lxt_plus.explain(model, IDS, target=function)
-    assert not lxt_plus.patching.is_patched(model)
+    assert not lxt_plus.engine.patching.is_patched(model)
 
 
 def test_a_target_function_takes_no_contrast() -> None:

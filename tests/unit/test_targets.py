@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 import lxt_plus
+from lxt_plus.api.explain import resolve_token
 from lxt_plus.errors import TargetError, TargetWarning
-from lxt_plus.explain import resolve_token
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import families as F  # noqa: E402

@@ -10,10 +10,10 @@ import torch
 import yaml
 
 from lxt_plus import get_preset, load_preset
-from lxt_plus.evaluate import evaluate
-from lxt_plus.plan import build_plan
-from lxt_plus.rules import AHLRP, AttnLRP, Epsilon, Gamma
-from lxt_plus.tune import Candidate, _Space, layer_groups, tune
+from lxt_plus.engine.plan import build_plan
+from lxt_plus.engine.rules import AHLRP, AttnLRP, Epsilon, Gamma
+from lxt_plus.evaluation.evaluate import evaluate
+from lxt_plus.evaluation.tune import Candidate, _Space, layer_groups, tune
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from families import build  # noqa: E402

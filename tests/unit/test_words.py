@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lxt_plus.errors import InputError
-from lxt_plus.words import aggregate_words, detect_scheme, display_token, normalize
+from lxt_plus.results.words import aggregate_words, detect_scheme, display_token, normalize
 
 
 def _agg(tokens: list[str], scheme: str = "auto") -> tuple[list[str], list[float]]:

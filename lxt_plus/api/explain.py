@@ -1,0 +1,881 @@
+"""``explain``: inputs and targets in, one forward and one backward pass, an :class:`Explanation` out."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from lxt_plus.api.pipelines import is_pipeline, resolve_pipeline
+from lxt_plus.engine.detect import accepts, input_device, is_hf_model
+from lxt_plus.engine.functional import acc, input_relevance
+from lxt_plus.engine.patching import Handle, handle_of, patch
+from lxt_plus.engine.plan import Preset, get_preset
+from lxt_plus.errors import (
+    ContextTooLongError,
+    InputError,
+    NumericalError,
+    OutOfMemoryError,
+    TargetError,
+    TokenizerMismatchError,
+    UnsupportedModelError,
+)
+from lxt_plus.results.result import Explanation, Target
+
+__all__ = [
+    "explain",
+    "model_kind",
+    "prepare_text",
+    "resolve_token",
+    "frozen_parameters",
+    "frozen_eval",
+    "explaining",
+]
+
+
+def model_kind(model: nn.Module) -> str:
+    """``"causal-lm"``, ``"classifier"`` (sequence or image) or ``"plain"``."""
+    if not is_hf_model(model):
+        return "plain"
+    name = type(model).__name__
+    if "ForCausalLM" in name or "LMHead" in name or name.endswith("ForConditionalGeneration"):
+        return "causal-lm"
+    if "Classification" in name:
+        return "classifier"
+    if getattr(model, "get_output_embeddings", lambda: None)() is not None:
+        return "causal-lm"
+    raise UnsupportedModelError(
+        f"{name} has no task head lxt_plus knows how to target: explain a "
+        "...ForCausalLM, ...ForSequenceClassification or ...ForImageClassification model"
+    )
+
+
+# ------------------------------------------------------------------------------------ inputs
+@dataclass
+class _Batch:
+    input_ids: Tensor | None
+    attention_mask: Tensor | None
+    values: Tensor | None  # pixels or features
+    single: bool
+    hidden: Tensor | None = None  # special / chat-template tokens
+
+
+def _hidden_mask(tokenizer: Any, texts: list[str], templated: list[str], ids: Tensor) -> Tensor:
+    """True for special tokens and, with a chat template, for tokens outside the user's own text."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    hidden = torch.tensor([[i in special for i in row] for row in ids.tolist()], dtype=torch.bool)
+    if templated == texts:
+        return hidden
+    enc = tokenizer(templated, padding=True, add_special_tokens=False, return_offsets_mapping=True)
+    for r, (text, full) in enumerate(zip(texts, templated, strict=True)):
+        start = full.rfind(text)
+        end = start + len(text)
+        for c, (a, b) in enumerate(enc["offset_mapping"][r]):
+            if b > a and (start < 0 or b <= start or a >= end):
+                hidden[r, c] = True
+    return hidden
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def prepare_text(
+    tokenizer: Any,
+    texts: list[str],
+    model: nn.Module | None = None,
+    chat: bool = False,
+    with_hidden: bool = False,
+) -> Any:
+    """Tokenise with padding; empty texts and texts longer than the model's positions are errors."""
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise InputError(f"text {i} is a {type(t).__name__}, expected str")
+        if not t.strip():
+            raise InputError(f"text {i} is empty or whitespace only: there is nothing to explain")
+    raw = texts
+    if chat:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise InputError("chat=True needs a tokenizer with a chat template")
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
+            )
+            for t in texts
+        ]
+    if getattr(tokenizer, "pad_token", None) is None and len(texts) > 1:
+        tokenizer.pad_token = tokenizer.eos_token
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    if model is not None:
+        check_ids(model, ids, vocabulary=False)
+    if with_hidden:
+        try:
+            hidden = _hidden_mask(tokenizer, raw, texts, ids)
+        except (NotImplementedError, ValueError, KeyError, TypeError):  # slow tokenizers: no offsets
+            hidden = None
+        return ids, mask, hidden
+    return ids, mask
+
+
+def _prepare(
+    model: nn.Module, inputs: Any, tokenizer: Any, attention_mask: Tensor | None, kind: str, chat: bool
+) -> _Batch:
+    if isinstance(inputs, str) or (
+        isinstance(inputs, (list, tuple)) and inputs and all(isinstance(t, str) for t in inputs)
+    ):
+        if tokenizer is None:
+            raise InputError("text input needs tokenizer=...; or pass input_ids as a tensor")
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        side = tokenizer.padding_side
+        if kind == "classifier" and not _reads_last_token(model):
+            tokenizer.padding_side = "right"  # BERT-style classifiers read position 0
+        try:
+            ids, mask, hidden = prepare_text(tokenizer, texts, model, chat=chat, with_hidden=True)
+        finally:
+            tokenizer.padding_side = side
+        check_ids(model, ids, length=0)
+        return _Batch(ids, mask, None, isinstance(inputs, str), hidden)
+    if isinstance(inputs, (list, tuple)) and not inputs:
+        raise InputError("an empty list of inputs: there is nothing to explain")
+    if isinstance(inputs, dict) or hasattr(inputs, "keys"):
+        data = dict(inputs)
+        if "pixel_values" in data:
+            inputs = data["pixel_values"]
+        elif "input_ids" in data:
+            inputs = data["input_ids"]
+            attention_mask = data.get("attention_mask", attention_mask)
+        else:
+            raise InputError(f"an input mapping needs 'input_ids' or 'pixel_values', got keys {sorted(data)}")
+    if not isinstance(inputs, Tensor):
+        raise InputError(
+            f"inputs must be text, a list of texts, a tensor or a tokenizer output, "
+            f"got {type(inputs).__name__}"
+        )
+    if inputs.is_floating_point():
+        if kind == "causal-lm" or getattr(model, "main_input_name", None) == "input_ids":
+            raise InputError(
+                f"{type(model).__name__} takes integer token ids, got a {inputs.dtype} tensor; "
+                "pass input_ids (or text with tokenizer=...)"
+            )
+        single = is_hf_model(model) and inputs.dim() == 3 or not is_hf_model(model) and inputs.dim() == 1
+        values = inputs[None] if single else inputs
+        return _Batch(None, None, values, single)
+    if getattr(model, "main_input_name", "input_ids") != "input_ids" or not is_hf_model(model):
+        raise InputError(
+            f"{type(model).__name__} takes float inputs, got an integer tensor of dtype {inputs.dtype}"
+        )
+    if inputs.dim() not in (1, 2) or inputs.shape[-1] == 0:
+        raise InputError(
+            f"input_ids must have shape (seq,) or (batch, seq) with seq > 0, got {tuple(inputs.shape)}"
+        )
+    single = inputs.dim() == 1
+    ids = inputs[None] if single else inputs
+    if attention_mask is None:
+        mask = torch.ones_like(ids)
+    else:
+        mask = attention_mask[None] if attention_mask.dim() == 1 else attention_mask
+        if mask.shape != ids.shape:
+            raise InputError(
+                f"attention_mask shape {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}"
+            )
+    if bool((mask.sum(-1) == 0).any()):
+        raise InputError("a row of the batch has no real token (its attention_mask is all zeros)")
+    if kind == "classifier" and not _reads_last_token(model) and bool((mask[:, 0] == 0).any()):
+        raise InputError(
+            f"{type(model).__name__} classifies from the first position, but the batch is "
+            "left-padded; pad on the right (tokenizer.padding_side = 'right')"
+        )
+    check_ids(model, ids)
+    return _Batch(ids, mask, None, single)
+
+
+def check_ids(
+    model: nn.Module,
+    ids: Tensor,
+    *,
+    vocabulary: bool = True,
+    length: int | None = None,
+    what: str = "the input",
+) -> None:
+    """Token ids the model can embed, and no more positions than it has.
+
+    Raises :class:`~lxt_plus.errors.TokenizerMismatchError` for an id outside the vocabulary and
+    :class:`~lxt_plus.errors.ContextTooLongError` when ``length`` (default: the last dimension of
+    ``ids``) exceeds the model's maximum number of positions.
+    """
+    if vocabulary and ids.numel():
+        vocab = cast(Any, model).get_input_embeddings().num_embeddings
+        if int(ids.max()) >= vocab or int(ids.min()) < 0:
+            bad = int(ids.max()) if int(ids.max()) >= vocab else int(ids.min())
+            raise TokenizerMismatchError(
+                f"token id {bad} is outside {type(model).__name__}'s vocabulary of {vocab}: "
+                "the tokenizer does not match the model"
+            )
+    limit = _max_positions(model)
+    n = ids.shape[-1] if length is None else length
+    if limit is not None and n > limit:
+        raise ContextTooLongError(
+            f"{what} has {n} tokens but {type(model).__name__} accepts at most {limit} positions; shorten it"
+        )
+
+
+def _reads_last_token(model: nn.Module) -> bool:
+    """Decoder-style sequence classifiers pool the last real token (left padding is fine)."""
+    cfg = getattr(model, "config", None)
+    return (
+        bool(getattr(cfg, "is_decoder", False))
+        or type(model).__name__.endswith("ForSequenceClassification")
+        and hasattr(model, "score")
+    )
+
+
+# ------------------------------------------------------------------------------------ targets
+def resolve_token(
+    tokenizer: Any, spec: str | int, vocab: int, what: str = "target", *, strict_target: bool = False
+) -> tuple[tuple[int, ...], str]:
+    """Token id(s) and a label for a token target given as an id or a string.
+
+    A string that splits into several tokens (explained as the sum of their logits), lacks the
+    leading space of its usual single-token form (``"Paris"`` for ``" Paris"``) or looks like a
+    class label (``"POSITIVE"``) gives a :class:`~lxt_plus.errors.TargetWarning` naming the tokens,
+    or a :class:`TargetError` with ``strict_target=True`` (see :mod:`lxt_plus.api.targets`).
+    """
+    if isinstance(spec, bool) or not isinstance(spec, (int, str)):
+        raise TargetError(f"{what} must be a token id or a token string, got {spec!r}")
+    if isinstance(spec, int):
+        if not 0 <= spec < vocab:
+            raise TargetError(f"{what} token id {spec} is out of range: valid ids are 0..{vocab - 1}")
+        label = tokenizer.decode([spec]) if tokenizer is not None else str(spec)
+        return (spec,), label
+    if tokenizer is None:
+        raise TargetError(f"a token string {what} ({spec!r}) needs tokenizer=...; or pass a token id")
+    if spec == "":
+        raise TargetError(f"{what} is an empty string: give a token like ' Paris'")
+    ids = tuple(tokenizer.encode(spec, add_special_tokens=False))
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if not ids or (unk is not None and unk in ids):
+        raise TargetError(f"{what} {spec!r} is not in the tokenizer's vocabulary")
+    if max(ids) >= vocab:
+        raise TargetError(f"{what} {spec!r} maps to ids {ids} outside the model's vocabulary of {vocab}")
+    from lxt_plus.api.targets import check_token_target
+
+    check_token_target(tokenizer, spec, ids, what, strict=strict_target)
+    return ids, spec
+
+
+def _resolve_class(model: nn.Module, spec: int | str, num: int, what: str) -> tuple[tuple[int, ...], str]:
+    id2label = {int(k): str(v) for k, v in (getattr(model.config, "id2label", None) or {}).items()}
+    if isinstance(spec, bool) or not isinstance(spec, (int, str)):
+        raise TargetError(f"{what} must be a class index or label name, got {spec!r}")
+    if isinstance(spec, int):
+        if not -num <= spec < num:
+            raise TargetError(
+                f"{what} class {spec} is out of range: the model has {num} classes "
+                f"({', '.join(f'{i}={id2label.get(i, i)}' for i in range(num))})"
+            )
+        idx = spec % num
+        return (idx,), id2label.get(idx, str(idx))
+    by_name = {v.lower(): k for k, v in id2label.items()}
+    if spec.lower() not in by_name:
+        raise TargetError(f"unknown {what} label {spec!r}; valid labels: {', '.join(id2label.values())}")
+    idx = by_name[spec.lower()]
+    return (idx,), id2label[idx]
+
+
+def _per_row(spec: Any, rows: int, what: str) -> list[Any]:
+    if isinstance(spec, (list, tuple)) and not isinstance(spec, str):
+        if len(spec) != rows:
+            raise TargetError(f"{len(spec)} {what}s given for a batch of {rows} rows")
+        return list(spec)
+    return [spec] * rows
+
+
+# ------------------------------------------------------------------------------------ context
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """No weight gradients while explaining; ``requires_grad`` flags are restored afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, flag in flags:
+            if flag:
+                p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module, keep_train: bool) -> Iterator[None]:
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        if not keep_train and any(flag for _, flag in modes):
+            model.eval()
+        yield
+    finally:
+        for m, flag in modes:
+            if m.training != flag:  # nn.Module.__setattr__ is slow: write only what changed
+                m.training = flag
+
+
+@contextlib.contextmanager
+def frozen_eval(model: nn.Module, keep_train: bool = False) -> Iterator[None]:
+    """Eval mode (unless ``keep_train``) and no weight gradients; both restored on exit."""
+    with frozen_parameters(model), _eval_mode(model, keep_train):
+        yield
+
+
+@contextlib.contextmanager
+def explaining(
+    model: nn.Module, rules: str | Preset | dict[str, Any], strict: bool = True, keep_train: bool = False
+) -> Iterator[Handle]:
+    """Patch (unless already patched with the same preset), freeze weights, eval mode; undo all on exit."""
+    preset = get_preset(rules)
+    existing = handle_of(model)
+    # reuse a patch with the same preset; another preset raises AlreadyPatchedError in patch()
+    handle = (
+        None if existing is not None and existing.preset == preset else patch(model, preset, strict=strict)
+    )
+    try:
+        with frozen_eval(model, keep_train):
+            yield handle if handle is not None else existing  # type: ignore[misc]
+    finally:
+        if handle is not None and handle.active:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def _memory_errors(batch: _Batch) -> Iterator[None]:
+    """torch's out-of-memory errors (CPU allocator or CUDA) as one clear lxt_plus error."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        text = str(exc)
+        if (
+            not isinstance(exc, torch.OutOfMemoryError)
+            and "can't allocate memory" not in text
+            and "out of memory" not in text.lower()
+        ):
+            raise
+        shape = tuple(batch.input_ids.shape) if batch.input_ids is not None else tuple(batch.values.shape)  # type: ignore[union-attr]
+        raise OutOfMemoryError(
+            f"explaining inputs of shape {shape} ran out of memory; pass checkpointing=True (recomputes "
+            "layer activations in the backward pass), a smaller batch, or a shorter text"
+        ) from None
+
+
+@contextlib.contextmanager
+def _checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """HF gradient checkpointing (needs train mode; DropoutOff keeps dropout off), undone on exit."""
+    if not enabled:
+        yield
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} does not support gradient checkpointing; explain without checkpointing=True"
+        )
+    new_api = hasattr(model, "activation_checkpointing_enable")  # transformers >= 5.2x names
+    was = bool(
+        getattr(model, "is_activation_checkpointing" if new_api else "is_gradient_checkpointing", False)
+    )
+    modes = [(m, m.training) for m in model.modules()]
+    hf = cast(Any, model)
+    if new_api:
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    try:
+        yield
+    finally:
+        if not was:
+            (hf.activation_checkpointing_disable if new_api else hf.gradient_checkpointing_disable)()
+        for m, flag in modes:
+            m.training = flag
+
+
+@contextlib.contextmanager
+def leaf_at_embeddings(
+    model: nn.Module, store: list[Tensor], extra: list[Tensor], rows: int
+) -> Iterator[None]:
+    """Replace the token-embedding output by a leaf that requires grad (``store[0]``), and the
+    outputs of other embeddings (positions, token types) by leaves too (``extra``), so the
+    relevance that lands on them is reported."""
+    emb = cast(Any, model).get_input_embeddings()
+
+    def token_hook(module: nn.Module, args: Any, out: Tensor) -> Tensor:
+        leaf = out.detach().requires_grad_(True)
+        store.append(leaf)
+        return leaf
+
+    def other_hook(module: nn.Module, args: Any, out: Any) -> Any:
+        if not isinstance(out, Tensor) or not out.is_floating_point():
+            return out
+        value = out.detach()
+        if value.dim() >= 2 and value.shape[0] == 1 and rows > 1:  # shared over the batch: one per row
+            value = value.expand(rows, *value.shape[1:]).clone()
+        leaf = value.requires_grad_(True)
+        extra.append(leaf)
+        return leaf
+
+    hooks = [emb.register_forward_hook(token_hook)]
+    hooks += [
+        m.register_forward_hook(other_hook)
+        for m in model.modules()
+        if isinstance(m, nn.Embedding) and m is not emb
+    ]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+# ------------------------------------------------------------------------------------ explain
+def explain(
+    model: nn.Module,
+    inputs: Any,
+    target: Any = None,
+    *,
+    tokenizer: Any = None,
+    rules: str | Preset | dict[str, Any] = "attnlrp",
+    contrast: Any = None,
+    attention_mask: Tensor | None = None,
+    position: int | None = None,
+    capture: Sequence[str] | str | None = None,
+    chat: bool = False,
+    strict: bool = True,
+    checkpointing: bool = False,
+    strict_target: bool = False,
+    pipeline_kwargs: dict[str, Any] | None = None,
+) -> Explanation:
+    """Explain a prediction with LRP in one forward and one backward pass.
+
+    Parameters
+    ----------
+    model:
+        A HF causal LM, sequence or image classifier, or a plain ``torch.nn.Module``. Or a
+        ``text-classification``, ``text-generation``, ``fill-mask`` or ``image-classification``
+        pipeline: its answer (the label it prints, the token it generates, the token that fills the
+        mask) is explained on the inputs it prepares itself, and the pipeline is left unchanged.
+    inputs:
+        Text or a list of texts (with ``tokenizer``), ``input_ids`` ``(seq,)``/``(batch, seq)``, a
+        tokenizer output, ``pixel_values`` ``(batch, C, H, W)``, or features ``(batch, n)``.
+    target:
+        ``None`` for the prediction (next token at the last real position, or the predicted
+        class); a token id or token string (several tokens: the sum of their logits); a class
+        index or label name. A list gives one target per row. Or any scalar: a function from the
+        model's output (for HF models the ``ModelOutput``, whose ``logits`` then cover every
+        position) to one value per row, ``(batch,)`` — a log probability, a margin over a set of
+        tokens, a sum over a span; ``target_logit`` and the conservation check then refer to it.
+        A function of two arguments gets ``(output, positions)``, the explained position of each
+        row of a causal LM (needed for padded batches and ``position=``, e.g.
+        ``lambda out, pos: out.logits[torch.arange(len(pos)), pos, token_id]``).
+    contrast:
+        A foil: the explained value becomes ``logit(target) - logit(contrast)``.
+    rules:
+        Preset name (``"attnlrp"``, ``"cp-lrp"``, ``"ah-lrp"``, ``"gradient"``...; see :func:`~lxt_plus.engine.plan.list_presets`), YAML path or
+        :class:`~lxt_plus.engine.plan.Preset`.
+    position:
+        For causal LMs, the position whose next-token logits are explained (default: last real
+        token of each row).
+    capture:
+        Latent relevance to keep: any of ``"layers"``, ``"heads"``, ``"neurons"``.
+    chat:
+        Wrap each text in the tokenizer's chat template (user turn + generation prompt).
+    checkpointing:
+        Gradient (activation) checkpointing while explaining, for long contexts: layer activations
+        are recomputed in the backward pass instead of stored. Dropout stays off; relevance is
+        identical to the plain run.
+    strict_target:
+        A token target string that splits into several tokens, lacks the leading space of its
+        one-token form, or looks like a class label raises :class:`~lxt_plus.errors.TargetError`
+        instead of a :class:`~lxt_plus.errors.TargetWarning`.
+    pipeline_kwargs:
+        With a pipeline as ``model``: keyword arguments of the pipeline call
+        (``{"max_new_tokens": 4}``, ``{"top_k": 3}``, ...).
+
+    Returns
+    -------
+    Explanation
+        ``relevance`` is ``(seq,)`` for one sequence or ``(batch, seq)`` for a batch.
+    """
+    if is_pipeline(model):
+        if tokenizer is not None or attention_mask is not None or chat:
+            raise InputError(
+                "a pipeline tokenises its inputs itself: drop tokenizer=, attention_mask= and chat="
+            )
+        call = resolve_pipeline(model, inputs, target, pipeline_kwargs)
+        return explain(
+            call.model,
+            call.inputs,
+            call.target,
+            tokenizer=call.tokenizer,
+            rules=rules,
+            contrast=contrast,
+            position=call.position if position is None else position,
+            capture=capture,
+            strict=strict,
+            checkpointing=checkpointing,
+            strict_target=strict_target,
+        )
+    if pipeline_kwargs is not None:
+        raise InputError("pipeline_kwargs= is for a pipeline passed as the model")
+    kind = model_kind(model)
+    function = _target_function(target, contrast)
+    batch = _prepare(model, inputs, tokenizer, attention_mask, kind, chat)
+    captures = _parse_capture(capture)
+    with (
+        _memory_errors(batch),
+        explaining(model, rules, strict=strict, keep_train=checkpointing) as handle,
+        _checkpointing(model, checkpointing),
+    ):
+        preset_name = handle.preset.name
+        recorder = _make_recorder(model, captures)
+        extra: list[Tensor] = []
+        with recorder, input_relevance() as exact:
+            leaf, logits, positions, output = _forward(
+                model, batch, kind, position, extra, function is not None
+            )
+        rows = logits.shape[0]
+        if function is not None:
+            padded = batch.attention_mask is not None and bool((batch.attention_mask == 0).any())
+            picked, targets, sel_ids, foil_ids = _function_target(
+                function, output, rows, kind, positions, padded, position
+            )
+        else:
+            targets, sel_ids, foil_ids = _targets(
+                model, kind, logits, target, contrast, tokenizer, rows, positions, strict_target
+            )
+            picked = torch.stack([acc(logits[r, list(sel_ids[r])]).sum() for r in range(rows)])
+        if any(foil_ids):
+            picked = picked - torch.stack(
+                [
+                    acc(logits[r, list(foil_ids[r])]).sum() if foil_ids[r] else acc(logits.new_zeros(()))
+                    for r in range(rows)
+                ]
+            )
+        if not torch.isfinite(picked).all():
+            raise NumericalError(
+                f"the target logit is {picked.tolist()} in dtype {logits.dtype}; use float32 or bfloat16"
+            )
+        latent = recorder.tensors()
+        wanted = [leaf, *extra, *latent]
+        grads = torch.autograd.grad(picked.sum(), wanted, allow_unused=True)
+        grad = grads[0] if grads[0] is not None else torch.zeros_like(leaf)
+        rel = acc(leaf.detach()) * acc(grad)
+        for correction in exact.get(id(leaf), []):  # rules with constant input terms (z^B, flat)
+            rel = rel + correction
+        extra_rel = _extra_relevance(extra, grads[1 : 1 + len(extra)], rows)
+        recorder.finish(grads[1 + len(extra) :])
+    if batch.values is not None:
+        rel = rel.sum(1) if (is_hf_model(model) and rel.dim() == 4) else rel
+        mask = None
+    else:
+        rel = rel.sum(-1)
+        mask = batch.attention_mask
+        rel = rel * mask.to(rel.dtype)  # type: ignore[union-attr]  # token batches always carry a mask
+    if not torch.isfinite(rel).all():
+        raise NumericalError(
+            f"relevance has NaN/inf (model dtype {leaf.dtype}); float16 overflows in relevance: "
+            "use model.to(torch.bfloat16) or float32"
+        )
+    probs = None
+    if kind != "plain" and function is None:
+        probs = torch.stack(
+            [torch.softmax(logits[r].detach().float(), -1)[sel_ids[r][0]] for r in range(rows)]
+        )
+    tokens = _token_strings(tokenizer, batch, rel)
+    return Explanation(
+        batch_relevance=rel.detach().cpu(),
+        tokens=tokens,
+        token_ids=None if batch.input_ids is None else batch.input_ids.cpu(),
+        attention_mask=None if mask is None else mask.cpu(),
+        targets=targets,
+        target_logit=acc(picked.detach()).cpu(),
+        probability=None if probs is None else probs.cpu(),
+        rules=preset_name,
+        single=batch.single,
+        modality="tokens"
+        if batch.input_ids is not None
+        else ("pixels" if is_hf_model(model) else "features"),
+        captures=recorder.result(),
+        extra_relevance=extra_rel,
+        hidden=None
+        if batch.hidden is None
+        else batch.hidden & mask.bool().cpu()
+        if mask is not None
+        else None,
+    )
+
+
+def _extra_relevance(leaves: list[Tensor], grads: Sequence[Tensor | None], rows: int) -> Tensor | None:
+    """Per-row relevance absorbed by position / token-type embeddings, or ``None`` if there are none."""
+    total = None
+    for leaf, g in zip(leaves, grads, strict=True):
+        if g is None or leaf.shape[0] != rows:
+            continue
+        r = (acc(leaf.detach()) * acc(g)).reshape(rows, -1).sum(-1)
+        total = r if total is None else total + r
+    return None if total is None else total.cpu()
+
+
+def _forward(
+    model: nn.Module,
+    batch: _Batch,
+    kind: str,
+    position: int | None,
+    extra: list[Tensor],
+    all_logits: bool = False,
+) -> tuple[Tensor, Tensor, list[int], Any]:
+    """Run the patched model; return the leaf, per-row logits ``(batch, n_out)``, positions and the
+    model's own output. ``all_logits`` keeps every position's logits (for a target function)."""
+    device = input_device(model)
+    if batch.values is not None:
+        leaf = batch.values.detach().to(device).requires_grad_(True)
+        if is_hf_model(model):
+            out = model(**{getattr(model, "main_input_name", "pixel_values"): leaf})
+            return leaf, out.logits, [], out
+        out = model(leaf)
+        if not isinstance(out, Tensor) or out.dim() != 2:
+            raise InputError(
+                f"{type(model).__name__} must return a (batch, n_outputs) tensor to be explained, "
+                f"got {type(out).__name__}"
+            )
+        return leaf, out, [], out
+    ids = batch.input_ids.to(device)  # type: ignore[union-attr]
+    mask = batch.attention_mask.to(device)  # type: ignore[union-attr]
+    store: list[Tensor] = []
+    rows = ids.shape[0]
+    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+    if accepts(model, "use_cache"):
+        kwargs["use_cache"] = False
+    positions: list[int] = []
+    if kind == "causal-lm":
+        last = (mask.shape[1] - 1 - mask.flip(-1).argmax(-1)).tolist()  # last real token per row
+        if position is not None:
+            n = mask.shape[1]
+            if not -n <= position < n:
+                raise TargetError(f"position {position} is out of range for a sequence of {n} tokens")
+            positions = [position % n] * len(last)
+            for r, p in enumerate(positions):
+                if not bool(mask[r, p]):
+                    raise TargetError(f"position {p} is a padding position in row {r}")
+        else:
+            positions = last
+        if accepts(model, "position_ids") and bool((mask == 0).any()):
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        keep = sorted(set(positions))
+        if accepts(model, "logits_to_keep") and not all_logits:
+            kwargs["logits_to_keep"] = torch.tensor(keep, device=device)
+        with leaf_at_embeddings(model, store, extra, rows):
+            out = model(**kwargs)
+        logits = out.logits
+        if logits.shape[1] == len(keep) and "logits_to_keep" in kwargs:
+            index = {p: i for i, p in enumerate(keep)}
+            rows = [logits[r, index[p]] for r, p in enumerate(positions)]
+        else:
+            rows = [logits[r, p] for r, p in enumerate(positions)]
+        if not store:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} did not call its input embeddings, so there is no token relevance to "
+                "read; explain a model whose forward embeds input_ids with get_input_embeddings()"
+            )
+        return store[0], torch.stack(rows), positions, out
+    with leaf_at_embeddings(model, store, extra, rows):
+        out = model(**kwargs)
+    if not store:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} did not call its input embeddings, so there is no token relevance to "
+            "read; explain a model whose forward embeds input_ids with get_input_embeddings()"
+        )
+    return store[0], out.logits, positions, out
+
+
+def _target_function(target: Any, contrast: Any) -> Callable[[Any], Tensor] | None:
+    """``target`` when it is a function of the model output, else ``None``."""
+    if not callable(target) or isinstance(target, (str, int, Tensor)):
+        return None
+    if contrast is not None:
+        raise TargetError(
+            "a target function cannot take a contrast: compute the margin inside the function, "
+            "e.g. target=lambda out: out.logits[:, -1, a] - out.logits[:, -1, b]"
+        )
+    return cast(Callable[[Any], Tensor], target)
+
+
+def _function_target(
+    function: Callable[..., Tensor],
+    output: Any,
+    rows: int,
+    kind: str,
+    positions: list[int],
+    padded: bool,
+    position: int | None,
+) -> tuple[Tensor, list[Target], list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """The explained values ``(rows,)`` from a target function, with their result records.
+
+    A function of two arguments gets ``(output, positions)``: for a causal LM the explained position
+    of each row (its last real token, or ``position=``) as a ``(rows,)`` tensor, else ``None``. A
+    one-argument function on a padded causal-LM batch, or with ``position=``, would read the wrong
+    positions for some rows (``logits[:, -1]`` is a pad on the right, spans shift on the left), so it
+    is refused with the two-argument form as the fix.
+    """
+    name = getattr(function, "__name__", type(function).__name__)
+    try:
+        arity = sum(
+            p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            for p in inspect.signature(function).parameters.values()
+        )
+    except (TypeError, ValueError):
+        arity = 1
+    causal = kind == "causal-lm"
+    if arity < 2 and causal and (padded or position is not None):
+        why = "with position=" if position is not None else "on a padded batch (rows of different lengths)"
+        raise TargetError(
+            f"the target function {name!r} takes only the model output, which {why} does not say which "
+            "position each row explains; give it a second argument for the positions, e.g. "
+            "target=lambda out, pos: out.logits[torch.arange(len(pos)), pos, token_id]"
+        )
+    explained = torch.tensor(positions, device=_logits_of(output).device) if causal else None
+    try:
+        value = function(output, explained) if arity >= 2 else function(output)
+    except Exception as exc:  # the user's function: name it, keep its own message
+        raise TargetError(f"the target function {name!r} raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(value, Tensor) or value.numel() != rows or not value.is_floating_point():
+        got = (
+            f"a {tuple(value.shape)} {value.dtype} tensor"
+            if isinstance(value, Tensor)
+            else type(value).__name__
+        )
+        raise TargetError(
+            f"the target function {name!r} must return one float per row, a ({rows},) tensor; got {got}"
+        )
+    if not value.requires_grad:
+        raise TargetError(
+            f"the target function {name!r} returned a value that does not depend on the model "
+            "output (no gradient): compute it from the output it is given"
+        )
+    targets = [Target("function", (), name, positions[r] if causal else None) for r in range(rows)]
+    return acc(value.reshape(rows)), targets, [()] * rows, [()] * rows
+
+
+def _logits_of(output: Any) -> Tensor:
+    return output if isinstance(output, Tensor) else output.logits
+
+
+def _targets(
+    model: nn.Module,
+    kind: str,
+    logits: Tensor,
+    target: Any,
+    contrast: Any,
+    tokenizer: Any,
+    rows: int,
+    positions: list[int],
+    strict_target: bool = False,
+) -> tuple[list[Target], list[tuple[int, ...]], list[tuple[int, ...]]]:
+    n_out = logits.shape[-1]
+    t_specs = _per_row(target, rows, "target")
+    c_specs = _per_row(contrast, rows, "contrast")
+    targets, sel, foil = [], [], []
+    for r in range(rows):
+        spec, cspec = t_specs[r], c_specs[r]
+        if kind == "causal-lm":
+            vocab = n_out
+            if spec is None:
+                spec = int(logits[r].argmax())
+            ids, label = resolve_token(tokenizer, spec, vocab, strict_target=strict_target)
+            cids, clabel = (
+                resolve_token(tokenizer, cspec, vocab, "contrast", strict_target=strict_target)
+                if cspec is not None
+                else ((), None)
+            )
+            targets.append(Target("token", ids, label, positions[r], cids, clabel))
+        elif kind == "classifier":
+            if spec is None:
+                spec = int(logits[r].argmax())
+            ids, label = _resolve_class(model, spec, n_out, "target")
+            cids, clabel = (
+                _resolve_class(model, cspec, n_out, "contrast") if cspec is not None else ((), None)
+            )
+            targets.append(Target("class", ids, label, None, cids, clabel))
+        else:
+            if spec is None:
+                spec = int(logits[r].argmax())
+            if isinstance(spec, bool) or not isinstance(spec, int) or not -n_out <= spec < n_out:
+                raise TargetError(f"target must be an output index in 0..{n_out - 1}, got {spec!r}")
+            cids = ()
+            if cspec is not None:
+                if isinstance(cspec, bool) or not isinstance(cspec, int) or not -n_out <= cspec < n_out:
+                    raise TargetError(f"contrast must be an output index in 0..{n_out - 1}, got {cspec!r}")
+                cids = (cspec % n_out,)
+            ids = (spec % n_out,)
+            targets.append(Target("output", ids, str(ids[0]), None, cids, None if not cids else str(cids[0])))
+        sel.append(ids)
+        foil.append(cids)
+    return targets, sel, foil
+
+
+def _token_strings(tokenizer: Any, batch: _Batch, rel: Tensor) -> list[list[str]]:
+    if batch.input_ids is None:
+        width = rel.shape[-1] if rel.dim() == 2 else 0
+        return [[f"x{i}" for i in range(width)] for _ in range(rel.shape[0])]
+    out = []
+    for r, row in enumerate(batch.input_ids.tolist()):
+        mask = batch.attention_mask[r].tolist() if batch.attention_mask is not None else [1] * len(row)
+        if tokenizer is not None:
+            toks = tokenizer.batch_decode([[i] for i in row])
+        else:
+            toks = [str(i) for i in row]
+        out.append([t if m else "" for t, m in zip(toks, mask, strict=True)])
+    return out
+
+
+# ------------------------------------------------------------------------------------ capture hooks
+def _parse_capture(capture: Sequence[str] | str | None) -> tuple[str, ...]:
+    if capture is None:
+        return ()
+    items = (capture,) if isinstance(capture, str) else tuple(capture)
+    valid = ("layers", "heads", "neurons")
+    for c in items:
+        if c not in valid:
+            raise InputError(f"unknown capture {c!r}; valid: {', '.join(valid)}")
+    return items
+
+
+class _NoRecorder:
+    def __enter__(self) -> _NoRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def tensors(self) -> list[Tensor]:
+        return []
+
+    def finish(self, grads: Sequence[Tensor | None]) -> None:
+        return None
+
+    def result(self) -> dict[str, Any]:
+        return {}
+
+
+def _make_recorder(model: nn.Module, captures: tuple[str, ...]) -> Any:
+    if not captures:
+        return _NoRecorder()
+    from lxt_plus.api.capture import Recorder
+
+    return Recorder(model, captures)

@@ -1,0 +1,266 @@
+"""``explain_generation``: every generated token explained from one shared forward pass.
+
+The whole sequence (prompt and generated tokens, without the last one) runs through the patched
+model once, keeping the logits only at the positions that predicted a generated token. The
+generated tokens' logits are then differentiated with ``torch.autograd.grad(..., retain_graph=True)``
+with respect to the same token-embedding leaf, several targets per batched backward pass, so the
+forward graph is built once for all targets. Row ``t`` equals
+``explain(model, ids[:prompt_length + t], target=ids[prompt_length + t])``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lxt_plus.api.explain import (
+    check_ids,
+    explaining,
+    leaf_at_embeddings,
+    model_kind,
+    prepare_text,
+)
+from lxt_plus.engine.detect import accepts, input_device
+from lxt_plus.engine.functional import acc
+from lxt_plus.engine.plan import Preset, get_preset
+from lxt_plus.errors import (
+    InputError,
+    NumericalError,
+    UnsupportedModelError,
+)
+from lxt_plus.results.result import GenerationExplanation
+
+__all__ = ["explain_generation"]
+
+_MAX_CHUNK = 32  # targets per batched backward pass
+_CHUNK_BUDGET = 8192  # targets x tokens per batched backward pass (bounds the memory of the batched grads)
+
+
+def as_ids(
+    value: str | Tensor | Sequence[int],
+    tokenizer: Any,
+    what: str,
+    chat: bool = False,
+    model: nn.Module | None = None,
+) -> Tensor:
+    """1-D token ids from text (tokenised), a tensor ``(seq,)``/``(1, seq)`` or a list of ints."""
+    if isinstance(value, str):
+        if tokenizer is None:
+            raise InputError(f"a text {what} needs a tokenizer; or pass token ids")
+        if what == "prompt":
+            return prepare_text(tokenizer, [value], model, chat=chat)[0][0]
+        if not value:
+            raise InputError(f"the {what} is empty: there is nothing to explain")
+        return torch.tensor(tokenizer.encode(value, add_special_tokens=False), dtype=torch.long)
+    ids = value if isinstance(value, Tensor) else torch.tensor(list(value), dtype=torch.long)
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1 or ids.is_floating_point():
+        raise InputError(
+            f"the {what} must be text or integer ids of shape (seq,), got {ids.dtype} {tuple(ids.shape)}"
+        )
+    return ids.long().cpu()
+
+
+def eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None and tokenizer is not None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+    return set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def generate_greedy(
+    model: nn.Module, prompt: Tensor, max_new_tokens: int, eos: set[int], pad: int | None
+) -> Tensor:
+    """Greedy continuation ids ``(n_generated,)``, up to and including the first end-of-sequence token."""
+    device = input_device(model)
+    ids = prompt[None].to(device)
+    kwargs: dict[str, Any] = dict(
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
+    if eos:
+        kwargs["eos_token_id"] = sorted(eos)
+    if pad is not None:
+        kwargs["pad_token_id"] = pad
+    elif eos:
+        kwargs["pad_token_id"] = min(eos)
+    with torch.no_grad():
+        out = model.generate(ids, **kwargs)  # type: ignore[operator]
+    return _cut_at_eos(out[0, prompt.shape[0] :].cpu(), eos)
+
+
+def _cut_at_eos(ids: Tensor, eos: set[int]) -> Tensor:
+    for i, tok in enumerate(ids.tolist()):
+        if tok in eos:
+            return ids[: i + 1]
+    return ids
+
+
+def explain_generation(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: str | Tensor | Sequence[int],
+    max_new_tokens: int = 32,
+    *,
+    continuation: str | Tensor | Sequence[int] | None = None,
+    rules: str | Preset | dict[str, Any] = "attnlrp",
+    chat: bool = False,
+    progress: bool = False,
+) -> GenerationExplanation:
+    """Explain each generated token by the prompt and the tokens generated before it.
+
+    Parameters
+    ----------
+    model:
+        A HF causal LM.
+    tokenizer:
+        Its tokenizer (needed for text and for the token strings of the result; may be ``None``
+        when ``prompt`` and ``continuation`` are ids).
+    prompt:
+        Text, or token ids ``(seq,)``.
+    max_new_tokens:
+        How many tokens to generate greedily (``model.generate(do_sample=False)``); generation
+        stops after an end-of-sequence token, which is explained too. Ignored with ``continuation``.
+    continuation:
+        Explain this continuation (text or ids) instead of generating one.
+    rules:
+        Preset name, YAML path or :class:`~lxt_plus.engine.plan.Preset`.
+    chat:
+        Wrap the prompt in the tokenizer's chat template (user turn + generation prompt).
+    progress:
+        Show a tqdm bar over the generated tokens on stderr.
+
+    Returns
+    -------
+    GenerationExplanation
+        ``matrix`` ``(n_generated, n_prompt + n_generated)``: row ``t`` is the relevance for the
+        logit of generated token ``t`` at the position that predicted it; it is 0 at and after the
+        token's own position.
+
+    Notes
+    -----
+    Cost: one forward pass over ``n_prompt + n_generated - 1`` tokens (the vocabulary projection only
+    at the ``n_generated`` predicting positions) and input-only backward passes through the shared
+    graph, up to 32 targets per batched pass (Achtibat et al. 2024, AttnLRP, applied per target).
+    """
+    if model_kind(model) != "causal-lm":
+        raise UnsupportedModelError(
+            f"explain_generation needs a causal LM, got {type(model).__name__}; explain a classifier with explain()"
+        )
+    if continuation is None and (
+        isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1
+    ):
+        raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    preset = get_preset(rules)  # a bad preset fails before the generation
+    prompt_ids = as_ids(prompt, tokenizer, "prompt", chat, model)
+    if prompt_ids.numel() == 0:
+        raise InputError("the prompt has no tokens: there is nothing to condition on")
+    eos = eos_ids(model, tokenizer)
+    if continuation is None:
+        gen_ids = generate_greedy(
+            model,
+            prompt_ids,
+            max_new_tokens,
+            eos,
+            getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None,
+        )
+    else:
+        gen_ids = as_ids(continuation, tokenizer, "continuation")
+    if gen_ids.numel() == 0:
+        raise InputError("no token was generated (or the continuation is empty): there is nothing to explain")
+    ids = torch.cat([prompt_ids, gen_ids])
+    check_ids(model, ids, length=ids.numel() - 1, what="the prompt and continuation")
+    n_p = prompt_ids.numel()
+    matrix, logits = _attribute(model, ids, n_p, preset, progress)
+    tokens = (
+        tokenizer.batch_decode([[i] for i in ids.tolist()])
+        if tokenizer is not None
+        else [str(i) for i in ids.tolist()]
+    )
+    return GenerationExplanation(
+        tokens=tokens, token_ids=ids, prompt_length=n_p, matrix=matrix, target_logit=logits, rules=preset.name
+    )
+
+
+def _attribute(
+    model: nn.Module, ids: Tensor, n_p: int, rules: Preset, progress: bool
+) -> tuple[Tensor, Tensor]:
+    """One patched forward over ``ids[:-1]``; relevance ``(n_generated, n)`` and target logits ``(n_generated,)``."""
+    n, n_g = ids.numel(), ids.numel() - n_p
+    device = input_device(model)
+    inp = ids[None, :-1].to(device)
+    positions = torch.arange(n_p - 1, n - 1, device=device)  # position t predicts token t + 1
+    kwargs: dict[str, Any] = {"input_ids": inp, "attention_mask": torch.ones_like(inp)}
+    if accepts(model, "use_cache"):
+        kwargs["use_cache"] = False
+    kept = accepts(model, "logits_to_keep")
+    if kept:
+        kwargs["logits_to_keep"] = positions
+    store: list[Tensor] = []
+    extra: list[Tensor] = []
+    with explaining(model, rules):
+        with leaf_at_embeddings(model, store, extra, 1):
+            out = model(**kwargs)
+        if not store:
+            raise UnsupportedModelError(f"{type(model).__name__} did not call its input embeddings")
+        leaf = store[0]
+        logits = out.logits[0] if kept and out.logits.shape[1] == n_g else out.logits[0, positions]
+        targets = ids[n_p:].to(device)
+        picked = acc(logits[torch.arange(n_g, device=device), targets])
+        if not torch.isfinite(picked).all():
+            raise NumericalError(
+                f"a target logit is not finite in dtype {logits.dtype}; use float32 or bfloat16"
+            )
+        from tqdm.auto import tqdm
+
+        value = acc(leaf.detach()[0])
+        rows: list[Tensor] = []
+        chunk = max(1, min(_MAX_CHUNK, _CHUNK_BUDGET // n))
+        with tqdm(total=n_g, desc="explaining generated tokens", disable=not progress, leave=False) as bar:
+            for start in range(0, n_g, chunk):
+                stop = min(n_g, start + chunk)
+                grads = _grads(picked, leaf, start, stop, last=stop == n_g)
+                rows.append((value * acc(grads[:, 0])).sum(-1).cpu())  # (stop - start, n - 1)
+                bar.update(stop - start)
+        full = torch.cat(rows)
+        matrix = torch.zeros(n_g, n, dtype=full.dtype)
+        causal = torch.arange(n - 1)[None] < torch.arange(n_p, n)[:, None]  # column < token position
+        matrix[:, : n - 1] = torch.where(causal, full, torch.zeros(()))
+    if not torch.isfinite(matrix).all():
+        raise NumericalError(f"relevance has NaN/inf (model dtype {leaf.dtype}); use bfloat16 or float32")
+    return matrix, picked.detach().cpu()
+
+
+def _grads(picked: Tensor, leaf: Tensor, start: int, stop: int, last: bool) -> Tensor:
+    """Gradients of ``picked[start:stop]`` w.r.t. ``leaf``, ``(stop - start, *leaf.shape)``.
+
+    Several targets share one batched backward pass (``is_grads_batched``: the graph is walked
+    once with a batch of upstream gradients); a model whose backward cannot be batched falls back
+    to one pass per target. The graph is kept until the last target.
+    """
+    k = stop - start
+    if k > 1:
+        eye = torch.zeros(k, picked.numel(), dtype=picked.dtype, device=picked.device)
+        eye[torch.arange(k), torch.arange(start, stop)] = 1
+        try:
+            (grad,) = torch.autograd.grad(
+                picked, leaf, grad_outputs=eye, is_grads_batched=True, retain_graph=True
+            )
+            return grad
+        except RuntimeError:  # an op without a batching rule: one pass per target below
+            pass
+    return torch.stack(
+        [
+            torch.autograd.grad(picked[t], leaf, retain_graph=not last or t < stop - 1)[0]
+            for t in range(start, stop)
+        ]
+    )

@@ -1,0 +1,370 @@
+"""Attention rules with their own backward pass: exact forward, chunked backward.
+
+The attention rules need the ordinary attention gradient, rescaled (AttnLRP: ``q`` and ``k`` ×¼,
+``v`` ×½; AH-LRP: ``v`` only, the weights held constant). Letting autograd run through the
+attention kernel works but is slow on CPU: the fused SDPA backward costs several forwards, and
+eager attention keeps every score-sized intermediate. Here the forward pass is the model's own
+attention call under ``no_grad`` (so outputs are bit-identical to the unpatched model) and the
+backward pass is written out. It serves eager attention (both rules: the weights the eager call
+returns make the backward four products per block, with no recomputation) and AH-LRP through
+``scaled_dot_product_attention`` (the value gradient only):
+
+    P = softmax(scale · Q Kᵀ + M),   O = P V
+    dV = Pᵀ dO,   dS = P ⊙ (dO Vᵀ − rowsum(P ⊙ dO Vᵀ)),   dQ = scale · dS K,   dK = scale · dSᵀ Q
+
+It runs in blocks of query rows, each only over the keys that some row of the block can see
+(causal masks: the block's prefix), so a causal backward does a little over half the work of a
+dense one and never builds a full score matrix. AH-LRP needs only ``dV``: two products per block.
+``P`` comes from the eager call when the model returns it, else it is recomputed per block.
+Batched upstream gradients (``autograd.grad(is_grads_batched=True)``) take a dense path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lxt_plus.engine.functional import acc, grad_scale
+
+__all__ = ["AttentionSpec", "qkv_rule", "rule_attention", "rule_sdpa", "probs_match", "sdpa_spec"]
+
+# Query rows per block. Fewer rows skip more masked keys but make the products less efficient;
+# 64 measured fastest on CPU at 256 and 1024 tokens. Blocks shrink to keep a block's score
+# matrix (batch × heads × rows × keys) under MAX_BLOCK_ELEMENTS.
+ROWS = 64
+MAX_BLOCK_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What the backward pass needs to know about one attention call.
+
+    ``mask``: ``None``, boolean (``True`` = attend) or additive float, broadcastable to
+    ``(batch, heads, queries, keys)``. ``causal``: SDPA's upper-left causal mask (only without
+    ``mask``). ``qk_factor``: gradient factor of ``q`` and ``k``; ``None`` when the weights are
+    constants (AH-LRP). ``v_factor``: gradient factor of ``v``.
+    """
+
+    scale: float
+    mask: Tensor | None
+    causal: bool
+    qk_factor: float | None
+    v_factor: float
+
+    @classmethod
+    def for_rule(
+        cls, detach_weights: bool, *, scale: float, mask: Tensor | None, causal: bool
+    ) -> AttentionSpec:
+        """The spec of AH-LRP (``detach_weights``) or AttnLRP, with :func:`rule_factors`."""
+        qk_factor, v_factor = rule_factors(detach_weights)
+        return cls(scale=scale, mask=mask, causal=causal, qk_factor=qk_factor, v_factor=v_factor)
+
+
+def rule_factors(detach_weights: bool) -> tuple[float | None, float]:
+    """Gradient factors of ``(q and k, v)`` under an attention rule.
+
+    AH-LRP (``detach_weights``): ``q`` and ``k`` get no gradient, ``v`` all of it (Ali et al.
+    2022). AttnLRP: uniform split on ``A @ v`` (½ each) and on ``q @ kᵀ`` (½ of ½): ``q`` and
+    ``k`` ¼, ``v`` ½ (Achtibat et al. 2024).
+    """
+    return (None, 1.0) if detach_weights else (0.25, 0.5)
+
+
+def qkv_rule(q: Tensor, k: Tensor, v: Tensor, detach_weights: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The attention rule as gradient factors at the inputs of an attention function, for calls
+    whose backward pass stays autograd's (:func:`rule_factors`; ``None``: detached)."""
+    qk_factor, v_factor = rule_factors(detach_weights)
+    if qk_factor is None:
+        return q.detach(), k.detach(), grad_scale(v, v_factor)
+    return grad_scale(q, qk_factor), grad_scale(k, qk_factor), grad_scale(v, v_factor)
+
+
+def _allowed(mask: Tensor) -> Tensor:
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+def _rows(mask: Tensor, r0: int, r1: int, n_keys: int) -> Tensor:
+    """Rows ``[r0, r1)`` and the first ``n_keys`` keys of a mask (a size-1 query dim broadcasts)."""
+    return mask[..., :n_keys] if mask.shape[-2] == 1 else mask[..., r0:r1, :n_keys]
+
+
+def _key_limits(spec: AttentionSpec, n_q: int, n_keys: int, rows: int) -> list[int]:
+    """For each block of ``rows`` query rows: one past the last key any of its rows can see (keys
+    beyond get zero weight). Computed for all blocks at once, from one pass over the mask."""
+    starts = range(0, n_q, rows)
+    if spec.causal:
+        return [min(n_keys, n_q, r0 + rows) for r0 in starts]
+    if spec.mask is None:
+        return [n_keys] * len(starts)
+    allowed = _allowed(spec.mask[..., :n_keys])
+    # last visible key + 1 per query row (0: the row sees no key and spreads its weight over all)
+    position = torch.arange(1, n_keys + 1, device=allowed.device, dtype=torch.int32)
+    last = (allowed * position).amax(-1)
+    last = last.masked_fill(last == 0, n_keys).reshape(-1, allowed.shape[-2]).amax(0)
+    if last.numel() == 1:  # one mask row broadcast to every query
+        return [int(last)] * len(starts)
+    return _blocks(last, rows).amax(-1).tolist()
+
+
+def _rows_with_gradient(do: Tensor, rows: int) -> list[bool]:
+    """For each block of ``rows`` query rows, whether any upstream gradient reaches it."""
+    return _blocks(do.ne(0).any(-1).reshape(-1, do.shape[-2]).any(0), rows).any(-1).tolist()
+
+
+def _blocks(per_row: Tensor, rows: int) -> Tensor:
+    """A per-row vector as ``(blocks, rows)``, the last block padded with zeros (or ``False``)."""
+    pad = (-per_row.shape[0]) % rows
+    if pad:
+        per_row = torch.cat([per_row, per_row.new_zeros(pad)])
+    return per_row.reshape(-1, rows)
+
+
+def _block_probs(q: Tensor, k: Tensor, spec: AttentionSpec, r0: int, r1: int) -> Tensor:
+    """Attention weights of query rows ``[r0, r1)`` over the keys ``k`` (a prefix of all keys)."""
+    scores = torch.matmul(q * spec.scale, k.transpose(-1, -2))
+    low = torch.finfo(scores.dtype).min
+    if spec.causal:  # only keys in [r0, r1) can lie above the diagonal of this block
+        n = k.shape[-2]
+        if n > r0:
+            cols = torch.arange(r0, n, device=q.device)[None, :]
+            above = cols > torch.arange(r0, r1, device=q.device)[:, None]
+            scores[..., r0:].masked_fill_(above, low)
+    elif spec.mask is not None:
+        m = _rows(spec.mask, r0, r1, k.shape[-2])
+        if m.dtype == torch.bool:
+            scores.masked_fill_(~m, low)
+            dead = ~m.any(-1, keepdim=True)
+        else:
+            scores.add_(m.to(scores.dtype))
+            dead = torch.isneginf(m).all(-1, keepdim=True)
+        if bool(dead.any()):  # rows with no key at all: SDPA outputs zeros, and so no gradient
+            return torch.softmax(scores, -1).masked_fill_(dead, 0.0)
+    return torch.softmax(scores, -1)
+
+
+def _softmax_backward(dp: Tensor, p: Tensor) -> Tensor:
+    """``p ⊙ (dp − rowsum(p ⊙ dp))``: the softmax backward, out of place (batched tensors too)."""
+    return (dp - (dp * p).sum(-1, keepdim=True)) * p
+
+
+def _softmax_backward_fused(dp: Tensor, p: Tensor) -> Tensor:
+    """:func:`_softmax_backward` with torch's fused kernel where torch has it."""
+    fused = getattr(torch, "_softmax_backward_data", None)
+    return fused(dp, p, -1, p.dtype) if fused is not None else _softmax_backward(dp, p)
+
+
+def _repeat_kv(k: Tensor, v: Tensor, n_heads: int) -> tuple[Tensor, Tensor]:
+    """Grouped-query attention: key/value head ``i // group`` serves query head ``i``."""
+    group = n_heads // k.shape[-3]
+    return (k, v) if group == 1 else (k.repeat_interleave(group, -3), v.repeat_interleave(group, -3))
+
+
+def _sum_groups(grad: Tensor, n_kv_heads: int) -> Tensor:
+    """Gradient per key/value head: the sum over the query heads it served (see :func:`_repeat_kv`)."""
+    *lead, heads, n, d = grad.shape
+    return grad if heads == n_kv_heads else grad.reshape(*lead, n_kv_heads, heads // n_kv_heads, n, d).sum(-3)
+
+
+def _grads(
+    q: Tensor, k: Tensor, v: Tensor, do: Tensor, probs: Tensor | None, spec: AttentionSpec
+) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """Rule gradients of ``q (b, hq, L, d)``, ``k, v (b, hk, S, d)`` for ``do (b, hq, L, dv)``."""
+    dtype = acc(q).dtype
+    q, k, v, do = (t.to(dtype).contiguous() for t in (q, k, v, do))
+    b, hq, n_q, _ = q.shape
+    hk, n_k = k.shape[1], k.shape[2]
+    k, v = _repeat_kv(k, v, hq)
+    need_qk = spec.qk_factor is not None
+    dq = torch.zeros_like(q) if need_qk else None
+    dk = torch.zeros_like(k) if need_qk else None
+    dv = torch.zeros_like(v)
+    rows = max(1, min(ROWS, MAX_BLOCK_ELEMENTS // max(1, b * hq * n_k)))
+    qk_scale = spec.scale * (spec.qk_factor or 0.0)
+    limits, live = _key_limits(spec, n_q, n_k, rows), _rows_with_gradient(do, rows)
+    for r0, kc, has_grad in zip(range(0, n_q, rows), limits, live, strict=True):
+        if not has_grad:  # no gradient reaches these rows (the last layer, off target)
+            continue
+        r1 = min(n_q, r0 + rows)
+        qb, dob, kb, vb = q[:, :, r0:r1], do[:, :, r0:r1], k[:, :, :kc], v[:, :, :kc]
+        if probs is not None:
+            p = probs[:, :, r0:r1, :kc].to(dtype)
+        else:
+            p = _block_probs(qb, kb, spec, r0, r1)
+        dv[:, :, :kc].add_(torch.matmul(p.transpose(-1, -2), dob))
+        if need_qk:
+            ds = _softmax_backward_fused(torch.matmul(dob, vb.transpose(-1, -2)), p)
+            assert dq is not None and dk is not None
+            dq[:, :, r0:r1] = torch.matmul(ds, kb).mul_(qk_scale)
+            dk[:, :, :kc].add_(torch.matmul(ds.transpose(-1, -2), qb), alpha=qk_scale)
+    if spec.v_factor != 1.0:
+        dv.mul_(spec.v_factor)
+    return dq, None if dk is None else _sum_groups(dk, hk), _sum_groups(dv, hk)
+
+
+def _is_batched(t: Tensor) -> bool:
+    """Whether ``t`` is a vmap-batched tensor (legacy batching, as ``is_grads_batched`` uses, or functorch)."""
+    f = torch._C._functorch
+    return bool(f.is_legacy_batchedtensor(t) or f.is_batchedtensor(t))
+
+
+def _batched_grads(
+    q: Tensor, k: Tensor, v: Tensor, do: Tensor, probs: Tensor | None, spec: AttentionSpec
+) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """:func:`_grads` for a batch of upstream gradients (``autograd.grad(is_grads_batched=True)``).
+
+    Under batching, ``do`` is a batched tensor: no blocks, no data-dependent skips and no writes
+    into shared buffers, only out-of-place products over all rows and keys.
+    """
+    dtype = acc(q).dtype
+    q, k, v, do = (t.to(dtype) for t in (q, k, v, do))
+    hk = k.shape[1]
+    k, v = _repeat_kv(k, v, q.shape[1])
+    p = probs.to(dtype) if probs is not None else _block_probs(q, k, spec, 0, q.shape[2])
+    dv = torch.matmul(p.transpose(-1, -2), do) * spec.v_factor
+    dq = dk = None
+    if spec.qk_factor is not None:
+        ds = _softmax_backward(torch.matmul(do, v.transpose(-1, -2)), p)
+        qk_scale = spec.scale * spec.qk_factor
+        dq = torch.matmul(ds, k) * qk_scale
+        dk = _sum_groups(torch.matmul(ds.transpose(-1, -2), q) * qk_scale, hk)
+    return dq, dk, _sum_groups(dv, hk)
+
+
+class _RuleAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,  # type: ignore[override]
+        probs: Tensor | None,
+        spec: AttentionSpec,
+        heads_last: bool,
+    ) -> Tensor:
+        ctx.spec, ctx.heads_last = spec, heads_last
+        ctx.save_for_backward(q, k, v, probs)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        q, k, v, probs = ctx.saved_tensors
+        do = grad.transpose(1, 2) if ctx.heads_last else grad
+        if _is_batched(grad):
+            dq, dk, dv = _batched_grads(q, k, v, do, probs, ctx.spec)  # is_grads_batched
+        else:
+            dq, dk, dv = _grads(q, k, v, do, probs, ctx.spec)
+        grads = tuple(
+            g.to(q.dtype) if g is not None and need else None
+            for g, need in zip((dq, dk, dv), ctx.needs_input_grad[:3], strict=True)
+        )
+        return (*grads, None, None, None, None)
+
+
+def rule_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    spec: AttentionSpec,
+    probs: Tensor | None = None,
+    heads_last: bool = False,
+) -> Tensor:
+    """``out`` (computed without gradient) with the attention rule as its backward pass.
+
+    ``heads_last``: ``out`` is laid out ``(batch, queries, heads, dim)`` (transformers' attention
+    functions) rather than ``(batch, heads, queries, dim)`` (``scaled_dot_product_attention``).
+    """
+    if spec.qk_factor is None:
+        q, k = q.detach(), k.detach()
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (q, k, v)):
+        return out
+    return _RuleAttention.apply(
+        q, k, v, out.detach(), None if probs is None else probs.detach(), spec, heads_last
+    )
+
+
+def probs_match(q: Tensor, k: Tensor, probs: Tensor, mask: Tensor | None, scale: float) -> bool:
+    """Whether ``probs`` is ``softmax(scale · q kᵀ + mask)``, checked on the last query row.
+
+    Guards the eager fast path: a family whose attention adds anything else to the scores
+    (soft-capping, sinks, head masks) fails the check and keeps autograd's backward.
+    """
+    b, hq, n_q, _ = q.shape
+    hk = k.shape[1]
+    if probs.shape != (b, hq, n_q, k.shape[2]) or hq % hk:
+        return False
+    kr, _ = _repeat_kv(k, k, hq)
+    # scores in the model's dtype and softmax in float32 or wider, as eager attention computes them
+    scores = torch.matmul(q[:, :, -1:], kr.transpose(-1, -2)) * scale
+    if mask is not None:
+        m = mask[..., -1:, : k.shape[2]]
+        scores = (
+            scores.masked_fill(~m, torch.finfo(scores.dtype).min) if m.dtype == torch.bool else scores + m
+        )
+    expected = torch.softmax(scores, -1, dtype=acc(scores).dtype)
+    got = probs[:, :, -1:].to(expected.dtype)
+    tol = 1e-3 if probs.dtype in (torch.float16, torch.bfloat16) else 1e-5
+    return bool(torch.allclose(got, expected, rtol=10 * tol, atol=tol))
+
+
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def sdpa_spec(
+    args: tuple[Any, ...], kwargs: dict[str, Any], detach_weights: bool
+) -> tuple[dict[str, Any], AttentionSpec | None]:
+    """The arguments of a ``scaled_dot_product_attention`` call by name (dropout off), and the
+    :class:`AttentionSpec` of the rule, or ``None`` for calls our backward does not cover (a mask
+    that itself needs a gradient, arguments we do not know)."""
+    bound: dict[str, Any] = dict(zip(_SDPA_PARAMS, args, strict=False))
+    known = (
+        len(args) <= len(_SDPA_PARAMS)
+        and not (set(kwargs) - set(_SDPA_PARAMS))
+        and not (set(bound) & set(kwargs))
+    )
+    bound.update(kwargs)
+    bound["dropout_p"] = 0.0
+    q, k, v, mask = (bound.get(n) for n in ("query", "key", "value", "attn_mask"))
+    if not (
+        known
+        and all(isinstance(t, Tensor) for t in (q, k, v))
+        and (mask is None or (isinstance(mask, Tensor) and not mask.requires_grad))
+    ):
+        return bound, None
+    scale = bound.get("scale")
+    return bound, AttentionSpec.for_rule(
+        detach_weights,
+        scale=float(scale) if scale is not None else q.shape[-1] ** -0.5,  # type: ignore[union-attr]
+        mask=mask,
+        causal=bool(bound.get("is_causal")) and mask is None,
+    )
+
+
+def rule_sdpa(
+    func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], detach_weights: bool
+) -> tuple[Any, bool]:
+    """``scaled_dot_product_attention`` under an attention rule. Dropout is off.
+
+    AH-LRP: torch's kernel without gradient, then our backward pass, which computes only the
+    value gradient (two products per block instead of the kernel's full backward). AttnLRP needs
+    the full gradient, where torch's fused backward measured as fast as ours on CPU (and on GPU a
+    fused kernel should win), so autograd runs through the kernel with the rule's factors at
+    ``q, k, v``. So do calls :func:`sdpa_spec` does not cover. Returns the output and whether our
+    backward pass is attached (the tests check the routing with it).
+    """
+    bound, spec = sdpa_spec(args, kwargs, detach_weights)
+    q, k, v = (bound.get(n) for n in _SDPA_PARAMS[:3])
+    if not all(isinstance(t, Tensor) for t in (q, k, v)):
+        return func(*args, **kwargs), False  # not a call torch accepts: let torch say so
+    rest = {n: x for n, x in bound.items() if n not in _SDPA_PARAMS[:3]}
+    if spec is None or not detach_weights:
+        return func(*qkv_rule(q, k, v, detach_weights), **rest), False  # type: ignore[arg-type]
+    with torch.no_grad():
+        out = func(q, k, v, **rest)
+    return rule_attention(q, k, v, out, spec), True  # type: ignore[arg-type]

@@ -1,0 +1,245 @@
+"""Recognise what each module of a model *is*: norm, activation, attention, gated MLP, router, ...
+
+Roles come from types and structure, not from per-family maps, so a new architecture built from
+known parts is recognised with no new code. A leaf module that matches nothing is ``"unknown"``;
+the plan refuses it (or lets it pass with ``strict=False``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ROLES",
+    "accepts",
+    "ModuleInfo",
+    "detect_roles",
+    "find_block_list",
+    "owning_pretrained",
+    "is_hf_model",
+    "input_device",
+]
+
+ROLES = (
+    "attention",
+    "activation",
+    "norm",
+    "mlp",
+    "router",
+    "linear",
+    "conv",
+    "embedding",
+    "dropout",
+    "softmax",
+    "rotary",
+    "structural",
+    "head",
+    "container",
+    "unknown",
+)
+
+_ACTIVATION_MODULES = ("transformers.activations", "torch.nn.modules.activation")
+_NOT_ACTIVATION = {
+    "Softmax",
+    "Softmin",
+    "LogSoftmax",
+    "Softmax2d",
+    "MultiheadAttention",
+    "GLU",
+    "Threshold",
+    "ClassInstantier",
+}
+_STRUCTURAL = (
+    nn.Identity,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.Upsample,
+    nn.ZeroPad2d,
+)
+_ATTN_NAME = re.compile(r"Attention|Attn", re.IGNORECASE)
+_NORM_NAME = re.compile(r"Norm($|[A-Z0-9_])")
+
+
+@dataclass
+class ModuleInfo:
+    """A module and what it was recognised as."""
+
+    path: str
+    module: nn.Module
+    role: str
+    note: str = ""
+
+    @property
+    def type_name(self) -> str:
+        return type(self.module).__name__
+
+
+def is_hf_model(module: nn.Module) -> bool:
+    from transformers import PreTrainedModel  # a dependency; imported here to keep import time short
+
+    return isinstance(module, PreTrainedModel)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where inputs go: the token embeddings' device, else the first parameter not on ``meta``
+    (accelerate's offloading leaves placeholders on ``meta``)."""
+    emb = cast(Any, model).get_input_embeddings() if is_hf_model(model) else None
+    weight = getattr(emb, "weight", None)
+    if weight is not None and weight.device.type != "meta":
+        return weight.device
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def owning_pretrained(model: nn.Module, path: str) -> nn.Module | None:
+    """The innermost ``PreTrainedModel`` on the path from ``model`` to the module at ``path``."""
+    owner = model if is_hf_model(model) else None
+    current = model
+    for part in [p for p in path.split(".") if p]:
+        current = getattr(current, part)
+        if is_hf_model(current):
+            owner = current
+    return owner
+
+
+def _is_activation(m: nn.Module) -> bool:
+    cls = type(m)
+    if cls.__name__ in _NOT_ACTIVATION or any(True for _ in m.children()):
+        return False
+    return cls.__module__ in _ACTIVATION_MODULES or cls.__name__.endswith("Activation")
+
+
+def _is_conv1d_hf(m: nn.Module) -> bool:
+    return type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers")
+
+
+def _leaf_role(name: str, m: nn.Module) -> str:
+    last = name.rsplit(".", 1)[-1]
+    cls_name = type(m).__name__
+    if isinstance(m, nn.modules.dropout._DropoutNd):
+        return "dropout"
+    if isinstance(m, nn.Linear) or _is_conv1d_hf(m) or isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return "linear"  # BatchNorm in eval mode is affine
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return "conv"
+    if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+        return "embedding"
+    if isinstance(m, (nn.Softmax, nn.LogSoftmax)):
+        return "softmax"
+    if _is_activation(m):
+        return "activation"
+    if isinstance(m, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)) or _NORM_NAME.search(cls_name):
+        return "norm"
+    if "Rotary" in cls_name or "RoPE" in cls_name or last in ("rotary_emb", "rotary_embedding"):
+        return "rotary"
+    if "Router" in cls_name or last in ("router", "expert_gate") or last.endswith("expert_gate"):
+        return "router"
+    if isinstance(m, _STRUCTURAL):
+        return "structural"
+    if _ATTN_NAME.search(cls_name):
+        return "attention"
+    return "unknown"
+
+
+def detect_roles(model: nn.Module) -> list[ModuleInfo]:
+    """Recognise every module of ``model``; returns them in ``named_modules`` order."""
+    named = dict(model.named_modules())
+    children = {p: [c for c in named if c.startswith(p + ".") or (p == "" and c != "")] for p in named}
+
+    def has(path: str, role_pred) -> bool:  # type: ignore[no-untyped-def]
+        return any(role_pred(c) for c in children[path])
+
+    roles: dict[str, str] = {}
+    # 1. leaves (and modules that are leaves for our purposes)
+    for path, m in named.items():
+        if not any(True for _ in m.children()):
+            roles[path] = _leaf_role(path, m)
+    # routers that are plain Linear layers next to a set of experts (``gate`` in an MoE block)
+    for path in named:
+        last = path.rsplit(".", 1)[-1]
+        parent = path.rsplit(".", 1)[0] if "." in path else ""
+        if roles.get(path) not in ("linear", "unknown"):
+            continue
+        if last.endswith("expert_gate"):  # sigmoid gate of a shared expert
+            roles[path] = "router"
+        elif last in ("gate", "router") and parent in named:
+            siblings = [type(c).__name__ for c in named[parent].children()]
+            if any("Expert" in s for s in siblings) or hasattr(named[parent], "experts"):
+                roles[path] = "router"
+    # 2. attention modules with children: the innermost attention-named module
+    for path, m in named.items():
+        if path in roles:
+            continue
+        if _ATTN_NAME.search(type(m).__name__) and not has(
+            path, lambda c: _ATTN_NAME.search(type(named[c]).__name__) is not None
+        ):
+            roles[path] = "attention"
+
+    # 3. MLP blocks: maximal modules holding an activation and no attention
+    def mlp_like(p: str) -> bool:
+        m = named[p]
+        return (
+            p not in roles
+            and not isinstance(m, (nn.ModuleList, nn.ModuleDict))
+            and has(p, lambda c: roles.get(c) == "activation")
+            and not has(p, lambda c: roles.get(c) == "attention")
+        )
+
+    candidates = {p for p in named if p != "" and mlp_like(p)}
+    for path in candidates:
+        parent = path.rsplit(".", 1)[0] if "." in path else ""
+        if parent not in candidates:  # maximal: nested blocks must not apply the rule twice
+            roles[path] = "mlp"
+    if "" not in roles and not is_hf_model(model) and mlp_like(""):
+        roles[""] = "mlp"  # a plain torch MLP
+    # 4. the task head of a HF model: inline non-linearities outside the backbone
+    if is_hf_model(model) and "" not in roles:
+        base = getattr(model, "base_model", model)
+        if base is not model:
+            roles[""] = "head"
+    infos = []
+    for path, m in named.items():
+        role = roles.get(path, "container")
+        infos.append(ModuleInfo(path, m, role))
+    return infos
+
+
+def find_block_list(
+    model: nn.Module, infos: list[ModuleInfo] | None = None
+) -> tuple[str, nn.ModuleList] | None:
+    """The list of transformer blocks: the longest ``nn.ModuleList`` whose items hold attention.
+
+    Items without attention are allowed (hybrid models interleave other blocks), but at least one
+    must hold a module of role ``"attention"``. Returns ``(path, list)``, or ``None`` if none exists.
+    """
+    infos = detect_roles(model) if infos is None else infos
+    attention = [i.path for i in infos if i.role == "attention"]
+    best: tuple[str, nn.ModuleList] | None = None
+    for path, m in model.named_modules():
+        if not isinstance(m, nn.ModuleList) or len(m) == 0 or (best is not None and len(m) <= len(best[1])):
+            continue
+        prefix = f"{path}." if path else ""
+        if any(a.startswith(prefix) and a[len(prefix) :].split(".")[0].isdigit() for a in attention):
+            best = (path, m)
+    return best
+
+
+def accepts(model: nn.Module, name: str) -> bool:
+    """Whether the model's (class) ``forward`` takes the argument ``name``; the instance forward may
+    be a patch's wrapper, whose signature is ``*args, **kwargs``."""
+    try:
+        return name in inspect.signature(type(model).forward).parameters
+    except (TypeError, ValueError):
+        return False

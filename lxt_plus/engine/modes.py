@@ -1,0 +1,324 @@
+"""Torch-function modes that apply a rule to operations written inline in a module's forward.
+
+HF modules compute norms, gated products and some attention inline (``x * torch.rsqrt(var)``,
+``act(g) * u``, ``softmax(q @ k.T)``). A mode active only while one patched module runs sees
+those operations and swaps in the rule's backward pass, whatever the module's source looks like.
+Modes live on a thread-local stack, so other threads and other models are not affected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from lxt_plus.engine.attention import rule_sdpa
+from lxt_plus.engine.functional import acc, identity_rule, uniform_matmul, uniform_mul
+
+__all__ = [
+    "NormMode",
+    "ProductMode",
+    "is_gate",
+    "AttentionOpsMode",
+    "ElementwiseIdentityMode",
+    "SDPARuleMode",
+]
+
+# an unbound handler: (mode, torch function, args, kwargs) -> result
+Handler = Callable[[Any, Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
+_T = torch.Tensor
+_TB = torch._C.TensorBase
+
+
+def _funcs(*names: str, modules: tuple[Any, ...] = (torch, _T, _TB)) -> list[Callable[..., Any]]:
+    out = []
+    for mod in modules:
+        for name in names:
+            fn = getattr(mod, name, None)
+            if fn is not None and fn not in out:
+                out.append(fn)
+    return out
+
+
+def _both_depend_on_input(a: Any, b: Any) -> bool:
+    """True when both operands are non-leaf tensors in the autograd graph (not parameters)."""
+    return (
+        isinstance(a, Tensor)
+        and isinstance(b, Tensor)
+        and a.grad_fn is not None
+        and b.grad_fn is not None
+        and torch.is_grad_enabled()
+    )
+
+
+class _RuleMode(TorchFunctionMode):
+    """Dispatches selected torch functions to handlers; everything else runs unchanged.
+
+    A mode is made afresh for every patched forward call, so its dispatch table (torch function ->
+    unbound handler) is built once per class and shared: see :meth:`_table`.
+    """
+
+    _TABLES: dict[Any, dict[Any, Handler]] = {}
+
+    def __init__(self, *key: Any) -> None:
+        super().__init__()
+        table = _RuleMode._TABLES.get((type(self), key))
+        if table is None:
+            table = _RuleMode._TABLES[(type(self), key)] = self._table(*key)
+        self.handlers = table
+        self.hits = 0
+        self.suspended = False
+
+    @classmethod
+    def _table(cls, *key: Any) -> dict[Any, Handler]:
+        """The torch functions this mode changes, each with its (unbound) handler."""
+        return {}
+
+    @staticmethod
+    def on(funcs: list[Callable[..., Any]], handler: Handler) -> dict[Any, Handler]:
+        return dict.fromkeys(funcs, handler)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        handler = None if self.suspended else self.handlers.get(func)
+        if handler is None:
+            return func(*args, **kwargs)
+        return handler(self, func, args, kwargs)
+
+    def _count(self) -> None:
+        self.hits += 1
+
+
+class NormMode(_RuleMode):
+    """Conservative LayerNorm/RMSNorm rule (Ali et al. 2022): the normalising scale is a constant.
+
+    ``rsqrt``/``sqrt``/``std``/``var``/``norm`` results are detached; ``F.layer_norm`` and
+    ``F.rms_norm`` are recomputed with a detached scale. Centering stays linear.
+    ``hits`` counts intercepted operations: zero after a forward means the norm was not recognised.
+    """
+
+    @classmethod
+    def _table(cls) -> dict[Any, Handler]:
+        return {
+            **cls.on(_funcs("rsqrt", "sqrt", "std", "var", "norm"), cls._detached),
+            **cls.on(_funcs("pow", "__pow__"), cls._pow),
+            F.layer_norm: cls._layer_norm,
+            F.rms_norm: cls._rms_norm,
+            F.normalize: cls._normalize,
+        }
+
+    def _detached(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        self._count()
+        out = func(*args, **kwargs)
+        return out.detach() if isinstance(out, Tensor) else out
+
+    def _pow(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        out = func(*args, **kwargs)
+        exponent = args[1] if len(args) > 1 else kwargs.get("exponent")
+        if isinstance(exponent, (int, float)) and exponent < 0:  # x.pow(-0.5): a normalising scale
+            self._count()
+            return out.detach()
+        return out
+
+    def _layer_norm(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        self._count()
+        x, shape = args[0], args[1]
+        weight = args[2] if len(args) > 2 else kwargs.get("weight")
+        bias = args[3] if len(args) > 3 else kwargs.get("bias")
+        eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
+        dims = tuple(range(-len(shape), 0))
+        xf = acc(x)
+        centred = xf - xf.mean(dim=dims, keepdim=True)
+        scale = torch.rsqrt(centred.detach().pow(2).mean(dim=dims, keepdim=True) + eps)
+        y = (centred * scale).to(x.dtype)
+        if weight is not None:
+            y = y * weight
+        if bias is not None:
+            y = y + bias
+        return y
+
+    def _rms_norm(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        self._count()
+        x, shape = args[0], args[1]
+        weight = args[2] if len(args) > 2 else kwargs.get("weight")
+        eps = args[3] if len(args) > 3 else kwargs.get("eps")
+        dims = tuple(range(-len(shape), 0))
+        xf = acc(x)
+        eps = torch.finfo(xf.dtype).eps if eps is None else eps
+        scale = torch.rsqrt(xf.detach().pow(2).mean(dim=dims, keepdim=True) + eps)
+        y = (xf * scale).to(x.dtype)
+        return y * weight if weight is not None else y
+
+    def _normalize(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        self._count()
+        x = args[0]
+        p = args[1] if len(args) > 1 else kwargs.get("p", 2.0)
+        dim = args[2] if len(args) > 2 else kwargs.get("dim", 1)
+        eps = args[3] if len(args) > 3 else kwargs.get("eps", 1e-12)
+        denom = x.detach().norm(p=p, dim=dim, keepdim=True).clamp_min(eps)
+        return x / denom
+
+
+_MUL = _funcs("mul", "__mul__", "__rmul__", "multiply")
+_MATMUL = _funcs("matmul", "__matmul__", "bmm") + [torch.einsum]
+
+
+# autograd nodes that make a tensor the output of an element-wise non-linearity: the gate of a
+# gated product (the identity rule's own node, or autograd's for an inline activation)
+_GATE_NODES = frozenset(
+    {
+        "_IdentityRuleBackward",
+        "SiluBackward0",
+        "GeluBackward0",
+        "SigmoidBackward0",
+        "TanhBackward0",
+        "ReluBackward0",
+        "EluBackward0",
+        "LeakyReluBackward0",
+        "SoftplusBackward0",
+        "MishBackward0",
+        "HardswishBackward0",
+        "HardsigmoidBackward0",
+        "HardtanhBackward0",
+    }
+)
+# nodes that keep the values as they are (casts, views): looked through when finding the gate
+_SAME_VALUES = frozenset(
+    {
+        "ToCopyBackward0",
+        "ViewBackward0",
+        "ReshapeAliasBackward0",
+        "UnsqueezeBackward0",
+        "ExpandBackward0",
+        "CloneBackward0",
+        "AliasBackward0",
+    }
+)
+
+
+def is_gate(t: Tensor) -> bool:
+    """Whether ``t`` is the output of an element-wise non-linearity (up to casts and views)."""
+    node = t.grad_fn
+    for _ in range(4):
+        if node is None:
+            return False
+        name = type(node).__name__
+        if name in _GATE_NODES:
+            return True
+        if name not in _SAME_VALUES:
+            return False
+        node = next((n for n, _ in node.next_functions if n is not None), None)
+    return False
+
+
+class ProductMode(_RuleMode):
+    """The rule for element-wise products of two input-dependent tensors (gated MLPs, MoE).
+
+    ``act(gate) * up`` and ``router_weight * expert_out``. By default the uniform rule: each
+    factor receives half the relevance (Achtibat et al. 2024, Prop. 3.3). With
+    ``constant_gate=True`` (CP-LRP as LXT defines it) the factor that is the output of an
+    element-wise non-linearity is a constant, like an attention weight, and all relevance flows
+    through the other factor; a product with no such factor, or two, keeps the uniform rule.
+    Products with a constant or a parameter are left alone.
+    """
+
+    def __init__(self, constant_gate: bool = False) -> None:
+        super().__init__()
+        self.constant_gate = constant_gate
+
+    @classmethod
+    def _table(cls) -> dict[Any, Handler]:
+        return cls.on(_MUL, cls._mul)
+
+    def _mul(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        if len(args) == 2 and not kwargs and _both_depend_on_input(args[0], args[1]):
+            self._count()
+            a, b = args
+            if self.constant_gate:
+                gate_a, gate_b = is_gate(a), is_gate(b)
+                if gate_a != gate_b:
+                    return func(a.detach(), b) if gate_a else func(a, b.detach())
+            return uniform_mul(a, b)
+        return func(*args, **kwargs)
+
+
+class ElementwiseIdentityMode(_RuleMode):
+    """Identity rule for element-wise non-linearities called as functions (``torch.tanh``, ``F.relu``...).
+
+    Used for logit soft-capping, classification heads with inline ``tanh``/``relu`` and attention
+    score soft-capping. ``suspended`` lets a patched sub-module (the backbone) run untouched.
+    """
+
+    NAMES = ("tanh", "relu", "gelu", "silu", "leaky_relu", "elu", "selu", "softplus", "mish", "hardtanh")
+
+    def __init__(self, names: tuple[str, ...] = NAMES) -> None:
+        super().__init__(names)
+
+    @classmethod
+    def _table(cls, names: tuple[str, ...] = NAMES) -> dict[Any, Handler]:
+        return cls.on(_funcs(*names, modules=(torch, _T, _TB, F)), cls._identity)
+
+    def _identity(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        x = args[0]
+        if not isinstance(x, Tensor) or not x.requires_grad:
+            return func(*args, **kwargs)
+        self._count()
+        return identity_rule(x, lambda t: func(t, *args[1:], **kwargs))
+
+
+class SDPARuleMode(_RuleMode):
+    """The attention rule on ``scaled_dot_product_attention`` calls only (see :func:`rule_sdpa`)."""
+
+    def __init__(self, detach_weights: bool) -> None:
+        super().__init__()
+        self.detach_weights = detach_weights
+
+    @classmethod
+    def _table(cls) -> dict[Any, Handler]:
+        return {F.scaled_dot_product_attention: cls._sdpa}
+
+    def _sdpa(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        self._count()
+        return rule_sdpa(func, args, kwargs, self.detach_weights)[0]
+
+
+class AttentionOpsMode(SDPARuleMode):
+    """An attention rule for attention modules that do not dispatch through transformers' registry.
+
+    - ``attnlrp``: uniform rule on ``q @ k.T`` and ``A @ v``; softmax keeps its gradient (the
+      AttnLRP softmax rule); ``scaled_dot_product_attention`` gets the same rule through its own
+      backward pass (:func:`~lxt_plus.engine.attention.rule_sdpa`).
+    - ``ah-lrp``: softmax outputs are detached (attention weights are constants); relevance flows
+      through ``v`` only.
+    Soft-capping ``tanh`` on scores uses the identity rule.
+    """
+
+    @classmethod
+    def _table(cls) -> dict[Any, Handler]:
+        return {
+            **super()._table(),
+            **cls.on(_funcs("softmax", modules=(torch, _T, _TB, F)), cls._softmax),
+            **cls.on(_MATMUL, cls._matmul),
+            **cls.on(_funcs("tanh", modules=(torch, _T, _TB, F)), cls._tanh),
+        }
+
+    def _softmax(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        self._count()
+        out = func(*args, **kwargs)
+        return out.detach() if self.detach_weights else out
+
+    def _matmul(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        if func is not torch.einsum and len(args) == 2 and not kwargs and _both_depend_on_input(*args):
+            self._count()
+            return uniform_matmul(args[0], args[1])
+        return func(*args, **kwargs)
+
+    def _tanh(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        x = args[0]
+        if not isinstance(x, Tensor) or not x.requires_grad:
+            return func(*args, **kwargs)
+        return identity_rule(x, lambda t: func(t, *args[1:], **kwargs))

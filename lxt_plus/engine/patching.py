@@ -1,0 +1,417 @@
+"""Apply a plan to one model instance, reversibly.
+
+- Module rules replace ``forward`` on the *instance*; ``remove()`` restores exactly what was there
+  (``del module.forward`` so the class method shows again, or the previous instance attribute).
+- Attention of models that dispatch through transformers' registry goes through our own keys
+  (``lxt_plus_eager``, ``lxt_plus_sdpa``), registered once with the matching mask function. Each
+  key calls the original implementation; modules that are not patched (another model sharing
+  the config) fall back to it unchanged. Config values are restored on remove.
+- No class, no ``torch.nn`` type and no transformers global is modified: our two registry keys
+  exist only while a patched model uses them, and the last ``remove()`` takes them out again.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from lxt_plus.engine.attention import AttentionSpec, probs_match, qkv_rule, rule_attention
+from lxt_plus.engine.detect import input_device, is_hf_model
+from lxt_plus.engine.hf import ATTENTION_KEYS, original_attention, register_keys, switch_configs
+from lxt_plus.engine.install import ATTENTION_RULES, Site
+from lxt_plus.engine.modes import ElementwiseIdentityMode, SDPARuleMode
+from lxt_plus.engine.plan import Plan, PlanEntry, Preset, build_plan, get_preset
+from lxt_plus.engine.rules import AttentionRule
+from lxt_plus.errors import AlreadyPatchedError, InputError, NotPatchedError, UnsupportedModelError
+
+__all__ = ["Handle", "patch", "patched", "is_patched", "handle_of", "ATTENTION_KEYS"]
+
+
+_LOCK = threading.RLock()
+_PATCHED: weakref.WeakKeyDictionary[nn.Module, Handle] = weakref.WeakKeyDictionary()
+# model -> {preset: (structure signature, plan, paths routed to inline ops)}: validate once, reuse
+_PLAN_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[Preset, tuple[Any, Plan, frozenset[str]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+# Observers of patched attention calls in this thread (per-head capture): fn(module, q, k, v, mask, out)
+ATTENTION_OBSERVERS: contextvars.ContextVar[tuple[Callable[..., None], ...]] = contextvars.ContextVar(
+    "lxt_plus_attention_observers", default=()
+)
+
+
+# ----------------------------------------------------------------------------- attention registry
+def _make_attention(original: str) -> Callable[..., Any]:
+    def lxt_plus_attention(module, query, key, value, attention_mask, *args, **kwargs):  # type: ignore[no-untyped-def]
+        fn = original_attention(module, original)
+        found = ATTENTION_RULES.get(module)
+        if found is None:
+            return fn(module, query, key, value, attention_mask, *args, **kwargs)
+        rule, stats = found
+        stats["attention_hits"] = stats.get("attention_hits", 0) + 1
+        if "dropout" in kwargs:
+            kwargs["dropout"] = 0.0
+        out = None
+        if not kwargs.get("softcap"):
+            if original == "sdpa" and rule.detach_weights:
+                with SDPARuleMode(True):  # our value-only backward, see attention.rule_sdpa
+                    out = fn(module, query, key, value, attention_mask, *args, **kwargs)
+            elif original != "sdpa" and not args:
+                out = _eager_with_rule(fn, module, query, key, value, attention_mask, kwargs, rule)
+        # otherwise (AttnLRP through SDPA keeps torch's fused backward, as attention.rule_sdpa does
+        # for inline calls): autograd through the attention function, the rule's factors at q, k, v
+        if out is None:
+            q, k, v = qkv_rule(query, key, value, rule.detach_weights)
+            if kwargs.get("softcap") and not rule.detach_weights:
+                with ElementwiseIdentityMode(("tanh",)):  # identity rule on score soft-capping
+                    out = fn(module, q, k, v, attention_mask, *args, **kwargs)
+            else:
+                out = fn(module, q, k, v, attention_mask, *args, **kwargs)
+        for observe in ATTENTION_OBSERVERS.get():
+            observe(module, query, key, value, attention_mask, out, kwargs)
+        return out
+
+    lxt_plus_attention.__qualname__ = f"lxt_plus_attention[{original}]"
+    return lxt_plus_attention
+
+
+def _eager_with_rule(
+    fn: Callable[..., Any],
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: Any,
+    kwargs: dict[str, Any],
+    rule: AttentionRule,
+) -> Any:
+    """The family's eager attention without gradient, then the rule's own backward pass.
+
+    The eager function returns the attention weights, so the backward pass needs no recomputed
+    scores. Returns ``None`` (use autograd instead) unless the weights provably are
+    ``softmax(scaling · q kᵀ + mask)``, checked on the last query row.
+    """
+    with torch.no_grad():
+        out = fn(module, query, key, value, mask, **kwargs)
+    if not (
+        isinstance(out, tuple)
+        and len(out) == 2
+        and isinstance(out[0], torch.Tensor)
+        and isinstance(out[1], torch.Tensor)
+    ):
+        return None
+    attn, probs = out
+    b, hq, n_q, _ = query.shape
+    scale = kwargs.get("scaling")
+    scale = float(scale) if scale is not None else query.shape[-1] ** -0.5
+    if (
+        attn.shape[:3] != (b, n_q, hq)
+        or (mask is not None and not isinstance(mask, torch.Tensor))
+        or (isinstance(mask, torch.Tensor) and mask.requires_grad)
+        or not probs_match(query, key, probs, mask, scale)
+    ):
+        return None
+    spec = AttentionSpec.for_rule(rule.detach_weights, scale=scale, mask=mask, causal=False)
+    return rule_attention(query, key, value, attn, spec, probs=probs, heads_last=True), probs
+
+
+# ----------------------------------------------------------------------------- handles
+class Handle:
+    """What :func:`patch` did to one model; ``remove()`` undoes all of it.
+
+    Patching lasts on that instance until removed. Use it as a context manager to remove on exit,
+    also when the body raises.
+    """
+
+    def __init__(self, model: nn.Module, plan: Plan, nested: bool = False) -> None:
+        self.model = model
+        self.plan = plan
+        self.nested = nested
+        self._undo: list[Callable[[], None]] = []
+        self._active = True
+
+    @property
+    def preset(self) -> Preset:
+        return self.plan.preset
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    def describe(self, show_pass: bool = False) -> str:
+        """``module path -> rule`` for every module the plan touched."""
+        return self.plan.describe(show_pass=show_pass)
+
+    def remove(self) -> None:
+        """Restore the model exactly. A nested handle (same plan applied twice) leaves the outer one."""
+        if not self._active:
+            raise NotPatchedError("this handle was already removed")
+        self._active = False
+        if self.nested:
+            return
+        with _LOCK:
+            errors = []
+            while self._undo:
+                step = self._undo.pop()
+                try:
+                    step()
+                except Exception as exc:  # keep undoing the rest, report afterwards
+                    errors.append(exc)
+            if _PATCHED.get(self.model) is self:
+                del _PATCHED[self.model]
+            if errors:
+                raise ExceptionGroup(
+                    f"{len(errors)} undo step(s) failed while removing the patch of "
+                    f"{type(self.model).__name__}; every other step was undone",
+                    errors,
+                )
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._active:
+            self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self._active else "removed"
+        return f"<lxt_plus.Handle {type(self.model).__name__} preset={self.preset.name!r} {state}>"
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether ``model`` is patched now."""
+    return model in _PATCHED
+
+
+def handle_of(model: nn.Module) -> Handle | None:
+    """The handle of the patch on ``model`` now, or ``None``."""
+    return _PATCHED.get(model)
+
+
+# parameters added to activations: biases, and the learned tokens / positions that ViT-like
+# embeddings add as plain parameters (an nn.Embedding's relevance is reported instead)
+_ADDITIVE = ("bias", "b", "cls_token", "position_embeddings", "distillation_token", "register_tokens")
+
+
+def _zero_biases(model: nn.Module, undo: list[Callable[[], None]]) -> None:
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has offloaded weights (on the 'meta' device): zeroing biases for the "
+            "conservation check needs the model in one piece; load it without offloading for the check"
+        )
+    saved = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.rsplit(".", 1)[-1] in _ADDITIVE and p is not None:
+                saved.append((p, p.detach().clone()))
+                p.zero_()
+
+    def restore() -> None:
+        with torch.no_grad():
+            for p, value in saved:
+                p.copy_(value)
+
+    undo.append(restore)
+
+
+def _probe_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    name = getattr(model, "main_input_name", None)
+    device = input_device(model)
+    try:
+        if name == "input_ids":
+            vocab = cast(Any, model).get_input_embeddings().num_embeddings
+            return {"input_ids": (torch.arange(5) * 7 % max(vocab, 1))[None].to(device)}
+        if name == "pixel_values":
+            cfg = cast(Any, model).config
+            size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
+            return {"pixel_values": torch.randn(1, cfg.num_channels, size, size, device=device)}
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
+    return None
+
+
+def _apply_entry(
+    model: nn.Module,
+    entry: PlanEntry,
+    stats: dict[str, int],
+    named: dict[str, nn.Module],
+    undo: list[Callable[[], None]],
+    force_ops: bool = False,
+) -> None:
+    site = Site(model, entry.path, named[entry.path], entry.role, stats, force_ops)
+    installed = entry.rule.install(site)
+    undo.extend(installed.undo)
+    if not installed.noop:
+        entry.route = installed.route
+
+
+def patch(
+    model: nn.Module,
+    rules: str | Preset | dict[str, Any] = "attnlrp",
+    *,
+    strict: bool = True,
+    verify: bool = True,
+) -> Handle:
+    """Patch ``model`` in place (this instance only) so that one backward pass yields LRP relevance.
+
+    Parameters
+    ----------
+    model:
+        A HuggingFace ``PreTrainedModel`` or a plain ``torch.nn.Module``.
+    rules:
+        A preset name (``"attnlrp"``, ``"cp-lrp"``, ``"ah-lrp"``, ``"gradient"``,
+        ``"conservative-check"``), a YAML path, a mapping, or a :class:`~lxt_plus.engine.plan.Preset`.
+    strict:
+        Raise :class:`~lxt_plus.errors.UnsupportedModelError` (before touching the model) when a
+        module matches no rule. ``False`` lets such modules pass with plain gradients.
+    verify:
+        Run one tiny forward pass to prove every norm and attention module was reached by its rule.
+
+    Returns
+    -------
+    Handle
+        ``handle.remove()`` restores the model bit for bit; ``handle.describe()`` prints the plan.
+
+    Notes
+    -----
+    The patch lasts on this instance until removed: forward values are unchanged for every preset
+    except ``conservative-check`` (biases zeroed), but gradients are LRP relevance gradients.
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"patch() needs a torch.nn.Module, got {type(model).__name__}")
+    preset = get_preset(rules)
+    with _LOCK:
+        existing = _PATCHED.get(model)
+        if existing is not None:
+            if existing.preset == preset:
+                return Handle(model, existing.plan, nested=True)
+            raise AlreadyPatchedError(
+                f"{type(model).__name__} is already patched with preset {existing.preset.name!r}; "
+                f"remove that handle before patching with {preset.name!r}"
+            )
+        named = dict(model.named_modules())
+        signature = tuple((p, type(m)) for p, m in named.items())
+        cached = _PLAN_CACHE.get(model, {}).get(preset)
+        if cached is not None and cached[0] == signature:
+            plan, ops_paths = _copy_plan(cached[1]), cached[2]
+        else:
+            plan, ops_paths, cached = build_plan(model, preset, strict=strict), frozenset(), None
+        handle = Handle(model, plan)
+        stats: dict[str, dict[str, int]] = {}
+        try:
+            if any(e.role == "attention" for e in plan.entries) and is_hf_model(model):
+                register_keys(_make_attention, handle._undo)
+            for entry in plan.entries:
+                if entry.route == "none":
+                    continue
+                stats[entry.path] = {}
+                _apply_entry(
+                    model, entry, stats[entry.path], named, handle._undo, force_ops=entry.path in ops_paths
+                )
+            if preset.zero_bias:
+                _zero_biases(model, handle._undo)
+            if any(e.route == "registry" for e in plan.entries):
+                switch_configs(named.values(), handle._undo)
+            _PATCHED[model] = handle
+            if verify and cached is None:
+                _verify(model, plan, stats, named, handle)
+                ops = frozenset(e.path for e in plan.entries if e.route == "ops")
+                _PLAN_CACHE.setdefault(model, {})[preset] = (signature, _copy_plan(plan), ops)
+        except BaseException:
+            _PATCHED.pop(model, None)
+            handle._active = True
+            handle.remove()
+            raise
+        return handle
+
+
+def _copy_plan(plan: Plan) -> Plan:
+    return Plan(
+        plan.preset,
+        [PlanEntry(e.path, e.type_name, e.role, e.rule, e.route) for e in plan.entries],
+        plan.infos,
+    )
+
+
+def _verify(
+    model: nn.Module,
+    plan: Plan,
+    stats: dict[str, dict[str, int]],
+    named: dict[str, nn.Module],
+    handle: Handle,
+) -> None:
+    """One tiny forward pass proving each norm and attention rule was reached."""
+    inputs = _probe_inputs(model) if is_hf_model(model) else None
+    if inputs is None:
+        return
+
+    def run() -> None:
+        for s in stats.values():
+            s.clear()
+        with torch.no_grad():
+            model(**inputs)
+
+    run()
+    rerouted = False
+    for e in plan.entries:
+        if e.route == "registry" and not stats[e.path].get("attention_hits"):
+            # the class does not dispatch through the registry after all: rule its inline ops
+            ATTENTION_RULES.pop(named[e.path], None)
+            _apply_entry(model, e, stats[e.path], named, handle._undo, force_ops=True)
+            rerouted = True
+    if rerouted:
+        run()
+    missed = [
+        e
+        for e in plan.entries
+        if (e.role == "norm" and e.route != "none" and not stats[e.path].get("norm_hits"))
+        or (e.route == "ops" and not stats[e.path].get("attention_hits"))
+    ]
+    if missed:  # modules not called at all on the probe input (an unused pooler) are not evidence
+        called = _called_modules(model, inputs)
+        missed = [e for e in missed if e.path in called]
+    if missed:
+        listing = "; ".join(f"{e.path} ({e.type_name}, {e.role})" for e in missed[:8])
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: the rule for these modules never saw the operation it must change, so "
+            f"their forward computes it in a way lxt_plus does not recognise: {listing}. "
+            "Pass strict=False to let them through with plain gradients, or report the architecture."
+        )
+
+
+def _called_modules(model: nn.Module, inputs: dict[str, torch.Tensor]) -> set[str]:
+    called: set[str] = set()
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, p=p: called.add(p)) for p, m in model.named_modules()
+    ]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return called
+
+
+class patched:  # noqa: N801 - reads as a context manager
+    """``with lxt_plus.patched(model, rules="ah-lrp"): ...`` — patch on entry, restore on exit
+    (also when the body raises; the exception propagates)."""
+
+    def __init__(self, model: nn.Module, rules: str | Preset | dict[str, Any] = "attnlrp", **kwargs: Any):
+        self.model, self.rules, self.kwargs = model, rules, kwargs
+        self.handle: Handle | None = None
+
+    def __enter__(self) -> Handle:
+        self.handle = patch(self.model, self.rules, **self.kwargs)
+        return self.handle
+
+    def __exit__(self, *exc: object) -> None:
+        if self.handle is not None and self.handle.active:
+            self.handle.remove()

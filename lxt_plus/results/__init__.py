@@ -1,0 +1,1 @@
+"""Result types (explanations, generation explanations, targets), their JSON codec and word grouping."""
