@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from lxt_plus import __version__
+from lxt_plus.engine.names import PRESET_NAMES
 from lxt_plus.errors import ConfigError, InputError, LxtPlusError, PresetError, TargetError, TargetWarning
 from lxt_plus.render import COLOR_MODES, EXPLANATION_FORMATS, GENERATION_FORMATS, IMAGE_FORMATS, use_color
 
@@ -310,9 +311,7 @@ def _check_rules(args: argparse.Namespace) -> Any:
     return preset
 
 
-# the preset names, for --help without importing torch (tests/integration/test_cli.py checks them
-# against lxt_plus.list_presets())
-_PRESET_NAMES = "attnlrp, cp-lrp, ah-lrp, gradient, conservative-check"
+_PRESET_NAMES = ", ".join(PRESET_NAMES)  # for --help, without importing torch
 
 
 def _add_override(parser: argparse.ArgumentParser) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from lxt_plus.engine.detect import ROLES, ModuleInfo, detect_roles
+from lxt_plus.engine.names import PRESET_NAMES
 from lxt_plus.engine.rules import (
     AHLRP,
     AttnLRP,
@@ -230,6 +231,10 @@ PRESETS: dict[str, Preset] = {
         "which is how audit proves a plan complete",
     ),
 }
+if tuple(PRESETS) != PRESET_NAMES:  # pragma: no cover - a preset added here but not in names.py
+    raise ImportError(
+        f"lxt_plus.engine.names.PRESET_NAMES {PRESET_NAMES} differs from PRESETS {tuple(PRESETS)}"
+    )
 _ALIASES = {
     "ahlrp": "ah-lrp",
     "cplrp": "cp-lrp",

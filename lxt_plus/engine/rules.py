@@ -142,7 +142,11 @@ class LinearRule(Rule):
     """
 
     def terms(self) -> tuple[Term, ...]:
-        raise NotImplementedError
+        """The modified copies of the linear map; every subclass defines them."""
+        raise ConfigError(
+            f"rule {self.name!r} ({type(self).__name__}) subclasses LinearRule but defines no terms(); "
+            "return a tuple of lxt_plus.engine.functional.Term from it"
+        )
 
     def bounds(self) -> tuple[Any, Any]:
         return None, None

@@ -136,7 +136,7 @@ class _Space:
         self.linear = [_selectors(infos, layers, idx, "linear") for _, idx in self.groups]
         self.attn = [_selectors(infos, layers, idx, "attention") for _, idx in self.groups]
         rule = next((r for s, r in base.rules if s == "attention"), AttnLRP())
-        first = "ah-lrp" if isinstance(rule, AHLRP) else "attnlrp"
+        first = rule.name if rule.name in _ATTENTION else "attnlrp"  # the base preset's attention rule
         self.start = Candidate((first,) * len(self.groups), 0.0, (0.0,) * len(self.groups))
 
     def preset(self, c: Candidate) -> Preset:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lxt_plus.errors import InputError, MissingDependencyError
+from lxt_plus.results.conservation import conservation_kind
 from lxt_plus.results.words import NEWLINE_SYMBOL, aggregate_words, detect_scheme, display_token
 
 if TYPE_CHECKING:
@@ -89,12 +90,12 @@ def conservation_note(exp: Explanation, r: int) -> str:
     head = f"Relevance sum {total:.4g} of target logit {logit:.4g}"
     if c["position_relevance"] is not None:
         head += f" (position embeddings {float(c['position_relevance']):.4g})"
-    name = exp.rules.lower()
-    if name == "conservative-check":
+    kind = conservation_kind(exp.rules)
+    if kind == "exact":
         return f"{head}: conserved up to float error ({absorbed:.2g})."
-    if name == "gradient":
+    if kind == "none":
         return f"{head}: plain Gradient×Input does not conserve; use an LRP preset."
-    where = "biases and the softmax's bias term (AttnLRP)" if "attnlrp" in name else "biases"
+    where = "biases and the softmax's bias term (AttnLRP)" if kind == "softmax" else "biases"
     return (
         f"{head}: the other {absorbed:.4g} went to {where}, not to tokens; it is not a leak. "
         "The conservative-check preset (biases zeroed) conserves exactly."

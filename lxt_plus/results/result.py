@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from lxt_plus.results.captures import Captures
+from lxt_plus.results.conservation import WHERE, WHY, conservation_kind
 from lxt_plus.results.serialize import (
     explanation_fields,
     explanation_to_dict,
@@ -264,7 +265,7 @@ class Explanation:
             c = self[0].conservation
             text += (
                 f"\n  relevance sum {float(c['relevance_sum']):.4g} of target logit {float(c['target_logit']):.4g}; "
-                f"{float(c['absorbed']):.4g} {_absorbed_by(self.rules)} (see .conservation)"
+                f"{float(c['absorbed']):.4g} {WHERE[conservation_kind(self.rules)]} (see .conservation)"
             )
         return text
 
@@ -283,20 +284,6 @@ _ABSORBED = (
     "rules='conservative-check' (AH-LRP with every bias zeroed; forward values change), where absorbed "
     "is 0 up to float error; `lxt-plus audit` checks it module by module."
 )
-_WHY = {
-    "attnlrp": "Under AttnLRP the softmax rule hands part of the relevance to the softmax's bias term (the "
-    "softmax is not linear), and Linear/norm biases and the epsilon stabiliser keep theirs.",
-    "other": "Linear and norm biases keep their share, and the epsilon stabiliser a little.",
-}
-
-
-def _absorbed_by(rules: str) -> str:
-    name = rules.lower()
-    if name == "gradient":
-        return "not accounted for (plain Gradient×Input does not conserve)"
-    if name == "conservative-check":
-        return "left over (float error: conservative-check conserves exactly)"
-    return "absorbed by biases" + (" and the softmax" if "attnlrp" in name else "") + ", not a leak"
 
 
 class Conservation(dict):  # type: ignore[type-arg]
@@ -309,11 +296,7 @@ class Conservation(dict):  # type: ignore[type-arg]
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={_number(v)}" for k, v in self.items())
-        why = _WHY["attnlrp" if "attnlrp" in self.rules.lower() else "other"]
-        if self.rules == "conservative-check":
-            why = "With conservative-check it is float error only."
-        elif self.rules == "gradient":
-            why = "Plain Gradient×Input (rules='gradient') does not conserve at all."
+        why = WHY[conservation_kind(self.rules)]
         if self.function:
             why += (
                 " The target is a function of the output: only a function that is linear in the logits "

@@ -137,15 +137,7 @@ def _target(t: Any) -> dict[str, Any]:
 def explanation_fields(data: dict[str, Any]) -> dict[str, Any]:
     """The constructor arguments of the :class:`~lxt_plus.results.result.Explanation` that
     :func:`explanation_to_dict` wrote (``targets``: one dict of ``Target`` fields each); see
-    :func:`~lxt_plus.results.result.explanation_from_dict`.
-
-    Relevance, logits and probabilities come back as float32 tensors, ids and masks as int64, the
-    ``hidden`` marks as bool.
-
-    Raises
-    ------
-    InputError
-        If ``data`` is not a serialised explanation or its fields do not fit together.
+    :func:`~lxt_plus.results.result.explanation_from_dict`, which says the dtypes and errors.
     """
     _check(data, "Explanation", ("rules", "tokens", "relevance", "targets", "target_logit"))
     relevance = _tensor(data, "relevance", torch.float32)
