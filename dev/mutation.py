@@ -224,14 +224,14 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     M(
         "instance-forward-left-behind",
-        "lxt_plus/engine/patching.py",
+        "lxt_plus/engine/install.py",
         "delattr(module, attr)",
         "pass",
         ("tests/unit/test_patching.py",),
     ),
     M(
         "registry-keys-left-behind",
-        "lxt_plus/engine/patching.py",
+        "lxt_plus/engine/hf.py",
         "        _KeyUse.users -= 1\n        if _KeyUse.users == 0:",
         "        _KeyUse.users -= 1\n        if _KeyUse.users == -1:",
         ("tests/unit/test_patching.py",),
@@ -299,6 +299,27 @@ MUTANTS: tuple[Mutant, ...] = (
         "m = int(math.floor(k * n / steps + 0.5))",
         "m = int(math.floor(k * n / steps))",
         ("tests/unit/test_evaluate.py",),
+    ),
+    M(
+        "serialised-head-patterns-keep-string-layers",
+        "lxt_plus/results/captures.py",
+        "value = {int(k): v for k, v in value.items()}",
+        "value = dict(value)",
+        ("tests/unit/test_capture.py",),
+    ),
+    M(
+        "pipeline-mask-position-dropped",
+        "lxt_plus/api/explain.py",
+        "position=call.position if position is None else position,",
+        "position=position,",
+        ("tests/integration/test_pipelines.py",),
+    ),
+    M(
+        "moved-path-returns-without-warning",
+        "lxt_plus/_moved.py",
+        "        warnings.warn(",
+        "        if False:\n            warnings.warn(",
+        ("tests/unit/test_layering.py",),
     ),
 )
 

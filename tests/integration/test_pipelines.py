@@ -92,6 +92,7 @@ def test_fill_mask_explains_the_filled_token() -> None:
     torch.testing.assert_close(exp.target_logit, logit.reshape(1), rtol=1e-5, atol=1e-6)
     ref = lxt_plus.explain(model, ids, target=lambda out, pos: out.logits[:, where, best], position=where)
     torch.testing.assert_close(exp.relevance, ref.relevance, rtol=1e-6, atol=1e-7)
+    assert exp.targets[0].position == ref.targets[0].position == where  # the mask is the explained position
     _unchanged(pipe, before, answer, lambda: pipe(text))
     with pytest.raises(InputError, match="2 mask tokens"):
         lxt_plus.explain(pipe, "the [UNK] dog [UNK]")
