@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
-import subprocess
 import sys
 from html import unescape
 from pathlib import Path
@@ -26,12 +24,10 @@ import lxt_plus
 from lxt_plus.render import colors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from browser import chromium, needs_chromium  # noqa: E402
 from families import build, tiny_tokenizer  # noqa: E402
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="no chromium binary on PATH (apt-get install chromium)"
-)
+pytestmark = needs_chromium
 
 HARNESS = """<script>(function(){
 var root=document.querySelector('.lxt-explorer'),out=[];
@@ -84,23 +80,13 @@ def explorer() -> lxt_plus.render.explorer.Explorer:
 
 
 def _run(tmp_path: Path, explorer: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    assert CHROMIUM is not None
     page = tmp_path / "explorer.html"
     explorer.save(page)
     html = page.read_text(encoding="utf-8").replace("</body>", HARNESS + "</body>")
     page.write_text(html, encoding="utf-8")
-    cmd = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--run-all-compositor-stages-before-draw",
-        "--virtual-time-budget=5000",
-        "--dump-dom",
-        page.as_uri(),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    proc = chromium(
+        "--run-all-compositor-stages-before-draw", "--virtual-time-budget=5000", "--dump-dom", page.as_uri()
+    )
     found = re.search(r'<pre id="harness">(.*?)</pre>', proc.stdout, re.S)
     assert found, f"the harness wrote nothing (a script failed?): {proc.stderr[-2000:]}"
     data = json.loads(re.search(r'class="lxt-data">(.*?)</script>', html, re.S).group(1))  # type: ignore[union-attr]

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,24 +12,11 @@ import torch
 
 from lxt_plus.results.result import Explanation, GenerationExplanation, Target
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="no chromium binary on PATH (apt-get install chromium)"
-)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from browser import chromium as _chromium  # noqa: E402
+from browser import needs_chromium  # noqa: E402
 
-
-def _chromium(*args: str) -> subprocess.CompletedProcess[str]:
-    assert CHROMIUM is not None
-    cmd = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--hide-scrollbars",
-        *args,
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+pytestmark = needs_chromium
 
 
 def _page(path: Path, fragment: str, extra: str = "") -> str:
