@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lxt_plus.api.pipelines import is_pipeline, resolve_pipeline
-from lxt_plus.engine.detect import accepts, input_device, is_hf_model
+from lxt_plus.engine.detect import accepts, input_device, is_added_embedding, is_hf_model
 from lxt_plus.engine.functional import acc, input_relevance
 from lxt_plus.engine.patching import Handle, handle_of, patch
 from lxt_plus.engine.plan import Preset, get_preset
@@ -418,7 +418,8 @@ def leaf_at_embeddings(
     def token_hook(module: nn.Module, args: Any, out: Tensor) -> Tensor:
         leaf = out.detach().requires_grad_(True)
         store.append(leaf)
-        return leaf
+        # a copy: model code may scale the embeddings in place (CTRL's ``embeds *= sqrt(d)``)
+        return leaf.clone()
 
     def other_hook(module: nn.Module, args: Any, out: Any) -> Any:
         if not isinstance(out, Tensor) or not out.is_floating_point():
@@ -432,9 +433,7 @@ def leaf_at_embeddings(
 
     hooks = [emb.register_forward_hook(token_hook)]
     hooks += [
-        m.register_forward_hook(other_hook)
-        for m in model.modules()
-        if isinstance(m, nn.Embedding) and m is not emb
+        m.register_forward_hook(other_hook) for m in model.modules() if m is not emb and is_added_embedding(m)
     ]
     try:
         yield
@@ -625,8 +624,8 @@ def _extra_relevance(leaves: list[Tensor], grads: Sequence[Tensor | None], rows:
     """Per-row relevance absorbed by position / token-type embeddings, or ``None`` if there are none."""
     total = None
     for leaf, g in zip(leaves, grads, strict=True):
-        if g is None or leaf.shape[0] != rows:
-            continue
+        if g is None or (leaf.shape[0] != rows and rows != 1):
+            continue  # a table without a batch dimension is shared: only one row can own it
         r = (acc(leaf.detach()) * acc(g)).reshape(rows, -1).sum(-1)
         total = r if total is None else total + r
     return None if total is None else total.cpu()

@@ -24,6 +24,7 @@ __all__ = [
     "owning_pretrained",
     "is_hf_model",
     "input_device",
+    "is_added_embedding",
 ]
 
 ROLES = (
@@ -67,6 +68,8 @@ _STRUCTURAL = (
     nn.ZeroPad2d,
 )
 _ATTN_NAME = re.compile(r"Attention|Attn", re.IGNORECASE)
+# element-wise activation modules a family defines itself (BloomGelu, NewGELUActivation, ...)
+_ACTIVATION_NAME = re.compile(r"(Ge[Ll][Uu]|SiLU|Silu|Swish|Mish|ReLU|Relu|Activation)\d*$")
 _NORM_NAME = re.compile(r"Norm($|[A-Z0-9_])")
 
 
@@ -103,6 +106,23 @@ def input_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+_POSITION_TABLE = re.compile(r"Position(al)?Embedding")
+
+
+def is_added_embedding(m: nn.Module) -> bool:
+    """An embedding whose output is added to the token embeddings: positions, token types, and
+    position tables that are not ``nn.Embedding`` (XGLM's sinusoidal one); not rotary tables.
+    Explaining makes their outputs leaves, so the relevance they take is reported."""
+    name = type(m).__name__
+    if isinstance(m, nn.Embedding):
+        return True
+    return (
+        _POSITION_TABLE.search(name) is not None
+        and "Rotary" not in name
+        and not any(True for _ in m.children())
+    )
+
+
 def owning_pretrained(model: nn.Module, path: str) -> nn.Module | None:
     """The innermost ``PreTrainedModel`` on the path from ``model`` to the module at ``path``."""
     owner = model if is_hf_model(model) else None
@@ -118,7 +138,10 @@ def _is_activation(m: nn.Module) -> bool:
     cls = type(m)
     if cls.__name__ in _NOT_ACTIVATION or any(True for _ in m.children()):
         return False
-    return cls.__module__ in _ACTIVATION_MODULES or cls.__name__.endswith("Activation")
+    if cls.__module__ in _ACTIVATION_MODULES:
+        return True
+    # a family's own activation: an element-wise module without weights of its own
+    return _ACTIVATION_NAME.search(cls.__name__) is not None and not any(True for _ in m.parameters())
 
 
 def _is_conv1d_hf(m: nn.Module) -> bool:

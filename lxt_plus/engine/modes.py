@@ -26,6 +26,7 @@ __all__ = [
     "AttentionOpsMode",
     "ElementwiseIdentityMode",
     "SDPARuleMode",
+    "RouterMode",
 ]
 
 # an unbound handler: (mode, torch function, args, kwargs) -> result
@@ -215,6 +216,9 @@ def is_gate(t: Tensor) -> bool:
     return False
 
 
+_INLINE_ACTIVATIONS = ("sigmoid", "silu", "gelu", "tanh", "relu", "softplus", "mish", "elu")
+
+
 class ProductMode(_RuleMode):
     """The rule for element-wise products of two input-dependent tensors (gated MLPs, MoE).
 
@@ -223,7 +227,9 @@ class ProductMode(_RuleMode):
     ``constant_gate=True`` (CP-LRP as LXT defines it) the factor that is the output of an
     element-wise non-linearity is a constant, like an attention weight, and all relevance flows
     through the other factor; a product with no such factor, or two, keeps the uniform rule.
-    Products with a constant or a parameter are left alone.
+    Products with a constant or a parameter are left alone. An element-wise non-linearity
+    called inline in the block (``F.sigmoid(shared_expert_gate(x)) * out`` in Qwen2-MoE) gets the
+    identity rule, as an activation module does.
     """
 
     def __init__(self, constant_gate: bool = False) -> None:
@@ -232,7 +238,16 @@ class ProductMode(_RuleMode):
 
     @classmethod
     def _table(cls) -> dict[Any, Handler]:
-        return cls.on(_MUL, cls._mul)
+        return {
+            **cls.on(_MUL, cls._mul),
+            **cls.on(_funcs(*_INLINE_ACTIVATIONS, modules=(torch, _T, _TB, F)), cls._activation),
+        }
+
+    def _activation(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        x = args[0] if args else None
+        if not isinstance(x, Tensor) or not x.requires_grad or not torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        return identity_rule(x, lambda t: func(t, *args[1:], **kwargs))
 
     def _mul(self, func, args, kwargs):  # type: ignore[no-untyped-def]
         if len(args) == 2 and not kwargs and _both_depend_on_input(args[0], args[1]):
@@ -268,6 +283,40 @@ class ElementwiseIdentityMode(_RuleMode):
             return func(*args, **kwargs)
         self._count()
         return identity_rule(x, lambda t: func(t, *args[1:], **kwargs))
+
+
+_DIV = _funcs("div", "__truediv__", "__itruediv__", "div_", "true_divide")
+
+
+class RouterMode(_RuleMode):
+    """An MoE router under AttnLRP: softmax keeps its gradient (the softmax rule), a sigmoid gets
+    the identity rule, and a division by an input-dependent tensor (top-k weights over their
+    sum) holds the denominator constant."""
+
+    @classmethod
+    def _table(cls) -> dict[Any, Handler]:
+        return {
+            **cls.on(_funcs("softmax", modules=(torch, _T, _TB, F)), cls._softmax),
+            **cls.on(_funcs("sigmoid", modules=(torch, _T, _TB, F)), cls._sigmoid),
+            **cls.on(_DIV, cls._div),
+        }
+
+    def _softmax(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        self._count()
+        return func(*args, **kwargs)
+
+    def _sigmoid(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        x = args[0]
+        if not isinstance(x, Tensor) or not x.requires_grad:
+            return func(*args, **kwargs)
+        self._count()
+        return identity_rule(x, lambda t: func(t, *args[1:], **kwargs))
+
+    def _div(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        if len(args) >= 2 and isinstance(args[1], Tensor) and args[1].requires_grad:
+            self._count()
+            return func(args[0], args[1].detach(), *args[2:], **kwargs)
+        return func(*args, **kwargs)
 
 
 class SDPARuleMode(_RuleMode):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextvars
 import threading
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any, cast
@@ -22,23 +23,31 @@ import torch
 from torch import nn
 
 from lxt_plus.engine.attention import AttentionSpec, probs_match, qkv_rule, rule_attention
-from lxt_plus.engine.detect import input_device, is_hf_model
+from lxt_plus.engine.detect import input_device, is_added_embedding, is_hf_model
 from lxt_plus.engine.hf import ATTENTION_KEYS, original_attention, register_keys, switch_configs
 from lxt_plus.engine.install import ATTENTION_RULES, Site
 from lxt_plus.engine.modes import ElementwiseIdentityMode, SDPARuleMode
+from lxt_plus.engine.opcheck import OpReport, check_operations
 from lxt_plus.engine.plan import Plan, PlanEntry, Preset, build_plan, get_preset
 from lxt_plus.engine.rules import AttentionRule
-from lxt_plus.errors import AlreadyPatchedError, InputError, NotPatchedError, UnsupportedModelError
+from lxt_plus.errors import (
+    AlreadyPatchedError,
+    InputError,
+    LxtPlusWarning,
+    NotPatchedError,
+    UnsupportedModelError,
+)
 
 __all__ = ["Handle", "patch", "patched", "is_patched", "handle_of", "ATTENTION_KEYS"]
 
 
 _LOCK = threading.RLock()
 _PATCHED: weakref.WeakKeyDictionary[nn.Module, Handle] = weakref.WeakKeyDictionary()
-# model -> {preset: (structure signature, plan, paths routed to inline ops)}: validate once, reuse
-_PLAN_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[Preset, tuple[Any, Plan, frozenset[str]]]] = (
-    weakref.WeakKeyDictionary()
-)
+# model -> {(preset, strict): (structure signature, plan, paths routed to inline ops)}: validate
+# once, reuse
+_PLAN_CACHE: weakref.WeakKeyDictionary[
+    nn.Module, dict[tuple[Preset, bool], tuple[Any, Plan, frozenset[str]]]
+] = weakref.WeakKeyDictionary()
 
 
 # Observers of patched attention calls in this thread (per-head capture): fn(module, q, k, v, mask, out)
@@ -200,6 +209,13 @@ def handle_of(model: nn.Module) -> Handle | None:
 _ADDITIVE = ("bias", "b", "cls_token", "position_embeddings", "distillation_token", "register_tokens")
 
 
+def _is_additive(name: str, t: torch.Tensor | None) -> bool:
+    last = name.rsplit(".", 1)[-1]
+    if t is None or not t.is_floating_point() or "mask" in last:  # GPT-J's masked_bias is a mask value
+        return False
+    return last in _ADDITIVE or last.endswith("_bias")
+
+
 def _zero_biases(model: nn.Module, undo: list[Callable[[], None]]) -> None:
     if any(p.device.type == "meta" for p in model.parameters()):
         raise UnsupportedModelError(
@@ -209,9 +225,13 @@ def _zero_biases(model: nn.Module, undo: list[Callable[[], None]]) -> None:
     saved = []
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.rsplit(".", 1)[-1] in _ADDITIVE and p is not None:
+            if _is_additive(name, p):
                 saved.append((p, p.detach().clone()))
                 p.zero_()
+        for name, b in model.named_buffers():  # BART's final_logits_bias is a buffer
+            if _is_additive(name, b):
+                saved.append((b, b.detach().clone()))
+                b.zero_()
 
     def restore() -> None:
         with torch.no_grad():
@@ -227,7 +247,20 @@ def _probe_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
     try:
         if name == "input_ids":
             vocab = cast(Any, model).get_input_embeddings().num_embeddings
-            return {"input_ids": (torch.arange(5) * 7 % max(vocab, 1))[None].to(device)}
+            ids = torch.arange(5) * 7 % max(vocab, 1)
+            cfg = cast(Any, model).config
+            eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, (list, tuple)) else cfg.eos_token_id
+            if isinstance(eos, int) and 0 <= eos < vocab:  # BART-style heads read the last EOS
+                ids[-1] = eos
+            inputs = {"input_ids": ids[None].to(device)}
+            if (
+                getattr(cfg, "is_encoder_decoder", False)
+                and "ForSequenceClassification" not in type(model).__name__
+            ):
+                start = getattr(cfg, "decoder_start_token_id", None)
+                start = start if isinstance(start, int) else (cfg.pad_token_id or 0)
+                inputs["decoder_input_ids"] = torch.tensor([[start, int(ids[1]), int(ids[2])]], device=device)
+            return inputs
         if name == "pixel_values":
             cfg = cast(Any, model).config
             size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
@@ -298,11 +331,13 @@ def patch(
             )
         named = dict(model.named_modules())
         signature = tuple((p, type(m)) for p, m in named.items())
-        cached = _PLAN_CACHE.get(model, {}).get(preset)
+        cached = _PLAN_CACHE.get(model, {}).get((preset, strict))
         if cached is not None and cached[0] == signature:
             plan, ops_paths = _copy_plan(cached[1]), cached[2]
         else:
-            plan, ops_paths, cached = build_plan(model, preset, strict=strict), frozenset(), None
+            op_checked = verify and is_hf_model(model) and _probe_inputs(model) is not None
+            plan = build_plan(model, preset, strict=strict, op_checked=op_checked)
+            ops_paths, cached = frozenset(), None
         handle = Handle(model, plan)
         stats: dict[str, dict[str, int]] = {}
         try:
@@ -321,9 +356,9 @@ def patch(
                 switch_configs(named.values(), handle._undo)
             _PATCHED[model] = handle
             if verify and cached is None:
-                _verify(model, plan, stats, named, handle)
+                _verify(model, plan, stats, named, handle, strict)
                 ops = frozenset(e.path for e in plan.entries if e.route == "ops")
-                _PLAN_CACHE.setdefault(model, {})[preset] = (signature, _copy_plan(plan), ops)
+                _PLAN_CACHE.setdefault(model, {})[(preset, strict)] = (signature, _copy_plan(plan), ops)
         except BaseException:
             _PATCHED.pop(model, None)
             handle._active = True
@@ -337,6 +372,7 @@ def _copy_plan(plan: Plan) -> Plan:
         plan.preset,
         [PlanEntry(e.path, e.type_name, e.role, e.rule, e.route) for e in plan.entries],
         plan.infos,
+        plan.operations,
     )
 
 
@@ -346,8 +382,10 @@ def _verify(
     stats: dict[str, dict[str, int]],
     named: dict[str, nn.Module],
     handle: Handle,
+    strict: bool = True,
 ) -> None:
-    """One tiny forward pass proving each norm and attention rule was reached."""
+    """One tiny forward pass proving each norm and attention rule was reached, then one with grad
+    proving every operation on the relevance path is linear or covered by a rule."""
     inputs = _probe_inputs(model) if is_hf_model(model) else None
     if inputs is None:
         return
@@ -384,6 +422,73 @@ def _verify(
             f"their forward computes it in a way lxt_plus does not recognise: {listing}. "
             "Pass strict=False to let them through with plain gradients, or report the architecture."
         )
+    _check_operations(model, plan, inputs, strict)
+
+
+def _passes_everything(preset: Preset) -> bool:
+    """A preset that ends in ``any -> pass`` chose plain gradients for what it does not name."""
+    return any(sel == "any" and rule.is_noop() for sel, rule in preset.rules)
+
+
+def _check_operations(model: nn.Module, plan: Plan, inputs: dict[str, torch.Tensor], strict: bool) -> None:
+    if _passes_everything(plan.preset):
+        plan.operations = OpReport(checked=False, reason=f"preset {plan.preset.name!r} passes every module")
+        return
+    rules = {e.path: e.rule for e in plan.entries if e.route != "none"}
+
+    def rule_at(path: str) -> tuple[bool, frozenset[str]]:
+        here, covers = path in rules, frozenset[str]()
+        for i in range(path.count(".") + 1, -1, -1):  # the module, then each enclosing one
+            prefix = ".".join(path.split(".")[:i]) if i else ""
+            if prefix in rules and rules[prefix].covers:
+                covers = rules[prefix].covers
+                break
+        return here, covers
+
+    types = {info.path: info.type_name for info in plan.infos}
+    emb = cast(Any, model).get_input_embeddings() if "input_ids" in inputs else None
+    probe = dict(inputs)
+    if "pixel_values" in probe:
+        probe["pixel_values"] = probe["pixel_values"].clone().requires_grad_(True)
+
+    def leaf(module: nn.Module, args: Any, out: Any) -> Any:
+        return out.detach().requires_grad_(True).clone() if isinstance(out, torch.Tensor) else out
+
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    hooks = [emb.register_forward_hook(leaf)] if emb is not None else []
+    hooks += [
+        m.register_forward_hook(leaf) for m in model.modules() if m is not emb and is_added_embedding(m)
+    ]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        report = check_operations(
+            model, lambda: model(**probe), rule_at, types, zero_bias=plan.preset.zero_bias
+        )
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for h in hooks:
+            h.remove()
+    plan.operations = report
+    if report.ok or not report.checked:
+        return
+    message = (
+        f"{type(model).__name__}: {len(report.unknown)} operation(s) on the relevance path have no rule "
+        f"in preset {plan.preset.name!r}, so relevance would not be conservative: "
+        + "; ".join(str(f) for f in report.unknown[:6])
+        + (f" and {len(report.unknown) - 6} more" if len(report.unknown) > 6 else "")
+    )
+    if strict:
+        raise UnsupportedModelError(
+            f"{message}. Add a rule for the module (preset.override('type:ClassName', rule)), or pass "
+            "strict=False to let these operations through with plain gradients (not conservative)."
+        )
+    warnings.warn(
+        f"{message}. strict=False: they pass with plain gradients, and the relevance is NOT conservative.",
+        LxtPlusWarning,
+        stacklevel=4,
+    )
 
 
 def _called_modules(model: nn.Module, inputs: dict[str, torch.Tensor]) -> set[str]:

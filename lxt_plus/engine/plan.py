@@ -17,6 +17,7 @@ from torch import nn
 
 from lxt_plus.engine.detect import ROLES, ModuleInfo, detect_roles
 from lxt_plus.engine.names import PRESET_NAMES
+from lxt_plus.engine.opcheck import OpReport
 from lxt_plus.engine.rules import (
     AHLRP,
     AttnLRP,
@@ -28,6 +29,7 @@ from lxt_plus.engine.rules import (
     HeadIdentity,
     Identity,
     Pass,
+    RouterLRP,
     Rule,
     UniformProduct,
     rule_from_spec,
@@ -203,9 +205,10 @@ _AH = "attention weights and MoE router weights are constants, relevance flows t
 PRESETS: dict[str, Preset] = {
     "attnlrp": Preset(
         "attnlrp",
-        _lrp(AttnLRP(), Pass(), UniformProduct()),
+        _lrp(AttnLRP(), RouterLRP(), UniformProduct()),
         description="AttnLRP (Achtibat et al. 2024): the softmax rule, and the uniform rule (half to each "
-        "factor) on q·kᵀ, on A·v, on gated products act(g)·u and on router weight × expert output",
+        "factor) on q·kᵀ, on A·v, on gated products act(g)·u and on router weight × expert output; "
+        "a router's softmax gets the softmax rule and its top-k renormalisation holds the sum constant",
     ),
     "cp-lrp": Preset(
         "cp-lrp",
@@ -302,6 +305,8 @@ class Plan:
     preset: Preset
     entries: list[PlanEntry] = field(default_factory=list)
     infos: list[ModuleInfo] = field(default_factory=list)
+    # what the patch-time probe found at the level of operations (None: not probed)
+    operations: OpReport | None = None
 
     def describe(self, show_pass: bool = False) -> str:
         """``module path -> rule`` for every module the plan touches."""
@@ -319,12 +324,19 @@ class Plan:
             lines.append(f"  {where:<{width}}  {e.type_name:<28} {e.role:<10} -> {e.rule!r}{via}")
         if not rows:
             lines.append("  (no module is changed: plain Gradient×Input)")
+        if self.operations is not None:
+            lines.append(f"  {self.operations.summary()}")
         return "\n".join(lines)
 
 
-def build_plan(model: nn.Module, preset: Preset, strict: bool = True) -> Plan:
+def build_plan(model: nn.Module, preset: Preset, strict: bool = True, op_checked: bool = False) -> Plan:
     """Resolve ``preset`` on ``model``. Raises :class:`UnsupportedModelError` (before anything is
-    touched) listing the modules no rule accounts for, unless ``strict=False``."""
+    touched) listing the modules no rule accounts for, unless ``strict=False``.
+
+    ``op_checked``: the patch-time probe will check every operation on the relevance path
+    (:mod:`lxt_plus.engine.opcheck`). A module of unknown role then needs no rule of its own: it
+    passes, and the probe refuses it only if it computes something that is not linear.
+    """
     infos = detect_roles(model)
     plan = Plan(preset=preset, infos=infos)
     missing: list[ModuleInfo] = []
@@ -332,6 +344,10 @@ def build_plan(model: nn.Module, preset: Preset, strict: bool = True) -> Plan:
         rule = preset.rule_for(info)
         if rule is None:
             if info.role == "container":
+                continue
+            if op_checked and info.role == "unknown":
+                info.note = "no rule: its operations are checked at patch time"
+                plan.entries.append(PlanEntry(info.path, info.type_name, info.role, Pass(), "none"))
                 continue
             if strict:
                 missing.append(info)

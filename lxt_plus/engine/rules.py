@@ -29,7 +29,7 @@ from lxt_plus.engine.functional import (
 )
 from lxt_plus.engine.hf import activation_classes
 from lxt_plus.engine.install import ATTENTION_RULES, Installed, Site, wrap_forward
-from lxt_plus.engine.modes import AttentionOpsMode, ElementwiseIdentityMode, NormMode, ProductMode
+from lxt_plus.engine.modes import AttentionOpsMode, ElementwiseIdentityMode, NormMode, ProductMode, RouterMode
 from lxt_plus.errors import ConfigError, UnsupportedModelError, nearest
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "AttnLRP",
     "AHLRP",
     "Constant",
+    "RouterLRP",
     "DropoutOff",
     "HeadIdentity",
     "RULES",
@@ -73,6 +74,9 @@ class Rule:
 
     name: ClassVar[str] = "rule"
     paper: ClassVar[str] = ""
+    # kinds of operation (see lxt_plus.engine.opcheck) this rule keeps on the autograd path on
+    # purpose, as its own definition: AttnLRP's softmax rule *is* the softmax's gradient
+    covers: ClassVar[frozenset[str]] = frozenset()
 
     def wrap(self, module: nn.Module, forward: Forward, probe: dict[str, int]) -> Forward | None:
         """The module's new forward, built from its current ``forward``; ``None`` for no change.
@@ -456,6 +460,9 @@ class AttnLRP(AttentionRule):
     name: ClassVar[str] = "attnlrp"
     paper: ClassVar[str] = "Achtibat et al. 2024"
     detach_weights: ClassVar[bool] = False
+    # the softmax rule is Gradient×Input through the softmax; q·kᵀ and A·v get the uniform rule as
+    # gradient factors of 1/2 on q, k and v, so the products themselves stay on the path
+    covers: ClassVar[frozenset[str]] = frozenset({"softmax", "product"})
 
 
 @dataclass(frozen=True, repr=False)
@@ -465,6 +472,7 @@ class AHLRP(AttentionRule):
     name: ClassVar[str] = "ah-lrp"
     paper: ClassVar[str] = "Ali et al. 2022"
     detach_weights: ClassVar[bool] = True
+    covers: ClassVar[frozenset[str]] = frozenset({"product"})  # A·v with A detached, via autograd
 
 
 def _detach_all(out: Any) -> Any:
@@ -492,6 +500,20 @@ class Constant(Rule):
             return _detach_all(forward(*args, **kwargs))
 
         return fwd
+
+
+@dataclass(frozen=True, repr=False)
+class RouterLRP(Rule):
+    """AttnLRP's treatment of an MoE router: its softmax gets the softmax rule (Gradient×Input, as
+    for attention scores), a sigmoid the identity rule, and the renormalisation of the top-k
+    weights (``w / Σw``) holds the sum constant, as the conservative norm rule holds a scale."""
+
+    name: ClassVar[str] = "router-lrp"
+    paper: ClassVar[str] = "Achtibat et al. 2024"
+    covers: ClassVar[frozenset[str]] = frozenset({"softmax"})
+
+    def wrap(self, module, forward, probe):  # type: ignore[no-untyped-def]
+        return _under_mode(forward, RouterMode, probe)
 
 
 @dataclass(frozen=True, repr=False)
@@ -609,6 +631,7 @@ for _cls in (
     AttnLRP,
     AHLRP,
     Constant,
+    RouterLRP,
     DropoutOff,
     HeadIdentity,
 ):

@@ -9,6 +9,7 @@ the first module where relevance leaks — the module a new architecture needs a
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
@@ -19,9 +20,10 @@ from torch import Tensor, nn
 from lxt_plus.api.explain import explaining, leaf_at_embeddings, model_kind
 from lxt_plus.engine.detect import find_block_list, input_device, is_hf_model
 from lxt_plus.engine.functional import acc
+from lxt_plus.engine.opcheck import OpReport
 from lxt_plus.engine.patching import handle_of
 from lxt_plus.engine.plan import Plan, Preset, get_preset
-from lxt_plus.errors import ConservationError, InputError
+from lxt_plus.errors import ConservationError, InputError, LxtPlusWarning
 
 __all__ = ["audit", "AuditReport", "ModuleFlow"]
 
@@ -54,6 +56,12 @@ class AuditReport:
     plan: Plan | None = None
 
     @property
+    def operations(self) -> OpReport | None:
+        """Completeness at the level of operations (``None`` when not probed): every operation
+        between the embeddings and the logit linear or covered by a rule, or the ones that are not."""
+        return None if self.plan is None else self.plan.operations
+
+    @property
     def leaks(self) -> list[ModuleFlow]:
         scale = max(abs(self.target_logit), 1e-12)
         return [f for f in self.flows if abs(f.leak) > self.tolerance * scale]
@@ -70,7 +78,9 @@ class AuditReport:
 
     @property
     def ok(self) -> bool:
-        return self.first_leak is None and self.total_error <= self.tolerance
+        ops = self.operations
+        complete = ops is None or not ops.checked or ops.ok
+        return complete and self.first_leak is None and self.total_error <= self.tolerance
 
     def raise_for_leak(self) -> AuditReport:
         """Raise :class:`~lxt_plus.errors.ConservationError` naming the first leaking module (or the
@@ -78,6 +88,12 @@ class AuditReport:
         if self.ok:
             return self
         leak = self.first_leak
+        ops = self.operations
+        if ops is not None and ops.checked and not ops.ok:
+            raise ConservationError(
+                f"{self.model_name}: {ops.summary()}. Give those modules a rule (preset.override), or "
+                "report the architecture"
+            )
         where = (
             f"first leak at {leak.path or '<model>'} ({leak.type_name}): {leak.relevance_out:+.6g} in, "
             f"{leak.relevance_in:+.6g} out"
@@ -101,6 +117,8 @@ class AuditReport:
             lines.append("  layer by layer (relevance entering each layer's output / leaving to its input):")
             for f in self.layers:
                 lines.append(f"    {f.path:<40} out {f.relevance_out:+.6g}  in {f.relevance_in:+.6g}")
+        if self.operations is not None:
+            lines.append(f"  operations: {self.operations.summary()}")
         first = self.first_leak
         if first is None and self.ok:
             lines.append(
@@ -241,7 +259,13 @@ def audit(
             inputs = torch.randint(min(3, vocab - 1), vocab, (1, 8), generator=gen)
     inputs = inputs.to(device)
     records: list[tuple[str, nn.Module, list[Tensor], list[Tensor]]] = []
-    with explaining(model, preset) as handle:
+    # strict=False: an operation without a rule is reported (report.operations), not raised
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LxtPlusWarning)
+        context = explaining(model, preset, strict=False)
+        handle = context.__enter__()
+    with contextlib.ExitStack() as stack:
+        stack.push(context.__exit__)
         store: list[Tensor] = []
         extra: list[Tensor] = []
         with _flow_hooks(model, records):

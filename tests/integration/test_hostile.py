@@ -26,6 +26,7 @@ from lxt_plus.errors import (  # noqa: E402
     ConfigError,
     ContextTooLongError,
     InputError,
+    LxtPlusWarning,
     PresetError,
     TargetError,
     TokenizerMismatchError,
@@ -212,14 +213,36 @@ class Scaler(nn.Module):
         return x * self.scale
 
 
+class Exponential(nn.Module):
+    """A custom leaf module that computes something no rule covers."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.exp() - 1.0
+
+
 def test_unsupported_module(llama: nn.Module) -> None:
+    llama.model.layers[1].post_attention_layernorm = nn.Sequential(
+        llama.model.layers[1].post_attention_layernorm, Exponential()
+    )
+    where = (
+        r"exp in model\.layers\.1\.post_attention_layernorm\.1 \(Exponential; would fit: an element-wise rule"
+    )
+    fails(llama, UnsupportedModelError, where, IDS)
+    fails(llama, UnsupportedModelError, "strict=False", IDS)
+    with pytest.warns(LxtPlusWarning, match="NOT conservative"):
+        exp = explain(llama, IDS, strict=False)
+    assert torch.isfinite(exp.relevance).all() and not is_patched(llama)
+
+
+def test_linear_module_of_unknown_role_needs_no_rule(llama: nn.Module) -> None:
+    """A module that only scales by a parameter is linear: the operation check accepts it, and
+    relevance still sums to the logit with biases zeroed."""
     llama.model.layers[1].post_attention_layernorm = nn.Sequential(
         llama.model.layers[1].post_attention_layernorm, Scaler(32)
     )
-    fails(llama, UnsupportedModelError, r"model\.layers\.1\.post_attention_layernorm\.1 \(Scaler", IDS)
-    fails(llama, UnsupportedModelError, "strict=False", IDS)
-    exp = explain(llama, IDS, strict=False)
-    assert torch.isfinite(exp.relevance).all() and not is_patched(llama)
+    exp = explain(llama, IDS, rules="conservative-check")
+    c = exp.conservation
+    assert abs(float(c["absorbed"])) <= 1e-4 * abs(float(c["target_logit"]))
 
 
 # ------------------------------------------------------------------------------------ configuration

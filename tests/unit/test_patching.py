@@ -256,7 +256,7 @@ class Mystery(torch.nn.Module):
         self.scale = torch.nn.Parameter(torch.ones(64))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(x) * self.scale
+        return torch.exp(x) * self.scale
 
 
 def test_unsupported_module_raises_before_touching() -> None:
@@ -265,7 +265,7 @@ def test_unsupported_module_raises_before_touching() -> None:
     ids = torch.randint(3, 90, (1, 5))
     before = logits_and_grads(model, ids)
     with pytest.raises(
-        UnsupportedModelError, match=r"model\.layers\.1\.mlp\.act_fn \(Mystery, role unknown\)"
+        UnsupportedModelError, match=r"exp in model\.layers\.1\.mlp\.act_fn \(Mystery; would fit"
     ):
         lxt_plus.patch(model, "attnlrp")
     assert not is_patched(model)
@@ -275,9 +275,11 @@ def test_unsupported_module_raises_before_touching() -> None:
         assert entry.rule.name == "pass" and entry.role == "unknown"
     # an audit names it as the first module where relevance leaks
     report = lxt_plus.audit(model, lxt_plus.get_preset("ah-lrp").override("type:Mystery", "pass"))
+    assert report.operations is not None and "exp" in [f.op for f in report.operations.unknown]
+    assert "exp in model.layers.1.mlp.act_fn (Mystery" in str(report)
     assert report.first_leak is not None and report.first_leak.path == "model.layers.1.mlp.act_fn"
     assert "model.layers.1.mlp.act_fn (Mystery)" in str(report)
-    with pytest.raises(ConservationError, match=r"first leak at model\.layers\.1\.mlp\.act_fn \(Mystery\)"):
+    with pytest.raises(ConservationError, match=r"exp in model\.layers\.1\.mlp\.act_fn \(Mystery"):
         report.raise_for_leak()
     model.model.layers[1].mlp.act_fn = torch.nn.SiLU()
     good = lxt_plus.audit(model, "ah-lrp")

@@ -1,0 +1,287 @@
+"""Completeness at the level of operations: every op between the input embeddings and the target.
+
+A rule plan is complete when each operation on the relevance path is either
+
+- *linear* in the relevance-carrying input (matmul or linear with a constant, add, concat, reshape,
+  indexing, mean, scaling by a constant, ...), or piecewise linear and positively homogeneous
+  (ReLU, max-pooling, selection), so Gradient×Input passes relevance through it unchanged;
+- *covered by a rule* of the plan (an lxt_plus rule's own backward function, or attention that an
+  attention rule wraps);
+- or else *unknown*: ``exp``, a division by or a product of two input-dependent tensors with no
+  rule, a selective scan, a softmax no rule holds, ...
+
+:func:`check_operations` runs the patched model once on a tiny probe input with grad on and the
+weights frozen, so the autograd graph holds exactly the input-dependent operations; it walks
+that graph from the output back to the input leaves and sorts each node into one of the three
+kinds. A torch-function mode with module hooks records which module made each node, so an
+unknown operation is named together with its module path. It runs once per model and plan, at
+patch time, and the result is cached with the plan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["OpFinding", "OpReport", "check_operations", "classify_node"]
+
+# autograd node names (without "Backward<N>") of operations linear in their differentiable input
+_LINEAR = frozenset(
+    """Add Sub Neg View ReshapeAlias UnsafeView Expand Permute Transpose T Cat Stack Select Slice
+    SliceScatter SelectScatter Index IndexSelect Gather Split SplitWithSizes Unbind Squeeze Unsqueeze
+    Clone ToCopy Alias Mean Sum Cumsum ConstantPadNd ReflectionPad1d ReflectionPad2d ReflectionPad3d
+    ReplicationPad1d ReplicationPad2d ReplicationPad3d Flip Roll Repeat AsStrided Diagonal Tril Triu
+    MaskedFill MaskedScatter IndexPut IndexAdd ScatterAdd Scatter CopySlices Copy Narrow Unfold Im2Col
+    Col2Im AvgPool1D AvgPool2D AvgPool3D AdaptiveAvgPool1D AdaptiveAvgPool2D AdaptiveAvgPool3D
+    UpsampleNearest1D UpsampleNearest2D UpsampleNearest3D UpsampleNearestExact1D UpsampleNearestExact2D
+    UpsampleLinear1D UpsampleBilinear2D UpsampleTrilinear3D UpsampleBicubic2D PixelShuffle
+    PixelUnshuffle Where Expand ViewAsReal ViewAsComplex Real Imag Conj Lift LiftFresh Trace Movedim
+    SumToSize Diag DiagEmbed Fill Zero Squeeze Unflatten Flatten Chunk Split Lerp""".split()
+)
+# piecewise linear and positively homogeneous: Gradient×Input conserves through them
+_HOMOGENEOUS = frozenset(
+    """Relu LeakyRelu Threshold Abs MaxPool2DWithIndices MaxPool3DWithIndices MaxPool1D MaxPool2D
+    AdaptiveMaxPool1D AdaptiveMaxPool2D AdaptiveMaxPool3D Max Min Amax Amin Topk Sort Maximum Minimum
+    Kthvalue Median Cummax Cummin""".split()
+)
+# products: linear when at most one factor depends on the input, a product of two otherwise
+_PRODUCTS = frozenset(
+    "Mul Mm Bmm GroupedMm Addmm Mv Addmv Baddbmm Addbmm Dot Vdot Outer Kron Convolution Linear".split()
+)
+_ATTENTION = re.compile(r"ScaledDotProduct|FlashAttention|EfficientAttention|CudnnAttention")
+
+_ELEMENTWISE = frozenset(
+    """Exp Exp2 Expm1 Log Log2 Log10 Log1p Sigmoid Tanh Silu Gelu Erf Erfc Softplus Sin Cos Tan Pow
+    Sqrt Rsqrt Reciprocal Clamp ClampMin ClampMax Hardtanh Elu Celu Selu Mish Hardswish Hardsigmoid
+    Atan Asin Acos Sinh Cosh Asinh Acosh Atanh Sign Round Floor Ceil Frac""".split()
+)
+_FITS = {
+    "elementwise": "an element-wise rule: Identity() (preset.override('type:<Module>', 'identity'))",
+    "product": "UniformProduct() for a product of two input-dependent factors (role mlp), or hold "
+    "one factor constant (Constant())",
+    "division": "Conservative() if this normalises (the scale held constant), else a product rule",
+    "softmax": "an attention rule (AttnLRP() or AHLRP()) or Constant() for router weights",
+    "attention": "an attention rule (AttnLRP() or AHLRP()) on the module that calls it",
+    "norm": "Conservative() (role norm: the scale held constant)",
+    "constant": "nothing that conserves: a constant that is not a bias parameter (a position table "
+    "computed in forward) absorbs relevance as a bias does; zero_bias cannot zero it",
+    "scan": "a state-space rule for selective scans (MambaLRP); lxt_plus has none for this operation",
+    "other": "no lxt_plus rule fits; write one (docs/howto/custom-rules.md)",
+}
+
+
+def _kind_of(base: str) -> str:
+    if base in _ELEMENTWISE:
+        return "elementwise"
+    if base in ("Softmax", "LogSoftmax", "Softmin"):
+        return "softmax"
+    if base in (
+        "NativeLayerNorm",
+        "NativeGroupNorm",
+        "NativeBatchNorm",
+        "Var",
+        "Std",
+        "LinalgVectorNorm",
+        "Norm",
+        "FusedRmsNorm",
+    ):
+        return "norm"
+    if base in ("Cumprod", "Prod", "Logcumsumexp", "Logsumexp"):
+        return "scan"
+    return "other"
+
+
+@dataclass(frozen=True)
+class OpFinding:
+    """One operation on the relevance path that no rule accounts for."""
+
+    op: str  # what the code called: "exp", "mul of two input-dependent tensors", ...
+    node: str  # the autograd node: "ExpBackward0"
+    path: str  # module path ("" is the model itself)
+    module_type: str
+    fits: str  # the rule that would fit
+
+    def __str__(self) -> str:
+        return f"{self.op} in {self.path or '<model>'} ({self.module_type}; would fit: {self.fits})"
+
+
+@dataclass
+class OpReport:
+    """What :func:`check_operations` found: node counts per kind, and the unknown operations."""
+
+    checked: bool = True
+    counts: dict[str, int] = field(default_factory=dict)  # linear | homogeneous | rule | attention
+    unknown: list[OpFinding] = field(default_factory=list)
+    reason: str = ""  # why nothing was checked, when ``checked`` is False
+
+    @property
+    def ok(self) -> bool:
+        return self.checked and not self.unknown
+
+    def summary(self) -> str:
+        if not self.checked:
+            return f"operations not checked: {self.reason}"
+        total = sum(self.counts.values()) + len(self.unknown)
+        parts = ", ".join(f"{n} {k}" for k, n in sorted(self.counts.items()))
+        if not self.unknown:
+            return f"all {total} operations on the relevance path accounted for ({parts})"
+        ops = "; ".join(str(f) for f in self.unknown[:6])
+        more = f" and {len(self.unknown) - 6} more" if len(self.unknown) > 6 else ""
+        return f"{len(self.unknown)} of {total} operations have no rule: {ops}{more}"
+
+
+def _base(node: Any) -> str:
+    return re.sub(r"Backward\d*$", "", type(node).__name__)
+
+
+def _deps(node: Any) -> list[Any]:
+    return [f for f, _ in node.next_functions if f is not None]
+
+
+def classify_node(node: Any, ruled: bool) -> tuple[str, str]:
+    """``(kind, what)`` for one autograd node: kind is linear | homogeneous | rule | attention |
+    one of the unknown kinds (elementwise, product, division, softmax, norm, scan, other).
+
+    ``ruled``: the node was made inside a module whose plan rule changes it (not a pass).
+    """
+    base = _base(node)
+    forward_cls = getattr(type(node), "_forward_cls", None)
+    if forward_cls is not None:  # a custom autograd.Function
+        if ruled or getattr(forward_cls, "__module__", "").startswith("lxt_plus."):
+            return "rule", forward_cls.__name__
+        return "scan", f"custom autograd function {forward_cls.__name__}"
+    if base == "AccumulateGrad":
+        return "leaf", base
+    if _ATTENTION.search(base):
+        return ("attention", base) if ruled else ("attention-unruled", "scaled_dot_product_attention")
+    if base in _LINEAR:
+        return "linear", base
+    if base in _HOMOGENEOUS:
+        return "homogeneous", base
+    n = len(_deps(node))
+    if base in _PRODUCTS:
+        return ("linear", base) if n <= 1 else ("product", f"{base.lower()} of two input-dependent tensors")
+    if base == "Div":
+        # DivBackward0's inputs are (numerator, denominator); a constant denominator is a scaling
+        inputs = [f for f, _ in node.next_functions]
+        if len(inputs) < 2 or inputs[1] is None:
+            return "linear", base
+        return "division", "division by an input-dependent tensor"
+    return _kind_of(base), base.lower()
+
+
+_ADDS = frozenset("add __add__ __radd__ __iadd__ add_ sub __sub__ __rsub__ __isub__ sub_".split())
+
+
+class _Recorder(TorchFunctionMode):
+    """Notes, for each autograd node a torch function creates, the module path running it."""
+
+    def __init__(self, where: Callable[[], str]) -> None:
+        super().__init__()
+        self.where = where
+        self.made: dict[Any, tuple[str, str]] = {}
+        self.constants: set[Any] = set()  # nodes that add a non-zero input-independent tensor
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", "")
+        if name in _ADDS and isinstance(out, Tensor) and out.grad_fn is not None:
+            tensors = [a for a in args[:2] if isinstance(a, Tensor)]
+            if len(tensors) == 2 and tensors[0].requires_grad != tensors[1].requires_grad:
+                const = tensors[1] if tensors[0].requires_grad else tensors[0]
+                if const.is_floating_point() and bool((const != 0).any()):
+                    self.constants.add(out.grad_fn)
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            fn = getattr(t, "grad_fn", None) if isinstance(t, Tensor) else None
+            if fn is not None and fn not in self.made:
+                self.made[fn] = (getattr(func, "__name__", str(func)).strip("_"), self.where())
+        return out
+
+
+@contextlib.contextmanager
+def _module_stack(model: nn.Module) -> Iterator[Callable[[], str]]:
+    stack: list[str] = []
+
+    def leave(module: nn.Module, args: Any, out: Any) -> None:  # returns None: the output stays
+        if stack:
+            stack.pop()
+
+    hooks = []
+    for path, m in model.named_modules():
+        hooks.append(m.register_forward_pre_hook(lambda mod, args, p=path: stack.append(p)))
+        hooks.append(m.register_forward_hook(leave, always_call=True))
+    try:
+        yield lambda: stack[-1] if stack else ""
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _output_tensor(out: Any) -> Tensor | None:
+    for name in ("logits", "logits_per_image", "last_hidden_state", "pooler_output"):
+        t = getattr(out, name, None)
+        if isinstance(t, Tensor):
+            return t
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    return None
+
+
+def check_operations(
+    model: nn.Module,
+    run: Callable[[], Any],
+    rule_at: Callable[[str], tuple[bool, frozenset[str]]],
+    types: dict[str, str],
+    zero_bias: bool = False,
+) -> OpReport:
+    """Run ``run()`` (the patched model on a probe input whose leaves require grad) and sort every
+    operation between its output and the input leaves. ``rule_at(path)``: whether the plan's rule
+    for the module at ``path`` changes it, and the kinds of operation that the rule of the nearest
+    enclosing ruled module keeps on the path by definition (``Rule.covers``); ``types``: module path -> type name, for the messages.
+    ``zero_bias``: the preset zeroes every bias to conserve exactly, so a non-zero constant added
+    on the relevance path (one that is not a bias parameter) is a leak and is reported."""
+    with _module_stack(model) as where:
+        recorder = _Recorder(where)
+        with torch.enable_grad(), recorder:
+            out = run()
+    target = _output_tensor(out)
+    if target is None or target.grad_fn is None:
+        return OpReport(checked=False, reason="the probe's output does not depend on the input")
+    counts: Counter[str] = Counter()
+    unknown: dict[tuple[str, str], OpFinding] = {}
+    seen: set[Any] = set()
+    stack: list[tuple[Any, str]] = [(target.grad_fn, "")]
+    while stack:
+        node, consumer_path = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        called, path = recorder.made.get(node, ("", consumer_path))
+        ruled, covers = rule_at(path)
+        kind, what = classify_node(node, ruled)
+        if kind in covers:
+            kind = "rule"
+        if zero_bias and kind == "linear" and node in recorder.constants:
+            kind, what = "constant", "addition of a non-zero constant that is not a bias parameter"
+        if kind in ("linear", "homogeneous", "rule", "attention"):
+            counts[kind] += 1
+        elif kind != "leaf":
+            fits_kind = "attention" if kind == "attention-unruled" else kind
+            op = called if called and kind not in ("product", "division", "scan", "constant") else what
+            key = (op, path)
+            if key not in unknown:
+                unknown[key] = OpFinding(
+                    op, type(node).__name__, path, types.get(path, "?"), _FITS[fits_kind]
+                )
+        stack.extend((f, path) for f in _deps(node))
+    return OpReport(checked=True, counts=dict(counts), unknown=list(unknown.values()))
