@@ -225,7 +225,12 @@ def _inputs(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) else cfg.eos_token_id
     if isinstance(eos, int):
         ids[-1] = eos
-    return {"input_ids": torch.tensor([ids])}
+    inputs = {"input_ids": torch.tensor([ids])}
+    if getattr(cfg, "is_encoder_decoder", False) and "Classification" not in type(model).__name__:
+        start = getattr(cfg, "decoder_start_token_id", None)
+        start = start if isinstance(start, int) else cfg.pad_token_id
+        inputs["decoder_input_ids"] = torch.tensor([[start, ids[0], ids[1]]])
+    return inputs
 
 
 def status(model_type: str, head: str, preset: str, tol: float = 1e-4) -> Status:
@@ -252,7 +257,9 @@ def status(model_type: str, head: str, preset: str, tol: float = 1e-4) -> Status
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            result = lxt_plus.explain(model, inputs["input_ids"], rules=preset)
+            result = lxt_plus.explain(
+                model, inputs["input_ids"], rules=preset, decoder_input_ids=inputs.get("decoder_input_ids")
+            )
     except UnsupportedModelError as exc:
         return Status(model_type, head, preset, "refused", str(exc))
     except Exception as exc:  # noqa: BLE001 - anything else is a bug, recorded

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lxt_plus.api.pipelines import is_pipeline, resolve_pipeline
-from lxt_plus.engine.detect import accepts, input_device, is_added_embedding, is_hf_model
+from lxt_plus.engine.detect import accepts, input_device, is_added_embedding, is_hf_model, token_embeddings
 from lxt_plus.engine.functional import acc, input_relevance
 from lxt_plus.engine.patching import Handle, handle_of, patch
 from lxt_plus.engine.plan import Preset, get_preset
@@ -413,7 +413,7 @@ def leaf_at_embeddings(
     """Replace the token-embedding output by a leaf that requires grad (``store[0]``), and the
     outputs of other embeddings (positions, token types) by leaves too (``extra``), so the
     relevance that lands on them is reported."""
-    emb = cast(Any, model).get_input_embeddings()
+    embs = token_embeddings(model)
 
     def token_hook(module: nn.Module, args: Any, out: Tensor) -> Tensor:
         leaf = out.detach().requires_grad_(True)
@@ -431,9 +431,11 @@ def leaf_at_embeddings(
         extra.append(leaf)
         return leaf
 
-    hooks = [emb.register_forward_hook(token_hook)]
+    hooks = [e.register_forward_hook(token_hook) for e in embs]
     hooks += [
-        m.register_forward_hook(other_hook) for m in model.modules() if m is not emb and is_added_embedding(m)
+        m.register_forward_hook(other_hook)
+        for path, m in model.named_modules()
+        if all(m is not e for e in embs) and is_added_embedding(m, path)
     ]
     try:
         yield
@@ -459,6 +461,7 @@ def explain(
     checkpointing: bool = False,
     strict_target: bool = False,
     pipeline_kwargs: dict[str, Any] | None = None,
+    decoder_input_ids: Tensor | None = None,
 ) -> Explanation:
     """Explain a prediction with LRP in one forward and one backward pass.
 
@@ -505,6 +508,11 @@ def explain(
     pipeline_kwargs:
         With a pipeline as ``model``: keyword arguments of the pipeline call
         (``{"max_new_tokens": 4}``, ``{"top_k": 3}``, ...).
+    decoder_input_ids:
+        Encoder-decoder models (T5, BART, ...): the decoder prefix, ``(m,)`` or ``(batch, m)``;
+        the target is the token after it (or at decoder ``position``). Default: the decoder's start
+        token alone, i.e. the first generated token. ``relevance`` is then over the encoder's input
+        tokens and ``decoder_relevance`` over the prefix; both count in ``conservation``.
 
     Returns
     -------
@@ -544,9 +552,10 @@ def explain(
         preset_name = handle.preset.name
         recorder = _make_recorder(model, captures)
         extra: list[Tensor] = []
+        decoder: list[Tensor] = []  # an encoder-decoder's decoder-prefix leaf
         with recorder, input_relevance() as exact:
             leaf, logits, positions, output = _forward(
-                model, batch, kind, position, extra, function is not None
+                model, batch, kind, position, extra, function is not None, decoder_input_ids, decoder
             )
         rows = logits.shape[0]
         if function is not None:
@@ -571,14 +580,26 @@ def explain(
                 f"the target logit is {picked.tolist()} in dtype {logits.dtype}; use float32 or bfloat16"
             )
         latent = recorder.tensors()
-        wanted = [leaf, *extra, *latent]
+        wanted = [leaf, *decoder, *extra, *latent]
         grads = torch.autograd.grad(picked.sum(), wanted, allow_unused=True)
+        decoder_rel = None
+        if decoder:
+            g = grads[1] if grads[1] is not None else torch.zeros_like(decoder[0])
+            decoder_rel = (acc(decoder[0].detach()) * acc(g)).sum(-1).detach().cpu()
+            grads = grads[:1] + grads[2:]
         grad = grads[0] if grads[0] is not None else torch.zeros_like(leaf)
         rel = acc(leaf.detach()) * acc(grad)
         for correction in exact.get(id(leaf), []):  # rules with constant input terms (z^B, flat)
             rel = rel + correction
         extra_rel = _extra_relevance(extra, grads[1 : 1 + len(extra)], rows)
         recorder.finish(grads[1 + len(extra) :])
+        if batch.input_ids is not None and rel.shape[1] > batch.input_ids.shape[1]:
+            # the model padded the input itself (Longformer, to its attention window): the padding's
+            # relevance is reported with the positions', the tokens keep their own
+            n = batch.input_ids.shape[1]
+            pad = rel[:, n:].reshape(rows, -1).sum(-1).detach().cpu()
+            extra_rel = pad if extra_rel is None else extra_rel + pad
+            rel = rel[:, :n]
     if batch.values is not None:
         rel = rel.sum(1) if (is_hf_model(model) and rel.dim() == 4) else rel
         mask = None
@@ -612,6 +633,8 @@ def explain(
         else ("pixels" if is_hf_model(model) else "features"),
         captures=recorder.result(),
         extra_relevance=extra_rel,
+        decoder_relevance=decoder_rel,
+        decoder_ids=None if getattr(output, "decoder_ids", None) is None else output.decoder_ids.cpu(),
         hidden=None
         if batch.hidden is None
         else batch.hidden & mask.bool().cpu()
@@ -638,9 +661,12 @@ def _forward(
     position: int | None,
     extra: list[Tensor],
     all_logits: bool = False,
+    decoder_input_ids: Tensor | None = None,
+    decoder: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, list[int], Any]:
     """Run the patched model; return the leaf, per-row logits ``(batch, n_out)``, positions and the
-    model's own output. ``all_logits`` keeps every position's logits (for a target function)."""
+    model's own output. ``all_logits`` keeps every position's logits (for a target function).
+    An encoder-decoder's decoder-prefix leaf goes to ``decoder``."""
     device = input_device(model)
     if batch.values is not None:
         leaf = batch.values.detach().to(device).requires_grad_(True)
@@ -662,6 +688,12 @@ def _forward(
     if accepts(model, "use_cache"):
         kwargs["use_cache"] = False
     positions: list[int] = []
+    if kind == "causal-lm" and is_seq2seq(model):
+        return _forward_seq2seq(model, kwargs, rows, position, extra, decoder_input_ids, decoder)
+    if decoder_input_ids is not None:
+        raise InputError(
+            f"decoder_input_ids= is for encoder-decoder models; {type(model).__name__} is not one"
+        )
     if kind == "causal-lm":
         last = (mask.shape[1] - 1 - mask.flip(-1).argmax(-1)).tolist()  # last real token per row
         if position is not None:
@@ -700,7 +732,66 @@ def _forward(
             f"{type(model).__name__} did not call its input embeddings, so there is no token relevance to "
             "read; explain a model whose forward embeds input_ids with get_input_embeddings()"
         )
+    if (
+        len(store) > 1
+        and getattr(cast(Any, model).config, "is_encoder_decoder", False)
+        and decoder is not None
+    ):
+        decoder.append(store[-1])  # a classifier's decoder reads the shifted input (BART, T5)
+        extra.extend(store[1:-1])
     return store[0], out.logits, positions, out
+
+
+def is_seq2seq(model: nn.Module) -> bool:
+    """An encoder-decoder LM (T5, BART, ...): its target is a decoder position."""
+    cfg = getattr(model, "config", None)
+    return bool(getattr(cfg, "is_encoder_decoder", False)) and "Classification" not in type(model).__name__
+
+
+def _forward_seq2seq(
+    model: nn.Module,
+    kwargs: dict[str, Any],
+    rows: int,
+    position: int | None,
+    extra: list[Tensor],
+    decoder_input_ids: Tensor | None,
+    decoder: list[Tensor] | None,
+) -> tuple[Tensor, Tensor, list[int], Any]:
+    """Encoder tokens and the decoder prefix are both leaves; the target is the logit at the last
+    decoder position (or ``position`` in the decoder): the token the model generates next."""
+    device = kwargs["input_ids"].device
+    cfg = cast(Any, model).config
+    if decoder_input_ids is None:
+        start = getattr(cfg, "decoder_start_token_id", None)
+        start = start if isinstance(start, int) else (cfg.pad_token_id or 0)
+        dec = torch.full((rows, 1), start, dtype=torch.long, device=device)
+    else:
+        dec = torch.as_tensor(decoder_input_ids).to(device)
+        dec = dec[None] if dec.dim() == 1 else dec
+        if dec.dim() != 2 or dec.shape[0] != rows or dec.shape[1] == 0 or dec.is_floating_point():
+            raise InputError(
+                f"decoder_input_ids must be integer ids of shape (decoder_len,) or ({rows}, decoder_len), "
+                f"got shape {tuple(dec.shape)} and dtype {dec.dtype}"
+            )
+        check_ids(model, dec)
+    m = dec.shape[1]
+    if position is not None and not -m <= position < m:
+        raise TargetError(f"position {position} is out of range for a decoder prefix of {m} tokens")
+    at = (position if position is not None else -1) % m
+    kwargs = {**kwargs, "decoder_input_ids": dec}
+    store: list[Tensor] = []
+    with leaf_at_embeddings(model, store, extra, rows):
+        out = model(**kwargs)
+    if len(store) < 2:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} did not call the encoder's and the decoder's input embeddings, so there "
+            "is no token relevance to read"
+        )
+    if decoder is not None:
+        decoder.append(store[-1])
+    extra.extend(store[1:-1])  # embeddings of padding the model adds itself (LED pads to its window)
+    out.decoder_ids = dec
+    return store[0], out.logits[:, at], [at] * rows, out
 
 
 def _target_function(target: Any, contrast: Any) -> Callable[[Any], Tensor] | None:

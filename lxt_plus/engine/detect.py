@@ -25,6 +25,7 @@ __all__ = [
     "is_hf_model",
     "input_device",
     "is_added_embedding",
+    "token_embeddings",
 ]
 
 ROLES = (
@@ -109,10 +110,13 @@ def input_device(model: nn.Module) -> torch.device:
 _POSITION_TABLE = re.compile(r"Position(al)?Embedding")
 
 
-def is_added_embedding(m: nn.Module) -> bool:
+def is_added_embedding(m: nn.Module, path: str = "") -> bool:
     """An embedding whose output is added to the token embeddings: positions, token types, and
-    position tables that are not ``nn.Embedding`` (XGLM's sinusoidal one); not rotary tables.
+    position tables that are not ``nn.Embedding`` (XGLM's sinusoidal one); not rotary tables, and
+    not an attention-score bias table (T5's ``relative_attention_bias``, which only shifts scores).
     Explaining makes their outputs leaves, so the relevance they take is reported."""
+    if "bias" in path.rsplit(".", 1)[-1]:
+        return False
     name = type(m).__name__
     if isinstance(m, nn.Embedding):
         return True
@@ -121,6 +125,25 @@ def is_added_embedding(m: nn.Module) -> bool:
         and "Rotary" not in name
         and not any(True for _ in m.children())
     )
+
+
+def token_embeddings(model: nn.Module) -> list[nn.Module]:
+    """The modules that embed ``input_ids``: ``get_input_embeddings()``, or, for an encoder-decoder
+    whose encoder and decoder hold embedding modules of their own (BART's share one weight), those
+    two, encoder first. T5's encoder and decoder call the one shared module."""
+    hf = cast(Any, model)
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        found: list[nn.Module] = []
+        for part in ("get_encoder", "get_decoder"):
+            try:
+                emb = getattr(hf, part)().get_input_embeddings()
+            except (AttributeError, NotImplementedError, TypeError):
+                emb = None
+            if isinstance(emb, nn.Module) and all(emb is not f for f in found):
+                found.append(emb)
+        if found:
+            return found
+    return [hf.get_input_embeddings()]
 
 
 def owning_pretrained(model: nn.Module, path: str) -> nn.Module | None:

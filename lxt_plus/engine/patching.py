@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lxt_plus.engine.attention import AttentionSpec, probs_match, qkv_rule, rule_attention
-from lxt_plus.engine.detect import input_device, is_added_embedding, is_hf_model
+from lxt_plus.engine.detect import input_device, is_added_embedding, is_hf_model, token_embeddings
 from lxt_plus.engine.hf import ATTENTION_KEYS, original_attention, register_keys, switch_configs
 from lxt_plus.engine.install import ATTENTION_RULES, Site
 from lxt_plus.engine.modes import ElementwiseIdentityMode, SDPARuleMode
@@ -222,7 +222,7 @@ def _zero_biases(model: nn.Module, undo: list[Callable[[], None]]) -> None:
             f"{type(model).__name__} has offloaded weights (on the 'meta' device): zeroing biases for the "
             "conservation check needs the model in one piece; load it without offloading for the check"
         )
-    saved = []
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.no_grad():
         for name, p in model.named_parameters():
             if _is_additive(name, p):
@@ -446,7 +446,7 @@ def _check_operations(model: nn.Module, plan: Plan, inputs: dict[str, torch.Tens
         return here, covers
 
     types = {info.path: info.type_name for info in plan.infos}
-    emb = cast(Any, model).get_input_embeddings() if "input_ids" in inputs else None
+    embs = token_embeddings(model) if "input_ids" in inputs else []
     probe = dict(inputs)
     if "pixel_values" in probe:
         probe["pixel_values"] = probe["pixel_values"].clone().requires_grad_(True)
@@ -455,9 +455,11 @@ def _check_operations(model: nn.Module, plan: Plan, inputs: dict[str, torch.Tens
         return out.detach().requires_grad_(True).clone() if isinstance(out, torch.Tensor) else out
 
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    hooks = [emb.register_forward_hook(leaf)] if emb is not None else []
+    hooks = [e.register_forward_hook(leaf) for e in embs]
     hooks += [
-        m.register_forward_hook(leaf) for m in model.modules() if m is not emb and is_added_embedding(m)
+        m.register_forward_hook(leaf)
+        for path, m in model.named_modules()
+        if all(m is not e for e in embs) and is_added_embedding(m, path)
     ]
     try:
         for p, _ in flags:

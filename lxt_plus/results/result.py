@@ -101,6 +101,10 @@ class Explanation:
         None  # (batch,) relevance absorbed by position/type embeddings etc.
     )
     hidden: torch.Tensor | None = None  # (batch, seq) True for special / chat-template tokens
+    # encoder-decoder models: relevance of the decoder prefix (batch, decoder_len) and its ids;
+    # ``relevance`` is then over the encoder's input tokens
+    decoder_relevance: torch.Tensor | None = None
+    decoder_ids: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.captures, Captures):  # a plain dict of captures is accepted
@@ -138,9 +142,15 @@ class Explanation:
         if extra is not None and self.single:
             extra = extra[0]
         total = self.relevance_sum + (extra if extra is not None else 0.0)
+        decoder = None
+        if self.decoder_relevance is not None:
+            decoder = self.decoder_relevance.sum(-1)
+            decoder = decoder[0] if self.single else decoder
+            total = total + decoder
         return Conservation(
             relevance_sum=self.relevance_sum,
             position_relevance=extra,
+            **({"decoder_relevance": decoder} if decoder is not None else {}),
             target_logit=logit,
             absorbed=logit - total,
             rules=self.rules,
@@ -172,6 +182,8 @@ class Explanation:
             captures=Captures.from_mapping({k: _slice_capture(v, sl) for k, v in self.captures.items()}),
             extra_relevance=None if self.extra_relevance is None else self.extra_relevance[sl],
             hidden=None if self.hidden is None else self.hidden[sl],
+            decoder_relevance=None if self.decoder_relevance is None else self.decoder_relevance[sl],
+            decoder_ids=None if self.decoder_ids is None else self.decoder_ids[sl],
         )
 
     def real_tokens(self, row: int = 0, hide_special: bool = False) -> tuple[list[str], torch.Tensor]:

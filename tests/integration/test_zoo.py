@@ -1,0 +1,54 @@
+"""The whole zoo: no architecture in transformers returns non-conserving relevance without an error.
+
+Every model class of the CausalLM, SequenceClassification, Seq2SeqLM and MaskedLM auto mappings is
+built from a tiny random config (tests/zoo.py) and explained under ``conservative-check``: it must
+conserve, or be refused with ``UnsupportedModelError``. ``benchmarks/support_table.py`` writes the
+same statuses, under every preset, to docs/support.md.
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, "tests")
+import zoo  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("head", list(zoo.HEADS))
+def test_no_architecture_is_silently_wrong(head: str) -> None:
+    torch.set_num_threads(1)
+    rows = [zoo.status(t, head, "conservative-check") for t in zoo.model_types(head)]
+    counts = collections.Counter(s.status for s in rows)
+    bad = [f"{s.model_type}: {s.status}: {s.detail}" for s in rows if s.status in ("wrong", "failed")]
+    assert not bad, "\n".join(bad)
+    built = len(rows) - counts["not built"]
+    # the harness must really build the zoo: a test over nothing would pass
+    assert built >= {"causal-lm": 100, "seqcls": 70, "seq2seq": 15, "masked-lm": 30}[head], counts
+    assert counts["conserves"] >= 0.7 * built, counts
+    for s in rows:
+        if s.status == "refused":
+            assert "operation" in s.detail or "module" in s.detail or "embeddings" in s.detail, s.detail
+
+
+def test_zoo_status_can_report_wrong() -> None:
+    """The zoo's own check can fail: a model whose relevance is scaled after explaining is wrong."""
+    import lxt_plus
+
+    real = lxt_plus.explain
+
+    def halved(*args, **kwargs):  # type: ignore[no-untyped-def]
+        result = real(*args, **kwargs)
+        result.batch_relevance = result.batch_relevance * 0.5
+        return result
+
+    zoo.lxt_plus.explain = halved  # type: ignore[attr-defined]
+    try:
+        assert zoo.status("llama", "causal-lm", "conservative-check").status == "wrong"
+    finally:
+        zoo.lxt_plus.explain = real  # type: ignore[attr-defined]
