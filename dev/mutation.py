@@ -321,6 +321,56 @@ MUTANTS: tuple[Mutant, ...] = (
         "        if False:\n            warnings.warn(",
         ("tests/unit/test_layering.py",),
     ),
+    # ------------------------------------------------------------------ operation-level check
+    M(
+        "opcheck-product-counted-linear",
+        "lxt_plus/engine/opcheck.py",
+        'return ("linear", base) if n <= 1 else',
+        'return ("linear", base) if n <= 2 else',
+        ("tests/unit/test_opcheck.py",),
+    ),
+    M(
+        "opcheck-division-denominator-ignored",
+        "lxt_plus/engine/opcheck.py",
+        "if len(inputs) < 2 or inputs[1] is None:",
+        "if True:",
+        ("tests/unit/test_opcheck.py",),
+    ),
+    M(
+        "opcheck-constant-add-ignored",
+        "lxt_plus/engine/opcheck.py",
+        'kind, what = "constant", "addition of a non-zero constant that is not a bias parameter"',
+        "pass",
+        ("tests/unit/test_opcheck.py",),
+    ),
+    M(
+        "opcheck-unknown-not-raised",
+        "lxt_plus/engine/patching.py",
+        '    if strict:\n        raise UnsupportedModelError(\n            f"{message}. Add a rule',
+        '    if False:\n        raise UnsupportedModelError(\n            f"{message}. Add a rule',
+        ("tests/unit/test_opcheck.py",),
+    ),
+    M(
+        "mamba-scan-parameters-not-detached",
+        "lxt_plus/engine/rules.py",
+        "wrap_forward(proj, lambda fwd: lambda *a, **k: _detach_all(fwd(*a, **k)), undo)",
+        "pass",
+        ("tests/integration/test_mamba_reference.py",),
+    ),
+    M(
+        "seq2seq-decoder-relevance-dropped",
+        "lxt_plus/results/result.py",
+        "            total = total + decoder\n",
+        "",
+        ("tests/integration/test_seq2seq.py",),
+    ),
+    M(
+        "xlnet-layout-not-transposed",
+        "lxt_plus/api/explain.py",
+        "        return rel.transpose(0, 1)",
+        "        return rel",
+        ("tests/integration/test_zoo.py::test_transposed_embeddings",),
+    ),
 )
 
 # Changes that cannot alter any result, so no test can (or should) catch them.

@@ -168,6 +168,13 @@ def tiny_config(model_type: str) -> Any:
     for name, size in _MOE.items():
         if isinstance(getattr(base, name, None), int) and not isinstance(getattr(base, name), bool):
             kwargs[name] = size
+    for name in list(kwargs):  # a derived attribute (Falcon's head_dim) cannot be set
+        if isinstance(getattr(type(base), name, None), property):
+            del kwargs[name]
+    if isinstance(getattr(base, "kv_lora_rank", None), int):  # multi-head latent attention: no GQA
+        for name in ("num_key_value_heads", "num_kv_heads"):
+            if name in kwargs:
+                kwargs[name] = 4
     layers = getattr(base, "num_hidden_layers", None)
     for name, value in vars(base).items():
         if isinstance(value, list) and layers and len(value) == layers and layers > 2:
@@ -264,9 +271,12 @@ def status(model_type: str, head: str, preset: str, tol: float = 1e-4) -> Status
         return Status(model_type, head, preset, "refused", str(exc))
     except Exception as exc:  # noqa: BLE001 - anything else is a bug, recorded
         return Status(model_type, head, preset, "failed", f"{type(exc).__name__}: {str(exc)[:300]}")
-    c = result.conservation
-    logit = float(c["target_logit"])
-    total = logit - float(c["absorbed"])
+    try:
+        c = result.conservation
+        logit = float(c["target_logit"])
+        total = logit - float(c["absorbed"])
+    except Exception as exc:  # noqa: BLE001 - a result that cannot be read is a bug too
+        return Status(model_type, head, preset, "failed", f"conservation: {type(exc).__name__}: {exc}")
     if not math.isfinite(total):
         return Status(model_type, head, preset, "wrong", "relevance is not finite")
     if preset != "conservative-check":

@@ -593,6 +593,8 @@ def explain(
             rel = rel + correction
         extra_rel = _extra_relevance(extra, grads[1 : 1 + len(extra)], rows)
         recorder.finish(grads[1 + len(extra) :])
+        if batch.input_ids is not None:
+            rel = _token_layout(model, rel, tuple(batch.input_ids.shape))
         if batch.input_ids is not None and rel.shape[1] > batch.input_ids.shape[1]:
             # the model padded the input itself (Longformer, to its attention window): the padding's
             # relevance is reported with the positions', the tokens keep their own
@@ -740,6 +742,21 @@ def _forward(
         decoder.append(store[-1])  # a classifier's decoder reads the shifted input (BART, T5)
         extra.extend(store[1:-1])
     return store[0], out.logits, positions, out
+
+
+def _token_layout(model: nn.Module, rel: Tensor, ids: tuple[int, ...]) -> Tensor:
+    """Token relevance laid out as the ids, ``(batch, seq, ...)``: XLNet embeds the transposed ids
+    ``(seq, batch)``. Any other layout is refused rather than broadcast into a wrong heatmap."""
+    if rel.dim() < 2 or tuple(rel.shape[:2]) == ids:
+        return rel
+    if tuple(rel.shape[:2]) == ids[::-1]:
+        return rel.transpose(0, 1)
+    if rel.shape[0] == ids[0] and rel.shape[1] > ids[1]:
+        return rel  # the model padded the sequence itself; handled by the caller
+    raise UnsupportedModelError(
+        f"{type(model).__name__}'s token embeddings have shape {tuple(rel.shape)}, which does not match its "
+        f"input ids {ids}: lxt_plus cannot tell which relevance belongs to which token"
+    )
 
 
 def is_seq2seq(model: nn.Module) -> bool:

@@ -34,6 +34,7 @@ ROLES = (
     "norm",
     "mlp",
     "router",
+    "ssm",
     "linear",
     "conv",
     "embedding",
@@ -69,6 +70,10 @@ _STRUCTURAL = (
     nn.ZeroPad2d,
 )
 _ATTN_NAME = re.compile(r"Attention|Attn", re.IGNORECASE)
+# blocks whose products are gated products by design, whether or not they hold an activation
+# module (an inline F.silu, GPT-OSS's clamped SwiGLU experts, LFM2's gated short convolution)
+_GATED_NAME = re.compile(r"(MLP|Mlp|FeedForward|FFN|Ffn|Experts|MoeBlock|MoE|ShortConv)")
+_ROUTER_NAME = re.compile(r"Router|Gating")
 # element-wise activation modules a family defines itself (BloomGelu, NewGELUActivation, ...)
 _ACTIVATION_NAME = re.compile(r"(Ge[Ll][Uu]|SiLU|Silu|Swish|Mish|ReLU|Relu|Activation)\d*$")
 _NORM_NAME = re.compile(r"Norm($|[A-Z0-9_])")
@@ -224,6 +229,14 @@ def detect_roles(model: nn.Module) -> list[ModuleInfo]:
             siblings = [type(c).__name__ for c in named[parent].children()]
             if any("Expert" in s for s in siblings) or hasattr(named[parent], "experts"):
                 roles[path] = "router"
+    # selective state-space mixers (Mamba): the module holding the scan's A_log
+    for path, m in named.items():
+        if path not in roles and isinstance(getattr(m, "A_log", None), nn.Parameter):
+            roles[path] = "ssm"
+    # routers with a child of their own (a Linear inside AfmoeTokenChoiceRouter, JetMoE's gating)
+    for path, m in named.items():
+        if path not in roles and _ROUTER_NAME.search(type(m).__name__) and not hasattr(m, "experts"):
+            roles[path] = "router"
     # 2. attention modules with children: the innermost attention-named module
     for path, m in named.items():
         if path in roles:
@@ -239,7 +252,10 @@ def detect_roles(model: nn.Module) -> list[ModuleInfo]:
         return (
             p not in roles
             and not isinstance(m, (nn.ModuleList, nn.ModuleDict))
-            and has(p, lambda c: roles.get(c) == "activation")
+            and (
+                has(p, lambda c: roles.get(c) == "activation")
+                or _GATED_NAME.search(type(m).__name__) is not None
+            )
             and not has(p, lambda c: roles.get(c) == "attention")
         )
 

@@ -216,7 +216,7 @@ def is_gate(t: Tensor) -> bool:
     return False
 
 
-_INLINE_ACTIVATIONS = ("sigmoid", "silu", "gelu", "tanh", "relu", "softplus", "mish", "elu")
+_INLINE_ACTIVATIONS = ("sigmoid", "silu", "gelu", "tanh", "relu", "softplus", "mish", "elu", "clamp", "clip")
 
 
 class ProductMode(_RuleMode):

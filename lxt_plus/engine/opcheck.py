@@ -193,11 +193,18 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
         name = getattr(func, "__name__", "")
-        if name in _ADDS and isinstance(out, Tensor) and out.grad_fn is not None:
-            tensors = [a for a in args[:2] if isinstance(a, Tensor)]
-            if len(tensors) == 2 and tensors[0].requires_grad != tensors[1].requires_grad:
-                const = tensors[1] if tensors[0].requires_grad else tensors[0]
-                if const.is_floating_point() and bool((const != 0).any()):
+        if name in _ADDS and isinstance(out, Tensor) and out.grad_fn is not None and len(args) >= 2:
+            a, b = args[0], args[1]
+            grads = [isinstance(t, Tensor) and t.requires_grad for t in (a, b)]
+            if grads[0] != grads[1]:
+                const = b if grads[0] else a
+                if isinstance(const, (int, float)) and not isinstance(const, bool):
+                    nonzero = const != 0  # GPT-OSS's ``(up + 1) * glu``
+                else:
+                    nonzero = (
+                        isinstance(const, Tensor) and const.is_floating_point() and bool((const != 0).any())
+                    )
+                if nonzero:
                     self.constants.add(out.grad_fn)
         for t in out if isinstance(out, (tuple, list)) else (out,):
             fn = getattr(t, "grad_fn", None) if isinstance(t, Tensor) else None

@@ -31,6 +31,7 @@ from lxt_plus.engine.rules import (
     Pass,
     RouterLRP,
     Rule,
+    SelectiveScan,
     UniformProduct,
     rule_from_spec,
 )
@@ -195,6 +196,7 @@ def _lrp(attention: Rule, router: Rule, products: Rule) -> tuple[tuple[str, Rule
     return (
         ("attention", attention),
         ("router", router),
+        ("ssm", SelectiveScan()),
         ("activation", Identity()),
         ("norm", Conservative()),
         ("mlp", products),

@@ -52,6 +52,7 @@ __all__ = [
     "AHLRP",
     "Constant",
     "RouterLRP",
+    "SelectiveScan",
     "DropoutOff",
     "HeadIdentity",
     "RULES",
@@ -417,6 +418,15 @@ class ConstantGate(Rule):
         return _under_mode(forward, lambda: ProductMode(constant_gate=True), probe)
 
 
+def _gated(forward: Forward, probe: dict[str, int]) -> Forward:
+    """An attention module's own forward with an output gate ruled: ``out * sigmoid(gate)``
+    (Qwen3-Next, gated attention) is a product of two input-dependent factors, so it gets the
+    uniform rule and the inline sigmoid the identity rule, as in a gated MLP. The attention
+    function itself keeps its own rule (products inside it have a constant factor or go through
+    the attention rule's q, k, v factors)."""
+    return _under_mode(forward, ProductMode, probe)
+
+
 @dataclass(frozen=True, repr=False)
 class AttentionRule(Rule):
     """Base class of the attention rules: ``detach_weights`` says whether the attention weights are
@@ -432,7 +442,7 @@ class AttentionRule(Rule):
     def wrap(self, module, forward, probe):  # type: ignore[no-untyped-def]
         """Route for attention that does not dispatch through transformers' registry."""
         detach = self.detach_weights
-        return _under_mode(forward, lambda: AttentionOpsMode(detach), probe, "attention_hits")
+        return _gated(_under_mode(forward, lambda: AttentionOpsMode(detach), probe, "attention_hits"), probe)
 
     def install(self, site: Site) -> Installed:
         owner = owning_pretrained(site.model, site.path)
@@ -448,7 +458,9 @@ class AttentionRule(Rule):
             def forget() -> None:
                 ATTENTION_RULES.pop(module, None)
 
-            return Installed("registry", [forget])
+            undo: list[Callable[[], None]] = [forget]
+            wrap_forward(module, lambda fwd: _gated(fwd, site.stats), undo)
+            return Installed("registry", undo)
         done = super().install(site)
         return Installed("ops" if site.role == "attention" else done.route, done.undo)
 
@@ -514,6 +526,36 @@ class RouterLRP(Rule):
 
     def wrap(self, module, forward, probe):  # type: ignore[no-untyped-def]
         return _under_mode(forward, RouterMode, probe)
+
+
+@dataclass(frozen=True, repr=False)
+class SelectiveScan(Rule):
+    """MambaLRP (Jafari et al. 2024) on a Mamba mixer: the scan's input-dependent parameters (Δ,
+    B and C, all read from ``x_proj``) are constants, so the recurrence is linear in its input;
+    the gate ``y · silu(z)`` gets the uniform rule (half to each factor) and the inline SiLUs the
+    identity rule (the same relevance as the paper's ``x · sigmoid(x).detach()``). The RMSNorm
+    around it is ruled as a norm.
+
+    A mixer that computes B and C in the same projection as its input (Mamba2 and its hybrids)
+    is refused: which factor of each product is a scan parameter is not known there.
+    """
+
+    name: ClassVar[str] = "mamba-lrp"
+    paper: ClassVar[str] = "Jafari et al. 2024"
+
+    def install(self, site: Site) -> Installed:
+        module = site.module
+        proj = getattr(module, "x_proj", None)
+        if not isinstance(proj, nn.Module):
+            raise UnsupportedModelError(
+                f"{site.path} ({type(module).__name__}) is a selective-scan mixer whose B and C come from the "
+                "same projection as its input (Mamba2-style); lxt_plus's MambaLRP rule covers Mamba mixers "
+                "with an x_proj (Mamba, FalconMamba, Jamba) only"
+            )
+        undo: list[Callable[[], None]] = []
+        wrap_forward(proj, lambda fwd: lambda *a, **k: _detach_all(fwd(*a, **k)), undo)
+        wrap_forward(module, lambda fwd: _under_mode(fwd, ProductMode, site.stats), undo)
+        return Installed("forward", undo)
 
 
 @dataclass(frozen=True, repr=False)
@@ -632,6 +674,7 @@ for _cls in (
     AHLRP,
     Constant,
     RouterLRP,
+    SelectiveScan,
     DropoutOff,
     HeadIdentity,
 ):

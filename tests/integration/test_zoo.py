@@ -17,9 +17,8 @@ import torch
 sys.path.insert(0, "tests")
 import zoo  # noqa: E402
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 @pytest.mark.parametrize("head", list(zoo.HEADS))
 def test_no_architecture_is_silently_wrong(head: str) -> None:
     torch.set_num_threads(1)
@@ -52,3 +51,15 @@ def test_zoo_status_can_report_wrong() -> None:
         assert zoo.status("llama", "causal-lm", "conservative-check").status == "wrong"
     finally:
         zoo.lxt_plus.explain = real  # type: ignore[attr-defined]
+
+
+def test_transposed_embeddings() -> None:
+    """XLNet embeds the transposed ids (seq, batch): relevance still lands on the right tokens."""
+    import lxt_plus
+
+    model = zoo.build("xlnet", "seqcls")
+    ids = zoo._inputs(model)["input_ids"]
+    got = lxt_plus.explain(model, ids, rules="conservative-check")
+    assert got.batch_relevance.shape == ids.shape
+    c = got.conservation
+    assert abs(float(c["absorbed"])) <= 1e-4 * abs(float(c["target_logit"]))
