@@ -765,6 +765,17 @@ def is_seq2seq(model: nn.Module) -> bool:
     return bool(getattr(cfg, "is_encoder_decoder", False)) and "Classification" not in type(model).__name__
 
 
+def decoder_start(model: nn.Module) -> int:
+    """The id an encoder-decoder's decoder starts from: ``decoder_start_token_id``, else the pad id
+    (T5's convention), else 0."""
+    cfg = cast(Any, model).config
+    start = getattr(cfg, "decoder_start_token_id", None)
+    if isinstance(start, int):
+        return start
+    pad = getattr(cfg, "pad_token_id", None)
+    return pad if isinstance(pad, int) else 0
+
+
 def _forward_seq2seq(
     model: nn.Module,
     kwargs: dict[str, Any],
@@ -777,11 +788,8 @@ def _forward_seq2seq(
     """Encoder tokens and the decoder prefix are both leaves; the target is the logit at the last
     decoder position (or ``position`` in the decoder): the token the model generates next."""
     device = kwargs["input_ids"].device
-    cfg = cast(Any, model).config
     if decoder_input_ids is None:
-        start = getattr(cfg, "decoder_start_token_id", None)
-        start = start if isinstance(start, int) else (cfg.pad_token_id or 0)
-        dec = torch.full((rows, 1), start, dtype=torch.long, device=device)
+        dec = torch.full((rows, 1), decoder_start(model), dtype=torch.long, device=device)
     else:
         dec = torch.as_tensor(decoder_input_ids).to(device)
         dec = dec[None] if dec.dim() == 1 else dec

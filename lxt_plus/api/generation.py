@@ -18,7 +18,9 @@ from torch import Tensor, nn
 
 from lxt_plus.api.explain import (
     check_ids,
+    decoder_start,
     explaining,
+    is_seq2seq,
     leaf_at_embeddings,
     model_kind,
     prepare_text,
@@ -87,6 +89,8 @@ def generate_greedy(
         top_p=None,
         top_k=None,
     )
+    if is_seq2seq(model):
+        kwargs["decoder_start_token_id"] = decoder_start(model)
     if eos:
         kwargs["eos_token_id"] = sorted(eos)
     if pad is not None:
@@ -95,7 +99,9 @@ def generate_greedy(
         kwargs["pad_token_id"] = min(eos)
     with torch.no_grad():
         out = model.generate(ids, **kwargs)  # type: ignore[operator]
-    return _cut_at_eos(out[0, prompt.shape[0] :].cpu(), eos)
+    # an encoder-decoder returns the decoder's ids, starting with its start token
+    first = 1 if is_seq2seq(model) else prompt.shape[0]
+    return _cut_at_eos(out[0, first:].cpu(), eos)
 
 
 def _cut_at_eos(ids: Tensor, eos: set[int]) -> Tensor:
@@ -121,7 +127,10 @@ def explain_generation(
     Parameters
     ----------
     model:
-        A HF causal LM.
+        A HF causal LM, or an encoder-decoder (T5, BART, ...): then ``prompt`` is the source, the
+        "prompt" part of the result is the source and the decoder's start token, and row ``t``
+        equals ``explain(model, source, decoder_input_ids=[start, *generated[:t]])`` (its
+        ``relevance`` then its ``decoder_relevance``).
     tokenizer:
         Its tokenizer (needed for text and for the token strings of the result; may be ``None``
         when ``prompt`` and ``continuation`` are ids).
@@ -177,10 +186,18 @@ def explain_generation(
         gen_ids = as_ids(continuation, tokenizer, "continuation")
     if gen_ids.numel() == 0:
         raise InputError("no token was generated (or the continuation is empty): there is nothing to explain")
-    ids = torch.cat([prompt_ids, gen_ids])
-    check_ids(model, ids, length=ids.numel() - 1, what="the prompt and continuation")
-    n_p = prompt_ids.numel()
-    matrix, logits = _attribute(model, ids, n_p, preset, progress)
+    if is_seq2seq(model):  # the "prompt" is the source and the decoder's start token
+        start = decoder_start(model)
+        check_ids(model, prompt_ids, what="the source")
+        check_ids(model, gen_ids, what="the continuation")
+        ids = torch.cat([prompt_ids, torch.tensor([start]), gen_ids])
+        n_p = prompt_ids.numel() + 1
+        matrix, logits = _attribute_seq2seq(model, ids, prompt_ids.numel(), preset, progress)
+    else:
+        ids = torch.cat([prompt_ids, gen_ids])
+        check_ids(model, ids, length=ids.numel() - 1, what="the prompt and continuation")
+        n_p = prompt_ids.numel()
+        matrix, logits = _attribute(model, ids, n_p, preset, progress)
     tokens = (
         tokenizer.batch_decode([[i] for i in ids.tolist()])
         if tokenizer is not None
@@ -240,7 +257,63 @@ def _attribute(
     return matrix, picked.detach().cpu()
 
 
-def _grads(picked: Tensor, leaf: Tensor, start: int, stop: int, last: bool) -> Tensor:
+def _attribute_seq2seq(
+    model: nn.Module, ids: Tensor, n_s: int, rules: Preset, progress: bool
+) -> tuple[Tensor, Tensor]:
+    """Encoder-decoder: one patched forward of the source and the decoder prefix (start token and
+    generated tokens but the last); rows as :func:`_attribute`, columns source then decoder."""
+    n = ids.numel()
+    n_g = n - n_s - 1
+    device = input_device(model)
+    src = ids[None, :n_s].to(device)
+    dec = ids[None, n_s:-1].to(device)
+    kwargs: dict[str, Any] = {
+        "input_ids": src,
+        "attention_mask": torch.ones_like(src),
+        "decoder_input_ids": dec,
+    }
+    if accepts(model, "use_cache"):
+        kwargs["use_cache"] = False
+    store: list[Tensor] = []
+    extra: list[Tensor] = []
+    with explaining(model, rules):
+        with leaf_at_embeddings(model, store, extra, 1):
+            out = model(**kwargs)
+        if len(store) < 2:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} did not call the encoder's and the decoder's input embeddings"
+            )
+        enc_leaf, dec_leaf = store[0], store[-1]
+        targets = ids[n_s + 1 :].to(device)
+        picked = acc(out.logits[0, torch.arange(n_g, device=device), targets])
+        if not torch.isfinite(picked).all():
+            raise NumericalError("a target logit is not finite; use float32 or bfloat16")
+        values = (acc(enc_leaf.detach()[0]), acc(dec_leaf.detach()[0]))
+        rows: list[Tensor] = []
+        chunk = max(1, min(_MAX_CHUNK, _CHUNK_BUDGET // n))
+        from tqdm.auto import tqdm
+
+        with tqdm(total=n_g, desc="explaining generated tokens", disable=not progress, leave=False) as bar:
+            for begin in range(0, n_g, chunk):
+                stop = min(n_g, begin + chunk)
+                grads = _grads(picked, (enc_leaf, dec_leaf), begin, stop, last=stop == n_g)
+                rows.append(
+                    torch.cat(
+                        [(v * acc(g[:, 0])).sum(-1) for v, g in zip(values, grads, strict=True)], -1
+                    ).cpu()
+                )
+                bar.update(stop - begin)
+        full = torch.cat(rows)  # (n_g, n_s + n_g)
+        matrix = torch.zeros(n_g, n, dtype=full.dtype)
+        # decoder column j (start token j = 0) is read by the tokens generated at or after it
+        causal = torch.arange(n - 1)[None] < (n_s + 1 + torch.arange(n_g))[:, None]
+        matrix[:, : n - 1] = torch.where(causal, full, torch.zeros(()))
+    if not torch.isfinite(matrix).all():
+        raise NumericalError("relevance has NaN/inf; use bfloat16 or float32")
+    return matrix, picked.detach().cpu()
+
+
+def _grads(picked: Tensor, leaf: Tensor | tuple[Tensor, ...], start: int, stop: int, last: bool) -> Any:
     """Gradients of ``picked[start:stop]`` w.r.t. ``leaf``, ``(stop - start, *leaf.shape)``.
 
     Several targets share one batched backward pass (``is_grads_batched``: the graph is walked
@@ -252,15 +325,16 @@ def _grads(picked: Tensor, leaf: Tensor, start: int, stop: int, last: bool) -> T
         eye = torch.zeros(k, picked.numel(), dtype=picked.dtype, device=picked.device)
         eye[torch.arange(k), torch.arange(start, stop)] = 1
         try:
-            (grad,) = torch.autograd.grad(
+            grads = torch.autograd.grad(
                 picked, leaf, grad_outputs=eye, is_grads_batched=True, retain_graph=True
             )
-            return grad
+            return grads if isinstance(leaf, tuple) else grads[0]
         except RuntimeError:  # an op without a batching rule: one pass per target below
             pass
-    return torch.stack(
-        [
-            torch.autograd.grad(picked[t], leaf, retain_graph=not last or t < stop - 1)[0]
-            for t in range(start, stop)
-        ]
-    )
+    per = [
+        torch.autograd.grad(picked[t], leaf, retain_graph=not last or t < stop - 1)
+        for t in range(start, stop)
+    ]
+    if isinstance(leaf, tuple):
+        return tuple(torch.stack([p[i] for p in per]) for i in range(len(leaf)))
+    return torch.stack([p[0] for p in per])

@@ -74,7 +74,7 @@ _FITS = {
     "constant": "nothing that conserves: a constant that is not a bias parameter (a position table "
     "computed in forward) absorbs relevance as a bias does; zero_bias cannot zero it",
     "scan": "a state-space rule for selective scans (MambaLRP); lxt_plus has none for this operation",
-    "other": "no lxt_plus rule fits; write one (docs/howto/custom-rules.md)",
+    "other": "no lxt_plus rule fits; write one (docs/howto/custom-rule.md)",
 }
 
 
@@ -108,6 +108,9 @@ class OpFinding:
     path: str  # module path ("" is the model itself)
     module_type: str
     fits: str  # the rule that would fit
+    kind: str = (
+        "other"  # elementwise | product | division | softmax | attention | norm | scan | constant | other
+    )
 
     def __str__(self) -> str:
         return f"{self.op} in {self.path or '<model>'} ({self.module_type}; would fit: {self.fits})"
@@ -288,7 +291,7 @@ def check_operations(
             key = (op, path)
             if key not in unknown:
                 unknown[key] = OpFinding(
-                    op, type(node).__name__, path, types.get(path, "?"), _FITS[fits_kind]
+                    op, type(node).__name__, path, types.get(path, "?"), _FITS[fits_kind], fits_kind
                 )
         stack.extend((f, path) for f in _deps(node))
     return OpReport(checked=True, counts=dict(counts), unknown=list(unknown.values()))

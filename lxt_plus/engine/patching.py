@@ -29,7 +29,7 @@ from lxt_plus.engine.install import ATTENTION_RULES, Site
 from lxt_plus.engine.modes import ElementwiseIdentityMode, SDPARuleMode
 from lxt_plus.engine.opcheck import OpReport, check_operations
 from lxt_plus.engine.plan import Plan, PlanEntry, Preset, build_plan, get_preset
-from lxt_plus.engine.rules import AttentionRule
+from lxt_plus.engine.rules import AttentionRule, gate_products
 from lxt_plus.errors import (
     AlreadyPatchedError,
     InputError,
@@ -350,6 +350,8 @@ def patch(
                 _apply_entry(
                     model, entry, stats[entry.path], named, handle._undo, force_ops=entry.path in ops_paths
                 )
+                if entry.path in plan.gated:
+                    gate_products(named[entry.path], handle._undo)
             if preset.zero_bias:
                 _zero_biases(model, handle._undo)
             if any(e.route == "registry" for e in plan.entries):
@@ -373,6 +375,7 @@ def _copy_plan(plan: Plan) -> Plan:
         [PlanEntry(e.path, e.type_name, e.role, e.rule, e.route) for e in plan.entries],
         plan.infos,
         plan.operations,
+        plan.gated,
     )
 
 
@@ -422,7 +425,7 @@ def _verify(
             f"their forward computes it in a way lxt_plus does not recognise: {listing}. "
             "Pass strict=False to let them through with plain gradients, or report the architecture."
         )
-    _check_operations(model, plan, inputs, strict)
+    _check_operations(model, plan, inputs, strict, named, handle._undo)
 
 
 def _passes_everything(preset: Preset) -> bool:
@@ -430,7 +433,14 @@ def _passes_everything(preset: Preset) -> bool:
     return any(sel == "any" and rule.is_noop() for sel, rule in preset.rules)
 
 
-def _check_operations(model: nn.Module, plan: Plan, inputs: dict[str, torch.Tensor], strict: bool) -> None:
+def _check_operations(
+    model: nn.Module,
+    plan: Plan,
+    inputs: dict[str, torch.Tensor],
+    strict: bool,
+    named: dict[str, nn.Module],
+    undo: list[Callable[[], None]],
+) -> None:
     if _passes_everything(plan.preset):
         plan.operations = OpReport(checked=False, reason=f"preset {plan.preset.name!r} passes every module")
         return
@@ -472,6 +482,16 @@ def _check_operations(model: nn.Module, plan: Plan, inputs: dict[str, torch.Tens
             p.requires_grad_(flag)
         for h in hooks:
             h.remove()
+    attention = {e.path for e in plan.entries if e.role == "attention" and e.route != "none"}
+    gates = {
+        f.path for f in report.unknown if f.path in attention and f.kind in ("product", "elementwise")
+    } - plan.gated
+    if gates:  # an output gate inside attention (Qwen3-Next): rule it as a gated product, check again
+        for path in sorted(gates):
+            gate_products(named[path], undo)
+        plan.gated = plan.gated | gates
+        _check_operations(model, plan, inputs, strict, named, undo)
+        return
     plan.operations = report
     if report.ok or not report.checked:
         return

@@ -309,6 +309,8 @@ class Plan:
     infos: list[ModuleInfo] = field(default_factory=list)
     # what the patch-time probe found at the level of operations (None: not probed)
     operations: OpReport | None = None
+    # attention modules whose output gate the probe found, ruled by rules.gate_products
+    gated: frozenset[str] = frozenset()
 
     def describe(self, show_pass: bool = False) -> str:
         """``module path -> rule`` for every module the plan touches."""

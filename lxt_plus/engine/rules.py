@@ -53,6 +53,7 @@ __all__ = [
     "Constant",
     "RouterLRP",
     "SelectiveScan",
+    "gate_products",
     "DropoutOff",
     "HeadIdentity",
     "RULES",
@@ -418,13 +419,13 @@ class ConstantGate(Rule):
         return _under_mode(forward, lambda: ProductMode(constant_gate=True), probe)
 
 
-def _gated(forward: Forward, probe: dict[str, int]) -> Forward:
-    """An attention module's own forward with an output gate ruled: ``out * sigmoid(gate)``
-    (Qwen3-Next, gated attention) is a product of two input-dependent factors, so it gets the
-    uniform rule and the inline sigmoid the identity rule, as in a gated MLP. The attention
-    function itself keeps its own rule (products inside it have a constant factor or go through
-    the attention rule's q, k, v factors)."""
-    return _under_mode(forward, ProductMode, probe)
+def gate_products(module: nn.Module, undo: list[Callable[[], None]]) -> None:
+    """Rule an attention module's output gate: ``out * sigmoid(gate)`` (Qwen3-Next, gated
+    attention) is a product of two input-dependent factors, so it gets the uniform rule and the
+    inline sigmoid the identity rule, as in a gated MLP. The attention function itself keeps its
+    own rule. Installed by the patch-time operation check only where it found such a gate, so
+    other attention modules pay nothing for it."""
+    wrap_forward(module, lambda fwd: _under_mode(fwd, ProductMode, {}), undo)
 
 
 @dataclass(frozen=True, repr=False)
@@ -442,7 +443,7 @@ class AttentionRule(Rule):
     def wrap(self, module, forward, probe):  # type: ignore[no-untyped-def]
         """Route for attention that does not dispatch through transformers' registry."""
         detach = self.detach_weights
-        return _gated(_under_mode(forward, lambda: AttentionOpsMode(detach), probe, "attention_hits"), probe)
+        return _under_mode(forward, lambda: AttentionOpsMode(detach), probe, "attention_hits")
 
     def install(self, site: Site) -> Installed:
         owner = owning_pretrained(site.model, site.path)
@@ -458,9 +459,7 @@ class AttentionRule(Rule):
             def forget() -> None:
                 ATTENTION_RULES.pop(module, None)
 
-            undo: list[Callable[[], None]] = [forget]
-            wrap_forward(module, lambda fwd: _gated(fwd, site.stats), undo)
-            return Installed("registry", undo)
+            return Installed("registry", [forget])
         done = super().install(site)
         return Installed("ops" if site.role == "attention" else done.route, done.undo)
 
@@ -548,9 +547,10 @@ class SelectiveScan(Rule):
         proj = getattr(module, "x_proj", None)
         if not isinstance(proj, nn.Module):
             raise UnsupportedModelError(
-                f"{site.path} ({type(module).__name__}) is a selective-scan mixer whose B and C come from the "
-                "same projection as its input (Mamba2-style); lxt_plus's MambaLRP rule covers Mamba mixers "
-                "with an x_proj (Mamba, FalconMamba, Jamba) only"
+                f"{site.path} ({type(module).__name__}) is a state-space or linear-attention module without an "
+                "x_proj (Mamba2-style SSD, gated DeltaNet): its B and C (or keys) come from the same projection "
+                "as its input, and lxt_plus has no rule for that scan yet; the MambaLRP rule covers Mamba "
+                "mixers with an x_proj (Mamba, FalconMamba)"
             )
         undo: list[Callable[[], None]] = []
         wrap_forward(proj, lambda fwd: lambda *a, **k: _detach_all(fwd(*a, **k)), undo)

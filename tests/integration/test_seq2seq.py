@@ -167,3 +167,29 @@ def test_seq2seq_bad_input_fails_clearly() -> None:
         lxt_plus.explain(model, SOURCE, decoder_input_ids=PREFIX, position=5)
     with pytest.raises(InputError, match="for encoder-decoder models"):
         lxt_plus.explain(families.build("llama"), SOURCE, decoder_input_ids=PREFIX)
+
+
+@pytest.mark.parametrize("model_type", ["t5", "bart"])
+def test_generation_matrix_rows_equal_explain(model_type: str) -> None:
+    """explain_generation on an encoder-decoder: one forward, batched backward passes; row t equals
+    explain() of generated token t with the decoder prefix before it, source then prefix."""
+    model = families.randomize_biases_and_norms(zoo.build(model_type, "seq2seq"))
+    src = SOURCE[0]
+    gen = lxt_plus.explain_generation(model, None, src, max_new_tokens=4, rules="attnlrp")
+    n_s = src.numel()
+    assert gen.prompt_length == n_s + 1 and torch.equal(gen.token_ids[:n_s], src)
+    generated = gen.token_ids[n_s + 1 :]
+    assert gen.matrix.shape == (generated.numel(), n_s + 1 + generated.numel())
+    for t in range(generated.numel()):
+        one = lxt_plus.explain(
+            model,
+            SOURCE,
+            target=int(generated[t]),
+            rules="attnlrp",
+            decoder_input_ids=gen.token_ids[None, n_s : n_s + 1 + t],
+        )
+        row = gen.matrix[t]
+        torch.testing.assert_close(row[:n_s], one.relevance[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(row[n_s : n_s + 1 + t], one.decoder_relevance[0], rtol=1e-4, atol=1e-5)
+        assert float(row[n_s + 1 + t :].abs().sum()) == 0.0  # nothing at or after its own position
+        torch.testing.assert_close(gen.target_logit[t], one.target_logit[0], rtol=1e-5, atol=1e-6)
