@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lxt_plus.api.pipelines import is_pipeline, resolve_pipeline
-from lxt_plus.engine.detect import accepts, input_device, is_added_embedding, is_hf_model, token_embeddings
+from lxt_plus.engine.detect import accepts, decoder_start, embedding_leaves, input_device, is_hf_model
 from lxt_plus.engine.functional import acc, input_relevance
 from lxt_plus.engine.patching import Handle, handle_of, patch
 from lxt_plus.engine.plan import Preset, get_preset
@@ -413,7 +413,7 @@ def leaf_at_embeddings(
     """Replace the token-embedding output by a leaf that requires grad (``store[0]``), and the
     outputs of other embeddings (positions, token types) by leaves too (``extra``), so the
     relevance that lands on them is reported."""
-    embs = token_embeddings(model)
+    embs, added = embedding_leaves(model)
 
     def token_hook(module: nn.Module, args: Any, out: Tensor) -> Tensor:
         leaf = out.detach().requires_grad_(True)
@@ -432,11 +432,7 @@ def leaf_at_embeddings(
         return leaf
 
     hooks = [e.register_forward_hook(token_hook) for e in embs]
-    hooks += [
-        m.register_forward_hook(other_hook)
-        for path, m in model.named_modules()
-        if all(m is not e for e in embs) and is_added_embedding(m, path)
-    ]
+    hooks += [m.register_forward_hook(other_hook) for m in added]
     try:
         yield
     finally:
@@ -763,17 +759,6 @@ def is_seq2seq(model: nn.Module) -> bool:
     """An encoder-decoder LM (T5, BART, ...): its target is a decoder position."""
     cfg = getattr(model, "config", None)
     return bool(getattr(cfg, "is_encoder_decoder", False)) and "Classification" not in type(model).__name__
-
-
-def decoder_start(model: nn.Module) -> int:
-    """The id an encoder-decoder's decoder starts from: ``decoder_start_token_id``, else the pad id
-    (T5's convention), else 0."""
-    cfg = cast(Any, model).config
-    start = getattr(cfg, "decoder_start_token_id", None)
-    if isinstance(start, int):
-        return start
-    pad = getattr(cfg, "pad_token_id", None)
-    return pad if isinstance(pad, int) else 0
 
 
 def _forward_seq2seq(

@@ -18,14 +18,13 @@ from torch import Tensor, nn
 
 from lxt_plus.api.explain import (
     check_ids,
-    decoder_start,
     explaining,
     is_seq2seq,
     leaf_at_embeddings,
     model_kind,
     prepare_text,
 )
-from lxt_plus.engine.detect import accepts, input_device
+from lxt_plus.engine.detect import accepts, decoder_start, input_device
 from lxt_plus.engine.functional import acc
 from lxt_plus.engine.plan import Preset, get_preset
 from lxt_plus.errors import (

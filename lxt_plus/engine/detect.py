@@ -26,6 +26,8 @@ __all__ = [
     "input_device",
     "is_added_embedding",
     "token_embeddings",
+    "embedding_leaves",
+    "decoder_start",
 ]
 
 ROLES = (
@@ -149,6 +151,29 @@ def token_embeddings(model: nn.Module) -> list[nn.Module]:
         if found:
             return found
     return [hf.get_input_embeddings()]
+
+
+def embedding_leaves(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """``(token embeddings, added embeddings)``: the modules whose outputs explaining (and the
+    patch-time operation check) turn into leaves that require grad."""
+    tokens = token_embeddings(model)
+    added = [
+        m
+        for path, m in model.named_modules()
+        if all(m is not e for e in tokens) and is_added_embedding(m, path)
+    ]
+    return tokens, added
+
+
+def decoder_start(model: nn.Module) -> int:
+    """The id an encoder-decoder's decoder starts from: ``decoder_start_token_id``, else the pad id
+    (T5's convention), else 0."""
+    cfg = cast(Any, model).config
+    start = getattr(cfg, "decoder_start_token_id", None)
+    if isinstance(start, int):
+        return start
+    pad = getattr(cfg, "pad_token_id", None)
+    return pad if isinstance(pad, int) else 0
 
 
 def owning_pretrained(model: nn.Module, path: str) -> nn.Module | None:

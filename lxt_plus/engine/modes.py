@@ -93,6 +93,16 @@ class _RuleMode(TorchFunctionMode):
     def _count(self) -> None:
         self.hits += 1
 
+    def _identity_rule(self, func, args, kwargs, count: bool = True):  # type: ignore[no-untyped-def]
+        """The identity rule on an element-wise call ``func(x, ...)`` whose input depends on the input
+        (counted as a hit with ``count``); the call unchanged otherwise."""
+        x = args[0] if args else None
+        if not isinstance(x, Tensor) or not x.requires_grad or not torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        if count:
+            self._count()
+        return identity_rule(x, lambda t: func(t, *args[1:], **kwargs))
+
 
 class NormMode(_RuleMode):
     """Conservative LayerNorm/RMSNorm rule (Ali et al. 2022): the normalising scale is a constant.
@@ -244,10 +254,7 @@ class ProductMode(_RuleMode):
         }
 
     def _activation(self, func, args, kwargs):  # type: ignore[no-untyped-def]
-        x = args[0] if args else None
-        if not isinstance(x, Tensor) or not x.requires_grad or not torch.is_grad_enabled():
-            return func(*args, **kwargs)
-        return identity_rule(x, lambda t: func(t, *args[1:], **kwargs))
+        return self._identity_rule(func, args, kwargs, count=False)
 
     def _mul(self, func, args, kwargs):  # type: ignore[no-untyped-def]
         if len(args) == 2 and not kwargs and _both_depend_on_input(args[0], args[1]):
@@ -278,11 +285,7 @@ class ElementwiseIdentityMode(_RuleMode):
         return cls.on(_funcs(*names, modules=(torch, _T, _TB, F)), cls._identity)
 
     def _identity(self, func, args, kwargs):  # type: ignore[no-untyped-def]
-        x = args[0]
-        if not isinstance(x, Tensor) or not x.requires_grad:
-            return func(*args, **kwargs)
-        self._count()
-        return identity_rule(x, lambda t: func(t, *args[1:], **kwargs))
+        return self._identity_rule(func, args, kwargs)
 
 
 _DIV = _funcs("div", "__truediv__", "__itruediv__", "div_", "true_divide")
@@ -306,11 +309,7 @@ class RouterMode(_RuleMode):
         return func(*args, **kwargs)
 
     def _sigmoid(self, func, args, kwargs):  # type: ignore[no-untyped-def]
-        x = args[0]
-        if not isinstance(x, Tensor) or not x.requires_grad:
-            return func(*args, **kwargs)
-        self._count()
-        return identity_rule(x, lambda t: func(t, *args[1:], **kwargs))
+        return self._identity_rule(func, args, kwargs)
 
     def _div(self, func, args, kwargs):  # type: ignore[no-untyped-def]
         if len(args) >= 2 and isinstance(args[1], Tensor) and args[1].requires_grad:
@@ -367,7 +366,4 @@ class AttentionOpsMode(SDPARuleMode):
         return func(*args, **kwargs)
 
     def _tanh(self, func, args, kwargs):  # type: ignore[no-untyped-def]
-        x = args[0]
-        if not isinstance(x, Tensor) or not x.requires_grad:
-            return func(*args, **kwargs)
-        return identity_rule(x, lambda t: func(t, *args[1:], **kwargs))
+        return self._identity_rule(func, args, kwargs, count=False)

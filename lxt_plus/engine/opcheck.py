@@ -136,9 +136,12 @@ class OpReport:
         parts = ", ".join(f"{n} {k}" for k, n in sorted(self.counts.items()))
         if not self.unknown:
             return f"all {total} operations on the relevance path accounted for ({parts})"
-        ops = "; ".join(str(f) for f in self.unknown[:6])
-        more = f" and {len(self.unknown) - 6} more" if len(self.unknown) > 6 else ""
-        return f"{len(self.unknown)} of {total} operations have no rule: {ops}{more}"
+        return f"{len(self.unknown)} of {total} operations have no rule: {self.listing()}"
+
+    def listing(self, limit: int = 6) -> str:
+        """The first ``limit`` unknown operations, each with its module and the rule that would fit."""
+        more = f" and {len(self.unknown) - limit} more" if len(self.unknown) > limit else ""
+        return "; ".join(str(f) for f in self.unknown[:limit]) + more
 
 
 def _base(node: Any) -> str:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lxt_plus.engine.attention import AttentionSpec, probs_match, qkv_rule, rule_attention
-from lxt_plus.engine.detect import input_device, is_added_embedding, is_hf_model, token_embeddings
+from lxt_plus.engine.detect import decoder_start, embedding_leaves, input_device, is_hf_model
 from lxt_plus.engine.hf import ATTENTION_KEYS, original_attention, register_keys, switch_configs
 from lxt_plus.engine.install import ATTENTION_RULES, Site
 from lxt_plus.engine.modes import ElementwiseIdentityMode, SDPARuleMode
@@ -257,8 +257,7 @@ def _probe_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
                 getattr(cfg, "is_encoder_decoder", False)
                 and "ForSequenceClassification" not in type(model).__name__
             ):
-                start = getattr(cfg, "decoder_start_token_id", None)
-                start = start if isinstance(start, int) else (cfg.pad_token_id or 0)
+                start = decoder_start(model)
                 inputs["decoder_input_ids"] = torch.tensor([[start, int(ids[1]), int(ids[2])]], device=device)
             return inputs
         if name == "pixel_values":
@@ -456,7 +455,7 @@ def _check_operations(
         return here, covers
 
     types = {info.path: info.type_name for info in plan.infos}
-    embs = token_embeddings(model) if "input_ids" in inputs else []
+    embs, added = embedding_leaves(model) if "input_ids" in inputs else ([], [])
     probe = dict(inputs)
     if "pixel_values" in probe:
         probe["pixel_values"] = probe["pixel_values"].clone().requires_grad_(True)
@@ -465,12 +464,7 @@ def _check_operations(
         return out.detach().requires_grad_(True).clone() if isinstance(out, torch.Tensor) else out
 
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    hooks = [e.register_forward_hook(leaf) for e in embs]
-    hooks += [
-        m.register_forward_hook(leaf)
-        for path, m in model.named_modules()
-        if all(m is not e for e in embs) and is_added_embedding(m, path)
-    ]
+    hooks = [m.register_forward_hook(leaf) for m in embs + added]
     try:
         for p, _ in flags:
             p.requires_grad_(False)
@@ -497,9 +491,7 @@ def _check_operations(
         return
     message = (
         f"{type(model).__name__}: {len(report.unknown)} operation(s) on the relevance path have no rule "
-        f"in preset {plan.preset.name!r}, so relevance would not be conservative: "
-        + "; ".join(str(f) for f in report.unknown[:6])
-        + (f" and {len(report.unknown) - 6} more" if len(report.unknown) > 6 else "")
+        f"in preset {plan.preset.name!r}, so relevance would not be conservative: {report.listing()}"
     )
     if strict:
         raise UnsupportedModelError(
