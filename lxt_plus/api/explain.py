@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from lxt_plus.api.pipelines import is_pipeline, resolve_pipeline
 from lxt_plus.engine.detect import accepts, decoder_start, embedding_leaves, input_device, is_hf_model
 from lxt_plus.engine.functional import acc, input_relevance
+from lxt_plus.engine.memory import check_fits
 from lxt_plus.engine.patching import Handle, handle_of, patch
 from lxt_plus.engine.plan import Preset, get_preset
 from lxt_plus.errors import (
@@ -376,6 +377,18 @@ def _memory_errors(batch: _Batch) -> Iterator[None]:
         ) from None
 
 
+def _check_fits(model: nn.Module, handle: Handle, batch: _Batch, checkpointing: bool) -> None:
+    """Refuse up front an input whose backward pass cannot fit (estimate from the patch probe)."""
+    report = handle.plan.operations
+    if report is None or report.memory is None or batch.input_ids is None:
+        return
+    rows, tokens = batch.input_ids.shape[0], batch.input_ids.shape[-1]
+    weight = next(model.parameters(), None)
+    size = weight.element_size() if weight is not None and weight.is_floating_point() else 4
+    device = input_device(model)
+    check_fits(report.memory, getattr(model, "config", None), rows, tokens, size, device, checkpointing)
+
+
 @contextlib.contextmanager
 def _checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
     """HF gradient checkpointing (needs train mode; DropoutOff keeps dropout off), undone on exit."""
@@ -545,6 +558,7 @@ def explain(
         explaining(model, rules, strict=strict, keep_train=checkpointing) as handle,
         _checkpointing(model, checkpointing),
     ):
+        _check_fits(model, handle, batch, checkpointing)
         preset_name = handle.preset.name
         recorder = _make_recorder(model, captures)
         extra: list[Tensor] = []

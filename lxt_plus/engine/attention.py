@@ -15,7 +15,8 @@ returns make the backward four products per block, with no recomputation) and AH
 It runs in blocks of query rows, each only over the keys that some row of the block can see
 (causal masks: the block's prefix), so a causal backward does a little over half the work of a
 dense one and never builds a full score matrix. AH-LRP needs only ``dV``: two products per block.
-``P`` comes from the eager call when the model returns it, else it is recomputed per block.
+``P`` comes from the eager call when the model returns it (up to ``KEEP_WEIGHTS_UP_TO`` keys),
+else it is recomputed per block, so no layer keeps an n × n matrix for long contexts.
 Batched upstream gradients (``autograd.grad(is_grads_batched=True)``) take a dense path.
 """
 
@@ -36,6 +37,11 @@ __all__ = ["AttentionSpec", "qkv_rule", "rule_attention", "rule_sdpa", "probs_ma
 # matrix (batch × heads × rows × keys) under MAX_BLOCK_ELEMENTS.
 ROWS = 64
 MAX_BLOCK_ELEMENTS = 1 << 24
+# Eager attention's weights are kept for the backward pass (four products per block, no
+# recomputation) up to this many keys; beyond, they are recomputed block by block, so that what a
+# layer keeps grows linearly with the context (weights of 4096 keys in 30 layers of 9 heads would
+# be 18 GB at 4096 tokens).
+KEEP_WEIGHTS_UP_TO = 1024
 
 
 @dataclass(frozen=True)
@@ -284,6 +290,8 @@ def rule_attention(
         q, k = q.detach(), k.detach()
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in (q, k, v)):
         return out
+    if probs is not None and probs.shape[-1] > KEEP_WEIGHTS_UP_TO:
+        probs = None  # recomputed per block in the backward pass: memory linear in the context
     return _RuleAttention.apply(
         q, k, v, out.detach(), None if probs is None else probs.detach(), spec, heads_last
     )

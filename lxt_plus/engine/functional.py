@@ -85,17 +85,38 @@ class _IdentityRule(torch.autograd.Function):
         eps: float,  # type: ignore[override]
         ratio_fn: Callable[[Tensor], Tensor] | None,
     ) -> Tensor:
+        version = x._version
         y = fn(x)
+        ctx.dtype, ctx.fn, ctx.ratio_fn = x.dtype, fn, None
+        if ratio_fn is not None and x._version == version and y.data_ptr() != x.data_ptr():
+            # f(x) / x has a closed form: keep x and recompute the ratio in the backward pass (one
+            # kernel), so that a product with this output can keep x too (``uniform_mul``)
+            ctx.ratio_fn = ratio_fn
+            ctx.save_for_backward(x)
+            return y
         # grad_in = grad_out * f(x) / x, so that x * grad_in = f(x) * grad_out = R(y).
         ratio = ratio_fn(acc(x)) if ratio_fn is not None else acc(y) / stabilize(acc(x), eps)
         ctx.save_for_backward(ratio)
-        ctx.dtype = x.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
-        (ratio,) = ctx.saved_tensors
+        (saved,) = ctx.saved_tensors
+        ratio = saved if ctx.ratio_fn is None else ctx.ratio_fn(acc(saved))
         return (acc(grad) * ratio).to(ctx.dtype), None, None, None
+
+
+def _identity_input(t: Tensor) -> tuple[Tensor, Any] | None:
+    """``(x, node)`` when ``t`` is the output of :func:`identity_rule` on ``x`` with a closed-form
+    ratio (the node keeps ``x``, not the ratio), else ``None``. A tensor whose gradient is read
+    (``retain_grad``, a hook) is not fused past."""
+    node = t.grad_fn
+    if type(node).__name__ != "_IdentityRuleBackward" or getattr(node, "ratio_fn", None) is None:
+        return None
+    if t.retains_grad or t._backward_hooks:  # someone reads this tensor's gradient: keep it in the graph
+        return None
+    (x,) = node.saved_tensors  # type: ignore[union-attr]
+    return (x, node) if x.shape == t.shape else None
 
 
 def identity_rule(
@@ -162,16 +183,47 @@ class _UniformMul(torch.autograd.Function):
         return (_half_product(grad, b, a) if need_a else None, _half_product(grad, a, b) if need_b else None)
 
 
+class _UniformGatedMul(torch.autograd.Function):
+    """``f(x) * b`` under the uniform rule, with the identity rule on ``f``: the backward pass
+    recomputes ``f(x)`` and ``f(x) / x`` from ``x`` instead of keeping ``f(x)`` as well, so a gated
+    MLP keeps two activations per token where the two rules apart keep three. The gradients are
+    those of :class:`_UniformMul` followed by :class:`_IdentityRule`, operation for operation."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, b: Tensor, a: Tensor, node: Any) -> Tensor:  # type: ignore[override]
+        ctx.fn, ctx.ratio_fn, ctx.dtype = node.fn, node.ratio_fn, node.dtype
+        ctx.save_for_backward(x, b)
+        return a * b
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
+        x, b = ctx.saved_tensors
+        need_x, need_b = ctx.needs_input_grad[:2]
+        grad_x = grad_b = None
+        if need_x:
+            grad_a = _half_product(grad, b, x)
+            grad_x = (acc(grad_a) * ctx.ratio_fn(acc(x))).to(ctx.dtype)
+        if need_b:
+            grad_b = _half_product(grad, ctx.fn(x), b)
+        return grad_x, grad_b, None, None
+
+
 def uniform_mul(a: Tensor, b: Tensor) -> Tensor:
     """``a * b`` where both factors depend on the input: each factor receives half the relevance.
 
     Uniform rule for bilinear products (Achtibat et al. 2024, Prop. 3.3). Plain Gradient×Input
     would hand the full relevance to both factors and double the total. The backward pass is the
     product rule with the ½ folded in: one fused ``addcmul`` per factor, as many kernels as the
-    plain product's backward.
+    plain product's backward. When a factor is the output of :func:`identity_rule` (``act(gate)``
+    in a gated MLP), the product keeps the activation's input, which that rule keeps anyway.
     """
     if not torch.is_grad_enabled() or not (a.requires_grad or b.requires_grad):
         return a * b
+    for first, other in ((a, b), (b, a)):
+        found = _identity_input(first)
+        if found is not None and first.dtype == other.dtype:
+            x, node = found
+            return _UniformGatedMul.apply(x, other, first.detach(), node)
     return _UniformMul.apply(a, b)
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,9 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["OpFinding", "OpReport", "check_operations", "classify_node"]
+from lxt_plus.engine.attention import KEEP_WEIGHTS_UP_TO
+
+__all__ = ["OpFinding", "OpReport", "SavedMemory", "check_operations", "classify_node", "saved_memory"]
 
 # autograd node names (without "Backward<N>") of operations linear in their differentiable input
 _LINEAR = frozenset(
@@ -116,6 +118,25 @@ class OpFinding:
         return f"{self.op} in {self.path or '<model>'} ({self.module_type}; would fit: {self.fits})"
 
 
+@dataclass(frozen=True)
+class SavedMemory:
+    """What autograd keeps for the backward pass, per explained token, measured on the probe.
+
+    ``per_token``: bytes of saved activations that grow with the sequence (hidden states, keys,
+    values); ``per_pair``: bytes per (query, key) pair, for attention weights kept whole (eager
+    attention). Weights and buffers are not counted: they are loaded already.
+    """
+
+    per_token: float
+    per_pair: float
+    per_kept_pair: float = 0.0  # attention weights that lxt_plus keeps only up to ``KEEP_WEIGHTS_UP_TO`` keys
+
+    def estimate(self, rows: int, tokens: int) -> int:
+        """Bytes the backward pass keeps for ``rows`` sequences of ``tokens`` tokens."""
+        pairs = self.per_pair + (self.per_kept_pair if tokens <= KEEP_WEIGHTS_UP_TO else 0.0)
+        return int(rows * (self.per_token * tokens + pairs * tokens * tokens))
+
+
 @dataclass
 class OpReport:
     """What :func:`check_operations` found: node counts per kind, and the unknown operations."""
@@ -124,6 +145,7 @@ class OpReport:
     counts: dict[str, int] = field(default_factory=dict)  # linear | homogeneous | rule | attention
     unknown: list[OpFinding] = field(default_factory=list)
     reason: str = ""  # why nothing was checked, when ``checked`` is False
+    memory: SavedMemory | None = None  # what the backward pass keeps, measured on the probe
 
     @property
     def ok(self) -> bool:
@@ -250,19 +272,65 @@ def _output_tensor(out: Any) -> Tensor | None:
     return None
 
 
+def _saved_tensors(node: Any) -> list[Tensor]:
+    """The tensors an autograd node keeps for its backward pass."""
+    found: list[Tensor] = []
+    names = [a for a in dir(node) if a.startswith("_saved_")]
+    if getattr(type(node), "_forward_cls", None) is not None:
+        names.append("saved_tensors")
+    for name in names:
+        try:
+            value = getattr(node, name)
+        except RuntimeError:  # freed, or not a tensor attribute
+            continue
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        found.extend(t for t in items if isinstance(t, Tensor))
+    return found
+
+
+def saved_memory(nodes: Iterable[Any], exclude: set[int], tokens: int) -> SavedMemory:
+    """Bytes saved by ``nodes`` for a probe of ``tokens`` tokens, as :class:`SavedMemory`.
+
+    Each storage counts once; storages in ``exclude`` (the model's weights) not at all. A tensor
+    with two dimensions of length ``tokens`` (attention weights) counts per pair of tokens.
+    """
+    seen = set(exclude)
+    linear = pairs = kept = 0
+    for node in nodes:
+        ours = type(node).__name__ == "_RuleAttentionBackward"  # weights kept up to a length
+        for t in _saved_tensors(node):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen or ptr == 0:
+                continue
+            seen.add(ptr)
+            size = t.untyped_storage().nbytes()
+            if tokens > 1 and sum(d == tokens for d in t.shape) >= 2:
+                if ours:
+                    kept += size
+                else:
+                    pairs += size
+            else:
+                linear += size
+    tokens = max(tokens, 1)
+    return SavedMemory(linear / tokens, pairs / tokens**2, kept / tokens**2)
+
+
 def check_operations(
     model: nn.Module,
     run: Callable[[], Any],
     rule_at: Callable[[str], tuple[bool, frozenset[str]]],
     types: dict[str, str],
     zero_bias: bool = False,
+    tokens: int = 0,
 ) -> OpReport:
     """Run ``run()`` (the patched model on a probe input whose leaves require grad) and sort every
     operation between its output and the input leaves. ``rule_at(path)``: whether the plan's rule
     for the module at ``path`` changes it, and the kinds of operation that the rule of the nearest
     enclosing ruled module keeps on the path by definition (``Rule.covers``); ``types``: module path -> type name, for the messages.
     ``zero_bias``: the preset zeroes every bias to conserve exactly, so a non-zero constant added
-    on the relevance path (one that is not a bias parameter) is a leak and is reported."""
+    on the relevance path (one that is not a bias parameter) is a leak and is reported.
+    ``tokens``: the probe's sequence length; when given, the report says how much memory the
+    backward pass keeps per token (:func:`saved_memory`)."""
     with _module_stack(model) as where:
         recorder = _Recorder(where)
         with torch.enable_grad(), recorder:
@@ -297,4 +365,8 @@ def check_operations(
                     op, type(node).__name__, path, types.get(path, "?"), _FITS[fits_kind], fits_kind
                 )
         stack.extend((f, path) for f in _deps(node))
-    return OpReport(checked=True, counts=dict(counts), unknown=list(unknown.values()))
+    memory = None
+    if tokens:
+        weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+        memory = saved_memory(seen, weights, tokens)
+    return OpReport(checked=True, counts=dict(counts), unknown=list(unknown.values()), memory=memory)

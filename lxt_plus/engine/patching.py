@@ -329,7 +329,10 @@ def patch(
                 f"remove that handle before patching with {preset.name!r}"
             )
         named = dict(model.named_modules())
-        signature = tuple((p, type(m)) for p, m in named.items())
+        # the modules, and the attention implementation the probe ran under (it decides what the
+        # operation check sees and what the backward pass keeps)
+        attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        signature = (tuple((p, type(m)) for p, m in named.items()), attn)
         cached = _PLAN_CACHE.get(model, {}).get((preset, strict))
         if cached is not None and cached[0] == signature:
             plan, ops_paths = _copy_plan(cached[1]), cached[2]
@@ -468,8 +471,14 @@ def _check_operations(
     try:
         for p, _ in flags:
             p.requires_grad_(False)
+        ids = probe.get("input_ids")
         report = check_operations(
-            model, lambda: model(**probe), rule_at, types, zero_bias=plan.preset.zero_bias
+            model,
+            lambda: model(**probe),
+            rule_at,
+            types,
+            zero_bias=plan.preset.zero_bias,
+            tokens=ids.shape[-1] if isinstance(ids, torch.Tensor) else 0,
         )
     finally:
         for p, flag in flags:

@@ -22,8 +22,9 @@ from lxt_plus.results.words import normalize as _normalize
 
 if TYPE_CHECKING:
     from lxt_plus.results.result import Explanation, GenerationExplanation
+    from lxt_plus.results.segments import Segments
 
-__all__ = ["explanation_html", "generation_html"]
+__all__ = ["explanation_html", "generation_html", "segments_html"]
 
 CSS = """<style>
 .lxt{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;color:#1f2328;background:#fff;
@@ -223,3 +224,22 @@ def generation_html(gen: GenerationExplanation, normalize: str = "max") -> str:
         f'<script type="application/json" class="lxt-data">{safe_json(data)}</script>'
         f"<script>{_SCRIPT % json.dumps(uid)}</script></div>"
     )
+
+
+def segments_html(segs: Segments) -> str:
+    """Segments as a self-contained HTML fragment: one line per segment, coloured by its relevance
+    (normalised by the largest |segment relevance|), with its value and share."""
+    values = segs.relevance
+    norm = _normalize(values, "max") if len(values) else values
+    rows = []
+    for seg, n in zip(segs, norm.tolist(), strict=True):
+        label = f"{seg.name}: " if seg.name else ""
+        text = seg.text if len(seg.text) <= 400 else seg.text[:397] + "..."
+        rows.append(
+            f'<div class="lxt-seg" style="background:{colors.hex_color(n)};color:{colors.text_color(n)};'
+            f'padding:2px 6px;margin:2px 0;border-radius:3px" title="relevance {seg.relevance:+.6g}">'
+            f"<b>{seg.relevance:+.3g} ({seg.share:+.0%})</b> {escape(label + text)}</div>"
+        )
+    limit = float(values.abs().max()) if len(values) else 0.0
+    head = _header([("segments by", segs.by), ("count", str(len(segs)))])
+    return f'<div class="lxt">{CSS}{head}{"".join(rows)}{legend_html(limit)}</div>'

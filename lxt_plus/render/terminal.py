@@ -21,8 +21,9 @@ from lxt_plus.results.words import normalize as _normalize
 
 if TYPE_CHECKING:
     from lxt_plus.results.result import Explanation, GenerationExplanation
+    from lxt_plus.results.segments import Segments
 
-__all__ = ["COLOR_MODES", "explanation_terminal", "generation_terminal", "use_color"]
+__all__ = ["COLOR_MODES", "explanation_terminal", "generation_terminal", "segments_terminal", "use_color"]
 
 
 def _console(width: int | None, color: bool) -> Any:
@@ -213,4 +214,24 @@ def generation_terminal(
             )
             line.append(f" {float(row[i]):+.3g}  ", style="dim")
         console.print(line)
+    return console.file.getvalue()
+
+
+def segments_terminal(segs: Segments, width: int | None = None, color: bool | None = None) -> str:
+    """One line per segment: signed relevance, share of the total, and the start of its text, the
+    value cell coloured on the token scale (plain text with ``color=False``)."""
+    from rich.text import Text
+
+    color = use_color() if color is None else color
+    console = _console(width, color)
+    console.print(_header([("segments by", segs.by), ("count", str(len(segs)))]))
+    values = segs.relevance
+    norm = _normalize(values, "max").tolist() if len(values) else []
+    for seg, n in zip(segs, norm, strict=True):
+        cell = f" {seg.relevance:+9.3g} {seg.share:+6.0%} "
+        label = f"{seg.name}: " if seg.name else ""
+        room = max(10, console.width - len(cell) - 2)
+        text = (label + seg.text).replace("\n", " ")
+        text = text if len(text) <= room else text[: room - 3] + "..."
+        console.print(Text().append(cell, style=_style(n) if color else None).append(" " + text))
     return console.file.getvalue()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lxt_plus.errors import InputError
 from lxt_plus.results.captures import Captures
 from lxt_plus.results.conservation import WHERE, WHY, conservation_kind
 from lxt_plus.results.serialize import (
@@ -15,6 +17,9 @@ from lxt_plus.results.serialize import (
     generation_fields,
     generation_to_dict,
 )
+
+if TYPE_CHECKING:
+    from lxt_plus.results.segments import Segments
 
 __all__ = ["Explanation", "GenerationExplanation", "Target", "explanation_from_dict", "generation_from_dict"]
 
@@ -203,6 +208,28 @@ class Explanation:
         toks, rel = self.real_tokens(row, hide_special)
         order = torch.argsort(rel, descending=True)[:k].tolist()
         return [(toks[i], float(rel[i])) for i in order]
+
+    def segments(
+        self,
+        by: str = "sentence",
+        row: int = 0,
+        spans: Sequence[tuple[int, int]] | None = None,
+        passages: Sequence[str] | None = None,
+        names: Sequence[str] | None = None,
+    ) -> Segments:
+        """Relevance summed by segment of one row: ``by="sentence"``, ``"paragraph"`` or
+        ``"token"``; or ``spans`` (token ranges ``[start, end)`` of the row without padding); or
+        ``passages`` (strings found in the text in order, such as retrieved documents). With spans
+        or passages, tokens outside all of them form an ``"(other)"`` segment.
+        ``segments(...).top(1)`` is the passage that carried the prediction; ``.to_html()`` and
+        ``.to_terminal()`` render them. See :func:`lxt_plus.results.segments.segment_tokens`.
+        """
+        from lxt_plus.results.segments import segment_tokens
+
+        if self.modality != "tokens":
+            raise InputError("segments are for token inputs; this explanation is over " + self.modality)
+        toks, rel = self.real_tokens(row)
+        return segment_tokens(toks, rel, by=by, spans=spans, passages=passages, names=names)
 
     # ------------------------------------------------------------ presentation
     def words(self, row: int = 0) -> tuple[list[str], torch.Tensor]:
