@@ -1,19 +1,26 @@
-"""Time and peak memory of ``explain`` on SmolLM2-135M at long contexts, with and without checkpointing.
+"""Time and peak memory of ``explain`` and ``explain_generation`` at long contexts.
 
-Each configuration runs once in a fresh subprocess (so memory high-water marks do not mix): a no-grad
-forward baseline, ``explain`` and ``explain(checkpointing=True)`` at 512, 2048 and 4096 tokens. The
-baseline computes only the last position's logits (``logits_to_keep=1``), as ``explain`` does.
+SmolLM2-135M at 1024, 4096 and 8192 tokens (its full context), and a model of the same shape with
+random weights and 32,768 positions (``--long``) at 16k and 32k tokens. Each configuration runs
+once in a fresh subprocess (so memory high-water marks do not mix): a no-grad forward baseline,
+then ``explain``, ``explain(checkpointing=True)`` or ``explain_generation`` of 4 tokens after the
+prompt. The baseline computes only the last position's logits (``logits_to_keep=1``), as
+``explain`` does.
 
 Peak memory is the process's resident high-water mark (``VmHWM``) during the timed call, after the
 mark is reset once the model is loaded and warmed up; "extra" is that peak minus the resident size
-just before the call (weights excluded). Each worker runs under an address-space limit
-(``--mem-limit-gb``) so that a context too long for the machine fails inside the worker instead of
-calling the system's OOM killer.
+just before the call (weights excluded). Workers run with a fixed malloc mmap threshold, so freed
+activations go back to the system and the high-water mark follows the live tensors (glibc's
+adaptive threshold otherwise makes it vary by half between identical runs), and under an
+address-space limit (``--mem-limit-gb``), so a context too long for the machine fails inside the
+worker instead of calling the system's OOM killer. Where the probe's estimate says a
+configuration cannot fit, ``explain`` refuses it up front and the table says so.
 
 Usage::
 
-    python benchmarks/scale.py                 # all lengths, writes benchmarks/results/scale.md
-    python benchmarks/scale.py --lengths 512 2048
+    python benchmarks/scale.py                          # SmolLM2 lengths, writes benchmarks/results/scale.md
+    python benchmarks/scale.py --long                   # adds 16k and 32k on the long random model
+    python benchmarks/scale.py --lengths 1024 --modes forward explain
 """
 
 from __future__ import annotations
@@ -30,8 +37,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-MODES = ("forward", "explain", "explain+ckpt")
+MODES = ("forward", "explain", "explain+ckpt", "generation")
+LONG_LENGTHS = (16384, 32768)
+LONG_MODES = ("forward", "explain", "explain+ckpt")
+GENERATED = 4  # tokens explained by explain_generation after the prompt
+MMAP_THRESHOLD = str(1 << 20)
 RESULTS = Path(__file__).resolve().parent / "results" / "scale.md"
+SMOLLM2 = "SmolLM2-135M-Instruct"
+LONG = "a model of its shape with random weights and 32,768 positions (long random)"
 
 
 def _status_kb(field: str) -> int:
@@ -79,7 +92,7 @@ def worker(mode: str, length: int, folder: str, limit_gb: float, threads: int) -
         torch.set_num_threads(threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lxt_plus import explain
+    from lxt_plus import explain, explain_generation
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -93,6 +106,8 @@ def worker(mode: str, length: int, folder: str, limit_gb: float, threads: int) -
     def run(x: Any) -> None:
         if mode == "forward":
             forward(x)
+        elif mode == "generation":  # the last GENERATED tokens of the text as the continuation
+            explain_generation(model, tokenizer, x[0, :-GENERATED], continuation=x[0, -GENERATED:])
         else:
             explain(model, x, checkpointing=mode == "explain+ckpt")
 
@@ -107,8 +122,8 @@ def worker(mode: str, length: int, folder: str, limit_gb: float, threads: int) -
     error = None
     try:
         run(ids)
-    except (RuntimeError, MemoryError) as exc:  # out of memory inside torch
-        error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    except (RuntimeError, MemoryError) as exc:  # out of memory inside torch, or refused up front
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     peak = _peak_kb()
     return {
@@ -141,7 +156,8 @@ def _run_config(mode: str, length: int, folder: str, limit_gb: float, threads: i
         "--threads",
         str(threads),
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -160,32 +176,44 @@ def _fmt(x: float | None, spec: str) -> str:
     return "—" if x is None else format(x, spec)
 
 
+def _rows(results: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    """(model, length) in run order."""
+    seen: list[tuple[str, int]] = []
+    for r in results:
+        key = (r.get("model", SMOLLM2), r["length"])
+        if key not in seen:
+            seen.append(key)
+    return seen
+
+
 def table(results: list[dict[str, Any]], limit_gb: float) -> str:
     """The Markdown report: raw measurements and ratios to the forward baseline."""
-    by = {(r["mode"], r["length"]): r for r in results}
+    by = {(r.get("model", SMOLLM2), r["mode"], r["length"]): r for r in results}
     loads = [r["load"] for r in results if r.get("load") is not None]
     load = (
         f", load average {min(loads):.1f}–{max(loads):.1f} (other work inflates wall times)" if loads else ""
     )
     lines = [
-        "# explain at long contexts: SmolLM2-135M (float32, CPU)",
+        "# explain at long contexts (float32, CPU)",
         "",
+        f"{SMOLLM2}, and {LONG} ({time.strftime('%Y-%m-%d')}). "
         f"{os.cpu_count()} CPU cores, torch threads {results[0].get('threads', '?')}{load}; each configuration "
-        f"once in a fresh process, address space limited to {limit_gb:g} GiB. Forward: no grad, "
+        f"once in a fresh process, address space limited to {limit_gb:g} GiB, malloc mmap threshold "
+        f"{int(MMAP_THRESHOLD) >> 20} MiB. Forward: no grad, "
         "`logits_to_keep=1`. Peak = resident high-water mark during the call; extra = peak minus "
         "resident size before the call; time ÷ forward divides by a no-grad forward timed in the same "
-        "process just before; CPU = the process's CPU time over all its threads, which other work on "
-        "the machine inflates much less than wall time (the weights are about "
-        f"{_fmt(results[0].get('weights_rss_mb'), '.0f')} MB of resident memory).",
+        "process just before; CPU = the process's CPU time over all its threads. generation = "
+        f"`explain_generation` of the text's last {GENERATED} tokens (one forward, {GENERATED} rows). "
+        "Weights: about "
+        f"{_fmt(results[0].get('weights_rss_mb'), '.0f')} MB of resident memory.",
         "",
-        "| tokens | mode | wall (s) | CPU (s) | peak (MB) | extra (MB) | wall ÷ forward | CPU ÷ forward "
-        "| peak ÷ forward peak | note |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| model | tokens | mode | wall (s) | CPU (s) | peak (MB) | extra (MB) | wall ÷ forward | CPU ÷ forward "
+        "| note |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for length in sorted({r["length"] for r in results}):
-        base = by.get(("forward", length), {})
+    for model, length in _rows(results):
         for mode in MODES:
-            r = by.get((mode, length))
+            r = by.get((model, mode, length))
             if r is None:
                 continue
             ok = r.get("error") is None
@@ -193,25 +221,39 @@ def table(results: list[dict[str, Any]], limit_gb: float) -> str:
             c_ratio = (
                 r["cpu_seconds"] / r["forward_cpu_seconds"] if ok and r.get("forward_cpu_seconds") else None
             )
-            m_ratio = r["peak_mb"] / base["peak_mb"] if ok and base.get("peak_mb") else None
+            name = "SmolLM2" if model == SMOLLM2 else "long random"
             lines.append(
-                f"| {length} | {mode} | {_fmt(r['seconds'] if ok else None, '.2f')} | "
+                f"| {name} | {length} | {mode} | {_fmt(r['seconds'] if ok else None, '.2f')} | "
                 f"{_fmt(r.get('cpu_seconds') if ok else None, '.2f')} | "
                 f"{_fmt(r['peak_mb'] if ok else None, '.0f')} | {_fmt(r['extra_mb'] if ok else None, '.0f')} | "
-                f"{_fmt(t_ratio, '.2f')} | {_fmt(c_ratio, '.2f')} | {_fmt(m_ratio, '.2f')} | "
+                f"{_fmt(t_ratio, '.2f')} | {_fmt(c_ratio, '.2f')} | "
                 f"{r.get('error') or ''} |"
             )
     lines += ["", "Checkpointing ÷ plain explain", ""]
-    lines += ["| tokens | extra memory | wall time | CPU time |", "|---:|---:|---:|---:|"]
-    for length in sorted({r["length"] for r in results}):
-        a, b = by.get(("explain+ckpt", length), {}), by.get(("explain", length), {})
+    lines += ["| model | tokens | extra memory | wall time | CPU time |", "|---|---:|---:|---:|---:|"]
+    for model, length in _rows(results):
+        a, b = by.get((model, "explain+ckpt", length), {}), by.get((model, "explain", length), {})
         if a.get("error") or b.get("error") or not a.get("extra_mb") or not b.get("extra_mb"):
             continue
+        name = "SmolLM2" if model == SMOLLM2 else "long random"
         lines.append(
-            f"| {length} | {a['extra_mb'] / b['extra_mb']:.2f} | {a['seconds'] / b['seconds']:.2f} | "
+            f"| {name} | {length} | {a['extra_mb'] / b['extra_mb']:.2f} | {a['seconds'] / b['seconds']:.2f} | "
             f"{a['cpu_seconds'] / b['cpu_seconds']:.2f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _save_long(source: str, folder: str) -> None:
+    """A model of SmolLM2's shape with random weights and 32,768 positions (the context is a
+    config value for RoPE models; random weights time and size the same as trained ones)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(source)
+    config.max_position_embeddings = max(LONG_LENGTHS)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
 
 
 def _save_plain(folder: str) -> None:
@@ -232,10 +274,15 @@ def _save_plain(folder: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument(
-        "--mem-limit-gb", type=float, default=14.0, help="address-space limit per worker (0: none)"
+        "--long", action="store_true", help="also 16k and 32k tokens on the long random model"
+    )
+    parser.add_argument("--long-lengths", type=int, nargs="+", default=list(LONG_LENGTHS))
+    parser.add_argument("--long-modes", nargs="+", default=list(LONG_MODES), choices=MODES)
+    parser.add_argument(
+        "--mem-limit-gb", type=float, default=22.0, help="address-space limit per worker (0: none)"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -259,11 +306,15 @@ def main(argv: list[str] | None = None) -> None:
         folder = args.model_dir or tmp
         if not args.model_dir:
             _save_plain(folder)
-        for length in args.lengths:
-            for mode in args.modes:
-                r = _run_config(mode, length, folder, args.mem_limit_gb, args.threads)
-                results.append(r)
-                print(json.dumps(r), flush=True)
+        plan = [(SMOLLM2, folder, length, mode) for length in args.lengths for mode in args.modes]
+        if args.long:
+            long_folder = str(Path(tmp) / "long")
+            _save_long(folder, long_folder)
+            plan += [(LONG, long_folder, n, mode) for n in args.long_lengths for mode in args.long_modes]
+        for name, where, length, mode in plan:
+            r = {**_run_config(mode, length, where, args.mem_limit_gb, args.threads), "model": name}
+            results.append(r)
+            print(json.dumps(r), flush=True)
     report = table(results, args.mem_limit_gb)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)

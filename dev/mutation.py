@@ -371,6 +371,63 @@ MUTANTS: tuple[Mutant, ...] = (
         "        return rel",
         ("tests/integration/test_zoo.py::test_transposed_embeddings",),
     ),
+    # ------------------------------------------------------------------ memory at long contexts
+    M(
+        "gated-product-forgets-the-identity-ratio",
+        "lxt_plus/engine/functional.py",
+        "grad_x = (acc(grad_a) * ctx.ratio_fn(acc(x))).to(ctx.dtype)",
+        "grad_x = acc(grad_a).to(ctx.dtype)",
+        ("tests/unit/test_memory.py",),
+    ),
+    M(
+        "gated-product-fuses-past-a-watched-tensor",
+        "lxt_plus/engine/functional.py",
+        "    if t.retains_grad or t._backward_hooks:",
+        "    if False:",
+        ("tests/unit/test_memory.py", "tests/unit/test_rules_reference.py"),
+    ),
+    M(
+        "gated-product-keeps-three",
+        "lxt_plus/engine/functional.py",
+        "if ratio_fn is not None and x._version == version and y.data_ptr() != x.data_ptr():",
+        "if False:",
+        ("tests/unit/test_memory.py",),
+    ),
+    M(
+        "eager-weights-always-kept",
+        "lxt_plus/engine/attention.py",
+        "    if probs is not None and probs.shape[-1] > KEEP_WEIGHTS_UP_TO:",
+        "    if False:",
+        ("tests/unit/test_memory.py",),
+    ),
+    M(
+        "estimate-ignores-pairs",
+        "lxt_plus/engine/opcheck.py",
+        "return int(rows * (self.per_token * tokens + pairs * tokens * tokens))",
+        "return int(rows * self.per_token * tokens)",
+        ("tests/unit/test_memory.py",),
+    ),
+    M(
+        "never-refuses",
+        "lxt_plus/engine/memory.py",
+        "    if need <= free:\n        return",
+        "    if need <= free or True:\n        return",
+        ("tests/unit/test_memory.py",),
+    ),
+    M(
+        "quantized-weight-not-dequantized",
+        "lxt_plus/engine/functional.py",
+        "        raw_weight = _dequantized(raw_weight)\n",
+        "",
+        ("tests/integration/test_quantized.py",),
+    ),
+    M(
+        "segment-boundary-off-by-one",
+        "lxt_plus/results/segments.py",
+        "        j = i + 1\n",
+        "        j = i\n",
+        ("tests/unit/test_segments.py",),
+    ),
 )
 
 # Changes that cannot alter any result, so no test can (or should) catch them.

@@ -339,6 +339,21 @@ def _term_input(x: Tensor, kind: str, low: Tensor | None, high: Tensor | None, c
 _PROPORTIONAL = frozenset({"x", "pos", "neg"})  # inputs whose relevance is x ⊙ (a gradient)
 
 
+def _dequantized(weight: Tensor) -> Tensor:
+    """A quantized weight (a tensor subclass such as torchao's ``Int8Tensor``) as a plain tensor,
+    for the rules that compute with the weight itself (γ and z⁺ split it by sign). Kept quantized
+    until the backward pass, then dequantized one layer at a time."""
+    if not hasattr(type(weight), "__tensor_flatten__"):
+        return weight
+    dequantize = getattr(weight, "dequantize", None)
+    if not callable(dequantize):
+        raise UnsupportedModelError(
+            f"the weight is a {type(weight).__name__}, which this rule cannot read without a "
+            "dequantize() method; use a rule that keeps linear layers as they are (attnlrp, cp-lrp)"
+        )
+    return cast(Tensor, dequantize())
+
+
 class _ModifiedLinear(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -378,6 +393,7 @@ class _ModifiedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, raw_weight, raw_bias = ctx.saved_tensors
+        raw_weight = _dequantized(raw_weight)
         lin, terms, eps = ctx.lin, ctx.terms, ctx.eps
         xa, weight = acc(x), acc(raw_weight)
         bias = None if raw_bias is None else acc(raw_bias)

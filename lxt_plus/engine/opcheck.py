@@ -76,6 +76,8 @@ _FITS = {
     "constant": "nothing that conserves: a constant that is not a bias parameter (a position table "
     "computed in forward) absorbs relevance as a bias does; zero_bias cannot zero it",
     "scan": "a state-space rule for selective scans (MambaLRP); lxt_plus has none for this operation",
+    "custom": "a rule for this custom autograd function (docs/howto/custom-rule.md); its backward "
+    "pass is not known to be linear",
     "other": "no lxt_plus rule fits; write one (docs/howto/custom-rule.md)",
 }
 
@@ -110,9 +112,7 @@ class OpFinding:
     path: str  # module path ("" is the model itself)
     module_type: str
     fits: str  # the rule that would fit
-    kind: str = (
-        "other"  # elementwise | product | division | softmax | attention | norm | scan | constant | other
-    )
+    kind: str = "other"  # elementwise | product | division | softmax | attention | norm | scan | custom | constant | other
 
     def __str__(self) -> str:
         return f"{self.op} in {self.path or '<model>'} ({self.module_type}; would fit: {self.fits})"
@@ -176,7 +176,7 @@ def _deps(node: Any) -> list[Any]:
 
 def classify_node(node: Any, ruled: bool) -> tuple[str, str]:
     """``(kind, what)`` for one autograd node: kind is linear | homogeneous | rule | attention |
-    one of the unknown kinds (elementwise, product, division, softmax, norm, scan, other).
+    one of the unknown kinds (elementwise, product, division, softmax, norm, scan, custom, other).
 
     ``ruled``: the node was made inside a module whose plan rule changes it (not a pass).
     """
@@ -185,7 +185,7 @@ def classify_node(node: Any, ruled: bool) -> tuple[str, str]:
     if forward_cls is not None:  # a custom autograd.Function
         if ruled or getattr(forward_cls, "__module__", "").startswith("lxt_plus."):
             return "rule", forward_cls.__name__
-        return "scan", f"custom autograd function {forward_cls.__name__}"
+        return "custom", f"custom autograd function {forward_cls.__name__}"
     if base == "AccumulateGrad":
         return "leaf", base
     if _ATTENTION.search(base):
@@ -288,6 +288,20 @@ def _saved_tensors(node: Any) -> list[Tensor]:
     return found
 
 
+def _plain_tensors(t: Tensor) -> list[Tensor]:
+    """``t``, or the plain tensors inside a wrapper subclass (quantized weights: data and scales)."""
+    flatten = getattr(type(t), "__tensor_flatten__", None)
+    if flatten is None:
+        return [t]
+    names, _ = t.__tensor_flatten__()  # type: ignore[attr-defined]
+    return [x for n in names for x in _plain_tensors(getattr(t, n))]
+
+
+def storages(tensors: Iterable[Tensor]) -> set[int]:
+    """The storage addresses of ``tensors`` (a wrapper subclass: those of the tensors inside it)."""
+    return {x.untyped_storage().data_ptr() for t in tensors for x in _plain_tensors(t)}
+
+
 def saved_memory(nodes: Iterable[Any], exclude: set[int], tokens: int) -> SavedMemory:
     """Bytes saved by ``nodes`` for a probe of ``tokens`` tokens, as :class:`SavedMemory`.
 
@@ -298,7 +312,7 @@ def saved_memory(nodes: Iterable[Any], exclude: set[int], tokens: int) -> SavedM
     linear = pairs = kept = 0
     for node in nodes:
         ours = type(node).__name__ == "_RuleAttentionBackward"  # weights kept up to a length
-        for t in _saved_tensors(node):
+        for t in (x for saved in _saved_tensors(node) for x in _plain_tensors(saved)):
             ptr = t.untyped_storage().data_ptr()
             if ptr in seen or ptr == 0:
                 continue
@@ -358,7 +372,11 @@ def check_operations(
             counts[kind] += 1
         elif kind != "leaf":
             fits_kind = "attention" if kind == "attention-unruled" else kind
-            op = called if called and kind not in ("product", "division", "scan", "constant") else what
+            op = (
+                called
+                if called and kind not in ("product", "division", "scan", "custom", "constant")
+                else what
+            )
             key = (op, path)
             if key not in unknown:
                 unknown[key] = OpFinding(
@@ -367,6 +385,5 @@ def check_operations(
         stack.extend((f, path) for f in _deps(node))
     memory = None
     if tokens:
-        weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-        memory = saved_memory(seen, weights, tokens)
+        memory = saved_memory(seen, storages((*model.parameters(), *model.buffers())), tokens)
     return OpReport(checked=True, counts=dict(counts), unknown=list(unknown.values()), memory=memory)
