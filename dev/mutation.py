@@ -422,6 +422,13 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/integration/test_quantized.py",),
     ),
     M(
+        "offloaded-weights-kept",
+        "lxt_plus/engine/offload.py",
+        "        entry = loaded.get(t.untyped_storage().data_ptr())",
+        "        entry = None",
+        ("tests/integration/test_accelerate.py",),
+    ),
+    M(
         "segment-boundary-off-by-one",
         "lxt_plus/results/segments.py",
         "        j = i + 1\n",

@@ -483,10 +483,33 @@ def _quiet(debug: bool, strict_target: bool) -> Iterator[None]:
         if debug:
             yield
             return
-        from lxt_plus.engine.hf import quiet_transformers
+        with _quiet_loggers(IMPORT_NOTICES):  # before transformers is imported: it may load torchao
+            from lxt_plus.engine.hf import quiet_transformers
 
-        with quiet_transformers(progress_bars=False):
-            yield
+            with quiet_transformers(progress_bars=False):
+                yield
+
+
+# Loggers of libraries transformers imports itself, whose import-time notices are not for our
+# users: torchao's CUDA extensions failing to load on a CPU machine, torch's note on torchao's
+# pytree registrations.
+IMPORT_NOTICES = ("torchao", "torch.utils._pytree")
+
+
+@contextlib.contextmanager
+def _quiet_loggers(names: Sequence[str]) -> Iterator[None]:
+    """The standard-library loggers ``names`` at error level inside the block; restored on exit."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
 
 
 def _fail(message: str, code: int, debug: bool) -> int:

@@ -15,6 +15,7 @@ from lxt_plus.api.pipelines import is_pipeline, resolve_pipeline
 from lxt_plus.engine.detect import accepts, decoder_start, embedding_leaves, input_device, is_hf_model
 from lxt_plus.engine.functional import acc, input_relevance
 from lxt_plus.engine.memory import check_fits
+from lxt_plus.engine.offload import offloaded_saves
 from lxt_plus.engine.patching import Handle, handle_of, patch
 from lxt_plus.engine.plan import Preset, get_preset
 from lxt_plus.errors import (
@@ -563,7 +564,7 @@ def explain(
         recorder = _make_recorder(model, captures)
         extra: list[Tensor] = []
         decoder: list[Tensor] = []  # an encoder-decoder's decoder-prefix leaf
-        with recorder, input_relevance() as exact:
+        with recorder, input_relevance() as exact, offloaded_saves(model):
             leaf, logits, positions, output = _forward(
                 model, batch, kind, position, extra, function is not None, decoder_input_ids, decoder
             )

@@ -26,6 +26,7 @@ from lxt_plus.api.explain import (
 )
 from lxt_plus.engine.detect import accepts, decoder_start, input_device
 from lxt_plus.engine.functional import acc
+from lxt_plus.engine.offload import offloaded_saves
 from lxt_plus.engine.plan import Preset, get_preset
 from lxt_plus.errors import (
     InputError,
@@ -224,7 +225,7 @@ def _attribute(
     store: list[Tensor] = []
     extra: list[Tensor] = []
     with explaining(model, rules):
-        with leaf_at_embeddings(model, store, extra, 1):
+        with leaf_at_embeddings(model, store, extra, 1), offloaded_saves(model):
             out = model(**kwargs)
         if not store:
             raise UnsupportedModelError(f"{type(model).__name__} did not call its input embeddings")
@@ -276,7 +277,7 @@ def _attribute_seq2seq(
     store: list[Tensor] = []
     extra: list[Tensor] = []
     with explaining(model, rules):
-        with leaf_at_embeddings(model, store, extra, 1):
+        with leaf_at_embeddings(model, store, extra, 1), offloaded_saves(model):
             out = model(**kwargs)
         if len(store) < 2:
             raise UnsupportedModelError(

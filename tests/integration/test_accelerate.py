@@ -124,3 +124,37 @@ def test_smollm2_split_across_cpu_and_disk(tmp_path: Path) -> None:
     assert exp.target.label == " Paris" and exp.tokens == reference.tokens
     torch.testing.assert_close(exp.relevance, reference.relevance, rtol=0, atol=1e-5)
     assert not is_patched(model) and hooked_forwards(model).keys() == hooks.keys()
+
+
+@pytest.mark.parametrize("offload", ["disk", "cpu"])
+def test_backward_pass_does_not_keep_offloaded_weights(
+    offload: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each offloaded linear layer's weight is saved for the backward pass as a reference to the
+    offload store, not as the loaded tensor (which would pull the whole model into memory), and
+    is read back from there: the relevance is the one-piece model's."""
+    from lxt_plus.engine import offload as off
+
+    reference = explain(build("llama"), IDS, attention_mask=MASK).relevance
+    model = OFFLOADS[offload](build("llama"), tmp_path)
+    offloaded = {
+        id(m)
+        for h_owner in model.modules()
+        if off.offload_hooks(h_owner)
+        for m in h_owner.modules()
+        if isinstance(m, nn.Linear)
+    }
+    assert offloaded, "no linear layer is offloaded"
+    saved: list[str] = []
+    real = off._Reload
+
+    class Counting(real):  # type: ignore[misc, valid-type]
+        def load(self) -> torch.Tensor:
+            saved.append(self.name)
+            return super().load()
+
+    monkeypatch.setattr(off, "_Reload", Counting)
+    exp = explain(model, IDS, attention_mask=MASK)
+    # every offloaded Linear's weight (tied embeddings aside) was saved by reference and read back
+    assert sum(name.endswith("weight") for name in saved) >= len(offloaded) - 1
+    torch.testing.assert_close(exp.relevance, reference, rtol=0, atol=1e-5)
