@@ -39,7 +39,7 @@ from typing import Any
 
 MODES = ("forward", "explain", "explain+ckpt", "generation")
 LONG_LENGTHS = (16384, 32768)
-LONG_MODES = ("forward", "explain", "explain+ckpt")
+LONG_MODES = ("explain", "explain+ckpt")
 GENERATED = 4  # tokens explained by explain_generation after the prompt
 MMAP_THRESHOLD = str(1 << 20)
 RESULTS = Path(__file__).resolve().parent / "results" / "scale.md"
@@ -306,7 +306,12 @@ def main(argv: list[str] | None = None) -> None:
         folder = args.model_dir or tmp
         if not args.model_dir:
             _save_plain(folder)
-        plan = [(SMOLLM2, folder, length, mode) for length in args.lengths for mode in args.modes]
+        plan = [
+            (SMOLLM2, folder, length, mode)
+            for length in args.lengths
+            for mode in args.modes
+            if mode != "generation" or length <= args.generation_up_to
+        ]
         if args.long:
             long_folder = str(Path(tmp) / "long")
             _save_long(folder, long_folder)
