@@ -279,6 +279,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--long", action="store_true", help="also 16k and 32k tokens on the long random model"
     )
+    parser.add_argument(
+        "--generation-up-to", type=int, default=4096, help="run the generation mode up to this length"
+    )
     parser.add_argument("--long-lengths", type=int, nargs="+", default=list(LONG_LENGTHS))
     parser.add_argument("--long-modes", nargs="+", default=list(LONG_MODES), choices=MODES)
     parser.add_argument(

@@ -429,6 +429,13 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/integration/test_accelerate.py",),
     ),
     M(
+        "estimate-counts-offloaded-weights",
+        "lxt_plus/engine/opcheck.py",
+        "| set(weights)",
+        "| set()",
+        ("tests/integration/test_accelerate.py",),
+    ),
+    M(
         "segment-boundary-off-by-one",
         "lxt_plus/results/segments.py",
         "        j = i + 1\n",

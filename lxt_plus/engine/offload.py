@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["offload_hooks", "offloaded_saves"]
+__all__ = ["offload_hooks", "offloaded_saves", "offloaded_weights"]
 
 
 def offload_hooks(module: nn.Module) -> list[Any]:
@@ -58,39 +58,63 @@ class _Reload:
 
 
 @contextlib.contextmanager
+def _watch_loads(model: nn.Module, loaded: dict[int, tuple[Any, str]]) -> Iterator[bool]:
+    """While a hooked module runs, ``loaded`` maps the storage of each tensor its offload hook
+    loaded to ``(hook, name)``; yields whether ``model`` has offload hooks at all."""
+    hooked = [(m, h) for m in model.modules() for h in offload_hooks(m)]
+    restore = []
+    for module, hook in hooked:
+        inner = module.__dict__.get("_old_forward")
+        if inner is None:
+            continue
+
+        def forward(
+            *args: Any, _m: nn.Module = module, _h: Any = hook, _inner: Any = inner, **kwargs: Any
+        ) -> Any:
+            mine = [
+                (t.untyped_storage().data_ptr(), (_h, name))
+                for name, t in _module_tensors(_m, _h)
+                if t.device.type != "meta"
+            ]
+            loaded.update(mine)
+            try:
+                return _inner(*args, **kwargs)
+            finally:
+                if not getattr(loaded, "keep", False):
+                    for ptr, _ in mine:
+                        loaded.pop(ptr, None)
+
+        module._old_forward = forward  # type: ignore[assignment]
+        restore.append((module, inner))
+    try:
+        yield bool(hooked)
+    finally:
+        for module, inner in restore:
+            module._old_forward = inner  # type: ignore[assignment]
+
+
+class _Kept(dict):  # type: ignore[type-arg]
+    keep = True
+
+
+@contextlib.contextmanager
+def offloaded_weights(model: nn.Module) -> Iterator[dict[int, Any]]:
+    """The storage addresses (the keys) of every weight an offload hook loads inside the block,
+    filled as the modules run: what a forward pass with gradients keeps of them is weights, not
+    activations."""
+    loaded = _Kept()
+    with _watch_loads(model, loaded):
+        yield loaded
+
+
+@contextlib.contextmanager
 def offloaded_saves(model: nn.Module) -> Iterator[None]:
     """Run a forward pass with gradients on an offloaded ``model`` without keeping its weights.
 
     No-op for a model without offload hooks. The reloaded weights are the hook's stored values,
     which are what the forward pass multiplied with.
     """
-    hooked = [(m, h) for m in model.modules() for h in offload_hooks(m)]
-    if not hooked:
-        yield
-        return
     loaded: dict[int, tuple[Any, str]] = {}  # storage address -> (hook, tensor name), while it runs
-    restore = []
-
-    def wrap(module: nn.Module, hook: Any) -> None:
-        inner = module.__dict__.get("_old_forward")
-        if inner is None:
-            return
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            mine = [
-                (t.untyped_storage().data_ptr(), (hook, name))
-                for name, t in _module_tensors(module, hook)
-                if t.device.type != "meta"
-            ]
-            loaded.update(mine)
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                for ptr, _ in mine:
-                    loaded.pop(ptr, None)
-
-        module._old_forward = forward  # type: ignore[assignment]
-        restore.append((module, inner))
 
     def pack(t: Tensor) -> Any:
         if not loaded or t.layout != torch.strided or not (type(t) is Tensor or isinstance(t, nn.Parameter)):
@@ -106,11 +130,9 @@ def offloaded_saves(model: nn.Module) -> Iterator[None]:
     def unpack(x: Any) -> Tensor:
         return x.load() if isinstance(x, _Reload) else x
 
-    for module, hook in hooked:
-        wrap(module, hook)
-    try:
+    with _watch_loads(model, loaded) as hooked:
+        if not hooked:
+            yield
+            return
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             yield
-    finally:
-        for module, inner in restore:
-            module._old_forward = inner  # type: ignore[assignment]

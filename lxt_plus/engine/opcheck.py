@@ -336,6 +336,7 @@ def check_operations(
     types: dict[str, str],
     zero_bias: bool = False,
     tokens: int = 0,
+    weights: Iterable[int] = (),
 ) -> OpReport:
     """Run ``run()`` (the patched model on a probe input whose leaves require grad) and sort every
     operation between its output and the input leaves. ``rule_at(path)``: whether the plan's rule
@@ -344,7 +345,8 @@ def check_operations(
     ``zero_bias``: the preset zeroes every bias to conserve exactly, so a non-zero constant added
     on the relevance path (one that is not a bias parameter) is a leak and is reported.
     ``tokens``: the probe's sequence length; when given, the report says how much memory the
-    backward pass keeps per token (:func:`saved_memory`)."""
+    backward pass keeps per token (:func:`saved_memory`); ``weights``: storages that are weights
+    although not the model's parameters (loaded by offload hooks), left out of that figure."""
     with _module_stack(model) as where:
         recorder = _Recorder(where)
         with torch.enable_grad(), recorder:
@@ -385,5 +387,6 @@ def check_operations(
         stack.extend((f, path) for f in _deps(node))
     memory = None
     if tokens:
-        memory = saved_memory(seen, storages((*model.parameters(), *model.buffers())), tokens)
+        exclude = storages((*model.parameters(), *model.buffers())) | set(weights)
+        memory = saved_memory(seen, exclude, tokens)
     return OpReport(checked=True, counts=dict(counts), unknown=list(unknown.values()), memory=memory)

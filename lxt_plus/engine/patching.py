@@ -27,6 +27,7 @@ from lxt_plus.engine.detect import decoder_start, embedding_leaves, input_device
 from lxt_plus.engine.hf import ATTENTION_KEYS, original_attention, register_keys, switch_configs
 from lxt_plus.engine.install import ATTENTION_RULES, Site
 from lxt_plus.engine.modes import ElementwiseIdentityMode, SDPARuleMode
+from lxt_plus.engine.offload import offloaded_weights
 from lxt_plus.engine.opcheck import OpReport, check_operations
 from lxt_plus.engine.plan import Plan, PlanEntry, Preset, build_plan, get_preset
 from lxt_plus.engine.rules import AttentionRule, gate_products
@@ -472,14 +473,16 @@ def _check_operations(
         for p, _ in flags:
             p.requires_grad_(False)
         ids = probe.get("input_ids")
-        report = check_operations(
-            model,
-            lambda: model(**probe),
-            rule_at,
-            types,
-            zero_bias=plan.preset.zero_bias,
-            tokens=ids.shape[-1] if isinstance(ids, torch.Tensor) else 0,
-        )
+        with offloaded_weights(model) as weights:
+            report = check_operations(
+                model,
+                lambda: model(**probe),
+                rule_at,
+                types,
+                zero_bias=plan.preset.zero_bias,
+                tokens=ids.shape[-1] if isinstance(ids, torch.Tensor) else 0,
+                weights=weights,
+            )
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)

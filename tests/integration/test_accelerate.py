@@ -158,3 +158,19 @@ def test_backward_pass_does_not_keep_offloaded_weights(
     # every offloaded Linear's weight (tied embeddings aside) was saved by reference and read back
     assert sum(name.endswith("weight") for name in saved) >= len(offloaded) - 1
     torch.testing.assert_close(exp.relevance, reference, rtol=0, atol=1e-5)
+
+
+def test_memory_estimate_leaves_out_offloaded_weights(tmp_path: Path) -> None:
+    """The probe's per-token figure of an offloaded model is that of the model in one piece: the
+    weights the hooks load during the probe are weights, not activations."""
+    from lxt_plus import patch
+
+    def per_token(model: nn.Module) -> float:
+        handle = patch(model, "attnlrp")
+        report = handle.plan.operations
+        handle.remove()
+        assert report is not None and report.memory is not None
+        return report.memory.per_token
+
+    whole = per_token(build("llama"))
+    assert per_token(disk_offload(build("llama"), tmp_path)) == pytest.approx(whole, rel=1e-6)
