@@ -237,21 +237,7 @@ def _attribute(
             raise NumericalError(
                 f"a target logit is not finite in dtype {logits.dtype}; use float32 or bfloat16"
             )
-        from tqdm.auto import tqdm
-
-        value = acc(leaf.detach()[0])
-        rows: list[Tensor] = []
-        chunk = max(1, min(_MAX_CHUNK, _CHUNK_BUDGET // n))
-        with tqdm(total=n_g, desc="explaining generated tokens", disable=not progress, leave=False) as bar:
-            for start in range(0, n_g, chunk):
-                stop = min(n_g, start + chunk)
-                grads = _grads(picked, leaf, start, stop, last=stop == n_g)
-                rows.append((value * acc(grads[:, 0])).sum(-1).cpu())  # (stop - start, n - 1)
-                bar.update(stop - start)
-        full = torch.cat(rows)
-        matrix = torch.zeros(n_g, n, dtype=full.dtype)
-        causal = torch.arange(n - 1)[None] < torch.arange(n_p, n)[:, None]  # column < token position
-        matrix[:, : n - 1] = torch.where(causal, full, torch.zeros(()))
+        matrix = _matrix(picked, (leaf,), n, progress)
     if not torch.isfinite(matrix).all():
         raise NumericalError(f"relevance has NaN/inf (model dtype {leaf.dtype}); use bfloat16 or float32")
     return matrix, picked.detach().cpu()
@@ -288,33 +274,43 @@ def _attribute_seq2seq(
         picked = acc(out.logits[0, torch.arange(n_g, device=device), targets])
         if not torch.isfinite(picked).all():
             raise NumericalError("a target logit is not finite; use float32 or bfloat16")
-        values = (acc(enc_leaf.detach()[0]), acc(dec_leaf.detach()[0]))
-        rows: list[Tensor] = []
-        chunk = max(1, min(_MAX_CHUNK, _CHUNK_BUDGET // n))
-        from tqdm.auto import tqdm
-
-        with tqdm(total=n_g, desc="explaining generated tokens", disable=not progress, leave=False) as bar:
-            for begin in range(0, n_g, chunk):
-                stop = min(n_g, begin + chunk)
-                grads = _grads(picked, (enc_leaf, dec_leaf), begin, stop, last=stop == n_g)
-                rows.append(
-                    torch.cat(
-                        [(v * acc(g[:, 0])).sum(-1) for v, g in zip(values, grads, strict=True)], -1
-                    ).cpu()
-                )
-                bar.update(stop - begin)
-        full = torch.cat(rows)  # (n_g, n_s + n_g)
-        matrix = torch.zeros(n_g, n, dtype=full.dtype)
-        # decoder column j (start token j = 0) is read by the tokens generated at or after it
-        causal = torch.arange(n - 1)[None] < (n_s + 1 + torch.arange(n_g))[:, None]
-        matrix[:, : n - 1] = torch.where(causal, full, torch.zeros(()))
+        # columns: the source, then the decoder prefix (start token first), read causally as well
+        matrix = _matrix(picked, (enc_leaf, dec_leaf), n, progress)
     if not torch.isfinite(matrix).all():
         raise NumericalError("relevance has NaN/inf; use bfloat16 or float32")
     return matrix, picked.detach().cpu()
 
 
-def _grads(picked: Tensor, leaf: Tensor | tuple[Tensor, ...], start: int, stop: int, last: bool) -> Any:
-    """Gradients of ``picked[start:stop]`` w.r.t. ``leaf``, ``(stop - start, *leaf.shape)``.
+def _matrix(picked: Tensor, leaves: tuple[Tensor, ...], n: int, progress: bool) -> Tensor:
+    """The ``(n_generated, n)`` relevance matrix: row ``t`` is ``Σ_d x · ∂picked[t]/∂x`` over the
+    leaves' columns side by side (``n - 1`` in all: every token but the last is read), zero at and
+    after the column of generated token ``t`` itself (the last ``n_generated`` of the ``n`` tokens).
+    Targets share batched backward passes of up to ``_MAX_CHUNK`` rows (see :func:`_grads`)."""
+    from tqdm.auto import tqdm
+
+    n_g = picked.numel()
+    values = [acc(leaf.detach()[0]) for leaf in leaves]
+    rows: list[Tensor] = []
+    chunk = max(1, min(_MAX_CHUNK, _CHUNK_BUDGET // n))
+    with tqdm(total=n_g, desc="explaining generated tokens", disable=not progress, leave=False) as bar:
+        for start in range(0, n_g, chunk):
+            stop = min(n_g, start + chunk)
+            grads = _grads(picked, leaves, start, stop, last=stop == n_g)
+            rows.append(
+                torch.cat([(v * acc(g[:, 0])).sum(-1) for v, g in zip(values, grads, strict=True)], -1).cpu()
+            )
+            bar.update(stop - start)
+    full = torch.cat(rows)  # (n_g, n - 1)
+    matrix = torch.zeros(n_g, n, dtype=full.dtype)
+    causal = torch.arange(n - 1)[None] < torch.arange(n - n_g, n)[:, None]  # column < token position
+    matrix[:, : n - 1] = torch.where(causal, full, torch.zeros(()))
+    return matrix
+
+
+def _grads(
+    picked: Tensor, leaves: tuple[Tensor, ...], start: int, stop: int, last: bool
+) -> tuple[Tensor, ...]:
+    """Gradients of ``picked[start:stop]`` w.r.t. each of ``leaves``, ``(stop - start, *leaf.shape)``.
 
     Several targets share one batched backward pass (``is_grads_batched``: the graph is walked
     once with a batch of upstream gradients); a model whose backward cannot be batched falls back
@@ -325,16 +321,13 @@ def _grads(picked: Tensor, leaf: Tensor | tuple[Tensor, ...], start: int, stop: 
         eye = torch.zeros(k, picked.numel(), dtype=picked.dtype, device=picked.device)
         eye[torch.arange(k), torch.arange(start, stop)] = 1
         try:
-            grads = torch.autograd.grad(
-                picked, leaf, grad_outputs=eye, is_grads_batched=True, retain_graph=True
+            return torch.autograd.grad(
+                picked, leaves, grad_outputs=eye, is_grads_batched=True, retain_graph=True
             )
-            return grads if isinstance(leaf, tuple) else grads[0]
         except RuntimeError:  # an op without a batching rule: one pass per target below
             pass
     per = [
-        torch.autograd.grad(picked[t], leaf, retain_graph=not last or t < stop - 1)
+        torch.autograd.grad(picked[t], leaves, retain_graph=not last or t < stop - 1)
         for t in range(start, stop)
     ]
-    if isinstance(leaf, tuple):
-        return tuple(torch.stack([p[i] for p in per]) for i in range(len(leaf)))
-    return torch.stack([p[0] for p in per])
+    return tuple(torch.stack([p[i] for p in per]) for i in range(len(leaves)))
