@@ -58,9 +58,10 @@ class _Reload:
 
 
 @contextlib.contextmanager
-def _watch_loads(model: nn.Module, loaded: dict[int, tuple[Any, str]]) -> Iterator[bool]:
+def _watch_loads(model: nn.Module, loaded: dict[int, tuple[Any, str]], keep: bool) -> Iterator[bool]:
     """While a hooked module runs, ``loaded`` maps the storage of each tensor its offload hook
-    loaded to ``(hook, name)``; yields whether ``model`` has offload hooks at all."""
+    loaded to ``(hook, name)`` (with ``keep``, the entries stay after it ran); yields whether
+    ``model`` has offload hooks at all."""
     hooked = [(m, h) for m in model.modules() for h in offload_hooks(m)]
     restore = []
     for module, hook in hooked:
@@ -80,7 +81,7 @@ def _watch_loads(model: nn.Module, loaded: dict[int, tuple[Any, str]]) -> Iterat
             try:
                 return _inner(*args, **kwargs)
             finally:
-                if not getattr(loaded, "keep", False):
+                if not keep:
                     for ptr, _ in mine:
                         loaded.pop(ptr, None)
 
@@ -93,17 +94,13 @@ def _watch_loads(model: nn.Module, loaded: dict[int, tuple[Any, str]]) -> Iterat
             module._old_forward = inner  # type: ignore[assignment]
 
 
-class _Kept(dict):  # type: ignore[type-arg]
-    keep = True
-
-
 @contextlib.contextmanager
 def offloaded_weights(model: nn.Module) -> Iterator[dict[int, Any]]:
     """The storage addresses (the keys) of every weight an offload hook loads inside the block,
     filled as the modules run: what a forward pass with gradients keeps of them is weights, not
     activations."""
-    loaded = _Kept()
-    with _watch_loads(model, loaded):
+    loaded: dict[int, Any] = {}
+    with _watch_loads(model, loaded, keep=True):
         yield loaded
 
 
@@ -130,7 +127,7 @@ def offloaded_saves(model: nn.Module) -> Iterator[None]:
     def unpack(x: Any) -> Tensor:
         return x.load() if isinstance(x, _Reload) else x
 
-    with _watch_loads(model, loaded) as hooked:
+    with _watch_loads(model, loaded, keep=False) as hooked:
         if not hooked:
             yield
             return
