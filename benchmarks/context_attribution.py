@@ -100,7 +100,7 @@ def score(rel: torch.Tensor, task: dict[str, Any]) -> tuple[bool, float]:
 
     tokens = [str(i) for i in range(rel.numel())]
     segs = segment_tokens(tokens, rel, spans=task["spans"])
-    sums = [s.relevance for s in segs if s.name != "(other)"]
+    sums = [s.relevance for s in segs if s is not segs.other]
     top = max(range(len(sums)), key=lambda i: sums[i])
     total = sum(abs(v) for v in sums) or 1.0
     return top == task["source"], sums[task["source"]] / total
