@@ -1,8 +1,9 @@
-"""The architecture zoo: a tiny random config of every text model class transformers exports.
+"""The architecture zoo: a tiny random config of every text and image model class transformers exports.
 
 For each model type of the auto mappings (CausalLM, SequenceClassification, Seq2SeqLM, MaskedLM)
 :func:`tiny_config` shrinks the default config generically (sizes, layer counts, experts, per-layer
-lists), :func:`build` makes the model, and :func:`status` runs it under a preset:
+lists); for ImageClassification :func:`tiny_vision_config` does the same for image sizes and
+stages. :func:`build` makes the model, and :func:`status` runs it under a preset:
 
 - ``conserves``: with biases zeroed under ``conservative-check``, relevance (tokens, positions)
   sums to the target logit to 1e-4 relative; under another preset, explain runs and is finite;
@@ -28,6 +29,7 @@ import transformers as tf
 from transformers.models.auto import modeling_auto as ma
 
 import lxt_plus
+from lxt_plus.engine.detect import image_shape
 from lxt_plus.errors import UnsupportedModelError
 
 HEADS = {
@@ -35,7 +37,9 @@ HEADS = {
     "seqcls": ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "AutoModelForSequenceClassification"),
     "seq2seq": ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "AutoModelForSeq2SeqLM"),
     "masked-lm": ("MODEL_FOR_MASKED_LM_MAPPING_NAMES", "AutoModelForMaskedLM"),
+    "image-cls": ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "AutoModelForImageClassification"),
 }
+VISION_HEADS = ("image-cls",)
 VOCAB = 128
 MAX_PARAMETERS = 3_000_000
 _SIZES: dict[int, tuple[str, ...]] = {
@@ -196,9 +200,128 @@ def tiny_config(model_type: str) -> Any:
     return cfg
 
 
+# ---------------------------------------------------------------------------------------- images
+IMAGE = 32
+_VISION_INTS = {
+    "image_size": IMAGE,
+    "patch_size": 4,
+    "hidden_size": 32,
+    "embed_dim": 16,
+    "embedding_size": 8,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "window_size": 2,
+    "projection_dim": 16,
+    "d_model": 32,
+    "hidden_dim": 32,
+    "num_groups": 2,
+    "stem_out_channels": 8,
+    "decoder_hidden_size": 16,
+    "max_position_embeddings": 64,
+    "vocab_size": VOCAB,
+    "encoder_stride": 4,
+    "pooler_output_size": 32,
+}
+_STAGE_SIZES = (8, 16, 16, 32, 32, 32, 32)
+# families whose sizes the generic rules cannot derive (stage tuples of many kinds)
+_VISION_OVERRIDES: dict[str, dict[str, Any]] = {
+    "swin": {"image_size": 64, "embed_dim": 16, "num_heads": [1, 2, 2, 4], "window_size": 2},
+    "swinv2": {"image_size": 64, "embed_dim": 16, "num_heads": [1, 2, 2, 4], "window_size": 2},
+    "donut-swin": {"image_size": 64, "embed_dim": 16, "num_heads": [1, 2, 2, 4], "window_size": 2},
+    # CvT indexes its drop-path rates by stage: stage i needs more than i blocks
+    "cvt": {"embed_dim": [16, 32, 32], "num_heads": [1, 2, 2], "depth": [1, 2, 3]},
+    "mobilenet_v1": {"depth_multiplier": 0.25},
+    "mobilenet_v2": {"depth_multiplier": 0.25},
+    "levit": {
+        "image_size": 64,
+        "patch_size": 16,
+        "hidden_sizes": [16, 32, 48],
+        "num_attention_heads": [2, 2, 2],
+        "depths": [1, 1, 1],
+        "key_dim": [8, 8, 8],
+        "down_ops": [["Subsample", 8, 2, 4, 2, 2], ["Subsample", 8, 4, 4, 2, 2]],
+    },
+    "mobilevitv2": {
+        "image_size": 64,
+        "patch_size": 2,
+        "width_multiplier": 0.25,
+        "n_attn_blocks": [1, 1, 1],
+        "base_attn_unit_dims": [16, 16, 16],
+    },
+    # its last norm has hidden_dim channels, which must be round_filters(1280) at this width
+    "efficientnet": {"width_coefficient": 0.25, "depth_coefficient": 0.2, "hidden_dim": 320},
+    "hgnet_v2": {
+        "embedding_size": 8,
+        "hidden_sizes": [16, 16, 32, 32],
+        "stem_channels": [3, 8, 8],
+        "stage_in_channels": [8, 16, 16, 32],
+        "stage_mid_channels": [8, 8, 16, 16],
+        "stage_out_channels": [16, 16, 32, 32],
+        "stage_num_blocks": [1, 1, 1, 1],
+        "stage_numb_of_layers": [2, 2, 2, 2],
+    },
+    "deit": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64},
+    "perceiver": {
+        "d_latents": 32,
+        "num_latents": 8,
+        "d_model": 32,
+        "num_self_attends_per_block": 1,
+        "num_self_attention_heads": 2,
+        "num_cross_attention_heads": 1,
+        "image_size": 16,
+    },
+    "imagegpt": {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64, "image_size": 8},
+}
+
+
+def _vision_list(value: list[Any], name: str) -> list[Any] | None:
+    if not value or not all(isinstance(x, int) and not isinstance(x, bool) for x in value) or len(value) > 7:
+        return None
+    if "depth" in name or name in ("num_blocks", "stage_num_blocks", "num_block_repeats"):
+        return [1] * len(value)
+    if "head" in name:
+        return [1, 2, 2, 4, 4, 4, 4][: len(value)]
+    if name in ("hidden_sizes", "embed_dims", "embed_dim", "hidden_dims", "neck_hidden_sizes", "widths"):
+        return list(_STAGE_SIZES[: len(value)])
+    return None
+
+
+def _shrink_vision(base: Any, overrides: dict[str, Any]) -> Any:
+    kwargs: dict[str, Any] = {}
+    for name, value in vars(base).items():
+        if name in ("stage_names", "_out_features", "_out_indices", "out_features", "out_indices"):
+            continue
+        if isinstance(value, tf.PretrainedConfig) and name.endswith("_config"):
+            kwargs[name] = _shrink_vision(value, {}).to_dict()
+        elif isinstance(value, int) and not isinstance(value, bool) and name in _VISION_INTS:
+            kwargs[name] = _VISION_INTS[name]
+        elif isinstance(value, (list, tuple)):
+            cut = _vision_list(list(value), name)
+            if cut is not None:
+                kwargs[name] = cut
+    kwargs.update(overrides)
+    data = {
+        k: v for k, v in base.to_dict().items() if k not in ("out_features", "out_indices", "stage_names")
+    }
+    data.update({k: v for k, v in kwargs.items() if not isinstance(getattr(type(base), k, None), property)})
+    return type(base)(**data)
+
+
+def tiny_vision_config(model_type: str) -> Any:
+    """A small config of an image classifier: 32-pixel images (64 where the stages need it), one
+    block per stage, 8-32 channels; nested vision configs (CLIP, SigLIP) shrunk the same way."""
+    cfg = _shrink_vision(tf.AutoConfig.for_model(model_type), _VISION_OVERRIDES.get(model_type, {}))
+    cfg.num_labels = 3
+    names = getattr(ma, HEADS["image-cls"][0])[model_type]
+    if isinstance(names, (tuple, list)):  # several classes for one config (DeiT's with a teacher)
+        cfg.architectures = [names[0]]
+    return cfg
+
+
 def build(model_type: str, head: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    cfg = tiny_config(model_type)
+    cfg = tiny_vision_config(model_type) if head in VISION_HEADS else tiny_config(model_type)
     auto = getattr(tf, HEADS[head][1])
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -207,7 +330,35 @@ def build(model_type: str, head: str, seed: int = 0) -> torch.nn.Module:
         if size > MAX_PARAMETERS:
             raise ValueError(f"{size:,} parameters after shrinking (a size attribute the zoo does not know)")
         model = auto.from_config(cfg)
+    if head in VISION_HEADS:
+        _reinitialise(model, seed)
+        # float64: deep stacks of tiny convolutions cancel to small logits, where float32 rounding
+        # alone exceeds the 1e-4 tolerance; the verdict is about the rules, not the precision
+        model = model.double()
     return model.eval()
+
+
+def _reinitialise(model: torch.nn.Module, seed: int) -> None:
+    """Weights scaled to keep activations of order one through every stage (some families
+    initialise their classifier to zero, and deep stacks of tiny convolutions vanish), norm weights
+    and biases non-zero, batch-norm statistics of a trained model: a zero logit would test nothing."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.is_floating_point():
+                continue
+            if p.dim() >= 2:
+                fan_in = max(p[0].numel(), 1)
+                p.copy_(torch.randn(p.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            else:  # norm weights, layer scales, learned tokens
+                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
+            elif name.endswith("running_var"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=gen))
 
 
 @dataclass
@@ -221,6 +372,10 @@ class Status:
 
 
 def _inputs(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    if getattr(model, "main_input_name", "input_ids") != "input_ids":  # an image (ImageGPT takes ids)
+        gen = torch.Generator().manual_seed(0)
+        pixels = torch.randn(1, *image_shape(model), generator=gen, dtype=torch.float64)
+        return {model.main_input_name: pixels.to(next(model.parameters()).dtype)}
     cfg = model.config
     vocab = model.get_input_embeddings().num_embeddings
     specials = {
@@ -264,9 +419,15 @@ def status(model_type: str, head: str, preset: str, tol: float = 1e-4) -> Status
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            result = lxt_plus.explain(
-                model, inputs["input_ids"], rules=preset, decoder_input_ids=inputs.get("decoder_input_ids")
-            )
+            if "input_ids" not in inputs:  # an image
+                result = lxt_plus.explain(model, next(iter(inputs.values())), rules=preset)
+            else:
+                result = lxt_plus.explain(
+                    model,
+                    inputs["input_ids"],
+                    rules=preset,
+                    decoder_input_ids=inputs.get("decoder_input_ids"),
+                )
     except UnsupportedModelError as exc:
         return Status(model_type, head, preset, "refused", str(exc))
     except Exception as exc:  # noqa: BLE001 - anything else is a bug, recorded
@@ -281,6 +442,8 @@ def status(model_type: str, head: str, preset: str, tol: float = 1e-4) -> Status
         return Status(model_type, head, preset, "wrong", "relevance is not finite")
     if preset != "conservative-check":
         return Status(model_type, head, preset, "runs")
+    if abs(logit) < 1e-4:  # a dead probe proves nothing
+        return Status(model_type, head, preset, "not built", f"the tiny model's target logit is {logit:.1e}")
     err = abs(total - logit) / max(abs(logit), 1e-6)
     if err <= tol:
         return Status(model_type, head, preset, "conserves", error=err)

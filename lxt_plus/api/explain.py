@@ -5,14 +5,22 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from lxt_plus.api.pipelines import is_pipeline, resolve_pipeline
-from lxt_plus.engine.detect import accepts, decoder_start, embedding_leaves, input_device, is_hf_model
+from lxt_plus.engine.detect import (
+    accepts,
+    decoder_start,
+    embedding_leaves,
+    image_shape,
+    input_device,
+    is_hf_model,
+    patch_size,
+)
 from lxt_plus.engine.functional import acc, input_relevance
 from lxt_plus.engine.memory import check_fits
 from lxt_plus.engine.offload import offloaded_saves
@@ -27,6 +35,7 @@ from lxt_plus.errors import (
     TokenizerMismatchError,
     UnsupportedModelError,
 )
+from lxt_plus.results.images import ImageRelevance
 from lxt_plus.results.result import Explanation, Target
 
 __all__ = [
@@ -65,6 +74,8 @@ class _Batch:
     values: Tensor | None  # pixels or features
     single: bool
     hidden: Tensor | None = None  # special / chat-template tokens
+    # further model inputs beside the ids (a processor's pixel_values, image_sizes, ...)
+    model_inputs: dict[str, Any] = field(default_factory=dict)
 
 
 def _hidden_mask(tokenizer: Any, texts: list[str], templated: list[str], ids: Tensor) -> Tensor:
@@ -130,6 +141,49 @@ def prepare_text(
     return ids, mask
 
 
+_TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _prepare_multimodal(
+    model: nn.Module, data: dict[str, Any], tokenizer: Any, mask: Tensor | None
+) -> _Batch:
+    """Token ids with images (a processor's output for a vision-language model): the ids are
+    explained as text, and ``pixel_values`` becomes a leaf of its own (``Explanation.images``)."""
+    ids = data["input_ids"]
+    if not isinstance(ids, Tensor) or ids.is_floating_point():
+        raise InputError("input_ids must be an integer tensor")
+    pixels = data["pixel_values"]
+    if not isinstance(pixels, Tensor) or not pixels.is_floating_point():
+        raise InputError(f"pixel_values must be a floating-point tensor, got {type(pixels).__name__}")
+    single = ids.dim() == 1
+    ids = ids[None] if single else ids
+    mask = data.get("attention_mask", mask)
+    mask = torch.ones_like(ids) if mask is None else (mask[None] if mask.dim() == 1 else mask)
+    check_ids(model, ids, length=0)
+    hidden = None
+    if tokenizer is not None:
+        special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        hidden = torch.tensor([[i in special for i in row] for row in ids.tolist()], dtype=torch.bool)
+    extras = {k: v for k, v in data.items() if k not in _TEXT_KEYS and v is not None}
+    return _Batch(ids, mask.long(), None, single, hidden, extras)
+
+
+def _check_image(model: nn.Module, values: Tensor) -> None:
+    """An image batch the model can read: ``(batch, channels, height, width)`` with its channels
+    (transformers would raise a ValueError from inside the model otherwise)."""
+    if values.dim() != 4:
+        raise InputError(
+            f"{type(model).__name__} takes images as (batch, channels, height, width) or (channels, height, "
+            f"width), got a tensor of shape {tuple(values.shape)}"
+        )
+    channels = image_shape(model)[0]
+    if values.shape[1] != channels:
+        raise InputError(
+            f"{type(model).__name__} takes images with {channels} channel(s), got {values.shape[1]} "
+            f"(shape {tuple(values.shape)}); convert the images (e.g. to RGB or grayscale) or use its processor"
+        )
+
+
 def _prepare(
     model: nn.Module, inputs: Any, tokenizer: Any, attention_mask: Tensor | None, kind: str, chat: bool
 ) -> _Batch:
@@ -152,6 +206,8 @@ def _prepare(
         raise InputError("an empty list of inputs: there is nothing to explain")
     if isinstance(inputs, dict) or hasattr(inputs, "keys"):
         data = dict(inputs)
+        if "input_ids" in data and "pixel_values" in data:  # a vision-language model's processor output
+            return _prepare_multimodal(model, data, tokenizer, attention_mask)
         if "pixel_values" in data:
             inputs = data["pixel_values"]
         elif "input_ids" in data:
@@ -172,6 +228,8 @@ def _prepare(
             )
         single = is_hf_model(model) and inputs.dim() == 3 or not is_hf_model(model) and inputs.dim() == 1
         values = inputs[None] if single else inputs
+        if is_hf_model(model) and getattr(model, "main_input_name", None) == "pixel_values":
+            _check_image(model, values)
         return _Batch(None, None, values, single)
     if getattr(model, "main_input_name", "input_ids") != "input_ids" or not is_hf_model(model):
         raise InputError(
@@ -422,12 +480,13 @@ def _checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
 
 @contextlib.contextmanager
 def leaf_at_embeddings(
-    model: nn.Module, store: list[Tensor], extra: list[Tensor], rows: int
+    model: nn.Module, store: list[Tensor], extra: list[Tensor], rows: int, tokens: bool = True
 ) -> Iterator[None]:
     """Replace the token-embedding output by a leaf that requires grad (``store[0]``), and the
     outputs of other embeddings (positions, token types) by leaves too (``extra``), so the
-    relevance that lands on them is reported."""
-    embs, added = embedding_leaves(model)
+    relevance that lands on them is reported. ``tokens=False``: an image input is the leaf itself,
+    and only the added embeddings become leaves."""
+    embs, added = embedding_leaves(model, tokens=tokens)
 
     def token_hook(module: nn.Module, args: Any, out: Tensor) -> Tensor:
         leaf = out.detach().requires_grad_(True)
@@ -564,9 +623,10 @@ def explain(
         recorder = _make_recorder(model, captures)
         extra: list[Tensor] = []
         decoder: list[Tensor] = []  # an encoder-decoder's decoder-prefix leaf
+        pixels: list[Tensor] = []  # a vision-language model's images
         with recorder, input_relevance() as exact, offloaded_saves(model):
             leaf, logits, positions, output = _forward(
-                model, batch, kind, position, extra, function is not None, decoder_input_ids, decoder
+                model, batch, kind, position, extra, function is not None, decoder_input_ids, decoder, pixels
             )
         rows = logits.shape[0]
         if function is not None:
@@ -591,12 +651,16 @@ def explain(
                 f"the target logit is {picked.tolist()} in dtype {logits.dtype}; use float32 or bfloat16"
             )
         latent = recorder.tensors()
-        wanted = [leaf, *decoder, *extra, *latent]
+        wanted = [leaf, *decoder, *pixels, *extra, *latent]
         grads = torch.autograd.grad(picked.sum(), wanted, allow_unused=True)
         decoder_rel = None
         if decoder:
             g = grads[1] if grads[1] is not None else torch.zeros_like(decoder[0])
             decoder_rel = (acc(decoder[0].detach()) * acc(g)).sum(-1).detach().cpu()
+            grads = grads[:1] + grads[2:]
+        images = None
+        if pixels:
+            images = _image_relevance(model, pixels[0], grads[1], rows)
             grads = grads[:1] + grads[2:]
         grad = grads[0] if grads[0] is not None else torch.zeros_like(leaf)
         rel = acc(leaf.detach()) * acc(grad)
@@ -614,7 +678,9 @@ def explain(
             extra_rel = pad if extra_rel is None else extra_rel + pad
             rel = rel[:, :n]
     if batch.values is not None:
-        rel = rel.sum(1) if (is_hf_model(model) and rel.dim() == 4) else rel
+        if is_hf_model(model) and rel.dim() == 4:
+            images = ImageRelevance(rel.detach().cpu(), leaf.detach().cpu(), patch_size(model))
+            rel = rel.sum(1)
         mask = None
     else:
         rel = rel.sum(-1)
@@ -648,12 +714,37 @@ def explain(
         extra_relevance=extra_rel,
         decoder_relevance=decoder_rel,
         decoder_ids=None if getattr(output, "decoder_ids", None) is None else output.decoder_ids.cpu(),
+        images=images,
         hidden=None
         if batch.hidden is None
         else batch.hidden & mask.bool().cpu()
         if mask is not None
         else None,
     )
+
+
+def _image_relevance(model: nn.Module, pixels: Tensor, grad: Tensor | None, rows: int) -> ImageRelevance:
+    """The pixel leaf's relevance, per channel. ``(images, C, H, W)`` pixels belong to the rows in
+    order (one image per row, or all images to a single row); patchified pixels (Qwen2-VL's
+    ``(patches, features)``) are not laid out as an image and are refused by name."""
+    if pixels.dim() != 4:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} takes pixel_values of shape {tuple(pixels.shape)} (patches, not images "
+            "laid out as (images, C, H, W)); lxt_plus cannot map that relevance back onto the image"
+        )
+    g = grad if grad is not None else torch.zeros_like(pixels)
+    channels = (acc(pixels.detach()) * acc(g)).detach().cpu()
+    n = pixels.shape[0]
+    if n == rows:
+        owner = torch.arange(n)
+    elif rows == 1:
+        owner = torch.zeros(n, dtype=torch.long)
+    else:
+        raise InputError(
+            f"{n} images for {rows} rows: lxt_plus cannot tell which image belongs to which row; "
+            "explain one row at a time, or give one image per row"
+        )
+    return ImageRelevance(channels, pixels.detach().cpu(), patch_size(model), owner)
 
 
 def _extra_relevance(leaves: list[Tensor], grads: Sequence[Tensor | None], rows: int) -> Tensor | None:
@@ -676,16 +767,19 @@ def _forward(
     all_logits: bool = False,
     decoder_input_ids: Tensor | None = None,
     decoder: list[Tensor] | None = None,
+    images: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, list[int], Any]:
     """Run the patched model; return the leaf, per-row logits ``(batch, n_out)``, positions and the
     model's own output. ``all_logits`` keeps every position's logits (for a target function).
-    An encoder-decoder's decoder-prefix leaf goes to ``decoder``."""
+    An encoder-decoder's decoder-prefix leaf goes to ``decoder``, a vision-language model's pixel
+    leaf to ``images``."""
     device = input_device(model)
     if batch.values is not None:
         leaf = batch.values.detach().to(device).requires_grad_(True)
         if is_hf_model(model):
-            out = model(**{getattr(model, "main_input_name", "pixel_values"): leaf})
-            return leaf, out.logits, [], out
+            with leaf_at_embeddings(model, store=[], extra=extra, rows=leaf.shape[0], tokens=False):
+                out = model(**{getattr(model, "main_input_name", "pixel_values"): leaf})
+            return leaf, _image_logits(model, out), [], out
         out = model(leaf)
         if not isinstance(out, Tensor) or out.dim() != 2:
             raise InputError(
@@ -698,6 +792,12 @@ def _forward(
     store: list[Tensor] = []
     rows = ids.shape[0]
     kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+    for name, value in batch.model_inputs.items():
+        value = value.to(device) if isinstance(value, Tensor) else value
+        if name == "pixel_values" and images is not None:
+            value = value.detach().requires_grad_(True)
+            images.append(value)
+        kwargs[name] = value
     if accepts(model, "use_cache"):
         kwargs["use_cache"] = False
     positions: list[int] = []
@@ -753,6 +853,22 @@ def _forward(
         decoder.append(store[-1])  # a classifier's decoder reads the shifted input (BART, T5)
         extra.extend(store[1:-1])
     return store[0], out.logits, positions, out
+
+
+def _image_logits(model: nn.Module, out: Any) -> Tensor:
+    """The class scores of an image model: ``logits``, or a ``(batch, classes)`` ``last_hidden_state``
+    (PP-LCNet's classifier returns its scores there)."""
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        hidden = getattr(out, "last_hidden_state", None)
+        if isinstance(hidden, Tensor) and hidden.dim() == 2:
+            logits = hidden
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} returns {type(out).__name__} without (batch, classes) logits, so "
+            "there is no class score to explain; explain its ...ForImageClassification model instead"
+        )
+    return logits
 
 
 def _token_layout(model: nn.Module, rel: Tensor, ids: tuple[int, ...]) -> Tensor:

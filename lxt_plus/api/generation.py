@@ -11,7 +11,7 @@ forward graph is built once for all targets. Row ``t`` equals
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +24,7 @@ from lxt_plus.api.explain import (
     model_kind,
     prepare_text,
 )
-from lxt_plus.engine.detect import accepts, decoder_start, input_device
+from lxt_plus.engine.detect import accepts, decoder_start, input_device, patch_size
 from lxt_plus.engine.functional import acc
 from lxt_plus.engine.offload import offloaded_saves
 from lxt_plus.engine.plan import Preset, get_preset
@@ -75,7 +75,12 @@ def eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
 
 
 def generate_greedy(
-    model: nn.Module, prompt: Tensor, max_new_tokens: int, eos: set[int], pad: int | None
+    model: nn.Module,
+    prompt: Tensor,
+    max_new_tokens: int,
+    eos: set[int],
+    pad: int | None,
+    image_inputs: dict[str, Any] | None = None,
 ) -> Tensor:
     """Greedy continuation ids ``(n_generated,)``, up to and including the first end-of-sequence token."""
     device = input_device(model)
@@ -91,6 +96,8 @@ def generate_greedy(
     )
     if is_seq2seq(model):
         kwargs["decoder_start_token_id"] = decoder_start(model)
+    for name, value in (image_inputs or {}).items():
+        kwargs[name] = value.to(device) if isinstance(value, Tensor) else value
     if eos:
         kwargs["eos_token_id"] = sorted(eos)
     if pad is not None:
@@ -114,13 +121,14 @@ def _cut_at_eos(ids: Tensor, eos: set[int]) -> Tensor:
 def explain_generation(
     model: nn.Module,
     tokenizer: Any,
-    prompt: str | Tensor | Sequence[int],
+    prompt: str | Tensor | Sequence[int] | dict[str, Any],
     max_new_tokens: int = 32,
     *,
     continuation: str | Tensor | Sequence[int] | None = None,
     rules: str | Preset | dict[str, Any] = "attnlrp",
     chat: bool = False,
     progress: bool = False,
+    images: dict[str, Any] | None = None,
 ) -> GenerationExplanation:
     """Explain each generated token by the prompt and the tokens generated before it.
 
@@ -135,7 +143,7 @@ def explain_generation(
         Its tokenizer (needed for text and for the token strings of the result; may be ``None``
         when ``prompt`` and ``continuation`` are ids).
     prompt:
-        Text, or token ids ``(seq,)``.
+        Text, token ids ``(seq,)``, or a vision-language processor's output (ids and images).
     max_new_tokens:
         How many tokens to generate greedily (``model.generate(do_sample=False)``); generation
         stops after an end-of-sequence token, which is explained too. Ignored with ``continuation``.
@@ -147,6 +155,11 @@ def explain_generation(
         Wrap the prompt in the tokenizer's chat template (user turn + generation prompt).
     progress:
         Show a tqdm bar over the generated tokens on stderr.
+    images:
+        Vision-language models: the processor's image inputs (``pixel_values`` and whatever else
+        it returns beside the ids, such as ``image_sizes``); ``prompt`` then holds the image
+        placeholder tokens. A processor's whole output may also be passed as ``prompt``. The
+        result's ``image_matrix`` gives each generated token's pixel relevance.
 
     Returns
     -------
@@ -170,6 +183,14 @@ def explain_generation(
     ):
         raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     preset = get_preset(rules)  # a bad preset fails before the generation
+    if isinstance(prompt, dict) or (hasattr(prompt, "keys") and not isinstance(prompt, Tensor)):
+        data = dict(prompt)  # a processor's output: ids and image inputs
+        if "input_ids" not in data:
+            raise InputError(f"a prompt mapping needs 'input_ids', got keys {sorted(data)}")
+        prompt = cast(Tensor, data.pop("input_ids"))
+        data.pop("attention_mask", None)
+        images = {**data, **(images or {})}
+    image_inputs = _image_inputs(images)
     prompt_ids = as_ids(prompt, tokenizer, "prompt", chat, model)
     if prompt_ids.numel() == 0:
         raise InputError("the prompt has no tokens: there is nothing to condition on")
@@ -181,6 +202,7 @@ def explain_generation(
             max_new_tokens,
             eos,
             getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None,
+            image_inputs,
         )
     else:
         gen_ids = as_ids(continuation, tokenizer, "continuation")
@@ -192,31 +214,67 @@ def explain_generation(
         check_ids(model, gen_ids, what="the continuation")
         ids = torch.cat([prompt_ids, torch.tensor([start]), gen_ids])
         n_p = prompt_ids.numel() + 1
+        if image_inputs:
+            raise UnsupportedModelError(
+                "explain_generation with images needs a decoder-only vision-language model"
+            )
         matrix, logits = _attribute_seq2seq(model, ids, prompt_ids.numel(), preset, progress)
+        image_matrix = None
     else:
         ids = torch.cat([prompt_ids, gen_ids])
         check_ids(model, ids, length=ids.numel() - 1, what="the prompt and continuation")
         n_p = prompt_ids.numel()
-        matrix, logits = _attribute(model, ids, n_p, preset, progress)
+        matrix, logits, image_matrix = _attribute(model, ids, n_p, preset, progress, image_inputs)
     tokens = (
         tokenizer.batch_decode([[i] for i in ids.tolist()])
         if tokenizer is not None
         else [str(i) for i in ids.tolist()]
     )
+    pixels = image_inputs.get("pixel_values")
     return GenerationExplanation(
-        tokens=tokens, token_ids=ids, prompt_length=n_p, matrix=matrix, target_logit=logits, rules=preset.name
+        tokens=tokens,
+        token_ids=ids,
+        prompt_length=n_p,
+        matrix=matrix,
+        target_logit=logits,
+        rules=preset.name,
+        image_matrix=image_matrix,
+        pixels=None if pixels is None or image_matrix is None else pixels.detach().cpu(),
+        patch_size=patch_size(model) if image_matrix is not None else None,
     )
 
 
+def _image_inputs(images: dict[str, Any] | None) -> dict[str, Any]:
+    """The image inputs of a vision-language prompt, checked: ``pixel_values`` laid out as images."""
+    if not images:
+        return {}
+    pixels = images.get("pixel_values")
+    if not isinstance(pixels, Tensor) or not pixels.is_floating_point():
+        raise InputError("images= needs 'pixel_values', a floating-point tensor (the processor's output)")
+    if pixels.dim() != 4:
+        raise UnsupportedModelError(
+            f"pixel_values of shape {tuple(pixels.shape)} are patches, not images laid out as (images, C, H, W); "
+            "lxt_plus cannot map that relevance back onto the image"
+        )
+    return {k: v for k, v in images.items() if v is not None}
+
+
 def _attribute(
-    model: nn.Module, ids: Tensor, n_p: int, rules: Preset, progress: bool
-) -> tuple[Tensor, Tensor]:
-    """One patched forward over ``ids[:-1]``; relevance ``(n_generated, n)`` and target logits ``(n_generated,)``."""
+    model: nn.Module, ids: Tensor, n_p: int, rules: Preset, progress: bool, image_inputs: dict[str, Any]
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One patched forward over ``ids[:-1]``; relevance ``(n_generated, n)``, target logits
+    ``(n_generated,)`` and, with images, their pixel relevance ``(n_generated, images, H, W)``."""
     n, n_g = ids.numel(), ids.numel() - n_p
     device = input_device(model)
     inp = ids[None, :-1].to(device)
     positions = torch.arange(n_p - 1, n - 1, device=device)  # position t predicts token t + 1
     kwargs: dict[str, Any] = {"input_ids": inp, "attention_mask": torch.ones_like(inp)}
+    pixels = None
+    for name, value in image_inputs.items():
+        value = value.to(device) if isinstance(value, Tensor) else value
+        if name == "pixel_values":
+            value = pixels = value.detach().requires_grad_(True)
+        kwargs[name] = value
     if accepts(model, "use_cache"):
         kwargs["use_cache"] = False
     kept = accepts(model, "logits_to_keep")
@@ -237,10 +295,10 @@ def _attribute(
             raise NumericalError(
                 f"a target logit is not finite in dtype {logits.dtype}; use float32 or bfloat16"
             )
-        matrix = _matrix(picked, (leaf,), n, progress)
+        matrix, image_matrix = _matrix(picked, (leaf,), n, progress, pixels)
     if not torch.isfinite(matrix).all():
         raise NumericalError(f"relevance has NaN/inf (model dtype {leaf.dtype}); use bfloat16 or float32")
-    return matrix, picked.detach().cpu()
+    return matrix, picked.detach().cpu(), image_matrix
 
 
 def _attribute_seq2seq(
@@ -275,36 +333,47 @@ def _attribute_seq2seq(
         if not torch.isfinite(picked).all():
             raise NumericalError("a target logit is not finite; use float32 or bfloat16")
         # columns: the source, then the decoder prefix (start token first), read causally as well
-        matrix = _matrix(picked, (enc_leaf, dec_leaf), n, progress)
+        matrix, _ = _matrix(picked, (enc_leaf, dec_leaf), n, progress)
     if not torch.isfinite(matrix).all():
         raise NumericalError("relevance has NaN/inf; use bfloat16 or float32")
     return matrix, picked.detach().cpu()
 
 
-def _matrix(picked: Tensor, leaves: tuple[Tensor, ...], n: int, progress: bool) -> Tensor:
+def _matrix(
+    picked: Tensor, leaves: tuple[Tensor, ...], n: int, progress: bool, pixels: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
     """The ``(n_generated, n)`` relevance matrix: row ``t`` is ``Σ_d x · ∂picked[t]/∂x`` over the
     leaves' columns side by side (``n - 1`` in all: every token but the last is read), zero at and
     after the column of generated token ``t`` itself (the last ``n_generated`` of the ``n`` tokens).
+    With ``pixels`` (a vision-language prompt's images, a leaf too), also their relevance per row,
+    ``(n_generated, images, H, W)``, from the same backward passes.
     Targets share batched backward passes of up to ``_MAX_CHUNK`` rows (see :func:`_grads`)."""
     from tqdm.auto import tqdm
 
     n_g = picked.numel()
     values = [acc(leaf.detach()[0]) for leaf in leaves]
+    every = leaves if pixels is None else (*leaves, pixels)
     rows: list[Tensor] = []
+    image_rows: list[Tensor] = []
     chunk = max(1, min(_MAX_CHUNK, _CHUNK_BUDGET // n))
     with tqdm(total=n_g, desc="explaining generated tokens", disable=not progress, leave=False) as bar:
         for start in range(0, n_g, chunk):
             stop = min(n_g, start + chunk)
-            grads = _grads(picked, leaves, start, stop, last=stop == n_g)
+            grads = _grads(picked, every, start, stop, last=stop == n_g)
+            token_grads = grads[: len(leaves)]
             rows.append(
-                torch.cat([(v * acc(g[:, 0])).sum(-1) for v, g in zip(values, grads, strict=True)], -1).cpu()
+                torch.cat(
+                    [(v * acc(g[:, 0])).sum(-1) for v, g in zip(values, token_grads, strict=True)], -1
+                ).cpu()
             )
+            if pixels is not None:
+                image_rows.append((acc(pixels.detach())[None] * acc(grads[-1])).sum(2).cpu())
             bar.update(stop - start)
     full = torch.cat(rows)  # (n_g, n - 1)
     matrix = torch.zeros(n_g, n, dtype=full.dtype)
     causal = torch.arange(n - 1)[None] < torch.arange(n - n_g, n)[:, None]  # column < token position
     matrix[:, : n - 1] = torch.where(causal, full, torch.zeros(()))
-    return matrix
+    return matrix, torch.cat(image_rows) if image_rows else None
 
 
 def _grads(

@@ -22,11 +22,13 @@ Batched upstream gradients (``autograd.grad(is_grads_batched=True)``) take a den
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from lxt_plus.engine.functional import acc, grad_scale
 
@@ -376,3 +378,88 @@ def rule_sdpa(
     with torch.no_grad():
         out = func(q, k, v, **rest)
     return rule_attention(q, k, v, out, spec), True  # type: ignore[arg-type]
+
+
+def _sdpa_mask(attn: Tensor | None, padding: Tensor | None, batch: int, heads: int) -> Tensor | None:
+    """``nn.MultiheadAttention``'s masks (``True`` or ``-inf`` marks a key to ignore; ``attn`` is
+    ``(L, S)`` or ``(batch * heads, L, S)``, ``padding`` ``(batch, S)``) as one mask for
+    ``scaled_dot_product_attention`` (boolean ``True`` keeps; a float mask is added)."""
+    masks = []
+    if attn is not None:
+        masks.append(attn[None, None] if attn.dim() == 2 else attn.reshape(batch, heads, *attn.shape[1:]))
+    if padding is not None:
+        masks.append(padding[:, None, None, :])
+    if not masks:
+        return None
+    if all(m.dtype == torch.bool for m in masks):
+        keep = ~masks[0]
+        for m in masks[1:]:
+            keep = keep & ~m
+        return keep
+    total: Tensor | None = None
+    for m in masks:
+        add = (
+            torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill(m, float("-inf"))
+            if m.dtype == torch.bool
+            else m
+        )
+        total = add if total is None else total + add
+    return total
+
+
+_MHA_PARAMS = tuple(inspect.signature(F.multi_head_attention_forward).parameters)
+
+
+def rule_mha(
+    args: tuple[Any, ...], kwargs: dict[str, Any], detach_weights: bool
+) -> tuple[Tensor, Tensor | None]:
+    """``F.multi_head_attention_forward`` (``nn.MultiheadAttention``: SigLIP's pooling head) as its
+    in-projections, :func:`rule_sdpa` and the out-projection, so the attention rule applies. Inputs
+    are ``(length, batch, embed)`` as torch passes them. Dropout is off; ``bias_k``/``bias_v``,
+    ``add_zero_attn`` and static keys are refused by name. The weights it returns, when asked for,
+    are computed without gradient (they are not on the relevance path)."""
+    from lxt_plus.errors import UnsupportedModelError
+
+    a = dict(zip(_MHA_PARAMS, args, strict=False))
+    a.update(kwargs)
+    for name in ("bias_k", "bias_v", "static_k", "static_v"):
+        if a.get(name) is not None:
+            raise UnsupportedModelError(
+                f"nn.MultiheadAttention with {name} has no attention rule in lxt_plus"
+            )
+    if a.get("add_zero_attn"):
+        raise UnsupportedModelError(
+            "nn.MultiheadAttention with add_zero_attn has no attention rule in lxt_plus"
+        )
+    query, key, value = a["query"], a["key"], a["value"]
+    heads, embed = int(a["num_heads"]), query.shape[-1]
+    w_in, b_in = a.get("in_proj_weight"), a.get("in_proj_bias")
+    if a.get("use_separate_proj_weight"):
+        weights = (a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"])
+    else:
+        weights = tuple(w_in.chunk(3)) if w_in is not None else ()
+    biases = tuple(b_in.chunk(3)) if b_in is not None else (None, None, None)
+    q, k, v = (F.linear(t, w, b) for t, w, b in zip((query, key, value), weights, biases, strict=True))
+
+    def heads_first(t: Tensor) -> Tensor:  # (L, B, E) -> (B, heads, L, E / heads)
+        return t.reshape(t.shape[0], t.shape[1], heads, embed // heads).permute(1, 2, 0, 3)
+
+    q, k, v = heads_first(q), heads_first(k), heads_first(v)
+    mask = _sdpa_mask(a.get("attn_mask"), a.get("key_padding_mask"), q.shape[0], heads)
+    causal = bool(a.get("is_causal")) and mask is None
+    out, _ = rule_sdpa(
+        F.scaled_dot_product_attention, (q, k, v), {"attn_mask": mask, "is_causal": causal}, detach_weights
+    )
+    out = out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], embed)
+    out = F.linear(out, a["out_proj_weight"], a.get("out_proj_bias"))
+    probs = None
+    if a.get("need_weights", True):
+        with torch.no_grad():
+            scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5)
+            if isinstance(mask, Tensor):
+                scores = (
+                    scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+                )
+            probs = scores.softmax(-1)
+            probs = probs.mean(1) if a.get("average_attn_weights", True) else probs
+    return out, probs

@@ -24,6 +24,9 @@ __all__ = [
     "owning_pretrained",
     "is_hf_model",
     "input_device",
+    "input_embeddings",
+    "image_shape",
+    "patch_size",
     "is_added_embedding",
     "token_embeddings",
     "embedding_leaves",
@@ -72,13 +75,21 @@ _STRUCTURAL = (
     nn.ZeroPad2d,
 )
 _ATTN_NAME = re.compile(r"Attention|Attn", re.IGNORECASE)
+# parts of an attention block that compute no attention: CvT's convolutional q/k/v projections
+_ATTN_PART = re.compile(r"(Projection|Output)$")
+
+
+def _attention_named(name: str) -> bool:
+    return _ATTN_NAME.search(name) is not None and _ATTN_PART.search(name) is None
+
+
 # blocks whose products are gated products by design, whether or not they hold an activation
 # module (an inline F.silu, GPT-OSS's clamped SwiGLU experts, LFM2's gated short convolution)
 _GATED_NAME = re.compile(r"(MLP|Mlp|FeedForward|FFN|Ffn|Experts|MoeBlock|MoE|ShortConv)")
 _ROUTER_NAME = re.compile(r"Router|Gating")
 # element-wise activation modules a family defines itself (BloomGelu, NewGELUActivation, ...)
 _ACTIVATION_NAME = re.compile(r"(Ge[Ll][Uu]|SiLU|Silu|Swish|Mish|ReLU|Relu|Activation)\d*$")
-_NORM_NAME = re.compile(r"Norm($|[A-Z0-9_])")
+_NORM_NAME = re.compile(r"Norm($|[A-Z0-9_])|GRN$")  # GRN: ConvNeXt-V2's global response norm
 
 
 @dataclass
@@ -101,10 +112,45 @@ def is_hf_model(module: nn.Module) -> bool:
     return isinstance(module, PreTrainedModel)
 
 
+def input_embeddings(model: nn.Module) -> nn.Module | None:
+    """``model.get_input_embeddings()``, or ``None`` for a model that has none (an image model:
+    transformers raises ``NotImplementedError`` for ResNet, CLIP's image classifier and others)."""
+    get = getattr(model, "get_input_embeddings", None)
+    if get is None:
+        return None
+    try:
+        emb = get()
+    except (NotImplementedError, AttributeError):
+        return None
+    return emb if isinstance(emb, nn.Module) else None
+
+
+def image_shape(model: nn.Module) -> tuple[int, int, int]:
+    """``(channels, height, width)`` of the images the model's config describes (its own, or its
+    ``vision_config``); 224 pixels and 3 channels where the config does not say."""
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "vision_config", None) or cfg
+    size: Any = getattr(cfg, "image_size", None) or 224
+    if isinstance(size, dict):
+        size = (size.get("height", 224), size.get("width", 224))
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
+    return int(getattr(cfg, "num_channels", None) or 3), h, w
+
+
+def patch_size(model: nn.Module) -> int | None:
+    """The model's patch size in pixels (its config's, or its vision config's), if it has one."""
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "vision_config", None) or cfg
+    size = getattr(cfg, "patch_size", None)
+    if isinstance(size, (list, tuple)) and size:
+        size = size[0]
+    return int(size) if isinstance(size, int) and not isinstance(size, bool) else None
+
+
 def input_device(model: nn.Module) -> torch.device:
     """Where inputs go: the token embeddings' device, else the first parameter not on ``meta``
     (accelerate's offloading leaves placeholders on ``meta``)."""
-    emb = cast(Any, model).get_input_embeddings() if is_hf_model(model) else None
+    emb = input_embeddings(model) if is_hf_model(model) else None
     weight = getattr(emb, "weight", None)
     if weight is not None and weight.device.type != "meta":
         return weight.device
@@ -150,19 +196,21 @@ def token_embeddings(model: nn.Module) -> list[nn.Module]:
                 found.append(emb)
         if found:
             return found
-    return [hf.get_input_embeddings()]
+    emb = input_embeddings(model)
+    return [] if emb is None else [emb]
 
 
-def embedding_leaves(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+def embedding_leaves(model: nn.Module, tokens: bool = True) -> tuple[list[nn.Module], list[nn.Module]]:
     """``(token embeddings, added embeddings)``: the modules whose outputs explaining (and the
-    patch-time operation check) turn into leaves that require grad."""
-    tokens = token_embeddings(model)
+    patch-time operation check) turn into leaves that require grad. With ``tokens=False`` (an
+    image input, whose pixels are the leaf) only the added ones: CLIP's position table."""
+    embs = token_embeddings(model)
     added = [
         m
         for path, m in model.named_modules()
-        if all(m is not e for e in tokens) and is_added_embedding(m, path)
+        if all(m is not e for e in embs) and is_added_embedding(m, path)
     ]
-    return tokens, added
+    return (embs if tokens else []), added
 
 
 def decoder_start(model: nn.Module) -> int:
@@ -224,7 +272,7 @@ def _leaf_role(name: str, m: nn.Module) -> str:
         return "router"
     if isinstance(m, _STRUCTURAL):
         return "structural"
-    if _ATTN_NAME.search(cls_name):
+    if _attention_named(cls_name):
         return "attention"
     return "unknown"
 
@@ -242,6 +290,10 @@ def detect_roles(model: nn.Module) -> list[ModuleInfo]:
     for path, m in named.items():
         if not any(True for _ in m.children()):
             roles[path] = _leaf_role(path, m)
+    # norms that apply their activation themselves (BiT's BitGroupNormActivation)
+    for path, m in named.items():
+        if path not in roles and isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):
+            roles[path] = "norm"
     # routers that are plain Linear layers next to a set of experts (``gate`` in an MoE block)
     for path in named:
         last = path.rsplit(".", 1)[-1]
@@ -266,8 +318,8 @@ def detect_roles(model: nn.Module) -> list[ModuleInfo]:
     for path, m in named.items():
         if path in roles:
             continue
-        if _ATTN_NAME.search(type(m).__name__) and not has(
-            path, lambda c: _ATTN_NAME.search(type(named[c]).__name__) is not None
+        if _attention_named(type(m).__name__) and not has(
+            path, lambda c: _attention_named(type(named[c]).__name__)
         ):
             roles[path] = "attention"
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from lxt_plus.engine.attention import rule_sdpa
+from lxt_plus.engine.attention import rule_mha, rule_sdpa
 from lxt_plus.engine.functional import acc, identity_rule, uniform_matmul, uniform_mul
 
 __all__ = [
@@ -117,8 +117,10 @@ class NormMode(_RuleMode):
         return {
             **cls.on(_funcs("rsqrt", "sqrt", "std", "var", "norm"), cls._detached),
             **cls.on(_funcs("pow", "__pow__"), cls._pow),
+            torch.linalg.vector_norm: cls._detached,
             F.layer_norm: cls._layer_norm,
             F.rms_norm: cls._rms_norm,
+            F.group_norm: cls._group_norm,
             F.normalize: cls._normalize,
         }
 
@@ -152,6 +154,24 @@ class NormMode(_RuleMode):
             y = y + bias
         return y
 
+    def _group_norm(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        self._count()
+        x, groups = args[0], args[1]
+        weight = args[2] if len(args) > 2 else kwargs.get("weight")
+        bias = args[3] if len(args) > 3 else kwargs.get("bias")
+        eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
+        xf = acc(x)
+        grouped = xf.reshape(x.shape[0], groups, -1)
+        centred = grouped - grouped.mean(-1, keepdim=True)
+        scale = torch.rsqrt(centred.detach().pow(2).mean(-1, keepdim=True) + eps)
+        y = (centred * scale).reshape(x.shape).to(x.dtype)
+        per_channel = (1, -1) + (1,) * (x.dim() - 2)
+        if weight is not None:
+            y = y * weight.reshape(per_channel)
+        if bias is not None:
+            y = y + bias.reshape(per_channel)
+        return y
+
     def _rms_norm(self, func, args, kwargs):  # type: ignore[no-untyped-def]
         self._count()
         x, shape = args[0], args[1]
@@ -166,12 +186,17 @@ class NormMode(_RuleMode):
 
     def _normalize(self, func, args, kwargs):  # type: ignore[no-untyped-def]
         self._count()
-        x = args[0]
-        p = args[1] if len(args) > 1 else kwargs.get("p", 2.0)
-        dim = args[2] if len(args) > 2 else kwargs.get("dim", 1)
-        eps = args[3] if len(args) > 3 else kwargs.get("eps", 1e-12)
-        denom = x.detach().norm(p=p, dim=dim, keepdim=True).clamp_min(eps)
-        return x / denom
+        return normalize_constant(args, kwargs)
+
+
+def normalize_constant(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+    """``F.normalize`` with its norm held constant: a scaling, linear in the input."""
+    x = args[0]
+    p = args[1] if len(args) > 1 else kwargs.get("p", 2.0)
+    dim = args[2] if len(args) > 2 else kwargs.get("dim", 1)
+    eps = args[3] if len(args) > 3 else kwargs.get("eps", 1e-12)
+    denom = x.detach().norm(p=p, dim=dim, keepdim=True).clamp_min(eps)
+    return x / denom
 
 
 _MUL = _funcs("mul", "__mul__", "__rmul__", "multiply")
@@ -304,6 +329,10 @@ class RouterMode(_RuleMode):
             **cls.on(_DIV, cls._div),
         }
 
+    def _mha(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        self._count()
+        return rule_mha(args, kwargs, self.detach_weights)
+
     def _softmax(self, func, args, kwargs):  # type: ignore[no-untyped-def]
         self._count()
         return func(*args, **kwargs)
@@ -342,17 +371,37 @@ class AttentionOpsMode(SDPARuleMode):
       backward pass (:func:`~lxt_plus.engine.attention.rule_sdpa`).
     - ``ah-lrp``: softmax outputs are detached (attention weights are constants); relevance flows
       through ``v`` only.
-    Soft-capping ``tanh`` on scores uses the identity rule.
+    Soft-capping ``tanh`` on scores uses the identity rule. Additive attention (SwiftFormer) is
+    covered too: an element-wise product of two input-dependent tensors gets the uniform rule, as
+    ``q @ k.T`` does, and ``F.normalize`` holds its norm constant, as the norm rule does.
+    ``nn.MultiheadAttention`` is ruled as its projections around ``scaled_dot_product_attention``.
     """
 
     @classmethod
     def _table(cls) -> dict[Any, Handler]:
         return {
             **super()._table(),
+            F.multi_head_attention_forward: cls._mha,
             **cls.on(_funcs("softmax", modules=(torch, _T, _TB, F)), cls._softmax),
             **cls.on(_MATMUL, cls._matmul),
+            **cls.on(_MUL, cls._mul),
+            F.normalize: cls._normalize,
             **cls.on(_funcs("tanh", modules=(torch, _T, _TB, F)), cls._tanh),
         }
+
+    def _mul(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        if len(args) == 2 and not kwargs and _both_depend_on_input(args[0], args[1]):
+            self._count()
+            return uniform_mul(args[0], args[1])
+        return func(*args, **kwargs)
+
+    def _normalize(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        self._count()
+        return normalize_constant(args, kwargs)
+
+    def _mha(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        self._count()
+        return rule_mha(args, kwargs, self.detach_weights)
 
     def _softmax(self, func, args, kwargs):  # type: ignore[no-untyped-def]
         self._count()

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from lxt_plus.engine.attention import KEEP_WEIGHTS_UP_TO
@@ -183,7 +184,10 @@ def classify_node(node: Any, ruled: bool) -> tuple[str, str]:
     base = _base(node)
     forward_cls = getattr(type(node), "_forward_cls", None)
     if forward_cls is not None:  # a custom autograd.Function
-        if ruled or getattr(forward_cls, "__module__", "").startswith("lxt_plus."):
+        home = getattr(forward_cls, "__module__", "")
+        # a rule's own function (lxt_plus's, or a user rule's inside the module it rules); one that
+        # the model's code defines (YOSO's LSH kernels) is not covered by any rule
+        if home.startswith("lxt_plus.") or (ruled and not home.startswith("transformers.")):
             return "rule", forward_cls.__name__
         return "custom", f"custom autograd function {forward_cls.__name__}"
     if base == "AccumulateGrad":
@@ -206,6 +210,7 @@ def classify_node(node: Any, ruled: bool) -> tuple[str, str]:
     return _kind_of(base), base.lower()
 
 
+_CATS = frozenset(("cat", "concat", "concatenate", "stack", "hstack", "vstack"))
 _ADDS = frozenset("add __add__ __radd__ __iadd__ add_ sub __sub__ __rsub__ __isub__ sub_".split())
 
 
@@ -217,10 +222,25 @@ class _Recorder(TorchFunctionMode):
         self.where = where
         self.made: dict[Any, tuple[str, str]] = {}
         self.constants: set[Any] = set()  # nodes that add a non-zero input-independent tensor
+        self.affine: set[Any] = set()  # batch norms in eval mode: affine maps with constant statistics
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
         name = getattr(func, "__name__", "")
+        if func is F.batch_norm and isinstance(out, Tensor) and out.grad_fn is not None:
+            training = args[5] if len(args) > 5 else (kwargs or {}).get("training", False)
+            if not training:
+                self.affine.add(out.grad_fn)
+        if name in _CATS and isinstance(out, Tensor) and out.grad_fn is not None and args:
+            parts = args[0] if isinstance(args[0], (list, tuple)) else ()
+            if any(
+                isinstance(t, Tensor)
+                and not t.requires_grad
+                and t.is_floating_point()
+                and bool((t != 0).any())
+                for t in parts
+            ):  # a learned token put beside the input's (CLIP's class embedding)
+                self.constants.add(out.grad_fn)
         if name in _ADDS and isinstance(out, Tensor) and out.grad_fn is not None and len(args) >= 2:
             a, b = args[0], args[1]
             grads = [isinstance(t, Tensor) and t.requires_grad for t in (a, b)]
@@ -366,10 +386,19 @@ def check_operations(
         called, path = recorder.made.get(node, ("", consumer_path))
         ruled, covers = rule_at(path)
         kind, what = classify_node(node, ruled)
+        if node in recorder.affine:
+            kind, what = "linear", "batch_norm (eval: an affine map)"
         if kind in covers:
             kind = "rule"
         if zero_bias and kind == "linear" and node in recorder.constants:
-            kind, what = "constant", "addition of a non-zero constant that is not a bias parameter"
+            kind, what = (
+                "constant",
+                (
+                    "concatenation of a non-zero constant (a learned token)"
+                    if _base(node) in ("Cat", "Stack")
+                    else "addition of a non-zero constant that is not a bias parameter"
+                ),
+            )
         if kind in ("linear", "homogeneous", "rule", "attention"):
             counts[kind] += 1
         elif kind != "leaf":

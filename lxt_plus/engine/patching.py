@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lxt_plus.engine.attention import AttentionSpec, probs_match, qkv_rule, rule_attention
-from lxt_plus.engine.detect import decoder_start, embedding_leaves, input_device, is_hf_model
+from lxt_plus.engine.detect import decoder_start, embedding_leaves, image_shape, input_device, is_hf_model
 from lxt_plus.engine.hf import ATTENTION_KEYS, original_attention, register_keys, switch_configs
 from lxt_plus.engine.install import ATTENTION_RULES, Site
 from lxt_plus.engine.modes import ElementwiseIdentityMode, SDPARuleMode
@@ -207,7 +207,17 @@ def handle_of(model: nn.Module) -> Handle | None:
 
 # parameters added to activations: biases, and the learned tokens / positions that ViT-like
 # embeddings add as plain parameters (an nn.Embedding's relevance is reported instead)
-_ADDITIVE = ("bias", "b", "cls_token", "position_embeddings", "distillation_token", "register_tokens")
+_ADDITIVE = (
+    "bias",
+    "b",
+    "cls_token",
+    "class_embedding",  # CLIP's learned class token
+    "latents",  # Perceiver's learned latent array, its queries
+    "position_embeddings",
+    "distillation_token",
+    "register_tokens",
+    "running_mean",  # subtracted by a batch norm in eval mode: a bias in all but sign
+)
 
 
 def _is_additive(name: str, t: torch.Tensor | None) -> bool:
@@ -215,6 +225,34 @@ def _is_additive(name: str, t: torch.Tensor | None) -> bool:
     if t is None or not t.is_floating_point() or "mask" in last:  # GPT-J's masked_bias is a mask value
         return False
     return last in _ADDITIVE or last.endswith("_bias")
+
+
+def _dense_gradient(grad: torch.Tensor) -> torch.Tensor:
+    return grad.contiguous()
+
+
+def _dense_batch_norm_grads(model: nn.Module, undo: list[Callable[[], None]]) -> None:
+    """Give every batch norm a contiguous output gradient. torch's CPU batch-norm backward (2.13,
+    eval and training mode) returns a wrong input gradient for a gradient laid out as a transposed
+    view with batch size 1 (strides ``(C, 1, W*C, C)``, as LeViT's ``flatten(2).transpose(1, 2)``
+    gives); plain gradients are wrong then too. ``tests/unit/test_patching.py`` pins the bug."""
+
+    def hook(module: nn.Module, args: Any, out: Any) -> Any:
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(_dense_gradient)
+        return out
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+
+    def remove() -> None:
+        for h in handles:
+            h.remove()
+
+    undo.append(remove)
 
 
 def _zero_biases(model: nn.Module, undo: list[Callable[[], None]]) -> None:
@@ -242,6 +280,41 @@ def _zero_biases(model: nn.Module, undo: list[Callable[[], None]]) -> None:
     undo.append(restore)
 
 
+def _takes_images(model: nn.Module) -> bool:
+    """A model whose main input is not named ``pixel_values`` but is an image (Perceiver's)."""
+    cfg = getattr(model, "config", None)
+    return "Image" in type(model).__name__ or hasattr(
+        getattr(cfg, "vision_config", None) or cfg, "image_size"
+    )
+
+
+def _with_image(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """A vision-language model's probe: the text probe with an image and as many image placeholder
+    tokens as its vision tower gives features, so the check covers the vision tower too; ``None``
+    for a model without images (or one whose image features this cannot count)."""
+    cfg = cast(Any, model).config
+    token = getattr(cfg, "image_token_id", None)
+    token = getattr(cfg, "image_token_index", None) if token is None else token
+    get = getattr(model, "get_image_features", None)
+    if getattr(cfg, "vision_config", None) is None or not isinstance(token, int) or get is None:
+        return None
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    ids = inputs["input_ids"]
+    pixels = torch.randn(1, *image_shape(model), device=ids.device, dtype=dtype)
+    try:
+        with torch.no_grad():
+            out = get(pixel_values=pixels)
+    except Exception:  # noqa: BLE001 - a processor-specific input (image sizes, grids): text probe only
+        return None
+    feats = getattr(out, "pooler_output", out)
+    parts = feats if isinstance(feats, (list, tuple)) else [feats]
+    if not parts or not all(isinstance(f, torch.Tensor) for f in parts):
+        return None
+    count = sum(f.reshape(-1, f.shape[-1]).shape[0] for f in parts)
+    image = torch.full((1, count), token, dtype=ids.dtype, device=ids.device)
+    return {**inputs, "input_ids": torch.cat([ids[:, :2], image, ids[:, 2:]], 1), "pixel_values": pixels}
+
+
 def _probe_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
     name = getattr(model, "main_input_name", None)
     device = input_device(model)
@@ -250,7 +323,8 @@ def _probe_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
             vocab = cast(Any, model).get_input_embeddings().num_embeddings
             ids = torch.arange(5) * 7 % max(vocab, 1)
             cfg = cast(Any, model).config
-            eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, (list, tuple)) else cfg.eos_token_id
+            eos = getattr(cfg, "eos_token_id", None)
+            eos = eos[0] if isinstance(eos, (list, tuple)) else eos
             if isinstance(eos, int) and 0 <= eos < vocab:  # BART-style heads read the last EOS
                 ids[-1] = eos
             inputs = {"input_ids": ids[None].to(device)}
@@ -260,11 +334,10 @@ def _probe_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
             ):
                 start = decoder_start(model)
                 inputs["decoder_input_ids"] = torch.tensor([[start, int(ids[1]), int(ids[2])]], device=device)
-            return inputs
-        if name == "pixel_values":
-            cfg = cast(Any, model).config
-            size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
-            return {"pixel_values": torch.randn(1, cfg.num_channels, size, size, device=device)}
+            return _with_image(model, inputs) or inputs
+        if name == "pixel_values" or (name == "inputs" and _takes_images(model)):
+            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+            return {name: torch.randn(1, *image_shape(model), device=device, dtype=dtype)}
     except (AttributeError, NotImplementedError, TypeError):
         return None
     return None
@@ -339,6 +412,15 @@ def patch(
             plan, ops_paths = _copy_plan(cached[1]), cached[2]
         else:
             op_checked = verify and is_hf_model(model) and _probe_inputs(model) is not None
+            if verify and is_hf_model(model) and not op_checked:
+                warnings.warn(
+                    f"lxt_plus could not build a probe input for {type(model).__name__} (main input "
+                    f"{getattr(model, 'main_input_name', None)!r}), so the operations on its relevance path "
+                    "are not checked and relevance may not be conservative: check it with "
+                    "lxt_plus.audit(model, inputs=...) on an input of your own",
+                    LxtPlusWarning,
+                    stacklevel=3,
+                )
             plan = build_plan(model, preset, strict=strict, op_checked=op_checked)
             ops_paths, cached = frozenset(), None
         handle = Handle(model, plan)
@@ -355,6 +437,7 @@ def patch(
                 )
                 if entry.path in plan.gated:
                     gate_products(named[entry.path], handle._undo)
+            _dense_batch_norm_grads(model, handle._undo)
             if preset.zero_bias:
                 _zero_biases(model, handle._undo)
             if any(e.route == "registry" for e in plan.entries):
@@ -459,10 +542,11 @@ def _check_operations(
         return here, covers
 
     types = {info.path: info.type_name for info in plan.infos}
-    embs, added = embedding_leaves(model) if "input_ids" in inputs else ([], [])
+    embs, added = embedding_leaves(model, tokens="input_ids" in inputs)
     probe = dict(inputs)
-    if "pixel_values" in probe:
-        probe["pixel_values"] = probe["pixel_values"].clone().requires_grad_(True)
+    for name, value in probe.items():
+        if value.is_floating_point():  # an image: the pixels are the leaf
+            probe[name] = value.clone().requires_grad_(True)
 
     def leaf(module: nn.Module, args: Any, out: Any) -> Any:
         return out.detach().requires_grad_(True).clone() if isinstance(out, torch.Tensor) else out

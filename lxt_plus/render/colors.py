@@ -23,6 +23,7 @@ __all__ = [
     "palette",
     "color_limit",
     "colormap",
+    "overlay",
 ]
 
 RGB = tuple[int, int, int]
@@ -90,6 +91,23 @@ def color_limit(relevance: torch.Tensor, method: str) -> float:
         return 1.0
     a = relevance.detach().abs().float()
     return float(a.max() if method == "max" else a.sum())
+
+
+def overlay(image: torch.Tensor, relevance: torch.Tensor, limit: float) -> torch.Tensor:
+    """The heatmap over the image, ``(H, W, 3)`` floats in ``[0, 1]``: the image in grey (its own
+    range stretched), tinted by the token scale's colours in proportion to ``|relevance| / limit``
+    (zero relevance leaves the image as it is). ``image``: ``(C, H, W)`` with 1 or 3 channels."""
+    img = image.detach().float().cpu()
+    grey = img.mean(0) if img.shape[0] != 3 else 0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2]
+    lo, hi = float(grey.min()), float(grey.max())
+    grey = (grey - lo) / (hi - lo) if hi > lo else torch.full_like(grey, 0.5)
+    base = (0.25 + 0.75 * grey)[..., None].expand(*grey.shape, 3)
+    v = (relevance.detach().float().cpu() / (limit or 1.0)).clamp(-1, 1)
+    pos = torch.tensor(POSITIVE, dtype=torch.float32) / 255
+    neg = torch.tensor(NEGATIVE, dtype=torch.float32) / 255
+    tint = torch.where(v[..., None] > 0, pos, neg)
+    a = v.abs()[..., None]
+    return base * (1 - a) + tint * a
 
 
 def colormap(name: str = "lxt_plus") -> Any:

@@ -111,12 +111,22 @@ def _axis_label(normalize: str) -> str:
     return "relevance" + ("" if normalize == "none" else f" (normalised: {normalize})")
 
 
-def _draw_pixels(fig: Figure, ax: Axes, rel: torch.Tensor, normalize: str) -> None:
+def _draw_pixels(
+    fig: Figure, ax: Axes, rel: torch.Tensor, normalize: str, image: torch.Tensor | None = None
+) -> None:
+    """The pixel heatmap in the token scale's colours; over the image itself when it is given."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
     img = _normalize(rel, normalize)
     lim = float(img.abs().max()) or 1.0
-    im = ax.imshow(img.numpy(), cmap="bwr", vmin=-lim, vmax=lim, interpolation="nearest")
+    if image is not None and image.shape[-2:] == rel.shape and image.shape[0] in (1, 3):
+        ax.imshow(colors.overlay(image, img, lim).numpy(), interpolation="nearest")
+    else:
+        ax.imshow(img.numpy(), cmap=colors.colormap(), vmin=-lim, vmax=lim, interpolation="nearest")
     ax.set_axis_off()
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=_axis_label(normalize))
+    scale = ScalarMappable(Normalize(-lim, lim), colors.colormap())
+    fig.colorbar(scale, ax=ax, fraction=0.046, pad=0.04, label=_axis_label(normalize))
 
 
 def _draw_features(ax: Axes, names: list[str], rel: torch.Tensor, normalize: str) -> None:
@@ -142,11 +152,12 @@ def plot_explanation(
     words: bool = False,
     ax: Axes | None = None,
     hide_special: bool = False,
+    overlay: bool = True,
 ) -> Figure:
     """Plot an explanation.
 
     Tokens are drawn as coloured boxes wrapped over lines with a colour legend; pixel relevance
-    (``(H, W)`` per row) as an image with a symmetric ``bwr`` colour scale and a colour bar; features as a
+    (``(H, W)`` per row) over the input image, tinted in the token colour scale, with a colour bar; features as a
     horizontal signed bar chart.
 
     Parameters
@@ -163,6 +174,8 @@ def plot_explanation(
         Axes to draw into (one row only); a new figure is made when ``None``.
     hide_special:
         Leave out special and chat-template tokens (``exp.hidden``).
+    overlay:
+        Pixels: tint the input image with the heatmap (``False``: the heatmap alone).
 
     Returns
     -------
@@ -198,7 +211,8 @@ def plot_explanation(
         if exp.modality == "tokens":
             _draw_tokens(a, texts, rel, normalize, wrap)
         elif exp.modality == "pixels":
-            _draw_pixels(fig, a, exp.batch_relevance[r].detach().float().cpu(), normalize)
+            image = exp.images.pixels[r] if overlay and exp.images is not None else None
+            _draw_pixels(fig, a, exp.batch_relevance[r].detach().float().cpu(), normalize, image)
         else:
             _draw_features(a, texts, rel, normalize)
         a.set_title(_title(exp, r), fontsize=FONT_SIZE * 0.85, loc="left", color="#1f2328")

@@ -19,6 +19,7 @@ from lxt_plus.results.serialize import (
 )
 
 if TYPE_CHECKING:
+    from lxt_plus.results.images import ImageRelevance
     from lxt_plus.results.segments import Segments
 
 __all__ = ["Explanation", "GenerationExplanation", "Target", "explanation_from_dict", "generation_from_dict"]
@@ -110,6 +111,8 @@ class Explanation:
     # ``relevance`` is then over the encoder's input tokens
     decoder_relevance: torch.Tensor | None = None
     decoder_ids: torch.Tensor | None = None
+    # pixel relevance per channel, with the input pixels (image classifiers and VLMs)
+    images: ImageRelevance | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.captures, Captures):  # a plain dict of captures is accepted
@@ -124,6 +127,29 @@ class Explanation:
     @property
     def target(self) -> Target | list[Target]:
         return self.targets[0] if self.single else self.targets
+
+    # ------------------------------------------------------------------ images
+    def _image_part(self, t: torch.Tensor) -> torch.Tensor:
+        return t[0] if self.single and t.shape[0] == 1 else t
+
+    @property
+    def image_relevance(self) -> torch.Tensor | None:
+        """Pixel relevance summed over channels: ``(H, W)`` for one image, ``(images, H, W)`` for
+        several; ``None`` when no image was explained. For an image classifier it equals
+        ``relevance``; for a vision-language model it sits beside the token ``relevance``."""
+        return None if self.images is None else self._image_part(self.images.relevance)
+
+    @property
+    def channel_relevance(self) -> torch.Tensor | None:
+        """Pixel relevance per channel, ``(C, H, W)`` (or ``(images, C, H, W)``), or ``None``."""
+        return None if self.images is None else self._image_part(self.images.channels)
+
+    def patch_relevance(self, size: int | None = None) -> torch.Tensor:
+        """Pixel relevance summed over patches of ``size`` pixels (the model's patch size by
+        default): ``(H / size, W / size)`` for one image."""
+        if self.images is None:
+            raise InputError("this explanation has no image relevance: explain an image input")
+        return self._image_part(self.images.patches(size))
 
     @property
     def relevance_sum(self) -> torch.Tensor:
@@ -152,10 +178,18 @@ class Explanation:
             decoder = self.decoder_relevance.sum(-1)
             decoder = decoder[0] if self.single else decoder
             total = total + decoder
+        image = None
+        if self.images is not None and self.modality == "tokens":  # a VLM: the images' share
+            per_image = self.images.total()
+            rows = self.images.rows if self.images.rows is not None else torch.arange(len(per_image))
+            image = torch.zeros(len(self)).index_add_(0, rows, per_image.float())
+            image = image[0] if self.single else image
+            total = total + image
         return Conservation(
             relevance_sum=self.relevance_sum,
             position_relevance=extra,
             **({"decoder_relevance": decoder} if decoder is not None else {}),
+            **({"image_relevance": image} if image is not None else {}),
             target_logit=logit,
             absorbed=logit - total,
             rules=self.rules,
@@ -189,6 +223,7 @@ class Explanation:
             hidden=None if self.hidden is None else self.hidden[sl],
             decoder_relevance=None if self.decoder_relevance is None else self.decoder_relevance[sl],
             decoder_ids=None if self.decoder_ids is None else self.decoder_ids[sl],
+            images=None if self.images is None else self.images.of_row(sl.start),
         )
 
     def real_tokens(self, row: int = 0, hide_special: bool = False) -> tuple[list[str], torch.Tensor]:
@@ -375,6 +410,11 @@ class GenerationExplanation:
         ``(n_generated,)`` the explained logit of each generated token.
     rules:
         Preset name.
+    image_matrix:
+        Vision-language models: ``(n_generated, images, H, W)``, row ``t`` the pixel relevance of
+        the prompt's images for generated token ``t`` (summed over channels), else ``None``.
+    pixels:
+        The images the model saw, ``(images, C, H, W)``, for overlays; ``patch_size`` its patch size.
     """
 
     tokens: list[str]
@@ -383,6 +423,21 @@ class GenerationExplanation:
     matrix: torch.Tensor
     target_logit: torch.Tensor
     rules: str
+    image_matrix: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None
+    patch_size: int | None = None
+
+    def patch_matrix(self, size: int | None = None) -> torch.Tensor:
+        """``image_matrix`` summed over patches of ``size`` pixels (the model's patch size by default):
+        ``(n_generated, images, H / size, W / size)``."""
+        from lxt_plus.results.images import pool_patches
+
+        if self.image_matrix is None:
+            raise InputError("this generation has no image relevance: the prompt had no image")
+        size = size or self.patch_size
+        if size is None:
+            raise InputError("the model has no patch size; pass patch_matrix(size=...) in pixels")
+        return pool_patches(self.image_matrix, size)
 
     @property
     def generated_tokens(self) -> list[str]:

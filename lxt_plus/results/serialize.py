@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lxt_plus.errors import InputError
+from lxt_plus.results.images import ImageRelevance
 
 if TYPE_CHECKING:
     from lxt_plus.results.result import Explanation, GenerationExplanation
@@ -89,6 +90,14 @@ def explanation_to_dict(exp: Explanation) -> dict[str, Any]:
         "extra_relevance": _list(exp.extra_relevance),
         "hidden": _list(exp.hidden),
         "captures": _encode(dict(exp.captures), "captures"),
+        "images": None
+        if exp.images is None
+        else {
+            "channels": _list(exp.images.channels),
+            "pixels": _list(exp.images.pixels),
+            "patch_size": exp.images.patch_size,
+            "rows": _list(exp.images.rows),
+        },
     }
 
 
@@ -168,6 +177,28 @@ def explanation_fields(data: dict[str, Any]) -> dict[str, Any]:
         captures=_decode(data.get("captures") or {}),
         extra_relevance=_tensor(data, "extra_relevance", torch.float32, optional=True),
         hidden=_tensor(data, "hidden", torch.bool, optional=True),
+        images=_images(data.get("images")),
+    )
+
+
+def _images(data: Any) -> ImageRelevance | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict) or not {"channels", "pixels"} <= set(data):
+        raise InputError("field 'images' must be a dict with 'channels' and 'pixels'")
+    channels = _tensor(data, "channels", torch.float32)
+    pixels = _tensor(data, "pixels", torch.float32)
+    if channels.dim() != 4 or channels.shape != pixels.shape:
+        raise InputError(
+            f"images: 'channels' and 'pixels' must both be (images, C, H, W), got {tuple(channels.shape)} "
+            f"and {tuple(pixels.shape)}"
+        )
+    size = data.get("patch_size")
+    return ImageRelevance(
+        channels,
+        pixels,
+        int(size) if size is not None else None,
+        _tensor(data, "rows", torch.long, optional=True),
     )
 
 

@@ -206,7 +206,40 @@ def test_plot_modalities() -> None:
     fig = pix.plot()
     image = fig.axes[0].images[0]
     lo, hi = image.get_clim()
-    assert lo == -hi and image.get_cmap().name == "bwr"
+    assert lo == -hi and image.get_cmap().name == "lxt_plus"  # the token scale
+
+
+def test_pixel_heatmap_over_the_image() -> None:
+    """With the input pixels kept, the heatmap tints the image: zero relevance leaves its grey
+    level, full positive relevance is the token scale's red, full negative its blue."""
+    pytest.importorskip("matplotlib")
+    from lxt_plus.render import colors
+    from lxt_plus.results.images import ImageRelevance
+
+    pixels = torch.linspace(-1, 1, 12).reshape(1, 1, 3, 4)
+    rel = torch.zeros(1, 3, 4)
+    rel[0, 0, 0], rel[0, 2, 3] = 2.0, -2.0
+    pix = Explanation(
+        batch_relevance=rel,
+        tokens=[[]],
+        token_ids=None,
+        attention_mask=None,
+        targets=[Target(kind="class", ids=(1,), label="1")],
+        target_logit=torch.tensor([0.0]),
+        probability=None,
+        rules="attnlrp",
+        modality="pixels",
+        images=ImageRelevance(rel[:, None], pixels, patch_size=2),
+    )
+    shown = torch.tensor(pix.plot().axes[0].images[0].get_array())
+    assert shown.shape == (3, 4, 3)
+    grey = (pixels[0, 0] + 1) / 2
+    torch.testing.assert_close(shown[1, 1], (0.25 + 0.75 * grey[1, 1]).repeat(3), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(shown[0, 0], torch.tensor(colors.POSITIVE, dtype=torch.float32) / 255)
+    torch.testing.assert_close(shown[2, 3], torch.tensor(colors.NEGATIVE, dtype=torch.float32) / 255)
+    plain = torch.tensor(pix.plot(overlay=False).axes[0].images[0].get_array())
+    assert plain.shape == (3, 4)
+    assert pix.patch_relevance().shape == (2, 2) and float(pix.patch_relevance()[0, 0]) == 2.0
     feat = Explanation(
         batch_relevance=torch.tensor([[0.4, -0.3]]),
         tokens=[["age", "income"]],
