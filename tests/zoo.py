@@ -38,9 +38,11 @@ HEADS = {
     "seq2seq": ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "AutoModelForSeq2SeqLM"),
     "masked-lm": ("MODEL_FOR_MASKED_LM_MAPPING_NAMES", "AutoModelForMaskedLM"),
     "image-cls": ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "AutoModelForImageClassification"),
+    "image-text": ("MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "AutoModelForImageTextToText"),
 }
 VISION_HEADS = ("image-cls",)
 VOCAB = 128
+IMAGE_TOKEN = VOCAB - 1
 MAX_PARAMETERS = 3_000_000
 _SIZES: dict[int, tuple[str, ...]] = {
     32: (
@@ -319,9 +321,43 @@ def tiny_vision_config(model_type: str) -> Any:
     return cfg
 
 
+_SPECIAL_IMAGE_TOKENS = (
+    "video_token_id",
+    "boi_token_id",
+    "eoi_token_id",
+    "image_start_token_id",
+    "image_end_token_id",
+)
+
+
+def tiny_vlm_config(model_type: str) -> Any:
+    """A vision-language model from the tiny text config of its language model and the tiny vision
+    config of its vision tower; the image placeholder token moved into the small vocabulary."""
+    base = tf.AutoConfig.for_model(model_type)
+    data = base.to_dict()
+    text = getattr(base, "text_config", None)
+    if text is not None:
+        data["text_config"] = tiny_config(text.model_type).to_dict()
+    vision = getattr(base, "vision_config", None)
+    if vision is not None:
+        data["vision_config"] = _shrink_vision(vision, {}).to_dict()
+    for name in ("image_token_id", "image_token_index"):
+        if isinstance(data.get(name), int):
+            data[name] = IMAGE_TOKEN
+    for i, name in enumerate(_SPECIAL_IMAGE_TOKENS):
+        if isinstance(data.get(name), int):
+            data[name] = VOCAB - 2 - i
+    return type(base)(**data)
+
+
 def build(model_type: str, head: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    cfg = tiny_vision_config(model_type) if head in VISION_HEADS else tiny_config(model_type)
+    if head in VISION_HEADS:
+        cfg = tiny_vision_config(model_type)
+    elif head == "image-text":
+        cfg = tiny_vlm_config(model_type)
+    else:
+        cfg = tiny_config(model_type)
     auto = getattr(tf, HEADS[head][1])
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -361,6 +397,12 @@ def _reinitialise(model: torch.nn.Module, seed: int) -> None:
                 b.copy_(0.5 + torch.rand(b.shape, generator=gen))
 
 
+def _forward_params(model: torch.nn.Module) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(model.forward).parameters)
+
+
 @dataclass
 class Status:
     model_type: str
@@ -371,7 +413,25 @@ class Status:
     error: float | None = None  # relative conservation error (conservative-check)
 
 
+def _vlm_inputs(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Text with as many image placeholders as the vision tower gives features, and one image."""
+    from lxt_plus.engine.patching import _with_image
+
+    vocab = model.get_input_embeddings().num_embeddings
+    inputs = _with_image(model, {"input_ids": torch.tensor([[5, 6, 7, 8, 9]]) % vocab})
+    if inputs is None:
+        raise ValueError(
+            "no plain image input: the model needs processor-specific inputs (image sizes, grids)"
+        )
+    gen = torch.Generator().manual_seed(0)
+    inputs["pixel_values"] = torch.randn(inputs["pixel_values"].shape, generator=gen)
+    return inputs
+
+
 def _inputs(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    if "pixel_values" in _forward_params(model) and getattr(model.config, "vision_config", None) is not None:
+        if getattr(model, "main_input_name", "input_ids") == "input_ids":
+            return _vlm_inputs(model)
     if getattr(model, "main_input_name", "input_ids") != "input_ids":  # an image (ImageGPT takes ids)
         gen = torch.Generator().manual_seed(0)
         pixels = torch.randn(1, *image_shape(model), generator=gen, dtype=torch.float64)
@@ -421,6 +481,8 @@ def status(model_type: str, head: str, preset: str, tol: float = 1e-4) -> Status
             warnings.simplefilter("ignore")
             if "input_ids" not in inputs:  # an image
                 result = lxt_plus.explain(model, next(iter(inputs.values())), rules=preset)
+            elif "pixel_values" in inputs:  # text and an image
+                result = lxt_plus.explain(model, inputs, rules=preset)
             else:
                 result = lxt_plus.explain(
                     model,

@@ -157,6 +157,11 @@ def _prepare_multimodal(
         raise InputError(f"pixel_values must be a floating-point tensor, got {type(pixels).__name__}")
     single = ids.dim() == 1
     ids = ids[None] if single else ids
+    if pixels.dim() == 4 and pixels.shape[0] not in (1, ids.shape[0]) and ids.shape[0] != 1:
+        raise InputError(
+            f"{pixels.shape[0]} images for {ids.shape[0]} rows: lxt_plus cannot tell which image belongs to "
+            "which row; explain one row at a time, or give one image per row"
+        )
     mask = data.get("attention_mask", mask)
     mask = torch.ones_like(ids) if mask is None else (mask[None] if mask.dim() == 1 else mask)
     check_ids(model, ids, length=0)

@@ -303,9 +303,17 @@ def _summed(
 
 
 def llama_reference(
-    model: nn.Module, ids: Tensor, mask: Tensor, target: tuple[int, int], tape: Tape, zero_bias: bool = False
+    model: nn.Module,
+    ids: Tensor,
+    mask: Tensor,
+    target: tuple[int, int],
+    tape: Tape,
+    zero_bias: bool = False,
+    embed: Callable[[Node], Node] | None = None,
 ) -> Reference:
-    """Tiny Llama: RMSNorm, rotary positions, GQA, SwiGLU MLP, untied LM head; ``target = (pos, token)``."""
+    """Tiny Llama: RMSNorm, rotary positions, GQA, SwiGLU MLP, untied LM head; ``target = (pos, token)``.
+    ``embed`` turns the token-embedding node into the first hidden state (a vision-language model
+    puts its image features there)."""
     cfg = model.config
     core = model.model
     n = ids.shape[0]
@@ -319,7 +327,7 @@ def llama_reference(
     allowed = torch.tril(torch.ones(n, n, dtype=torch.bool)) & mask.bool()[None, :]
 
     tokens = tape.leaf(weight_of(core.embed_tokens)[ids])
-    h = tokens
+    h = tokens if embed is None else embed(tokens)
     for layer in core.layers:
         attn, mlp = layer.self_attn, layer.mlp
         a = tape.llama_rms_norm(h, weight_of(layer.input_layernorm), layer.input_layernorm.variance_epsilon)
