@@ -166,7 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="explain one prediction (next token or class) of a text",
         epilog=f"{_TARGETS_HELP}\n\n{_COLOR_HELP}\n\n{exit_codes}",
     )
-    p.add_argument("text", metavar="TEXT", help="the text whose prediction is explained")
+    p.add_argument(
+        "text", metavar="TEXT", nargs="?", default=None, help="the text whose prediction is explained"
+    )
+    p.add_argument(
+        "--image",
+        metavar="FILE",
+        default=None,
+        help="explain an image classifier's prediction for this image (TEXT then not needed), or, with "
+        "a vision-language model, TEXT about this image (needs a model folder with its processor)",
+    )
     p.add_argument(
         "--target",
         metavar="T",
@@ -336,10 +345,37 @@ def _load(name: str | None) -> tuple[Any, Any]:
     task = "causal-lm"
     config = Path(name) / "config.json"
     if config.is_file():
-        archs = json.loads(config.read_text()).get("architectures") or []
-        if any("Classification" in a for a in archs):
+        data = json.loads(config.read_text())
+        archs = data.get("architectures") or []
+        if any("ImageClassification" in a for a in archs):
+            task = "image-classification"
+        elif data.get("vision_config") is not None and any("ConditionalGeneration" in a for a in archs):
+            task = "image-text-to-text"
+        elif any("Classification" in a for a in archs):
             task = "sequence-classification"
     return models.load_model(name, task=task)
+
+
+def _image_inputs(model: Any, processor: Any, text: str | None, image: str) -> dict[str, Any]:
+    """The model inputs for ``--image FILE`` (and TEXT for a vision-language model)."""
+    path = Path(image).expanduser()
+    if not path.is_file():
+        raise InputError(f"image file {image!r} does not exist")
+    if processor is None or not callable(processor):
+        raise InputError(
+            "--image needs a model folder with an image processor (preprocessor_config.json) or a processor"
+        )
+    from PIL import Image
+
+    try:
+        picture = Image.open(path).convert("RGB")
+    except OSError as exc:
+        raise InputError(f"{image!r} is not an image file this machine can read ({exc})") from None
+    if getattr(model, "main_input_name", "input_ids") == "pixel_values":
+        return dict(processor(images=picture, return_tensors="pt"))
+    if not text:
+        raise _UsageError("a vision-language model needs TEXT (the prompt) beside --image")
+    return dict(processor(text=text, images=picture, return_tensors="pt"))
 
 
 def _emit(result: Any, fmt: str, out: str | None, color: str, **render: Any) -> None:
@@ -372,13 +408,29 @@ def _emit(result: Any, fmt: str, out: str | None, color: str, **render: Any) -> 
 
 # --------------------------------------------------------------------------- commands
 def _cmd_explain(args: argparse.Namespace) -> int:
-    _nonempty(args.text, "TEXT")
+    if args.image is None:
+        if args.text is None:
+            raise _UsageError("give TEXT to explain (or --image FILE for an image model)")
+        _nonempty(args.text, "TEXT")
     fmt = _format(args, EXPLAIN_FORMATS)
     rules = _check_rules(args)
     from lxt_plus.api.explain import explain
 
     model, tokenizer = _load(args.model)
     target, contrast = _spec(args.target), _spec(args.contrast)
+    if args.image is not None:
+        inputs = _image_inputs(model, tokenizer, args.text, args.image)
+        exp = explain(
+            model,
+            inputs,
+            target,
+            tokenizer=getattr(tokenizer, "tokenizer", None),
+            rules=rules,
+            contrast=contrast,
+            strict_target=args.strict_target,
+        )
+        _emit(exp, fmt, args.out, args.color)
+        return EXIT_OK
     _check_token_targets(model, tokenizer, {"target": target, "contrast": contrast}, args.strict_target)
     exp = explain(
         model,

@@ -173,6 +173,20 @@ def _prepare_multimodal(
     return _Batch(ids, mask.long(), None, single, hidden, extras)
 
 
+def _processed(model: nn.Module, text: Any, images: Any, processor: Any, tokenizer: Any) -> tuple[Any, Any]:
+    """``processor(text=..., images=...)`` as model inputs, and the tokenizer for the token strings."""
+    if images is None or processor is None or not callable(processor):
+        raise InputError("images= and processor= go together: pass both (the processor prepares the images)")
+    if getattr(model, "main_input_name", "input_ids") != "input_ids":  # an image classifier
+        if text is not None:
+            raise InputError(f"{type(model).__name__} takes images only: pass None as the text")
+        return dict(processor(images=images, return_tensors="pt")), tokenizer
+    if not isinstance(text, (str, list)):
+        raise InputError("a vision-language model needs the prompt text beside images=")
+    data = dict(processor(text=text, images=images, return_tensors="pt"))
+    return data, tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
+
+
 def _check_image(model: nn.Module, values: Tensor) -> None:
     """An image batch the model can read: ``(batch, channels, height, width)`` with its channels
     (transformers would raise a ValueError from inside the model otherwise)."""
@@ -536,6 +550,8 @@ def explain(
     strict_target: bool = False,
     pipeline_kwargs: dict[str, Any] | None = None,
     decoder_input_ids: Tensor | None = None,
+    images: Any = None,
+    processor: Any = None,
 ) -> Explanation:
     """Explain a prediction with LRP in one forward and one backward pass.
 
@@ -548,7 +564,10 @@ def explain(
         mask) is explained on the inputs it prepares itself, and the pipeline is left unchanged.
     inputs:
         Text or a list of texts (with ``tokenizer``), ``input_ids`` ``(seq,)``/``(batch, seq)``, a
-        tokenizer output, ``pixel_values`` ``(batch, C, H, W)``, or features ``(batch, n)``.
+        tokenizer output, ``pixel_values`` ``(batch, C, H, W)``, a processor's output (for a
+        vision-language model: ``input_ids`` with image placeholders and ``pixel_values``; the
+        result's ``image_relevance`` is then beside the token ``relevance``), or features
+        ``(batch, n)``. With ``images=`` and ``processor=``: the text (``None`` for an image classifier).
     target:
         ``None`` for the prediction (next token at the last real position, or the predicted
         class); a token id or token string (several tokens: the sum of their logits); a class
@@ -582,6 +601,11 @@ def explain(
     pipeline_kwargs:
         With a pipeline as ``model``: keyword arguments of the pipeline call
         (``{"max_new_tokens": 4}``, ``{"top_k": 3}``, ...).
+    images, processor:
+        Images (PIL images or arrays, as the processor takes them) and the model's processor, which
+        prepares them with ``inputs`` as the text: ``explain(vlm, "Describe the image.",
+        images=picture, processor=processor)``, or ``explain(vit, None, images=picture,
+        processor=image_processor)``. The token strings come from ``processor.tokenizer``.
     decoder_input_ids:
         Encoder-decoder models (T5, BART, ...): the decoder prefix, ``(m,)`` or ``(batch, m)``;
         the target is the token after it (or at decoder ``position``). Default: the decoder's start
@@ -614,6 +638,8 @@ def explain(
         )
     if pipeline_kwargs is not None:
         raise InputError("pipeline_kwargs= is for a pipeline passed as the model")
+    if images is not None or processor is not None:
+        inputs, tokenizer = _processed(model, inputs, images, processor, tokenizer)
     kind = model_kind(model)
     function = _target_function(target, contrast)
     batch = _prepare(model, inputs, tokenizer, attention_mask, kind, chat)

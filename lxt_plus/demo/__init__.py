@@ -49,7 +49,10 @@ __all__ = [
 _TASKS = {
     "causal-lm": "AutoModelForCausalLM",
     "sequence-classification": "AutoModelForSequenceClassification",
+    "image-classification": "AutoModelForImageClassification",
+    "image-text-to-text": "AutoModelForImageTextToText",
 }
+_IMAGE_TASKS = {"image-classification": "AutoImageProcessor", "image-text-to-text": "AutoProcessor"}
 
 
 # --------------------------------------------------------------------------- one entry point
@@ -66,8 +69,9 @@ def load_model(
         ``"smollm2"`` (SmolLM2-135M-Instruct), ``"sentiment"`` / ``"minilm-sentiment"`` (the
         fine-tuned MiniLM classifier, trained first if missing), a local folder, a hub name (only
         where a hub is reachable) or an already loaded model, which is returned as is.
-    task : {"causal-lm", "sequence-classification"}
-        Which head to load from a folder or hub name.
+    task : {"causal-lm", "sequence-classification", "image-classification", "image-text-to-text"}
+        Which head to load from a folder or hub name. For the image tasks the second value returned
+        is the folder's image processor (or multimodal processor) instead of a tokenizer.
     dtype : torch.dtype
         Parameter dtype of a model loaded here.
 
@@ -97,8 +101,9 @@ def load_model(
     auto = getattr(transformers, _TASKS[task])
     if os.path.isdir(name):
         model = auto.from_pretrained(name, dtype=dtype).eval()
+        loader = getattr(transformers, _IMAGE_TASKS.get(task, "AutoTokenizer"))
         try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+            tokenizer = loader.from_pretrained(name)
         except (OSError, ValueError):
             tokenizer = None
         return model, tokenizer

@@ -157,6 +157,9 @@ function show(t){
  root.querySelector('.lxt-logit').textContent=d.logits[t];
  root.querySelector('.lxt-lo').textContent=d.lo[t];
  root.querySelector('.lxt-hi').textContent=d.hi[t];
+ var img=root.querySelector('.lxt-img');
+ if(img&&d.images){img.src=d.images[t];img.title='image relevance '+d.image_sums[t];
+  root.querySelector('.lxt-img-sum').textContent=d.image_sums[t];}
 }
 for(var i=d.start;i<toks.length;i++){(function(t){
  toks[d.start+t].addEventListener('mouseenter',function(){show(t);});
@@ -218,12 +221,51 @@ def generation_html(gen: GenerationExplanation, normalize: str = "max") -> str:
         f"(underlined) token</div>"
     )
     limit = colors.color_limit(matrix[0], normalize) if n_gen else 1.0
+    image = ""
+    if gen.image_matrix is not None and gen.pixels is not None and n_gen:
+        urls, sums = _image_rows(gen, normalize)
+        data["images"], data["image_sums"] = urls, sums
+        image = (
+            '<div class="lxt-image" style="margin-top:6px">image relevance of the hovered token '
+            '(its own colour scale; patches where the model has them): <b class="lxt-img-sum">'
+            f'{escape(sums[0])}</b><br><img class="lxt-img" alt="image relevance" '
+            f'style="image-rendering:pixelated;width:224px" src="{urls[0]}"></div>'
+        )
     return (
         f'<div class="lxt" id="{uid}">{CSS}{head}<div class="lxt-tokens" dir="auto">{"".join(spans)}'
-        f"</div>{legend_html(limit, ids=True)}"
+        f"</div>{legend_html(limit, ids=True)}{image}"
         f'<script type="application/json" class="lxt-data">{safe_json(data)}</script>'
         f"<script>{_SCRIPT % json.dumps(uid)}</script></div>"
     )
+
+
+def png_data_url(rgb: torch.Tensor) -> str:
+    """``(H, W, 3)`` floats in ``[0, 1]`` as a ``data:image/png`` URL (matplotlib writes the PNG)."""
+    from matplotlib.image import imsave
+
+    buf = io.BytesIO()
+    imsave(buf, rgb.clamp(0, 1).numpy(), format="png")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _image_rows(gen: GenerationExplanation, normalize: str) -> tuple[list[str], list[str]]:
+    """One overlay image per generated token (the first image of the prompt, its patch relevance
+    where the model has a patch size, each row on its own scale), and each row's image total."""
+    assert gen.image_matrix is not None and gen.pixels is not None
+    rows = gen.image_matrix[:, 0].float()
+    if gen.patch_size:
+        p = gen.patch_size
+        h, w = rows.shape[-2:]
+        rows = gen.patch_matrix()[:, 0].repeat_interleave(p, -2).repeat_interleave(p, -1)[..., :h, :w] / (
+            p * p
+        )
+    urls, sums = [], []
+    for t in range(rows.shape[0]):
+        norm = _normalize(rows[t], normalize)
+        limit = float(norm.abs().max()) or 1.0
+        urls.append(png_data_url(colors.overlay(gen.pixels[0], norm, limit)))
+        sums.append(f"{float(gen.image_matrix[t].sum()):+.4g}")
+    return urls, sums
 
 
 def segments_html(segs: Segments) -> str:

@@ -706,3 +706,47 @@ def test_help_names_every_preset() -> None:
     from lxt_plus import cli as cli_module
 
     assert sorted(n.strip() for n in cli_module._PRESET_NAMES.split(",")) == lxt_plus.list_presets()
+
+
+def test_explain_an_image_file(tmp_path: Path) -> None:
+    """``--image FILE`` with an image classifier saved with its image processor: pixel relevance."""
+    import torch
+    import transformers as tf
+    from PIL import Image
+
+    torch.manual_seed(0)
+    vit = tf.ViTForImageClassification(
+        tf.ViTConfig(
+            image_size=16,
+            patch_size=4,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=64,
+            num_labels=3,
+        )
+    ).eval()
+    vit.save_pretrained(tmp_path / "vit")
+    tf.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(tmp_path / "vit")
+    picture = (torch.rand(20, 24, 3) * 255).byte().numpy()
+    Image.fromarray(picture).save(tmp_path / "cat.png")
+    out = tmp_path / "cat.json"
+    proc = run(
+        "explain",
+        "--image",
+        str(tmp_path / "cat.png"),
+        "--model",
+        str(tmp_path / "vit"),
+        "--format",
+        "json",
+        "--out",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["modality"] == "pixels" and len(data["relevance"][0]) == 16
+    assert len(data["images"]["channels"][0]) == 3 and data["images"]["patch_size"] == 4
+    missing = run("explain", "--image", str(tmp_path / "nope.png"), "--model", str(tmp_path / "vit"))
+    assert missing.returncode == 2 and "does not exist" in one_error_line(missing.stderr)
+    nothing = run("explain", "--model", str(tmp_path / "vit"))
+    assert nothing.returncode == 2 and "--image" in one_error_line(nothing.stderr)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import re
 import sys
 from pathlib import Path
@@ -113,3 +115,45 @@ def test_generation_hover_recolours(tmp_path: Path) -> None:
     assert "lxt-sel" in spans[-1][0] and "lxt-sel" not in spans[4][0]
     assert "rgb(215, 25, 28)" in spans[3][1] or "#d7191c" in spans[3][1]  # strongest positive: full red
     assert "+1.5" in dom and "&lt;/script&gt;&lt;b&gt;x&lt;/b&gt;" in dom
+
+
+def test_generation_hover_shows_the_image_relevance(tmp_path: Path) -> None:
+    """A vision-language generation: hovering a generated token swaps in that token's image heatmap."""
+    pixels = torch.linspace(-1, 1, 3 * 4 * 4).reshape(1, 3, 4, 4)
+    image_matrix = torch.zeros(2, 1, 4, 4)
+    image_matrix[0, 0, :2, :2] = 1.0  # token 0: the top-left patch
+    image_matrix[1, 0, 2:, 2:] = -1.0  # token 1: the bottom-right patch, against
+    gen = GenerationExplanation(
+        tokens=["<image>", "Ġa", "Ġcat", "Ġsits"],
+        token_ids=torch.arange(4),
+        prompt_length=2,
+        matrix=torch.tensor([[0.0, 0.5, 0.0, 0.0], [0.0, 0.2, 0.7, 0.0]]),
+        target_logit=torch.tensor([1.0, 2.0]),
+        rules="attnlrp",
+        image_matrix=image_matrix,
+        pixels=pixels,
+        patch_size=2,
+    )
+    html = gen.to_html()
+    urls = re.findall(r'"(data:image/png;base64,[^"]+)"', html)
+    assert len(set(urls)) == 2  # one heatmap per generated token
+    hover = (
+        "<script>var t=document.querySelectorAll('.lxt-gen-tok');"
+        "t[t.length-1].dispatchEvent(new Event('mouseenter'));</script>"
+    )
+    dom = _chromium("--dump-dom", _page(tmp_path / "vlm.html", html, hover)).stdout
+    src = re.search(r'<img class="lxt-img"[^>]*src="([^"]+)"', dom)
+    initial = re.search(r'<img class="lxt-img"[^>]*src="([^"]+)"', html)
+    assert src is not None and initial is not None
+    assert src.group(1) in urls and src.group(1) != initial.group(1)  # swapped to the hovered token's
+    shown = re.search(r'class="lxt-img-sum">([^<]*)<', dom)
+    assert shown is not None and shown.group(1) == "-4"  # the hovered token's image total
+
+    from matplotlib.image import imread
+
+    def decode(url: str) -> np.ndarray:
+        return imread(io.BytesIO(base64.b64decode(url.split(",", 1)[1])), format="png")[..., :3]
+
+    after = decode(src.group(1))
+    assert after[3, 3, 2] > after[3, 3, 0] + 0.3  # bottom-right tinted blue for the second token
+    assert abs(after[0, 0, 0] - after[0, 0, 2]) < 0.05  # top-left untinted

@@ -271,3 +271,28 @@ def test_images_must_belong_to_rows(llava: nn.Module) -> None:
     batch = {"input_ids": ids[None].repeat(2, 1), "pixel_values": pixels[None].repeat(3, 1, 1, 1)}
     with pytest.raises(InputError, match="3 images for 2 rows"):
         lxt_plus.explain(llava, batch, target=9)
+
+
+class _Processor:
+    """A processor as transformers' are called: ``(text=..., images=..., return_tensors="pt")``."""
+
+    tokenizer = None
+
+    def __call__(self, text=None, images=None, return_tensors=None):  # type: ignore[no-untyped-def]
+        assert return_tensors == "pt"
+        ids, _ = _prompt()
+        pixels = torch.as_tensor(images, dtype=DTYPE)[None]
+        return {"input_ids": ids[None], "attention_mask": torch.ones(1, ids.numel()), "pixel_values": pixels}
+
+
+def test_text_and_images_with_a_processor(llava: nn.Module) -> None:
+    ids, pixels = _prompt()
+    direct = lxt_plus.explain(llava, {"input_ids": ids[None], "pixel_values": pixels[None]}, target=9)
+    via = lxt_plus.explain(llava, "Describe the image.", target=9, images=pixels, processor=_Processor())
+    torch.testing.assert_close(via.batch_relevance, direct.batch_relevance)
+    assert via.image_relevance is not None and direct.image_relevance is not None
+    torch.testing.assert_close(via.image_relevance, direct.image_relevance)
+    from lxt_plus.errors import InputError
+
+    with pytest.raises(InputError, match="go together"):
+        lxt_plus.explain(llava, "Describe the image.", images=pixels)
