@@ -21,6 +21,7 @@ __all__ = [
     "patched",
     "explain",
     "explain_generation",
+    "explain_similarity",
     "explore",
     "audit",
     "evaluate",
@@ -46,6 +47,7 @@ _LAZY = {
     "LxtPlusError": "errors",
     "explain": "api.explain",
     "explain_generation": "api.generation",
+    "explain_similarity": "api.similarity",
     "explore": "api.explore",
     "evaluate": "evaluation.evaluate",
     "tune": "evaluation.tune",
@@ -68,6 +70,7 @@ if TYPE_CHECKING:
     from lxt_plus.api.explain import explain
     from lxt_plus.api.explore import explore
     from lxt_plus.api.generation import explain_generation
+    from lxt_plus.api.similarity import explain_similarity
     from lxt_plus.engine.patching import Handle, patch, patched
     from lxt_plus.engine.plan import PRESETS, Preset, get_preset, list_presets, load_preset
     from lxt_plus.engine.rules import list_rules, register_rule

@@ -187,7 +187,7 @@ def _processed(model: nn.Module, text: Any, images: Any, processor: Any, tokeniz
     return data, tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
 
 
-def _check_image(model: nn.Module, values: Tensor) -> None:
+def check_image(model: nn.Module, values: Tensor) -> None:
     """An image batch the model can read: ``(batch, channels, height, width)`` with its channels
     (transformers would raise a ValueError from inside the model otherwise)."""
     if values.dim() != 4:
@@ -248,7 +248,7 @@ def _prepare(
         single = is_hf_model(model) and inputs.dim() == 3 or not is_hf_model(model) and inputs.dim() == 1
         values = inputs[None] if single else inputs
         if is_hf_model(model) and getattr(model, "main_input_name", None) == "pixel_values":
-            _check_image(model, values)
+            check_image(model, values)
         return _Batch(None, None, values, single)
     if getattr(model, "main_input_name", "input_ids") != "input_ids" or not is_hf_model(model):
         raise InputError(

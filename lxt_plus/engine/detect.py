@@ -113,15 +113,17 @@ def is_hf_model(module: nn.Module) -> bool:
 
 
 def input_embeddings(model: nn.Module) -> nn.Module | None:
-    """``model.get_input_embeddings()``, or ``None`` for a model that has none (an image model:
-    transformers raises ``NotImplementedError`` for ResNet, CLIP's image classifier and others)."""
+    """``model.get_input_embeddings()`` (a dual encoder's: its text tower's), or ``None`` for a
+    model that has none (an image model: transformers raises ``NotImplementedError`` for ResNet,
+    CLIP's image classifier and others)."""
     get = getattr(model, "get_input_embeddings", None)
     if get is None:
         return None
     try:
         emb = get()
     except (NotImplementedError, AttributeError):
-        return None
+        text = getattr(model, "text_model", None)  # CLIP's dual encoder: its text tower's
+        return input_embeddings(text) if isinstance(text, nn.Module) and text is not model else None
     return emb if isinstance(emb, nn.Module) else None
 
 

@@ -23,7 +23,14 @@ import torch
 from torch import nn
 
 from lxt_plus.engine.attention import AttentionSpec, probs_match, qkv_rule, rule_attention
-from lxt_plus.engine.detect import decoder_start, embedding_leaves, image_shape, input_device, is_hf_model
+from lxt_plus.engine.detect import (
+    decoder_start,
+    embedding_leaves,
+    image_shape,
+    input_device,
+    input_embeddings,
+    is_hf_model,
+)
 from lxt_plus.engine.hf import ATTENTION_KEYS, original_attention, register_keys, switch_configs
 from lxt_plus.engine.install import ATTENTION_RULES, Site
 from lxt_plus.engine.modes import ElementwiseIdentityMode, SDPARuleMode
@@ -39,7 +46,16 @@ from lxt_plus.errors import (
     UnsupportedModelError,
 )
 
-__all__ = ["Handle", "patch", "patched", "is_patched", "handle_of", "ATTENTION_KEYS"]
+__all__ = [
+    "Handle",
+    "patch",
+    "patched",
+    "is_patched",
+    "handle_of",
+    "ATTENTION_KEYS",
+    "is_dual_encoder",
+    "dual_embeddings",
+]
 
 
 _LOCK = threading.RLock()
@@ -288,6 +304,27 @@ def _takes_images(model: nn.Module) -> bool:
     )
 
 
+def is_dual_encoder(model: nn.Module) -> bool:
+    """An image-text dual encoder (CLIP, SigLIP): text and image towers whose embeddings are
+    compared; it has no image placeholder tokens."""
+    cfg = getattr(model, "config", None)
+    return (
+        all(callable(getattr(model, n, None)) for n in ("get_image_features", "get_text_features"))
+        and getattr(cfg, "vision_config", None) is not None
+        and getattr(cfg, "text_config", None) is not None
+        and getattr(cfg, "image_token_id", getattr(cfg, "image_token_index", None)) is None
+    )
+
+
+def dual_embeddings(model: nn.Module, **inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image embeddings, text embeddings)`` of a dual encoder, each ``(n, d)``, from its towers."""
+    hf = cast(Any, model)
+    text_inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
+    image = hf.get_image_features(pixel_values=inputs["pixel_values"])
+    text = hf.get_text_features(**text_inputs)
+    return getattr(image, "pooler_output", image), getattr(text, "pooler_output", text)
+
+
 def _with_image(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
     """A vision-language model's probe: the text probe with an image and as many image placeholder
     tokens as its vision tower gives features, so the check covers the vision tower too; ``None``
@@ -320,7 +357,7 @@ def _probe_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
     device = input_device(model)
     try:
         if name == "input_ids":
-            vocab = cast(Any, model).get_input_embeddings().num_embeddings
+            vocab = cast(Any, input_embeddings(model)).num_embeddings
             ids = torch.arange(5) * 7 % max(vocab, 1)
             cfg = cast(Any, model).config
             eos = getattr(cfg, "eos_token_id", None)
@@ -334,6 +371,10 @@ def _probe_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
             ):
                 start = decoder_start(model)
                 inputs["decoder_input_ids"] = torch.tensor([[start, int(ids[1]), int(ids[2])]], device=device)
+            if is_dual_encoder(model):
+                dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+                inputs["pixel_values"] = torch.randn(1, *image_shape(model), device=device, dtype=dtype)
+                return inputs
             return _with_image(model, inputs) or inputs
         if name == "pixel_values" or (name == "inputs" and _takes_images(model)):
             dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -557,10 +598,20 @@ def _check_operations(
         for p, _ in flags:
             p.requires_grad_(False)
         ids = probe.get("input_ids")
+        if is_dual_encoder(model):  # the towers; explain_similarity rules the comparison itself
+
+            def run() -> torch.Tensor:
+                image, text = dual_embeddings(model, **probe)
+                return torch.cat([image.flatten(), text.flatten()])
+        else:
+
+            def run() -> Any:
+                return model(**probe)
+
         with offloaded_weights(model) as weights:
             report = check_operations(
                 model,
-                lambda: model(**probe),
+                run,
                 rule_at,
                 types,
                 zero_bias=plan.preset.zero_bias,

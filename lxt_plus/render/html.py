@@ -21,6 +21,7 @@ from lxt_plus.results.words import NEWLINE_SYMBOL, display_token
 from lxt_plus.results.words import normalize as _normalize
 
 if TYPE_CHECKING:
+    from lxt_plus.results.similarity import SimilarityExplanation
     from lxt_plus.results.result import Explanation, GenerationExplanation
     from lxt_plus.results.segments import Segments
 
@@ -266,6 +267,38 @@ def _image_rows(gen: GenerationExplanation, normalize: str) -> tuple[list[str], 
         urls.append(png_data_url(colors.overlay(gen.pixels[0], norm, limit)))
         sums.append(f"{float(gen.image_matrix[t].sum()):+.4g}")
     return urls, sums
+
+
+def similarity_html(sim: SimilarityExplanation, normalize: str = "max") -> str:
+    """A caption-image match: the caption's tokens and the image overlaid with its patch (or
+    pixel) relevance, on one colour scale (the larger of the two maxima), with the score and the
+    text / image split of the relevance."""
+    tokens = [display_token(t) for t in sim.tokens]
+    rel = sim.token_relevance.float()
+    image = sim.images.patches() if sim.images.patch_size else sim.images.relevance
+    image = image[0].float()
+    if sim.images.patch_size:
+        p = sim.images.patch_size
+        h, w = sim.images.pixels.shape[-2:]
+        image = image.repeat_interleave(p, 0).repeat_interleave(p, 1)[:h, :w]
+    both = torch.cat([rel.flatten(), image.flatten()])
+    limit = colors.color_limit(both, normalize) or 1.0
+    spans = "".join(token_span(t, float(v), float(v) / limit) for t, v in zip(tokens, rel, strict=True))
+    c = sim.conservation
+    head = _header(
+        [
+            ("similarity", f"{sim.score:.4g}"),
+            ("preset", sim.rules),
+            ("text", f"{c['text_relevance']:+.4g}"),
+            ("image", f"{c['image_relevance']:+.4g}"),
+        ]
+    )
+    url = png_data_url(colors.overlay(sim.images.pixels[0], image, limit))
+    picture = f'<img class="lxt-img" alt="image relevance" style="image-rendering:pixelated;width:224px" src="{url}">'
+    return (
+        f'<div class="lxt">{CSS}{head}<div class="lxt-tokens" dir="auto">{spans}</div>{picture}'
+        f"{legend_html(limit)}</div>"
+    )
 
 
 def segments_html(segs: Segments) -> str:
