@@ -21,9 +21,9 @@ from lxt_plus.results.words import NEWLINE_SYMBOL, display_token
 from lxt_plus.results.words import normalize as _normalize
 
 if TYPE_CHECKING:
-    from lxt_plus.results.similarity import SimilarityExplanation
     from lxt_plus.results.result import Explanation, GenerationExplanation
     from lxt_plus.results.segments import Segments
+    from lxt_plus.results.similarity import SimilarityExplanation
 
 __all__ = ["explanation_html", "generation_html", "segments_html"]
 
