@@ -442,6 +442,79 @@ MUTANTS: tuple[Mutant, ...] = (
         "        j = i\n",
         ("tests/unit/test_segments.py",),
     ),
+    # ------------------------------------------------------------------ images
+    M(
+        "batch-norm-gradient-not-made-dense",
+        "lxt_plus/engine/patching.py",
+        "    return grad.contiguous()",
+        "    return grad",
+        ("tests/unit/test_vision_rules.py::test_batch_norm_relevance_equals_its_affine_map",),
+    ),
+    M(
+        "running-mean-not-zeroed",
+        "lxt_plus/engine/patching.py",
+        '    "running_mean",  # subtracted',
+        '    "running_meanX",  # subtracted',
+        ("tests/unit/test_vision_rules.py::test_batch_norm_running_mean_is_zeroed_for_the_check",),
+    ),
+    M(
+        "group-norm-scale-not-held-constant",
+        "lxt_plus/engine/modes.py",
+        "        scale = torch.rsqrt(centred.detach().pow(2).mean(-1, keepdim=True) + eps)\n        y = (centred * scale).reshape",
+        "        scale = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)\n        y = (centred * scale).reshape",
+        ("tests/unit/test_vision_rules.py::test_group_norm_rule_holds_the_scale_constant",),
+    ),
+    M(
+        "mha-attention-weights-kept-in-ah-lrp",
+        "lxt_plus/engine/attention.py",
+        '{"attn_mask": mask, "is_causal": causal}, detach_weights',
+        '{"attn_mask": mask, "is_causal": causal}, False',
+        ("tests/unit/test_vision_rules.py::test_mha_ah_lrp_equals_its_reference",),
+    ),
+    M(
+        "concatenated-constant-not-refused",
+        "lxt_plus/engine/opcheck.py",
+        "            ):  # a learned token put beside the input's (CLIP's class embedding)\n                self.constants.add(out.grad_fn)",
+        "            ):  # a learned token put beside the input's (CLIP's class embedding)\n                pass",
+        (
+            "tests/unit/test_vision_rules.py::test_learned_token_concatenated_is_a_leak_under_conservative_check",
+        ),
+    ),
+    M(
+        "model-autograd-function-counted-as-rule",
+        "lxt_plus/engine/opcheck.py",
+        'or (ruled and not home.startswith("transformers."))',
+        "or ruled",
+        ("tests/unit/test_vision_rules.py::test_custom_functions_of_the_model_are_not_covered_by_a_rule",),
+    ),
+    M(
+        "vlm-image-relevance-left-out-of-conservation",
+        "lxt_plus/results/result.py",
+        "            total = total + image\n",
+        "",
+        ("tests/integration/test_vlm.py::test_llava_matches_the_reference",),
+    ),
+    M(
+        "similarity-full-relevance-to-both-sides",
+        "lxt_plus/api/similarity.py",
+        "score = uniform_matmul(a, b.T)[0, 0]",
+        "score = (a @ b.T)[0, 0]",
+        ("tests/integration/test_similarity.py",),
+    ),
+    M(
+        "generation-image-rows-swapped",
+        "lxt_plus/api/generation.py",
+        "image_rows.append((acc(pixels.detach())[None] * acc(grads[-1])).sum(2).cpu())",
+        "image_rows.append((acc(pixels.detach())[None] * acc(grads[-1])).sum(2).flip(0).cpu())",
+        ("tests/integration/test_vlm.py::test_generation_rows_equal_explain",),
+    ),
+    M(
+        "overlay-tint-sign-lost",
+        "lxt_plus/render/colors.py",
+        "    tint = torch.where(v[..., None] > 0, pos, neg)",
+        "    tint = torch.where(v[..., None] != 0, pos, neg)",
+        ("tests/unit/test_render.py::test_pixel_heatmap_over_the_image",),
+    ),
 )
 
 # Changes that cannot alter any result, so no test can (or should) catch them.
