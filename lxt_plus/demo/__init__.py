@@ -18,10 +18,12 @@ from lxt_plus.demo.assets import cache_dir, load_smollm2, minilm_path, smollm2_p
 from lxt_plus.demo.datasets import load_movie_reviews, sentiment_split
 from lxt_plus.demo.training import (
     SENTIMENT_RECIPE,
+    DualEncoderResult,
     SentimentResult,
     TabularResult,
     VisionResult,
     load_sentiment_classifier,
+    train_clip_digits,
     train_sentiment,
     train_tabular_mlp,
     train_vit_digits,
@@ -30,6 +32,7 @@ from lxt_plus.errors import InputError
 
 __all__ = [
     "SENTIMENT_RECIPE",
+    "DualEncoderResult",
     "SentimentResult",
     "TabularResult",
     "VisionResult",
@@ -42,6 +45,7 @@ __all__ = [
     "sentiment_split",
     "smollm2_path",
     "train_sentiment",
+    "train_clip_digits",
     "train_tabular_mlp",
     "train_vit_digits",
 ]

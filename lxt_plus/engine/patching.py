@@ -600,7 +600,7 @@ def _check_operations(
         ids = probe.get("input_ids")
         if is_dual_encoder(model):  # the towers; explain_similarity rules the comparison itself
 
-            def run() -> torch.Tensor:
+            def run() -> Any:
                 image, text = dual_embeddings(model, **probe)
                 return torch.cat([image.flatten(), text.flatten()])
         else:

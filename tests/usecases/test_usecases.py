@@ -123,3 +123,34 @@ def test_tabular_mlp_conserves(one_thread) -> None:  # type: ignore[no-untyped-d
     assert torch.allclose(exp.relevance.sum(-1), exp.target_logit, rtol=1e-4, atol=1e-5)
     contrast = lxt_plus.explain(tab.model, x, 1, contrast=0, rules="conservative-check")
     assert torch.allclose(contrast.relevance.sum(-1), contrast.target_logit, rtol=1e-4, atol=1e-5)
+
+
+def test_dual_encoder_on_digits_names_the_digit(one_thread) -> None:  # type: ignore[no-untyped-def]
+    """A CLIP-style model trained offline on the digits and their label words: the caption that
+    names the digit matches best, its word carries the text side's relevance, and the score is
+    conserved with biases zeroed."""
+    pytest.importorskip("sklearn")
+    from lxt_plus.demo import train_clip_digits
+
+    clip = train_clip_digits(progress=False)
+    assert clip.test_accuracy > 0.85, clip.test_accuracy
+    word_first, image_larger = 0, 0
+    n = 20
+    for i in range(n):
+        x, y = clip.X_test[i], int(clip.y_test[i])
+        right = lxt_plus.explain_similarity(
+            clip.model, {"input_ids": clip.captions[y : y + 1], "pixel_values": x[None]}
+        )
+        wrong = lxt_plus.explain_similarity(
+            clip.model, {"input_ids": clip.captions[(y + 1) % 10 : (y + 1) % 10 + 1], "pixel_values": x[None]}
+        )
+        word_first += int(right.token_relevance.argmax()) == 2  # [<bos>, "digit", word, <eos>]
+        image_larger += right.conservation["image_relevance"] > wrong.conservation["image_relevance"]
+    assert word_first >= 0.8 * n, word_first
+    assert image_larger >= 0.8 * n, image_larger
+    check = lxt_plus.explain_similarity(
+        clip.model,
+        {"input_ids": clip.captions[:1], "pixel_values": clip.X_test[:1]},
+        rules="conservative-check",
+    )
+    assert abs(check.conservation["absorbed"]) <= 1e-4 * abs(check.score)
