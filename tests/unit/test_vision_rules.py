@@ -348,3 +348,23 @@ def test_a_model_that_cannot_be_probed_warns() -> None:
         handle = lxt_plus.patch(model, "attnlrp")
     handle.remove()
     assert any(issubclass(w.category, LxtPlusWarning) and "not checked" in str(w.message) for w in seen)
+
+
+@pytest.mark.parametrize("model_type", ["vit", "dinov2", "beit", "siglip", "clip", "swin"])
+@pytest.mark.parametrize("rules", ["attnlrp", "ah-lrp"])
+def test_eager_and_sdpa_give_the_same_image_relevance(model_type: str, rules: str) -> None:
+    import zoo
+
+    cfg = zoo.tiny_vision_config(model_type)
+    got = {}
+    for impl in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        model = tf.AutoModelForImageClassification.from_config(cfg, attn_implementation=impl).eval()
+        assert model.config._attn_implementation == impl
+        zoo._reinitialise(model, 0)
+        x = torch.randn(1, *image_shape(model), generator=torch.Generator().manual_seed(1))
+        got[impl] = lxt_plus.explain(model.double(), x.double(), target=1, rules=rules).relevance
+    # transformers' eager attention takes its softmax in float32 even in a float64 model: the two
+    # implementations differ by float32 rounding (their logits too), not by the rules
+    scale = float(got["eager"].abs().max())
+    torch.testing.assert_close(got["eager"], got["sdpa"], rtol=1e-5, atol=1e-6 * scale)
