@@ -515,6 +515,13 @@ MUTANTS: tuple[Mutant, ...] = (
         "    tint = torch.where(v[..., None] != 0, pos, neg)",
         ("tests/unit/test_render.py::test_pixel_heatmap_over_the_image",),
     ),
+    M(
+        "summary-names-the-weakest-as-pushing-down",
+        "lxt_plus/render/_common.py",
+        "for i in ranked[::-1][:k] if values[i] < 0]",
+        "for i in ranked[:k] if values[i] < 0]",
+        ("tests/unit/test_render.py::test_summary_says_what_pushed_up_and_down",),
+    ),
 )
 
 # Changes that cannot alter any result, so no test can (or should) catch them.

@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from lxt_plus.render import colors
-from lxt_plus.render._common import conservation_note, header_fields, legend_labels, row_indices, row_items
+from lxt_plus.render._common import (
+    conservation_note,
+    header_fields,
+    legend_labels,
+    row_indices,
+    row_items,
+    summary_line,
+)
 from lxt_plus.results.words import NEWLINE_SYMBOL, display_token
 from lxt_plus.results.words import normalize as _normalize
 
@@ -41,6 +48,7 @@ CSS = """<style>
 .lxt-bar{height:12px;border:1px solid #d0d7de;border-radius:2px}
 .lxt-labels{display:flex;justify-content:space-between}
 .lxt-note{margin-top:4px;font-size:11px;color:#57606a;max-width:640px}
+.lxt-summary{margin:2px 0 4px;font-size:12px;color:#1f2328;max-width:640px}
 </style>"""
 
 
@@ -116,6 +124,9 @@ def explanation_html(
     parts = [f'<div class="lxt">{CSS}']
     for r in row_indices(exp, row):
         parts.append('<div class="lxt-row">' + _header(header_fields(exp, r)))
+        parts.append(
+            f'<div class="lxt-summary">{escape(summary_line(exp, r, hide_special=hide_special))}</div>'
+        )
         if exp.modality == "pixels":
             parts.append(_pixels_html(exp, r, normalize) + _note(exp, r) + "</div>")
             continue

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from lxt_plus.errors import InputError
 from lxt_plus.render import colors
-from lxt_plus.render._common import header_fields, row_indices, row_items
+from lxt_plus.render._common import header_fields, row_indices, row_items, summary_line
 from lxt_plus.results.words import NEWLINE_SYMBOL
 from lxt_plus.results.words import normalize as _normalize
 
@@ -91,4 +91,5 @@ def explanation_latex(
         texts, rel = row_items(exp, r, words, hide_special)
         boxes = [_box(t, v) for t, v in zip(texts, _normalize(rel, normalize).tolist(), strict=True)]
         lines.append("{\\setlength{\\fboxsep}{1pt}%\n" + "\\allowbreak\n".join(boxes) + "%\n}\\par")
+        lines.append(escape_latex(summary_line(exp, r, hide_special=hide_special)) + "\\par")
     return "\n".join(lines) + "\n"

@@ -6,13 +6,21 @@ backend, headless included.
 
 from __future__ import annotations
 
+import textwrap
 from typing import TYPE_CHECKING, cast
 
 import torch
 
 from lxt_plus.errors import InputError
 from lxt_plus.render import colors
-from lxt_plus.render._common import header_fields, legend_labels, require, row_indices, row_items
+from lxt_plus.render._common import (
+    header_fields,
+    legend_labels,
+    require,
+    row_indices,
+    row_items,
+    summary_line,
+)
 from lxt_plus.results.words import NEWLINE_SYMBOL, display_token
 from lxt_plus.results.words import normalize as _normalize
 
@@ -216,6 +224,14 @@ def plot_explanation(
         else:
             _draw_features(a, texts, rel, normalize)
         a.set_title(_title(exp, r), fontsize=FONT_SIZE * 0.85, loc="left", color="#1f2328")
+        summary = "\n".join(
+            textwrap.wrap(
+                summary_line(exp, r, hide_special=hide_special), 110 if exp.modality == "tokens" else 60
+            )
+        )
+        a.text(
+            0.0, -0.02, summary, transform=a.transAxes, va="top", fontsize=FONT_SIZE * 0.7, color="#57606a"
+        )
     return fig
 
 

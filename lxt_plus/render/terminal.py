@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lxt_plus.render import COLOR_MODES, colors, use_color
-from lxt_plus.render._common import header_fields, legend_labels, require, row_indices, row_items
+from lxt_plus.render._common import (
+    header_fields,
+    legend_labels,
+    require,
+    row_indices,
+    row_items,
+    summary_line,
+)
 from lxt_plus.results.words import NEWLINE_SYMBOL, display_token
 from lxt_plus.results.words import normalize as _normalize
 
@@ -148,6 +155,7 @@ def explanation_terminal(
             )
         else:
             console.print(_legend(colors.color_limit(rel, normalize), color, normalize))
+        console.print(Text(summary_line(exp, r, colored=color, hide_special=hide_special)))
     return console.file.getvalue()
 
 

@@ -267,6 +267,17 @@ class Explanation:
         return segment_tokens(toks, rel, by=by, spans=spans, passages=passages, names=names)
 
     # ------------------------------------------------------------ presentation
+    def summary(self, row: int = 0, k: int = 3, hide_special: bool = False) -> str:
+        """One plain-language sentence: the ``k`` tokens (or image patches) that pushed the
+        prediction up most, the ``k`` that pushed it down most, and how much of the logit the
+        tokens for it and against it carry. Every renderer shows it under its header."""
+        from lxt_plus.render._common import summary_line
+
+        n = len(self)
+        if not -n <= row < n:
+            raise InputError(f"row {row} is out of range for an explanation of {n} row(s)")
+        return summary_line(self, row % n, k, hide_special=hide_special)
+
     def words(self, row: int = 0) -> tuple[list[str], torch.Tensor]:
         """Merge sub-word pieces (WordPiece ``##``, byte-level ``Ġ``, SentencePiece ``▁``) into words,
         summing their relevance. Padding is dropped."""

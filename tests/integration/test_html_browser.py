@@ -157,3 +157,34 @@ def test_generation_hover_shows_the_image_relevance(tmp_path: Path) -> None:
     after = decode(src.group(1))
     assert after[3, 3, 2] > after[3, 3, 0] + 0.3  # bottom-right tinted blue for the second token
     assert abs(after[0, 0, 0] - after[0, 0, 2]) < 0.05  # top-left untinted
+
+
+def test_summary_matches_the_colours_on_screen(tmp_path: Path) -> None:
+    """What the sentence says is red is red in the page, what it says is blue is blue."""
+    exp = Explanation(
+        batch_relevance=torch.tensor([[0.1, 0.9, -0.6, 0.05]]),
+        tokens=[["The", "Ġfilm", "Ġwas", "Ġboring"]],
+        token_ids=torch.arange(4)[None],
+        attention_mask=torch.ones(1, 4, dtype=torch.long),
+        targets=[Target(kind="class", ids=(1,), label="POSITIVE")],
+        target_logit=torch.tensor([0.45]),
+        probability=torch.tensor([0.6]),
+        rules="attnlrp",
+    )
+    dom = _chromium("--dump-dom", _page(tmp_path / "summary.html", exp.to_html())).stdout
+    summary = re.search(r'<div class="lxt-summary">([^<]*)</div>', dom)
+    assert summary is not None
+    sentence = summary.group(1)
+    first_up = sentence.split("up (red): ")[1].split(" (")[0]
+    first_down = sentence.split("down (blue): ")[1].split(" (")[0]
+    spans = dict(
+        (text.strip(), style)
+        for style, text in re.findall(r'<span class="lxt-tok" style="([^"]*)"[^>]*>([^<]*)</span>', dom)
+    )
+    red = spans[first_up]
+    blue = spans[first_down]
+    assert first_up == "film" and first_down == "was"
+    assert "#d7191c" in red or "rgb(215, 25, 28)" in red  # the strongest positive: full red
+    assert re.search(r"background:#([0-9a-f]{2})([0-9a-f]{2})([0-9a-f]{2})", blue) is not None
+    r, g, b = (int(x, 16) for x in re.search(r"background:#(..)(..)(..)", blue).groups())  # type: ignore[union-attr]
+    assert b > r + 40  # blue

@@ -374,3 +374,53 @@ def test_conservation_explains_what_is_absorbed() -> None:
     assert "float error" in repr(exact.conservation) and "conserved up to float error" in explanation_html(
         exact
     )
+
+
+def test_summary_says_what_pushed_up_and_down() -> None:
+    exp = make_exp(["The", "Ġcat", "Ġsat", "Ġon", "Ġthe"], [0.5, -0.2, 0.9, 0.0, -0.7])
+    text = exp.summary(k=2)
+    up, down = text.split("; pushing it down")
+    assert up == "Pushing ' mat' up (red): sat (+0.9), The (+0.5)"
+    assert down.startswith(" (blue): the (-0.7), cat (-0.2).")
+    assert "carry +1.4 and those against it -0.9 of the explained logit 1." in text
+    plain = summary_plain(exp)  # without colours the sentence names the signs
+    assert (
+        plain.startswith("Pushing ' mat' up (+): sat (+0.9)") and "pushing it down (-): the (-0.7)" in plain
+    )
+    for rendered in (exp.to_html(), exp.to_terminal(color=False), exp.to_latex()):
+        assert "Pushing" in rendered and "sat (+0.9)" in rendered
+    nothing = make_exp(["a", "Ġb"], [0.3, 0.0]).summary()
+    assert "nothing pushes it down" in nothing
+    from lxt_plus.errors import InputError
+
+    with pytest.raises(InputError, match="out of range"):
+        exp.summary(row=3)
+
+
+def summary_plain(exp: Explanation) -> str:
+    from lxt_plus.render._common import summary_line
+
+    return summary_line(exp, 0, colored=False)
+
+
+def test_summary_of_pixels_names_patches() -> None:
+    from lxt_plus.results.images import ImageRelevance
+
+    rel = torch.zeros(1, 4, 4)
+    rel[0, 0, 2] = 1.0  # top-right patch of 2x2
+    rel[0, 3, 0] = -0.5  # bottom-left patch
+    pix = Explanation(
+        batch_relevance=rel,
+        tokens=[[]],
+        token_ids=None,
+        attention_mask=None,
+        targets=[Target(kind="class", ids=(7,), label="7")],
+        target_logit=torch.tensor([0.5]),
+        probability=None,
+        rules="attnlrp",
+        modality="pixels",
+        images=ImageRelevance(rel[:, None], torch.zeros(1, 1, 4, 4), patch_size=2),
+    )
+    text = pix.summary()
+    assert text.startswith("Pushing '7' up (red): patch at row 0, column 1 (+1)")
+    assert "pushing it down (blue): patch at row 1, column 0 (-0.5)" in text
