@@ -517,7 +517,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     M(
         "summary-names-the-weakest-as-pushing-down",
-        "lxt_plus/render/_common.py",
+        "lxt_plus/render/summary.py",
         "for i in ranked[::-1][:k] if values[i] < 0]",
         "for i in ranked[:k] if values[i] < 0]",
         ("tests/unit/test_render.py::test_summary_says_what_pushed_up_and_down",),

@@ -78,60 +78,6 @@ def header_fields(exp: Explanation, r: int) -> list[tuple[str, str]]:
     return fields
 
 
-def _names(items: list[tuple[str, float]]) -> str:
-    return ", ".join(f"{text.strip() or repr(text)!s} ({value:+.3g})" for text, value in items)
-
-
-def summary_line(
-    exp: Explanation, r: int, k: int = 3, colored: bool = True, hide_special: bool = False
-) -> str:
-    """One sentence in plain words for row ``r``: what pushed the prediction up (red), what pushed
-    it down (blue), and how much of the logit each group carries. For pixels: the parts of the
-    image (the model's patches, or 4×4-pixel blocks) instead of tokens. ``colored=False`` names
-    the signs instead of the colours (for text without colour)."""
-    up_mark, down_mark = ("red", "blue") if colored else ("+", "-")
-    target = exp.targets[r]
-    what = repr(target.label) + (
-        f" over {target.contrast_label!r}" if target.contrast_label is not None else ""
-    )
-    if exp.modality == "pixels":
-        images = exp[r].images
-        rel = exp.batch_relevance[r].detach().float().cpu()
-        size = (images.patch_size if images is not None else None) or 4
-        from lxt_plus.results.images import pool_patches
-
-        grid = pool_patches(rel, size)
-        cols = grid.shape[-1]
-        flat = grid.flatten()
-        order = torch.argsort(flat, descending=True)
-        up = [
-            (f"patch at row {int(i) // cols}, column {int(i) % cols}", float(flat[i]))
-            for i in order[:k]
-            if flat[i] > 0
-        ]
-        down = [
-            (f"patch at row {int(i) // cols}, column {int(i) % cols}", float(flat[i]))
-            for i in order.flip(0)[:k]
-            if flat[i] < 0
-        ]
-        values = rel
-        unit = f"pixels ({size}×{size} patches)"
-    else:
-        texts, values = row_items(exp, r, hide_special=hide_special)
-        ranked = torch.argsort(values, descending=True).tolist()
-        up = [(texts[i], float(values[i])) for i in ranked[:k] if values[i] > 0]
-        down = [(texts[i], float(values[i])) for i in ranked[::-1][:k] if values[i] < 0]
-        unit = "tokens"
-    pos, neg = float(values.clamp(min=0).sum()), float(values.clamp(max=0).sum())
-    parts = [f"Pushing {what} up ({up_mark}): {_names(up)}" if up else f"Nothing pushes {what} up"]
-    parts.append(f"pushing it down ({down_mark}): {_names(down)}" if down else "nothing pushes it down")
-    logit = float(exp.target_logit[r])
-    return (
-        "; ".join(parts)
-        + f". The {unit} for it carry {pos:+.3g} and those against it {neg:+.3g} of the explained logit {logit:.3g}."
-    )
-
-
 def legend_labels(limit: float) -> tuple[str, str, str]:
     """Labels of the legend's left end, middle and right end for colour limit ``limit``."""
     return f"-{limit:.3g}", "0", f"+{limit:.3g}"

@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 
 from lxt_plus.errors import InputError
 from lxt_plus.render import colors
-from lxt_plus.render._common import header_fields, row_indices, row_items, summary_line
+from lxt_plus.render._common import header_fields, row_indices, row_items
+from lxt_plus.render.summary import summary_line
 from lxt_plus.results.words import NEWLINE_SYMBOL
 from lxt_plus.results.words import normalize as _normalize
 

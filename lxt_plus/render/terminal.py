@@ -21,8 +21,8 @@ from lxt_plus.render._common import (
     require,
     row_indices,
     row_items,
-    summary_line,
 )
+from lxt_plus.render.summary import summary_line
 from lxt_plus.results.words import NEWLINE_SYMBOL, display_token
 from lxt_plus.results.words import normalize as _normalize
 

@@ -271,7 +271,7 @@ class Explanation:
         """One plain-language sentence: the ``k`` tokens (or image patches) that pushed the
         prediction up most, the ``k`` that pushed it down most, and how much of the logit the
         tokens for it and against it carry. Every renderer shows it under its header."""
-        from lxt_plus.render._common import summary_line
+        from lxt_plus.render.summary import summary_line
 
         n = len(self)
         if not -n <= row < n:

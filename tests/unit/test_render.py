@@ -398,7 +398,7 @@ def test_summary_says_what_pushed_up_and_down() -> None:
 
 
 def summary_plain(exp: Explanation) -> str:
-    from lxt_plus.render._common import summary_line
+    from lxt_plus.render.summary import summary_line
 
     return summary_line(exp, 0, colored=False)
 
