@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import transformers as tf
+from generation import timed  # this folder is on the path when the script runs
 
 import lxt_plus
 
@@ -54,16 +52,6 @@ def build() -> torch.nn.Module:
     cfg = tf.LlavaConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN)
     torch.manual_seed(0)
     return tf.LlavaForConditionalGeneration(cfg).eval()
-
-
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
