@@ -339,8 +339,8 @@ MUTANTS: tuple[Mutant, ...] = (
     M(
         "opcheck-constant-add-ignored",
         "lxt_plus/engine/opcheck.py",
-        'kind, what = "constant", "addition of a non-zero constant that is not a bias parameter"',
-        "pass",
+        "                if nonzero:\n                    self.constants.add(out.grad_fn)",
+        "                if nonzero:\n                    pass",
         ("tests/unit/test_opcheck.py",),
     ),
     M(
