@@ -460,8 +460,8 @@ MUTANTS: tuple[Mutant, ...] = (
     M(
         "group-norm-scale-not-held-constant",
         "lxt_plus/engine/modes.py",
-        "        scale = torch.rsqrt(centred.detach().pow(2).mean(-1, keepdim=True) + eps)\n        y = (centred * scale).reshape",
-        "        scale = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)\n        y = (centred * scale).reshape",
+        "    return centred * torch.rsqrt(centred.detach().pow(2).mean(dim=dims, keepdim=True) + eps)",
+        "    return centred * torch.rsqrt(centred.pow(2).mean(dim=dims, keepdim=True) + eps)",
         ("tests/unit/test_vision_rules.py::test_group_norm_rule_holds_the_scale_constant",),
     ),
     M(

@@ -26,6 +26,7 @@ __all__ = [
     "input_device",
     "input_embeddings",
     "image_shape",
+    "model_dtype",
     "patch_size",
     "is_added_embedding",
     "token_embeddings",
@@ -137,6 +138,12 @@ def image_shape(model: nn.Module) -> tuple[int, int, int]:
         size = (size.get("height", 224), size.get("width", 224))
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
     return int(getattr(cfg, "num_channels", None) or 3), h, w
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (float32 if it has none): what a
+    probe input is made in."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def patch_size(model: nn.Module) -> int | None:

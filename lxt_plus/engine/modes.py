@@ -104,6 +104,13 @@ class _RuleMode(TorchFunctionMode):
         return identity_rule(x, lambda t: func(t, *args[1:], **kwargs))
 
 
+def _centred_constant_scale(x: Tensor, dims: tuple[int, ...], eps: float) -> Tensor:
+    """``(x - mean) / std`` over ``dims`` with the std held constant (detached): the conservative
+    rule's normalisation, shared by layer norm and group norm."""
+    centred = x - x.mean(dim=dims, keepdim=True)
+    return centred * torch.rsqrt(centred.detach().pow(2).mean(dim=dims, keepdim=True) + eps)
+
+
 class NormMode(_RuleMode):
     """Conservative LayerNorm/RMSNorm rule (Ali et al. 2022): the normalising scale is a constant.
 
@@ -143,11 +150,7 @@ class NormMode(_RuleMode):
         weight = args[2] if len(args) > 2 else kwargs.get("weight")
         bias = args[3] if len(args) > 3 else kwargs.get("bias")
         eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
-        dims = tuple(range(-len(shape), 0))
-        xf = acc(x)
-        centred = xf - xf.mean(dim=dims, keepdim=True)
-        scale = torch.rsqrt(centred.detach().pow(2).mean(dim=dims, keepdim=True) + eps)
-        y = (centred * scale).to(x.dtype)
+        y = _centred_constant_scale(acc(x), tuple(range(-len(shape), 0)), eps).to(x.dtype)
         if weight is not None:
             y = y * weight
         if bias is not None:
@@ -160,11 +163,8 @@ class NormMode(_RuleMode):
         weight = args[2] if len(args) > 2 else kwargs.get("weight")
         bias = args[3] if len(args) > 3 else kwargs.get("bias")
         eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
-        xf = acc(x)
-        grouped = xf.reshape(x.shape[0], groups, -1)
-        centred = grouped - grouped.mean(-1, keepdim=True)
-        scale = torch.rsqrt(centred.detach().pow(2).mean(-1, keepdim=True) + eps)
-        y = (centred * scale).reshape(x.shape).to(x.dtype)
+        grouped = acc(x).reshape(x.shape[0], groups, -1)
+        y = _centred_constant_scale(grouped, (-1,), eps).reshape(x.shape).to(x.dtype)
         per_channel = (1, -1) + (1,) * (x.dim() - 2)
         if weight is not None:
             y = y * weight.reshape(per_channel)

@@ -30,6 +30,7 @@ from lxt_plus.engine.detect import (
     input_device,
     input_embeddings,
     is_hf_model,
+    model_dtype,
 )
 from lxt_plus.engine.hf import ATTENTION_KEYS, original_attention, register_keys, switch_configs
 from lxt_plus.engine.install import ATTENTION_RULES, Site
@@ -251,7 +252,7 @@ def _dense_batch_norm_grads(model: nn.Module, undo: list[Callable[[], None]]) ->
     """Give every batch norm a contiguous output gradient. torch's CPU batch-norm backward (2.13,
     eval and training mode) returns a wrong input gradient for a gradient laid out as a transposed
     view with batch size 1 (strides ``(C, 1, W*C, C)``, as LeViT's ``flatten(2).transpose(1, 2)``
-    gives); plain gradients are wrong then too. ``tests/unit/test_patching.py`` pins the bug."""
+    gives); plain gradients are wrong then too. ``tests/unit/test_vision_rules.py`` pins the bug."""
 
     def hook(module: nn.Module, args: Any, out: Any) -> Any:
         if isinstance(out, torch.Tensor) and out.requires_grad:
@@ -335,9 +336,8 @@ def _with_image(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, 
     get = getattr(model, "get_image_features", None)
     if getattr(cfg, "vision_config", None) is None or not isinstance(token, int) or get is None:
         return None
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     ids = inputs["input_ids"]
-    pixels = torch.randn(1, *image_shape(model), device=ids.device, dtype=dtype)
+    pixels = torch.randn(1, *image_shape(model), device=ids.device, dtype=model_dtype(model))
     try:
         with torch.no_grad():
             out = get(pixel_values=pixels)
@@ -372,13 +372,13 @@ def _probe_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
                 start = decoder_start(model)
                 inputs["decoder_input_ids"] = torch.tensor([[start, int(ids[1]), int(ids[2])]], device=device)
             if is_dual_encoder(model):
-                dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-                inputs["pixel_values"] = torch.randn(1, *image_shape(model), device=device, dtype=dtype)
+                inputs["pixel_values"] = torch.randn(
+                    1, *image_shape(model), device=device, dtype=model_dtype(model)
+                )
                 return inputs
             return _with_image(model, inputs) or inputs
         if name == "pixel_values" or (name == "inputs" and _takes_images(model)):
-            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-            return {name: torch.randn(1, *image_shape(model), device=device, dtype=dtype)}
+            return {name: torch.randn(1, *image_shape(model), device=device, dtype=model_dtype(model))}
     except (AttributeError, NotImplementedError, TypeError):
         return None
     return None

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lxt_plus.api.explain import explaining, leaf_at_embeddings, model_kind
-from lxt_plus.engine.detect import find_block_list, image_shape, input_device, is_hf_model
+from lxt_plus.engine.detect import find_block_list, image_shape, input_device, is_hf_model, model_dtype
 from lxt_plus.engine.functional import acc
 from lxt_plus.engine.opcheck import OpReport
 from lxt_plus.engine.patching import handle_of
@@ -251,8 +251,7 @@ def audit(
     device = input_device(model)
     if inputs is None:
         if getattr(model, "main_input_name", "input_ids") == "pixel_values":
-            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-            inputs = torch.randn(1, *image_shape(model), generator=gen).to(dtype)
+            inputs = torch.randn(1, *image_shape(model), generator=gen).to(model_dtype(model))
         else:
             vocab = cast(Any, model).get_input_embeddings().num_embeddings
             inputs = torch.randint(min(3, vocab - 1), vocab, (1, 8), generator=gen)
