@@ -153,15 +153,11 @@ def _prepare_multimodal(
     if not isinstance(ids, Tensor) or ids.is_floating_point():
         raise InputError("input_ids must be an integer tensor")
     pixels = data["pixel_values"]
-    if not isinstance(pixels, Tensor) or not pixels.is_floating_point():
+    if not isinstance(pixels, Tensor):
         raise InputError(f"pixel_values must be a floating-point tensor, got {type(pixels).__name__}")
     single = ids.dim() == 1
     ids = ids[None] if single else ids
-    if pixels.dim() == 4 and pixels.shape[0] not in (1, ids.shape[0]) and ids.shape[0] != 1:
-        raise InputError(
-            f"{pixels.shape[0]} images for {ids.shape[0]} rows: lxt_plus cannot tell which image belongs to "
-            "which row; explain one row at a time, or give one image per row"
-        )
+    image_owners(model, pixels, ids.shape[0])  # refused before the forward pass, not after it
     mask = data.get("attention_mask", mask)
     mask = torch.ones_like(ids) if mask is None else (mask[None] if mask.dim() == 1 else mask)
     check_ids(model, ids, length=0)
@@ -754,28 +750,45 @@ def explain(
     )
 
 
-def _image_relevance(model: nn.Module, pixels: Tensor, grad: Tensor | None, rows: int) -> ImageRelevance:
-    """The pixel leaf's relevance, per channel. ``(images, C, H, W)`` pixels belong to the rows in
-    order (one image per row, or all images to a single row); patchified pixels (Qwen2-VL's
-    ``(patches, features)``) are not laid out as an image and are refused by name."""
+def image_owners(model: nn.Module, pixels: Tensor, rows: int) -> Tensor:
+    """The batch row of each image of a vision-language input, ``(images,)``: one image per row,
+    or all images to a single row. Patchified pixels (Qwen2-VL's ``(patches, features)``) are not
+    laid out as an image and are refused by name, as are images that cannot be given to rows."""
+    if not pixels.is_floating_point():
+        raise InputError(f"pixel_values must be a floating-point tensor, got {pixels.dtype}")
     if pixels.dim() != 4:
         raise UnsupportedModelError(
             f"{type(model).__name__} takes pixel_values of shape {tuple(pixels.shape)} (patches, not images "
             "laid out as (images, C, H, W)); lxt_plus cannot map that relevance back onto the image"
         )
-    g = grad if grad is not None else torch.zeros_like(pixels)
-    channels = (acc(pixels.detach()) * acc(g)).detach().cpu()
     n = pixels.shape[0]
     if n == rows:
-        owner = torch.arange(n)
-    elif rows == 1:
-        owner = torch.zeros(n, dtype=torch.long)
-    else:
-        raise InputError(
-            f"{n} images for {rows} rows: lxt_plus cannot tell which image belongs to which row; "
-            "explain one row at a time, or give one image per row"
-        )
-    return ImageRelevance(channels, pixels.detach().cpu(), patch_size(model), owner)
+        return torch.arange(n)
+    if rows == 1:
+        return torch.zeros(n, dtype=torch.long)
+    raise InputError(
+        f"{n} images for {rows} rows: lxt_plus cannot tell which image belongs to which row; "
+        "explain one row at a time, or give one image per row"
+    )
+
+
+def with_pixel_leaf(inputs: dict[str, Any], device: torch.device) -> tuple[dict[str, Any], Tensor | None]:
+    """Model inputs on ``device``, with ``pixel_values`` (if there) replaced by a leaf that requires
+    grad; returns the inputs and that leaf."""
+    moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+    leaf = moved.get("pixel_values")
+    if isinstance(leaf, Tensor):
+        leaf = moved["pixel_values"] = leaf.detach().requires_grad_(True)
+    return moved, leaf
+
+
+def _image_relevance(model: nn.Module, pixels: Tensor, grad: Tensor | None, rows: int) -> ImageRelevance:
+    """The pixel leaf's relevance, per channel, with the row each image belongs to."""
+    g = grad if grad is not None else torch.zeros_like(pixels)
+    channels = (acc(pixels.detach()) * acc(g)).detach().cpu()
+    return ImageRelevance(
+        channels, pixels.detach().cpu(), patch_size(model), image_owners(model, pixels, rows)
+    )
 
 
 def _extra_relevance(leaves: list[Tensor], grads: Sequence[Tensor | None], rows: int) -> Tensor | None:
@@ -822,13 +835,10 @@ def _forward(
     mask = batch.attention_mask.to(device)  # type: ignore[union-attr]
     store: list[Tensor] = []
     rows = ids.shape[0]
-    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
-    for name, value in batch.model_inputs.items():
-        value = value.to(device) if isinstance(value, Tensor) else value
-        if name == "pixel_values" and images is not None:
-            value = value.detach().requires_grad_(True)
-            images.append(value)
-        kwargs[name] = value
+    extras, pixels = with_pixel_leaf(batch.model_inputs, device)
+    if pixels is not None and images is not None:
+        images.append(pixels)
+    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, **extras}
     if accepts(model, "use_cache"):
         kwargs["use_cache"] = False
     positions: list[int] = []

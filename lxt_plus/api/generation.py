@@ -19,10 +19,12 @@ from torch import Tensor, nn
 from lxt_plus.api.explain import (
     check_ids,
     explaining,
+    image_owners,
     is_seq2seq,
     leaf_at_embeddings,
     model_kind,
     prepare_text,
+    with_pixel_leaf,
 )
 from lxt_plus.engine.detect import accepts, decoder_start, input_device, patch_size
 from lxt_plus.engine.functional import acc
@@ -190,7 +192,7 @@ def explain_generation(
         prompt = cast(Tensor, data.pop("input_ids"))
         data.pop("attention_mask", None)
         images = {**data, **(images or {})}
-    image_inputs = _image_inputs(images)
+    image_inputs = _image_inputs(model, images)
     prompt_ids = as_ids(prompt, tokenizer, "prompt", chat, model)
     if prompt_ids.numel() == 0:
         raise InputError("the prompt has no tokens: there is nothing to condition on")
@@ -244,18 +246,14 @@ def explain_generation(
     )
 
 
-def _image_inputs(images: dict[str, Any] | None) -> dict[str, Any]:
-    """The image inputs of a vision-language prompt, checked: ``pixel_values`` laid out as images."""
+def _image_inputs(model: nn.Module, images: dict[str, Any] | None) -> dict[str, Any]:
+    """The image inputs of a vision-language prompt (one row), checked: ``pixel_values`` laid out as images."""
     if not images:
         return {}
     pixels = images.get("pixel_values")
-    if not isinstance(pixels, Tensor) or not pixels.is_floating_point():
+    if not isinstance(pixels, Tensor):
         raise InputError("images= needs 'pixel_values', a floating-point tensor (the processor's output)")
-    if pixels.dim() != 4:
-        raise UnsupportedModelError(
-            f"pixel_values of shape {tuple(pixels.shape)} are patches, not images laid out as (images, C, H, W); "
-            "lxt_plus cannot map that relevance back onto the image"
-        )
+    image_owners(model, pixels, rows=1)
     return {k: v for k, v in images.items() if v is not None}
 
 
@@ -268,13 +266,8 @@ def _attribute(
     device = input_device(model)
     inp = ids[None, :-1].to(device)
     positions = torch.arange(n_p - 1, n - 1, device=device)  # position t predicts token t + 1
-    kwargs: dict[str, Any] = {"input_ids": inp, "attention_mask": torch.ones_like(inp)}
-    pixels = None
-    for name, value in image_inputs.items():
-        value = value.to(device) if isinstance(value, Tensor) else value
-        if name == "pixel_values":
-            value = pixels = value.detach().requires_grad_(True)
-        kwargs[name] = value
+    extras, pixels = with_pixel_leaf(image_inputs, device)
+    kwargs: dict[str, Any] = {"input_ids": inp, "attention_mask": torch.ones_like(inp), **extras}
     if accepts(model, "use_cache"):
         kwargs["use_cache"] = False
     kept = accepts(model, "logits_to_keep")
