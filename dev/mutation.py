@@ -189,8 +189,8 @@ MUTANTS: tuple[Mutant, ...] = (
     M(
         "layernorm-mean-detached",
         "lxt_plus/engine/modes.py",
-        "centred = xf - xf.mean(dim=dims, keepdim=True)",
-        "centred = xf - xf.mean(dim=dims, keepdim=True).detach()",
+        "centred = x - x.mean(dim=dims, keepdim=True)",
+        "centred = x - x.mean(dim=dims, keepdim=True).detach()",
         ("tests/unit/test_rules_reference.py",),
     ),
     M(
