@@ -24,6 +24,7 @@ from lxt_plus.render._common import (
     row_items,
 )
 from lxt_plus.render.summary import summary_line
+from lxt_plus.results.images import patch_map
 from lxt_plus.results.words import NEWLINE_SYMBOL, display_token
 from lxt_plus.results.words import normalize as _normalize
 
@@ -266,11 +267,7 @@ def _image_rows(gen: GenerationExplanation, normalize: str) -> tuple[list[str], 
     assert gen.image_matrix is not None and gen.pixels is not None
     rows = gen.image_matrix[:, 0].float()
     if gen.patch_size:
-        p = gen.patch_size
-        h, w = rows.shape[-2:]
-        rows = gen.patch_matrix()[:, 0].repeat_interleave(p, -2).repeat_interleave(p, -1)[..., :h, :w] / (
-            p * p
-        )
+        rows = patch_map(rows, gen.patch_size)
     urls, sums = [], []
     for t in range(rows.shape[0]):
         norm = _normalize(rows[t], normalize)
@@ -286,12 +283,9 @@ def similarity_html(sim: SimilarityExplanation, normalize: str = "max") -> str:
     text / image split of the relevance."""
     tokens = [display_token(t) for t in sim.tokens]
     rel = sim.token_relevance.float()
-    image = sim.images.patches() if sim.images.patch_size else sim.images.relevance
-    image = image[0].float()
+    image = sim.images.relevance[0].float()
     if sim.images.patch_size:
-        p = sim.images.patch_size
-        h, w = sim.images.pixels.shape[-2:]
-        image = image.repeat_interleave(p, 0).repeat_interleave(p, 1)[:h, :w]
+        image = patch_map(image, sim.images.patch_size)
     both = torch.cat([rel.flatten(), image.flatten()])
     limit = colors.color_limit(both, normalize) or 1.0
     spans = "".join(token_span(t, float(v), float(v) / limit) for t, v in zip(tokens, rel, strict=True))

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from lxt_plus.errors import InputError
 
-__all__ = ["ImageRelevance", "pool_patches"]
+__all__ = ["ImageRelevance", "pool_patches", "patch_map"]
 
 
 def pool_patches(relevance: Tensor, size: int | tuple[int, int]) -> Tensor:
@@ -30,6 +30,14 @@ def pool_patches(relevance: Tensor, size: int | tuple[int, int]) -> Tensor:
     lead = relevance.shape[:-2]
     grid = relevance.reshape(*lead, (h + pad_h) // ph, ph, (w + pad_w) // pw, pw)
     return grid.sum((-3, -1))
+
+
+def patch_map(relevance: Tensor, size: int) -> Tensor:
+    """``(..., H, W)`` relevance summed over ``size`` × ``size`` patches and spread back over each
+    patch's pixels (same shape): the patch heatmap on the image grid, for overlays."""
+    h, w = relevance.shape[-2:]
+    grid = pool_patches(relevance, size)
+    return grid.repeat_interleave(size, -2).repeat_interleave(size, -1)[..., :h, :w]
 
 
 @dataclass
