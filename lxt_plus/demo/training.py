@@ -452,6 +452,18 @@ def _sklearn_split(X: Any, y: Any, seed: int, test_size: float = 0.2) -> tuple[A
     return train_test_split(X, y, test_size=test_size, random_state=seed, stratify=y)
 
 
+def _digits_split(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's 8x8 digits as ``(n, 1, 8, 8)`` images in ``[-1, 1]``, split stratified:
+    ``X_train, X_test, y_train, y_test``."""
+    require("sklearn", "scikit-learn")
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    return _sklearn_split(images, labels, seed)
+
+
 def _fit(
     model: torch.nn.Module,
     X: torch.Tensor,
@@ -510,14 +522,9 @@ def train_vit_digits(*, seed: int = 0, epochs: int = 40, progress: bool = True) 
     -------
     VisionResult
     """
-    require("sklearn", "scikit-learn")
-    from sklearn.datasets import load_digits
     from transformers import ViTConfig, ViTForImageClassification
 
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
-    labels = torch.tensor(digits.target, dtype=torch.long)
-    X_train, X_test, y_train, y_test = _sklearn_split(images, labels, seed)
+    X_train, X_test, y_train, y_test = _digits_split(seed)
     torch.manual_seed(seed)
     config = ViTConfig(
         image_size=8,
@@ -641,14 +648,9 @@ def train_clip_digits(*, seed: int = 0, epochs: int = 20, progress: bool = True)
     The loss is CLIP's image-to-text cross-entropy over the ten captions. A stratified fifth of the
     1,797 images is held out.
     """
-    require("sklearn", "scikit-learn")
-    from sklearn.datasets import load_digits
     from transformers import CLIPConfig, CLIPModel
 
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
-    labels = torch.tensor(digits.target, dtype=torch.long)
-    X_train, X_test, y_train, y_test = _sklearn_split(images, labels, seed)
+    X_train, X_test, y_train, y_test = _digits_split(seed)
     vocab = ["<pad>", "<bos>", "<eos>", "digit", *DIGIT_WORDS]
     captions = torch.tensor([[1, 3, 4 + k, 2] for k in range(10)])
     small = {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4}
