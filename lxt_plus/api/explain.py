@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -19,6 +20,7 @@ from lxt_plus.engine.detect import (
     image_shape,
     input_device,
     is_hf_model,
+    is_position_embedding,
     patch_size,
 )
 from lxt_plus.engine.functional import acc, input_relevance
@@ -26,9 +28,11 @@ from lxt_plus.engine.memory import check_fits
 from lxt_plus.engine.offload import offloaded_saves
 from lxt_plus.engine.patching import Handle, handle_of, patch
 from lxt_plus.engine.plan import Preset, get_preset
+from lxt_plus.engine.positional import positional_leaves, positional_relevance
 from lxt_plus.errors import (
     ContextTooLongError,
     InputError,
+    LxtPlusWarning,
     NumericalError,
     OutOfMemoryError,
     TargetError,
@@ -493,6 +497,9 @@ def _checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
             m.training = flag
 
 
+_POSITION_MARK = "_lxt_plus_position_table"
+
+
 @contextlib.contextmanager
 def leaf_at_embeddings(
     model: nn.Module, store: list[Tensor], extra: list[Tensor], rows: int, tokens: bool = True
@@ -502,6 +509,8 @@ def leaf_at_embeddings(
     relevance that lands on them is reported. ``tokens=False``: an image input is the leaf itself,
     and only the added embeddings become leaves."""
     embs, added = embedding_leaves(model, tokens=tokens)
+    paths = {id(m): path for path, m in model.named_modules()}
+    seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
     def token_hook(module: nn.Module, args: Any, out: Tensor) -> Tensor:
         leaf = out.detach().requires_grad_(True)
@@ -516,6 +525,9 @@ def leaf_at_embeddings(
         if value.dim() >= 2 and value.shape[0] == 1 and rows > 1:  # shared over the batch: one per row
             value = value.expand(rows, *value.shape[1:]).clone()
         leaf = value.requires_grad_(True)
+        path = paths.get(id(module), "")
+        if is_position_embedding(module, path) and not (seq2seq and "decoder" in path):
+            setattr(leaf, _POSITION_MARK, True)  # its relevance is the position's (PA-LRP)
         extra.append(leaf)
         return leaf
 
@@ -651,7 +663,7 @@ def explain(
         extra: list[Tensor] = []
         decoder: list[Tensor] = []  # an encoder-decoder's decoder-prefix leaf
         pixels: list[Tensor] = []  # a vision-language model's images
-        with recorder, input_relevance() as exact, offloaded_saves(model):
+        with recorder, input_relevance() as exact, offloaded_saves(model), positional_leaves() as rotary:
             leaf, logits, positions, output = _forward(
                 model, batch, kind, position, extra, function is not None, decoder_input_ids, decoder, pixels
             )
@@ -678,8 +690,11 @@ def explain(
                 f"the target logit is {picked.tolist()} in dtype {logits.dtype}; use float32 or bfloat16"
             )
         latent = recorder.tensors()
-        wanted = [leaf, *decoder, *pixels, *extra, *latent]
+        angles = [t for call in rotary for t in call]
+        wanted = [leaf, *decoder, *pixels, *extra, *latent, *angles]
         grads = torch.autograd.grad(picked.sum(), wanted, allow_unused=True)
+        if angles:
+            angle_grads, grads = grads[len(grads) - len(angles) :], grads[: len(grads) - len(angles)]
         decoder_rel = None
         if decoder:
             g = grads[1] if grads[1] is not None else torch.zeros_like(decoder[0])
@@ -693,8 +708,13 @@ def explain(
         rel = acc(leaf.detach()) * acc(grad)
         for correction in exact.get(id(leaf), []):  # rules with constant input terms (z^B, flat)
             rel = rel + correction
-        extra_rel = _extra_relevance(extra, grads[1 : 1 + len(extra)], rows)
+        extra_grads = grads[1 : 1 + len(extra)]
+        extra_rel = _extra_relevance(extra, extra_grads, rows)
         recorder.finish(grads[1 + len(extra) :])
+        seq = batch.input_ids.shape[1] if batch.input_ids is not None else 0
+        positional, positional_layers = _positional(
+            extra, extra_grads, rotary, angle_grads if angles else (), rows, seq
+        )
         if batch.input_ids is not None:
             rel = _token_layout(model, rel, tuple(batch.input_ids.shape))
         if batch.input_ids is not None and rel.shape[1] > batch.input_ids.shape[1]:
@@ -713,6 +733,22 @@ def explain(
         rel = rel.sum(-1)
         mask = batch.attention_mask
         rel = rel * mask.to(rel.dtype)  # type: ignore[union-attr]  # token batches always carry a mask
+    pairs = handle.preset.positional and positional is not None
+    if handle.preset.positional and positional is None and batch.input_ids is not None:
+        warnings.warn(
+            f"rules={preset_name!r}: no position encoding of {type(model).__name__} takes relevance (no "
+            "added position table, and no real-valued rotary cos/sin handed to its attention modules "
+            "as position_embeddings), so relevance is that of the preset without 'pa-'",
+            LxtPlusWarning,
+            stacklevel=2,
+        )
+    if positional is not None:
+        positional = positional * mask.cpu().double()  # type: ignore[union-attr]
+        if pairs:  # PA-LRP: each position's relevance joins its token's
+            table = _table_share(extra, extra_grads, rows, seq)
+            if table is not None and extra_rel is not None:
+                extra_rel = extra_rel - table.sum(-1).to(extra_rel.dtype)
+            rel = rel + positional.to(rel.device, rel.dtype)
     if not torch.isfinite(rel).all():
         raise NumericalError(
             f"relevance has NaN/inf (model dtype {leaf.dtype}); float16 overflows in relevance: "
@@ -742,6 +778,9 @@ def explain(
         decoder_relevance=decoder_rel,
         decoder_ids=None if getattr(output, "decoder_ids", None) is None else output.decoder_ids.cpu(),
         images=images,
+        positional_relevance=None if positional is None else positional.float(),
+        positional_layers=None if positional_layers is None else positional_layers.float(),
+        pairs=pairs,
         hidden=None
         if batch.hidden is None
         else batch.hidden & mask.bool().cpu()
@@ -789,6 +828,43 @@ def _image_relevance(model: nn.Module, pixels: Tensor, grad: Tensor | None, rows
     return ImageRelevance(
         channels, pixels.detach().cpu(), patch_size(model), image_owners(model, pixels, rows)
     )
+
+
+def _table_share(leaves: list[Tensor], grads: Sequence[Tensor | None], rows: int, seq: int) -> Tensor | None:
+    """Per-position relevance ``(rows, seq)`` of the added position tables (learned, sinusoidal)."""
+    total = None
+    for leaf, g in zip(leaves, grads, strict=True):
+        if g is None or not getattr(leaf, _POSITION_MARK, False):
+            continue
+        r = (acc(leaf.detach()) * acc(g)).sum(-1)
+        if r.dim() == 1:
+            r = r[None]
+        if r.dim() != 2 or r.shape[-1] != seq or r.shape[0] not in (rows, 1):
+            continue  # a table not laid out along the tokens (it still counts in extra_relevance)
+        r = r.detach().double().cpu().expand(rows, seq)
+        total = r if total is None else total + r
+    return total
+
+
+def _positional(
+    extra: list[Tensor],
+    extra_grads: Sequence[Tensor | None],
+    rotary: list[list[Tensor]],
+    rotary_grads: Sequence[Tensor | None],
+    rows: int,
+    seq: int,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Relevance of each position ``(rows, seq)``: its added position tables' share plus, under
+    the positional presets, its rotary angles' share; and the rotary share per attention call
+    ``(rows, calls, seq)`` (``None`` without rotary leaves)."""
+    if not seq:
+        return None, None
+    table = _table_share(extra, extra_grads, rows, seq)
+    layers = positional_relevance(rotary, rotary_grads, rows, seq)
+    if layers is None:
+        return table, None
+    angles = layers.sum(1)
+    return (angles if table is None else table + angles), layers
 
 
 def _extra_relevance(leaves: list[Tensor], grads: Sequence[Tensor | None], rows: int) -> Tensor | None:

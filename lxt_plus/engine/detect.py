@@ -29,6 +29,7 @@ __all__ = [
     "model_dtype",
     "patch_size",
     "is_added_embedding",
+    "is_position_embedding",
     "token_embeddings",
     "embedding_leaves",
     "decoder_start",
@@ -187,6 +188,18 @@ def is_added_embedding(m: nn.Module, path: str = "") -> bool:
         and "Rotary" not in name
         and not any(True for _ in m.children())
     )
+
+
+_POSITION_NAME = re.compile(r"(^|_)(pos|position|positions|wpe|positional)(_|$)|position")
+
+
+def is_position_embedding(m: nn.Module, path: str = "") -> bool:
+    """An added embedding that encodes positions (learned or sinusoidal), not token types or
+    segments: its relevance is the position's (PA-LRP, Bakish et al. 2025)."""
+    last = path.rsplit(".", 1)[-1].lower()
+    if "type" in last or "segment" in last:
+        return False
+    return _POSITION_TABLE.search(type(m).__name__) is not None or _POSITION_NAME.search(last) is not None
 
 
 def token_embeddings(model: nn.Module) -> list[nn.Module]:

@@ -8,7 +8,7 @@ Modes live on a thread-local stack, so other threads and other models are not af
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -27,6 +27,8 @@ __all__ = [
     "ElementwiseIdentityMode",
     "SDPARuleMode",
     "RouterMode",
+    "PositionalMode",
+    "is_positional",
 ]
 
 # an unbound handler: (mode, torch function, args, kwargs) -> result
@@ -416,3 +418,60 @@ class AttentionOpsMode(SDPARuleMode):
 
     def _tanh(self, func, args, kwargs):  # type: ignore[no-untyped-def]
         return self._identity_rule(func, args, kwargs, count=False)
+
+
+def is_positional(t: Any, leaves: Sequence[Tensor], budget: int = 64) -> bool:
+    """Whether ``t`` is computed from ``leaves`` alone: every path of its autograd graph ends at
+    one of them (through the ``unsqueeze``, slices, casts, ``repeat_interleave`` and
+    concatenations that models apply to ``cos`` and ``sin``), looking at no more than ``budget``
+    nodes. A tensor that also depends on the input (``q`` after the rotation) is not positional."""
+    if not isinstance(t, Tensor) or not t.requires_grad or not leaves:
+        return False
+    targets = {id(leaf) for leaf in leaves}
+    if id(t) in targets:
+        return True
+    stack = [t.grad_fn]
+    seen = 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if node is None or seen > budget:
+            return False
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            if id(variable) not in targets:
+                return False
+            continue
+        parents = [n for n, _ in node.next_functions if n is not None]
+        if not parents:
+            return False
+        stack.extend(parents)
+    return True
+
+
+class PositionalMode(_RuleMode):
+    """The uniform rule on products of an input-dependent tensor with a positional leaf
+    (``q * cos``): each factor receives half the relevance (Achtibat et al. 2024, Prop. 3.3), as
+    for any product of two inputs. Every other operation runs unchanged."""
+
+    def __init__(self, leaves: Sequence[Tensor]) -> None:
+        super().__init__()
+        self.leaves = list(leaves)
+
+    @classmethod
+    def _table(cls) -> dict[Any, Any]:
+        return cls.on(_MUL, cls._mul)
+
+    def _mul(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        if len(args) == 2 and not kwargs and torch.is_grad_enabled():
+            a, b = args
+            if (
+                isinstance(a, Tensor)
+                and isinstance(b, Tensor)
+                and a.requires_grad
+                and b.requires_grad
+                and (is_positional(a, self.leaves) != is_positional(b, self.leaves))
+            ):
+                self._count()
+                return uniform_mul(a, b)
+        return func(*args, **kwargs)

@@ -8,4 +8,4 @@ from __future__ import annotations
 
 __all__ = ["PRESET_NAMES"]
 
-PRESET_NAMES = ("attnlrp", "cp-lrp", "ah-lrp", "gradient", "conservative-check")
+PRESET_NAMES = ("attnlrp", "cp-lrp", "ah-lrp", "pa-attnlrp", "pa-ah-lrp", "gradient", "conservative-check")

@@ -20,6 +20,7 @@ from lxt_plus.engine.names import PRESET_NAMES
 from lxt_plus.engine.opcheck import OpReport
 from lxt_plus.engine.rules import (
     AHLRP,
+    PAAHLRP,
     AttnLRP,
     Conservative,
     Constant,
@@ -28,6 +29,7 @@ from lxt_plus.engine.rules import (
     Epsilon,
     HeadIdentity,
     Identity,
+    PAAttnLRP,
     Pass,
     RouterLRP,
     Rule,
@@ -107,6 +109,12 @@ class Preset:
             if selector_matches(sel, info):
                 return rule
         return None
+
+    @property
+    def positional(self) -> bool:
+        """Whether relevance is read on position-token pairs (PA-LRP): an attention rule of this
+        preset makes the positions inputs, and ``relevance`` then holds token plus position."""
+        return any(getattr(rule, "positional", False) for _, rule in self.rules)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -224,6 +232,22 @@ PRESETS: dict[str, Preset] = {
         _lrp(AHLRP(), Constant(), UniformProduct()),
         description=f"AH-LRP (Ali et al. 2022): {_AH}; a gated MLP's product act(g)·u splits its relevance "
         "half and half (uniform rule); cp-lrp holds the gate constant instead",
+    ),
+    "pa-attnlrp": Preset(
+        "pa-attnlrp",
+        _lrp(PAAttnLRP(), RouterLRP(), UniformProduct()),
+        description="attnlrp with positional relevance (PA-LRP, Bakish et al. 2025): the input is read "
+        "as position-token pairs. Rotary cos and sin are inputs, each product q·cos, rotate_half(q)·sin "
+        "(and for k) gives half its relevance to the position; added position tables take their "
+        "share by the epsilon rule on the sum. relevance is token plus position, per position",
+    ),
+    "pa-ah-lrp": Preset(
+        "pa-ah-lrp",
+        _lrp(PAAHLRP(), Constant(), UniformProduct()),
+        description="ah-lrp with positional relevance (PA-LRP, Bakish et al. 2025): relevance is token "
+        "plus position, per position. Added position tables take their share by the epsilon rule; "
+        "rotary angles act only through the attention weights, which are constants here, so they "
+        "take none",
     ),
     "gradient": Preset(
         "gradient", (("dropout", DropoutOff()), ("any", Pass())), description="plain Gradient×Input"

@@ -30,6 +30,7 @@ from lxt_plus.engine.functional import (
 from lxt_plus.engine.hf import activation_classes
 from lxt_plus.engine.install import ATTENTION_RULES, Installed, Site, wrap_forward
 from lxt_plus.engine.modes import AttentionOpsMode, ElementwiseIdentityMode, NormMode, ProductMode, RouterMode
+from lxt_plus.engine.positional import positional_forward
 from lxt_plus.errors import ConfigError, UnsupportedModelError, nearest
 
 __all__ = [
@@ -50,6 +51,8 @@ __all__ = [
     "ConstantGate",
     "AttnLRP",
     "AHLRP",
+    "PAAttnLRP",
+    "PAAHLRP",
     "Constant",
     "RouterLRP",
     "SelectiveScan",
@@ -439,11 +442,14 @@ class AttentionRule(Rule):
     """
 
     detach_weights: ClassVar[bool] = False
+    # PA-LRP: the module's ``position_embeddings`` (rotary cos, sin) are inputs that take relevance
+    positional: ClassVar[bool] = False
 
     def wrap(self, module, forward, probe):  # type: ignore[no-untyped-def]
         """Route for attention that does not dispatch through transformers' registry."""
         detach = self.detach_weights
-        return _under_mode(forward, lambda: AttentionOpsMode(detach), probe, "attention_hits")
+        fwd = _under_mode(forward, lambda: AttentionOpsMode(detach), probe, "attention_hits")
+        return positional_forward(module, fwd) if self.positional else fwd
 
     def install(self, site: Site) -> Installed:
         owner = owning_pretrained(site.model, site.path)
@@ -459,7 +465,10 @@ class AttentionRule(Rule):
             def forget() -> None:
                 ATTENTION_RULES.pop(module, None)
 
-            return Installed("registry", [forget])
+            undo: list[Callable[[], None]] = [forget]
+            if self.positional:
+                wrap_forward(module, lambda fwd: positional_forward(module, fwd), undo)
+            return Installed("registry", undo)
         done = super().install(site)
         return Installed("ops" if site.role == "attention" else done.route, done.undo)
 
@@ -484,6 +493,29 @@ class AHLRP(AttentionRule):
     paper: ClassVar[str] = "Ali et al. 2022"
     detach_weights: ClassVar[bool] = True
     covers: ClassVar[frozenset[str]] = frozenset({"product"})  # A·v with A detached, via autograd
+
+
+@dataclass(frozen=True, repr=False)
+class PAAttnLRP(AttnLRP):
+    """AttnLRP with positional relevance (PA-LRP, Bakish et al. 2025): rotary ``cos`` and ``sin``
+    are inputs, and each product ``q·cos``, ``rotate_half(q)·sin`` (and for ``k``) gets the uniform
+    rule, half to the position. Added position tables take their share by the ε-rule on the sum,
+    as under every rule."""
+
+    name: ClassVar[str] = "pa-attnlrp"
+    paper: ClassVar[str] = "Bakish et al. 2025; Achtibat et al. 2024"
+    positional: ClassVar[bool] = True
+
+
+@dataclass(frozen=True, repr=False)
+class PAAHLRP(AHLRP):
+    """AH-LRP with positional relevance (PA-LRP, Bakish et al. 2025). With the attention weights
+    constant, rotary angles (which act only through the weights) receive none; added position
+    tables (learned, sinusoidal) take their ε-rule share."""
+
+    name: ClassVar[str] = "pa-ah-lrp"
+    paper: ClassVar[str] = "Bakish et al. 2025; Ali et al. 2022"
+    positional: ClassVar[bool] = True
 
 
 def _detach_all(out: Any) -> Any:
@@ -672,6 +704,8 @@ for _cls in (
     ConstantGate,
     AttnLRP,
     AHLRP,
+    PAAttnLRP,
+    PAAHLRP,
     Constant,
     RouterLRP,
     SelectiveScan,

@@ -43,6 +43,9 @@ CSS = """<style>
 .lxt-head b{color:#1f2328;font-weight:600}
 .lxt-tokens{font-size:15px;white-space:pre-wrap;word-wrap:break-word;line-height:1.9}
 .lxt-tok{border-radius:3px;padding:1px 0;margin:0 1px}
+.lxt-positions{font-size:11px;line-height:1.9;margin-top:2px}
+.lxt-pos{border-radius:2px;padding:0 2px;margin:0 1px;font-family:monospace}
+.lxt-pos-label{color:#666;margin-right:4px}
 .lxt-gen-tok{cursor:pointer;border-bottom:2px dotted #8c959f}
 .lxt-sel{outline:2px solid #1f2328;outline-offset:1px}
 .lxt-legend{margin-top:6px;font-size:11px;color:#57606a;width:240px}
@@ -135,8 +138,22 @@ def explanation_html(
         norm = _normalize(rel, normalize)
         spans = "".join(token_span(t, float(v), float(n)) for t, v, n in zip(texts, rel, norm, strict=True))
         parts.append(f'<div class="lxt-tokens" dir="auto">{spans}</div>')
+        positions = None if words else exp.real_positions(r, hide_special)
+        if positions is not None and len(positions) == len(texts):
+            parts.append(_positions_html(positions.detach().float(), rel, normalize))
         parts.append(legend_html(colors.color_limit(rel, normalize)) + _note(exp, r) + "</div>")
     return "".join(parts) + "</div>"
+
+
+def _positions_html(positions: torch.Tensor, rel: torch.Tensor, normalize: str) -> str:
+    """A strip of position cells under the tokens, in the tokens' colour scale (PA-LRP)."""
+    limit = colors.color_limit(rel, normalize) or 1.0
+    norm = (positions / limit).clamp(-1, 1)
+    cells = "".join(
+        token_span(str(i), float(v), float(n), cls="lxt-pos")
+        for i, (v, n) in enumerate(zip(positions, norm, strict=True))
+    )
+    return f'<div class="lxt-positions" dir="ltr"><span class="lxt-pos-label">positions</span>{cells}</div>'
 
 
 def safe_json(data: object) -> str:

@@ -61,7 +61,25 @@ def summary_line(
     parts = [f"Pushing {what} up ({up_mark}): {_names(up)}" if up else f"Nothing pushes {what} up"]
     parts.append(f"pushing it down ({down_mark}): {_names(down)}" if down else "nothing pushes it down")
     logit = float(exp.target_logit[r])
-    return (
+    line = (
         "; ".join(parts)
         + f". The {unit} for it carry {pos:+.3g} and those against it {neg:+.3g} of the explained logit {logit:.3g}."
+    )
+    return line + _positions_sentence(exp, r, hide_special)
+
+
+def _positions_sentence(exp: Explanation, r: int, hide_special: bool) -> str:
+    """How much of the relevance is the positions' (PA-LRP), and which position carries most."""
+    if exp.modality != "tokens":
+        return ""
+    positions = exp.real_positions(r, hide_special)
+    if positions is None or not len(positions):
+        return ""
+    positions = positions.detach().float()
+    texts, _ = row_items(exp, r, hide_special=hide_special)
+    top = int(positions.abs().argmax())
+    where = "included in the values above" if exp.pairs else "not included above"
+    return (
+        f" The positions carry {float(positions.sum()):+.3g} ({where}); the most, "
+        f"{float(positions[top]):+.3g}, is at position {top} ({texts[top].strip() or repr(texts[top])})."
     )

@@ -113,6 +113,11 @@ class Explanation:
     decoder_ids: torch.Tensor | None = None
     # pixel relevance per channel, with the input pixels (image classifiers and VLMs)
     images: ImageRelevance | None = None
+    # PA-LRP: relevance of each token's position (batch, seq), its rotary share per attention
+    # layer (batch, layers, seq), and whether ``relevance`` holds token plus position
+    positional_relevance: torch.Tensor | None = None
+    positional_layers: torch.Tensor | None = None
+    pairs: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.captures, Captures):  # a plain dict of captures is accepted
@@ -127,6 +132,25 @@ class Explanation:
     @property
     def target(self) -> Target | list[Target]:
         return self.targets[0] if self.single else self.targets
+
+    # ------------------------------------------------------------------ positions (PA-LRP)
+    @property
+    def positional(self) -> torch.Tensor | None:
+        """Relevance of each token's position, ``(seq,)`` / ``(batch, seq)``: the share of added
+        position tables (learned, sinusoidal) under every preset, plus the rotary angles' share
+        under ``pa-attnlrp``. ``None`` for a model without a position encoding that takes relevance
+        (a rotary model under a preset that is not positional)."""
+        p = self.positional_relevance
+        return None if p is None else (p[0] if self.single else p)
+
+    @property
+    def token_relevance(self) -> torch.Tensor:
+        """Relevance of the tokens alone. Under the positional presets (``pa-attnlrp``,
+        ``pa-ah-lrp``) ``relevance`` is token plus position, per position; elsewhere the two are
+        the same."""
+        if not self.pairs or self.positional_relevance is None:
+            return self.relevance
+        return self.relevance - self.positional.to(self.relevance.dtype)  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ images
     def _image_part(self, t: torch.Tensor) -> torch.Tensor:
@@ -224,6 +248,9 @@ class Explanation:
             decoder_relevance=None if self.decoder_relevance is None else self.decoder_relevance[sl],
             decoder_ids=None if self.decoder_ids is None else self.decoder_ids[sl],
             images=None if self.images is None else self.images.of_row(sl.start),
+            positional_relevance=None if self.positional_relevance is None else self.positional_relevance[sl],
+            positional_layers=None if self.positional_layers is None else self.positional_layers[sl],
+            pairs=self.pairs,
         )
 
     def real_tokens(self, row: int = 0, hide_special: bool = False) -> tuple[list[str], torch.Tensor]:
@@ -237,6 +264,18 @@ class Explanation:
             keep = keep & ~self.hidden[row]
         toks = [t for t, k in zip(self.tokens[row], keep.tolist(), strict=True) if k]
         return toks, rel[keep]
+
+    def real_positions(self, row: int = 0, hide_special: bool = False) -> torch.Tensor | None:
+        """The positional relevance of the tokens :meth:`real_tokens` keeps, ``None`` without it."""
+        if self.positional_relevance is None:
+            return None
+        pos = self.positional_relevance[row]
+        if self.attention_mask is None:
+            return pos
+        keep = self.attention_mask[row].bool()
+        if hide_special and self.hidden is not None:
+            keep = keep & ~self.hidden[row]
+        return pos[keep]
 
     def top_tokens(self, k: int = 5, row: int = 0, hide_special: bool = False) -> list[tuple[str, float]]:
         """The ``k`` tokens with the largest positive relevance, best first."""

@@ -88,6 +88,9 @@ def explanation_to_dict(exp: Explanation) -> dict[str, Any]:
         "target_logit": _list(exp.target_logit),
         "probability": _list(exp.probability),
         "extra_relevance": _list(exp.extra_relevance),
+        "positional_relevance": _list(exp.positional_relevance),
+        "positional_layers": _list(exp.positional_layers),
+        "pairs": exp.pairs,
         "hidden": _list(exp.hidden),
         "captures": _encode(dict(exp.captures), "captures"),
         "images": None
@@ -176,6 +179,9 @@ def explanation_fields(data: dict[str, Any]) -> dict[str, Any]:
         modality=str(data.get("modality", "tokens")),
         captures=_decode(data.get("captures") or {}),
         extra_relevance=_tensor(data, "extra_relevance", torch.float32, optional=True),
+        positional_relevance=_tensor(data, "positional_relevance", torch.float32, optional=True),
+        positional_layers=_tensor(data, "positional_layers", torch.float32, optional=True),
+        pairs=bool(data.get("pairs", False)),
         hidden=_tensor(data, "hidden", torch.bool, optional=True),
         images=_images(data.get("images")),
     )

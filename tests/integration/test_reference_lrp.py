@@ -66,7 +66,8 @@ class Node:
 class Tape:
     """Records the forward pass; :meth:`propagate` sends relevance back through every message.
 
-    ``attention_rule`` is ``"ah-lrp"`` or ``"attnlrp"``. With ``gradient`` the leaves
+    ``attention_rule`` is ``"ah-lrp"`` or ``"attnlrp"``; ``positional`` makes rotary angles inputs
+    (PA-LRP, Bakish et al. 2025). With ``gradient`` the leaves
     require grad, so the values carry autograd graphs for the Gradient×Input reference; relevance
     messages only ever use detached values. ``hf_float32`` reproduces the float32 arithmetic that
     transformers' Llama code uses in every dtype (RMSNorm normalisation, rotary angles); without
@@ -76,6 +77,7 @@ class Tape:
     attention_rule: str = "attnlrp"
     gradient: bool = False
     hf_float32: bool = True
+    positional: bool = False
     messages: list[Callable[[], None]] = field(default_factory=list)
 
     # ------------------------------------------------------------------------------- sweep
@@ -180,10 +182,15 @@ class Tape:
 
         return self._record(out, message)
 
-    def rotary(self, x: Node, cos: Tensor, sin: Tensor) -> Node:
+    def rotary(self, x: Node, cos: Tensor, sin: Tensor, positions: Node | None = None) -> Node:
         """Rotary embedding of ``x`` ``(heads, seq, dh)``: per position ``t`` the linear map
         ``y_t = x_t P_t`` with ``P_t[i, j] = δ_ij cos_tj + H_ij sin_tj`` (``H`` rotates the two halves:
-        ``(x1, x2) ↦ (-x2, x1)``); LRP-0 through ``P_t``."""
+        ``(x1, x2) ↦ (-x2, x1)``); LRP-0 through ``P_t``.
+
+        With ``positional`` (PA-LRP) the angles are inputs: ``y = x ⊙ cos + (x H) ⊙ sin``, the
+        ε-rule on the sum gives each term ``term/y · R(y)``, and the uniform rule on each product
+        gives half of that to ``x`` (through ``H`` for the second term) and half to the position,
+        which ``positions`` ``(seq,)`` collects over heads and dimensions."""
         dh = x.value.shape[-1]
         half = dh // 2
         rot = torch.zeros(dh, dh, dtype=DTYPE)
@@ -194,9 +201,20 @@ class Tape:
         y = torch.einsum("hti,tij->htj", x.value, maps)
         out = Node(y)
         xv, yv = x.value.detach(), y.detach()
-        return self._record(
-            out, lambda r: x.receive(torch.einsum("hti,tij,htj->hti", xv, maps, share(r, yv)))
-        )
+        if not self.positional:
+            return self._record(
+                out, lambda r: x.receive(torch.einsum("hti,tij,htj->hti", xv, maps, share(r, yv)))
+            )
+        assert positions is not None
+        rotated = xv @ rot  # (x H)_j
+
+        def message(r: Tensor) -> None:
+            first = xv * cos * share(r, yv)  # R of x ⊙ cos
+            second = rotated * sin * share(r, yv)  # R of (x H) ⊙ sin
+            x.receive(0.5 * first + 0.5 * torch.einsum("htj,ij->hti", second, rot.abs()))
+            positions.receive(0.5 * (first + second).sum(dim=(0, 2)))
+
+        return self._record(out, message)
 
     def attention(self, q: Node, k: Node, v: Node, allowed: Tensor, scale: float) -> Node:
         """``o = softmax(scale·q kᵀ + mask) v`` per head; ``k``/``v`` may have fewer heads (GQA).
@@ -283,6 +301,16 @@ class Reference:
     target: Node
     tokens: Node
     extras: list[Node]
+    # the position encoding's node: an added table (seq, d), or rotary angles' sink (seq,)
+    positions: Node | None = None
+
+    def positional(self) -> Tensor | None:
+        """Relevance per position, after :meth:`relevance`; ``None`` without a position node."""
+        if self.positions is None:
+            return None
+        r = self.positions.relevance
+        r = torch.zeros_like(self.positions.value) if r is None else r
+        return r.sum(-1) if r.dim() == 2 else r
 
     def relevance(self) -> tuple[Tensor, Tensor | None]:
         """LRP relevance per token ``(seq,)`` and total relevance on position/type embeddings."""
@@ -327,6 +355,7 @@ def llama_reference(
     allowed = torch.tril(torch.ones(n, n, dtype=torch.bool)) & mask.bool()[None, :]
 
     tokens = tape.leaf(weight_of(core.embed_tokens)[ids])
+    angles_sink = Node(torch.zeros(n, dtype=DTYPE))
     h = tokens if embed is None else embed(tokens)
     for layer in core.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -334,8 +363,8 @@ def llama_reference(
         q = tape.linear(a, weight_of(attn.q_proj).T, bias_of(attn.q_proj, zero_bias))
         k = tape.linear(a, weight_of(attn.k_proj).T, bias_of(attn.k_proj, zero_bias))
         v = tape.linear(a, weight_of(attn.v_proj).T, bias_of(attn.v_proj, zero_bias))
-        q = tape.rotary(tape.rearrange(q, split_heads(n, heads, dh)), cos, sin)
-        k = tape.rotary(tape.rearrange(k, split_heads(n, kv_heads, dh)), cos, sin)
+        q = tape.rotary(tape.rearrange(q, split_heads(n, heads, dh)), cos, sin, angles_sink)
+        k = tape.rotary(tape.rearrange(k, split_heads(n, kv_heads, dh)), cos, sin, angles_sink)
         v = tape.rearrange(v, split_heads(n, kv_heads, dh))
         o = tape.rearrange(tape.attention(q, k, v, allowed, dh**-0.5), merge_heads)
         h = tape.add(h, tape.linear(o, weight_of(attn.o_proj).T, bias_of(attn.o_proj, zero_bias)))
@@ -349,7 +378,7 @@ def llama_reference(
     pos, token = target
     last = tape.rearrange(f, lambda t: t[pos : pos + 1])
     logits = tape.linear(last, weight_of(model.lm_head).T, None)
-    return Reference(tape, tape.rearrange(logits, lambda t: t[0, token]), tokens, [])
+    return Reference(tape, tape.rearrange(logits, lambda t: t[0, token]), tokens, [], angles_sink)
 
 
 def gpt2_reference(
@@ -384,7 +413,7 @@ def gpt2_reference(
     pos, token = target
     last = tape.rearrange(f, lambda t: t[pos : pos + 1])
     logits = tape.linear(last, weight_of(model.lm_head).T, None)
-    return Reference(tape, tape.rearrange(logits, lambda t: t[0, token]), tokens, [pos_emb])
+    return Reference(tape, tape.rearrange(logits, lambda t: t[0, token]), tokens, [pos_emb], pos_emb)
 
 
 def bert_reference(
@@ -428,7 +457,9 @@ def bert_reference(
     pooler = bert.pooler.dense
     pooled = tape.activation(tape.linear(first, weight_of(pooler).T, bias_of(pooler, zero_bias)), torch.tanh)
     logits = tape.linear(pooled, weight_of(model.classifier).T, bias_of(model.classifier, zero_bias))
-    return Reference(tape, tape.rearrange(logits, lambda t: t[0, target[1]]), tokens, [types, pos_emb])
+    return Reference(
+        tape, tape.rearrange(logits, lambda t: t[0, target[1]]), tokens, [types, pos_emb], pos_emb
+    )
 
 
 REFERENCES = {"llama": llama_reference, "gpt2": gpt2_reference, "bert": bert_reference}
@@ -443,8 +474,10 @@ def reference_relevance(
     target: tuple[int, int],
     rules: str,
     hf_float32: bool = True,
-) -> tuple[Tensor, Tensor | None, Tensor]:
-    """``(token relevance (seq,), extra relevance or None, target logit)`` of one row."""
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    """``(token relevance (seq,), extra relevance or None, target logit, relevance per position or
+    None)`` of one row. Under the positional presets the extra relevance still counts the added
+    position table; :func:`compare_rows` moves it to the tokens."""
     build_ref = REFERENCES[family]
     if rules == "gradient":  # plain Gradient×Input: autograd through the float64 re-implementation
         ref = build_ref(model, ids, mask, target, Tape(gradient=True, hf_float32=hf_float32))
@@ -457,23 +490,32 @@ def reference_relevance(
             return None if g is None else node.value.detach() * g
 
         tokens, extra = _summed(ref.tokens, ref.extras, grad_x_input)
-        return tokens, extra, ref.target.value.detach()
-    attention = "ah-lrp" if rules in ("ah-lrp", "conservative-check") else "attnlrp"
+        positions = ref.positions
+        positional = None
+        if positions is not None and positions.value.dim() == 2:  # an added table
+            g = grad_x_input(positions)
+            positional = torch.zeros(ids.shape[0], dtype=DTYPE) if g is None else g.sum(-1)
+        return tokens, extra, ref.target.value.detach(), positional
+    attention = "ah-lrp" if rules in ("ah-lrp", "pa-ah-lrp", "conservative-check") else "attnlrp"
+    pa = rules.startswith("pa-")
     ref = build_ref(
         model,
         ids,
         mask,
         target,
-        Tape(attention, hf_float32=hf_float32),
+        Tape(attention, hf_float32=hf_float32, positional=pa),
         zero_bias=rules == "conservative-check",
     )
     tokens, extra = ref.relevance()
-    return tokens, extra, ref.target.value
+    positional = ref.positional()
+    if ref.positions is not None and ref.positions.value.dim() == 1 and not pa:
+        positional = None  # rotary angles are constants outside the positional presets
+    return tokens, extra, ref.target.value, positional
 
 
 # =============================================================================== tests
 FAMILIES = ["llama", "gpt2", "bert"]
-PRESETS = ["ah-lrp", "attnlrp", "gradient", "conservative-check"]
+PRESETS = ["ah-lrp", "attnlrp", "gradient", "conservative-check", "pa-attnlrp", "pa-ah-lrp"]
 SEQ = 6
 TARGET_TOKEN = 7  # any token id of the tiny vocabulary; BERT explains class 1
 TARGET_CLASS = 1
@@ -536,9 +578,25 @@ def compare_rows(family: str, model: nn.Module, ids: Tensor, mask: Tensor, rules
     explanation = lxt_plus.explain(model, ids, target=spec, attention_mask=mask, rules=rules)
     assert explanation.batch_relevance.dtype == DTYPE
     for r in range(ids.shape[0]):
-        ref_tokens, ref_extra, ref_logit = reference_relevance(
+        ref_tokens, ref_extra, ref_logit, ref_positions = reference_relevance(
             family, model, ids[r], mask[r], targets[r], rules
         )
+        if ref_positions is None:
+            assert explanation.positional_relevance is None
+        else:
+            assert explanation.positional_relevance is not None
+            ref_positions = ref_positions * mask[r]
+            assert_relevance_close(
+                explanation.positional_relevance[r],
+                ref_positions,
+                float(ref_tokens.abs().max()),
+                atol_factor(family, rules),
+                f"{family}/{rules} row {r} positions",
+            )
+            if rules.startswith("pa-"):  # relevance of position-token pairs
+                ref_tokens = ref_tokens + ref_positions
+                if ref_extra is not None:
+                    ref_extra = ref_extra - ref_positions.sum()
         ref_tokens = ref_tokens * mask[r]
         scale = float(ref_tokens.abs().max())
         if ref_extra is not None:
@@ -571,7 +629,8 @@ def test_single_sequence_matches_reference(models: dict[str, nn.Module], family:
 
 
 @pytest.mark.parametrize(
-    ("family", "rules"), [pytest.param(f, r, id=f"{f}-{r}") for f in FAMILIES for r in ("ah-lrp", "attnlrp")]
+    ("family", "rules"),
+    [pytest.param(f, r, id=f"{f}-{r}") for f in FAMILIES for r in ("ah-lrp", "attnlrp", "pa-attnlrp")],
 )
 def test_padded_batch_matches_reference(models: dict[str, nn.Module], family: str, rules: str) -> None:
     """A right-padded batch: the reference masks padded keys explicitly; pad tokens get 0."""
@@ -587,7 +646,7 @@ def test_reference_is_conservative_without_biases(models: dict[str, nn.Module], 
     """The reference itself: AH-LRP with zero biases sums to the target logit (Ali et al. 2022)."""
     ids = token_ids(1, seed=1)[0]
     mask = torch.ones_like(ids)
-    tokens, extra, logit = reference_relevance(
+    tokens, extra, logit, _ = reference_relevance(
         family, models[family], ids, mask, target_for(family, mask), "conservative-check", hf_float32=False
     )
     total = tokens.sum() + (0.0 if extra is None else extra)
@@ -607,3 +666,12 @@ def test_reference_presets_differ(models: dict[str, nn.Module], family: str) -> 
     for a, b in (("ah-lrp", "attnlrp"), ("ah-lrp", "gradient"), ("attnlrp", "gradient")):
         gap = (results[a] - results[b]).abs().max() / results[a].abs().max()
         assert gap > 1e-3, f"{family}: reference {a} and {b} agree to {float(gap):.1e}"
+    # PA-LRP: the positions take a share that is not small, rotary angles (Llama) only under it
+    tokens, _, _, positions = reference_relevance(family, models[family], ids, mask, target, "pa-attnlrp")
+    assert positions is not None
+    assert float(positions.abs().max()) > 1e-2 * float(tokens.abs().max())
+    if family == "llama":
+        gap = (tokens - results["attnlrp"]).abs().max() / tokens.abs().max()
+        assert gap > 1e-3, (
+            f"llama: reference pa-attnlrp and attnlrp token relevance agree to {float(gap):.1e}"
+        )

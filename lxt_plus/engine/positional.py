@@ -1,0 +1,151 @@
+"""Positional relevance (PA-LRP, Bakish et al. 2025): the position encoding as an input.
+
+LRP for transformers usually treats the position encoding as a constant: a learned or sinusoidal
+table added to the token embeddings keeps its share of the relevance like a bias, and rotary
+angles (``cos``, ``sin``) are coefficients of a linear map of ``q`` and ``k``. PA-LRP reads the
+input as position-token pairs and gives the position its own relevance:
+
+- an **added table** (learned, sinusoidal) splits relevance with the token embedding by the
+  ε-rule on the sum. That is Gradient×Input at the table's output, which explaining already reads
+  (see :func:`lxt_plus.engine.detect.is_position_embedding`);
+- **rotary** angles are inputs: ``q·cos + rotate_half(q)·sin`` is a sum of products of two
+  input-dependent factors, so each product gets the uniform rule (half to ``q``, half to
+  ``cos`` or ``sin``) and the sum the ε-rule.
+
+For rotary models the positional attention rules (``pa-attnlrp``, ``pa-ah-lrp``) replace the
+``position_embeddings`` tensors that an attention module receives by fresh leaves (one set per
+layer, so relevance per layer is available), and run the module's own forward under
+:class:`PositionalMode`, which applies the uniform rule to products with those leaves.
+:func:`positional_leaves` collects the leaves of one forward pass; explaining asks for their
+gradients in the same backward pass as the input relevance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lxt_plus.engine.functional import acc
+from lxt_plus.engine.modes import PositionalMode
+
+__all__ = [
+    "positional_leaves",
+    "positional_forward",
+    "positional_relevance",
+    "POSITIONAL_KWARG",
+]
+
+POSITIONAL_KWARG = "position_embeddings"
+_MARK = "_lxt_plus_positional"
+# the leaves of the forward pass being explained, one list of tensors per attention call
+_LEAVES: contextvars.ContextVar[list[list[Tensor]] | None] = contextvars.ContextVar(
+    "lxt_plus_positional_leaves", default=None
+)
+
+
+@contextlib.contextmanager
+def positional_leaves() -> Iterator[list[list[Tensor]]]:
+    """Collect the positional leaves that attention modules make during the enclosed forward
+    pass: one list (``cos``, ``sin``, ...) per attention call, in call order."""
+    calls: list[list[Tensor]] = []
+    token = _LEAVES.set(calls)
+    try:
+        yield calls
+    finally:
+        _LEAVES.reset(token)
+
+
+def _leaf(t: Tensor, rows: int) -> Tensor:
+    value = t.detach()
+    if rows > 1 and value.dim() >= 3 and value.shape[0] == 1:  # shared over the batch: one per row
+        value = value.expand(rows, *value.shape[1:])
+    return value.clone().requires_grad_(True)
+
+
+def _positional_argument(module: nn.Module) -> int | None:
+    """The index of ``position_embeddings`` among the positional parameters of the module class's
+    ``forward`` (after ``self``), if it has one."""
+    try:
+        params = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return names.index(POSITIONAL_KWARG) if POSITIONAL_KWARG in names else None
+
+
+def _rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    hidden = args[0] if args and isinstance(args[0], Tensor) else kwargs.get("hidden_states")
+    return hidden.shape[0] if isinstance(hidden, Tensor) and hidden.dim() >= 2 else 1
+
+
+def _substitute(value: Any, rows: int, made: list[Tensor]) -> Any:
+    """``value`` (a tensor or a tuple of tensors) with every real floating tensor replaced by a
+    view of a fresh leaf (appended to ``made``); anything else unchanged."""
+    if isinstance(value, Tensor):
+        if not value.is_floating_point() or getattr(value, _MARK, False):
+            return value
+        leaf = _leaf(value, rows)
+        made.append(leaf)
+        view = leaf.view_as(leaf)
+        setattr(view, _MARK, True)
+        return view
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_substitute(v, rows, made) for v in value)
+    if isinstance(value, list):
+        return [_substitute(v, rows, made) for v in value]
+    return value
+
+
+def positional_forward(module: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward`` of an attention module with its ``position_embeddings`` made leaves and
+    products with them ruled by :class:`PositionalMode`."""
+    index = _positional_argument(module)
+
+    def fwd(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        made: list[Tensor] = []
+        rows = _rows(args, kwargs)
+        if POSITIONAL_KWARG in kwargs:
+            kwargs[POSITIONAL_KWARG] = _substitute(kwargs[POSITIONAL_KWARG], rows, made)
+        elif index is not None and len(args) > index:
+            args = (*args[:index], _substitute(args[index], rows, made), *args[index + 1 :])
+        if made:
+            calls = _LEAVES.get()
+            if calls is not None:
+                calls.append(made)
+        with PositionalMode(made):
+            return forward(*args, **kwargs)
+
+    return fwd
+
+
+def positional_relevance(
+    calls: Sequence[Sequence[Tensor]], grads: Sequence[Tensor | None], rows: int, seq: int
+) -> Tensor | None:
+    """Relevance of the positional leaves per attention call, ``(rows, calls, seq)``; ``grads``
+    follow the leaves of ``calls`` in order. ``None`` when there are none."""
+    if not calls:
+        return None
+    out = torch.zeros(rows, len(calls), seq, dtype=torch.float64)
+    it = iter(grads)
+    for c, leaves in enumerate(calls):
+        for leaf in leaves:
+            g = next(it)
+            if g is None:
+                continue
+            r = (acc(leaf.detach()) * acc(g)).sum(-1)
+            while r.dim() > 2:  # leading axes beside the batch (multimodal rotary sections)
+                r = r.sum(0)
+            if r.dim() == 1:
+                r = r[None]
+            if r.shape[-1] != seq or r.shape[0] not in (rows, 1):
+                continue
+            out[:, c] += r.detach().double().cpu()
+    return out
