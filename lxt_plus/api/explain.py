@@ -830,6 +830,11 @@ def _image_relevance(model: nn.Module, pixels: Tensor, grad: Tensor | None, rows
     )
 
 
+def position_tables(extra: list[Tensor]) -> list[Tensor]:
+    """The leaves among ``extra`` that are added position tables (learned, sinusoidal)."""
+    return [leaf for leaf in extra if getattr(leaf, _POSITION_MARK, False)]
+
+
 def _table_share(leaves: list[Tensor], grads: Sequence[Tensor | None], rows: int, seq: int) -> Tensor | None:
     """Per-position relevance ``(rows, seq)`` of the added position tables (learned, sinusoidal)."""
     total = None

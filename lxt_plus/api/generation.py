@@ -23,6 +23,7 @@ from lxt_plus.api.explain import (
     is_seq2seq,
     leaf_at_embeddings,
     model_kind,
+    position_tables,
     prepare_text,
     with_pixel_leaf,
 )
@@ -30,6 +31,7 @@ from lxt_plus.engine.detect import accepts, decoder_start, input_device, patch_s
 from lxt_plus.engine.functional import acc
 from lxt_plus.engine.offload import offloaded_saves
 from lxt_plus.engine.plan import Preset, get_preset
+from lxt_plus.engine.positional import positional_leaves
 from lxt_plus.errors import (
     InputError,
     NumericalError,
@@ -276,10 +278,16 @@ def _attribute(
     store: list[Tensor] = []
     extra: list[Tensor] = []
     with explaining(model, rules):
-        with leaf_at_embeddings(model, store, extra, 1), offloaded_saves(model):
+        with (
+            leaf_at_embeddings(model, store, extra, 1),
+            offloaded_saves(model),
+            positional_leaves() as rotary,
+        ):
             out = model(**kwargs)
         if not store:
             raise UnsupportedModelError(f"{type(model).__name__} did not call its input embeddings")
+        # PA-LRP: each position's relevance joins its token's, as explain's relevance does
+        positions = [t for call in rotary for t in call] + position_tables(extra) if rules.positional else []
         leaf = store[0]
         logits = out.logits[0] if kept and out.logits.shape[1] == n_g else out.logits[0, positions]
         targets = ids[n_p:].to(device)
@@ -288,7 +296,7 @@ def _attribute(
             raise NumericalError(
                 f"a target logit is not finite in dtype {logits.dtype}; use float32 or bfloat16"
             )
-        matrix, image_matrix = _matrix(picked, (leaf,), n, progress, pixels)
+        matrix, image_matrix = _matrix(picked, (leaf,), n, progress, pixels, positions)
     if not torch.isfinite(matrix).all():
         raise NumericalError(f"relevance has NaN/inf (model dtype {leaf.dtype}); use bfloat16 or float32")
     return matrix, picked.detach().cpu(), image_matrix
@@ -333,19 +341,26 @@ def _attribute_seq2seq(
 
 
 def _matrix(
-    picked: Tensor, leaves: tuple[Tensor, ...], n: int, progress: bool, pixels: Tensor | None = None
+    picked: Tensor,
+    leaves: tuple[Tensor, ...],
+    n: int,
+    progress: bool,
+    pixels: Tensor | None = None,
+    positions: Sequence[Tensor] = (),
 ) -> tuple[Tensor, Tensor | None]:
     """The ``(n_generated, n)`` relevance matrix: row ``t`` is ``Σ_d x · ∂picked[t]/∂x`` over the
     leaves' columns side by side (``n - 1`` in all: every token but the last is read), zero at and
     after the column of generated token ``t`` itself (the last ``n_generated`` of the ``n`` tokens).
     With ``pixels`` (a vision-language prompt's images, a leaf too), also their relevance per row,
-    ``(n_generated, images, H, W)``, from the same backward passes.
+    ``(n_generated, images, H, W)``, from the same backward passes. ``positions`` (leaves laid
+    out along the tokens: rotary angles, position tables) add each position's relevance to its
+    token's column (PA-LRP's position-token pairs).
     Targets share batched backward passes of up to ``_MAX_CHUNK`` rows (see :func:`_grads`)."""
     from tqdm.auto import tqdm
 
     n_g = picked.numel()
     values = [acc(leaf.detach()[0]) for leaf in leaves]
-    every = leaves if pixels is None else (*leaves, pixels)
+    every = (*leaves, *(() if pixels is None else (pixels,)), *positions)
     rows: list[Tensor] = []
     image_rows: list[Tensor] = []
     chunk = max(1, min(_MAX_CHUNK, _CHUNK_BUDGET // n))
@@ -354,13 +369,17 @@ def _matrix(
             stop = min(n_g, start + chunk)
             grads = _grads(picked, every, start, stop, last=stop == n_g)
             token_grads = grads[: len(leaves)]
-            rows.append(
-                torch.cat(
-                    [(v * acc(g[:, 0])).sum(-1) for v, g in zip(values, token_grads, strict=True)], -1
-                ).cpu()
+            row = torch.cat(
+                [(v * acc(g[:, 0])).sum(-1) for v, g in zip(values, token_grads, strict=True)], -1
             )
+            for p, g in zip(positions, grads[len(grads) - len(positions) :], strict=True):
+                r = (acc(p.detach())[None] * acc(g)).sum(-1)
+                r = r.reshape(r.shape[0], -1, r.shape[-1]).sum(1)
+                if r.shape[-1] == row.shape[-1]:
+                    row = row + r.to(row.dtype)
+            rows.append(row.cpu())
             if pixels is not None:
-                image_rows.append((acc(pixels.detach())[None] * acc(grads[-1])).sum(2).cpu())
+                image_rows.append((acc(pixels.detach())[None] * acc(grads[len(leaves)])).sum(2).cpu())
             bar.update(stop - start)
     full = torch.cat(rows)  # (n_g, n - 1)
     matrix = torch.zeros(n_g, n, dtype=full.dtype)
@@ -379,17 +398,36 @@ def _grads(
     to one pass per target. The graph is kept until the last target.
     """
     k = stop - start
+
+    def dense(grads: Sequence[Tensor | None], batch: tuple[int, ...]) -> tuple[Tensor, ...]:
+        # a leaf the target does not depend on (rotary angles under constant attention weights)
+        return tuple(
+            torch.zeros(*batch, *leaf.shape, dtype=leaf.dtype, device=leaf.device) if g is None else g
+            for g, leaf in zip(grads, leaves, strict=True)
+        )
+
     if k > 1:
         eye = torch.zeros(k, picked.numel(), dtype=picked.dtype, device=picked.device)
         eye[torch.arange(k), torch.arange(start, stop)] = 1
         try:
-            return torch.autograd.grad(
-                picked, leaves, grad_outputs=eye, is_grads_batched=True, retain_graph=True
+            return dense(
+                torch.autograd.grad(
+                    picked,
+                    leaves,
+                    grad_outputs=eye,
+                    is_grads_batched=True,
+                    retain_graph=True,
+                    allow_unused=True,
+                ),
+                (k,),
             )
         except RuntimeError:  # an op without a batching rule: one pass per target below
             pass
     per = [
-        torch.autograd.grad(picked[t], leaves, retain_graph=not last or t < stop - 1)
+        dense(
+            torch.autograd.grad(picked[t], leaves, retain_graph=not last or t < stop - 1, allow_unused=True),
+            (),
+        )
         for t in range(start, stop)
     ]
     return tuple(torch.stack([p[i] for p in per]) for i in range(len(leaves)))

@@ -23,7 +23,7 @@ def model(request: pytest.FixtureRequest) -> torch.nn.Module:
     return build(request.param).float()
 
 
-@pytest.mark.parametrize("rules", ["attnlrp", "ah-lrp"])
+@pytest.mark.parametrize("rules", ["attnlrp", "ah-lrp", "pa-attnlrp", "pa-ah-lrp"])
 def test_rows_equal_single_explanations(model: torch.nn.Module, rules: str) -> None:
     gen = lxt_plus.explain_generation(model, None, PROMPT, 5, rules=rules)
     n_p, ids = gen.prompt_length, gen.token_ids
