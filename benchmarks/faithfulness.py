@@ -228,6 +228,8 @@ def markdown(sections: dict[str, Any], args: argparse.Namespace) -> str:
             "integrates only the rest of the path. More steps do not fix this at practical step counts.",
             "",
         ]
+    if "positional" in sections:
+        lines += positional_markdown(sections["positional"])
     return "\n".join(lines)
 
 
@@ -293,11 +295,131 @@ def run_checks(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def paper_heatmap(model: Any, ids: torch.Tensor, mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """PA-LRP's heatmap as its authors' evaluation code forms it: token relevance plus, per
+    position, the absolute positional relevance of every layer (rotary) or table (absolute)."""
+    import lxt_plus
+
+    exp = lxt_plus.explain(model, ids, target=target.tolist(), attention_mask=mask, rules="pa-attnlrp")
+    rel = exp.token_relevance if exp.token_relevance.dim() == 2 else exp.token_relevance[None]
+    if exp.positional_layers is not None:
+        extra = exp.positional_layers.abs().sum(1)
+        tables = exp.positional_relevance - exp.positional_layers.sum(1)
+        extra = extra + tables.abs()
+    elif exp.positional_relevance is not None:
+        extra = exp.positional_relevance.abs()
+    else:
+        return rel
+    return rel + extra.to(rel.dtype) * mask.to(rel.dtype)
+
+
+paper_heatmap.__name__ = "pa-attnlrp, |positions| (paper's heatmap)"
+
+POSITIONAL_PAIRS = [
+    ("pa-attnlrp", "attnlrp"),
+    ("pa-ah-lrp", "ah-lrp"),
+    ("pa-attnlrp abs-pos", "attnlrp"),
+    ("pa-attnlrp", "integrated_gradients"),
+    ("attnlrp", "integrated_gradients"),
+]
+
+
+def interval(methods: dict[str, Any], a: str, b: str) -> dict[str, float]:
+    """Paired ABPC difference ``a − b``: mean, its 95 % interval and the share of samples ``a`` wins."""
+    diff = torch.tensor(methods[a]["abpc"]) - torch.tensor(methods[b]["abpc"])
+    se = float(diff.std() / len(diff) ** 0.5)
+    mean = float(diff.mean())
+    return {
+        "mean": mean,
+        "lo": mean - 1.96 * se,
+        "hi": mean + 1.96 * se,
+        "wins": float((diff > 0).float().mean()),
+    }
+
+
+def run_positional(args: argparse.Namespace) -> dict[str, Any]:
+    """PA-LRP against AttnLRP / AH-LRP on both models, under both removal schemes."""
+    from lxt_plus.demo import load_sentiment_classifier, load_smollm2
+
+    out: dict[str, Any] = {}
+    ig = functools.partial(integrated_gradients, steps=args.ig_steps, batch_size=args.ig_steps)
+    for key, loader, rows_of, replacement_of in (
+        ("llm", load_smollm2, lambda tok: imdb_snippets(tok, args.samples), lambda tok: tok.eos_token),
+        (
+            "classifier",
+            load_sentiment_classifier,
+            lambda tok: rt_reviews(tok, args.samples),
+            lambda tok: tok.mask_token,
+        ),
+    ):
+        model, tok = loader()
+        rows = rows_of(tok)
+        methods: dict[str, Any] = {
+            "attnlrp": "attnlrp",
+            "pa-attnlrp": "pa-attnlrp",
+            "pa-attnlrp abs-pos": paper_heatmap,
+            "ah-lrp": "ah-lrp",
+            "pa-ah-lrp": "pa-ah-lrp",
+        }
+        if key == "classifier":  # 16 s per SmolLM2 snippet; the ABPC table above has it
+            methods["integrated_gradients"] = ig
+        methods["random"] = "random"
+        part: dict[str, Any] = {"n": len(rows)}
+        for scheme, replacement in (("zeroed", None), ("replaced", replacement_of(tok))):
+            print(f"[positional/{key}] {scheme} ({replacement!r}), {len(rows)} samples", flush=True)
+            report = evaluate(
+                model, rows, methods, tokenizer=tok, replacement=replacement, progress=True, warmup=True
+            )
+            print(report.table(), flush=True)
+            found = report.to_dict()["methods"]
+            part[scheme] = {
+                "replacement": replacement,
+                "table": report.table(),
+                "summary": report.summary(),
+                "pairs": {
+                    f"{a} − {b}": interval(found, a, b)
+                    for a, b in POSITIONAL_PAIRS
+                    if a in found and b in found
+                },
+            }
+        out[key] = part
+        del model
+    return out
+
+
+def positional_markdown(sec: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Positional relevance (PA-LRP)",
+        "",
+        "`pa-attnlrp` and `pa-ah-lrp` read the input as position-token pairs (Bakish et al. 2025): "
+        "relevance per position is the token's plus its position's (rotary angles under `pa-attnlrp`, the "
+        "learned position table of MiniLM under both). `pa-attnlrp abs-pos` is the heatmap the paper's own "
+        "evaluation code builds: token relevance plus the absolute positional relevance of each layer. Each "
+        "scheme removes tokens by zeroing their embeddings, or by replacing them with a token "
+        "(SmolLM2: its end-of-text token; MiniLM: `[MASK]`). Paired differences: mean [95 % interval] "
+        "(share of samples won).",
+        "",
+    ]
+    for key, name in (("llm", "SmolLM2-135M, IMDB snippets"), ("classifier", "MiniLM sentiment classifier")):
+        if key not in sec:
+            continue
+        for scheme in ("zeroed", "replaced"):
+            part = sec[key][scheme]
+            what = "zero embeddings" if scheme == "zeroed" else f"replaced by {part['replacement']!r}"
+            lines += [f"### {name}: {what} ({sec[key]['n']} samples)", "", part["table"], ""]
+            lines += [
+                f"- {pair}: {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] ({d['wins']:.0%})"
+                for pair, d in part["pairs"].items()
+            ]
+            lines.append("")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=None, help="evaluation samples per task (default 40)")
     parser.add_argument("--quick", action="store_true", help="a small smoke run (6 samples, short tuning)")
-    parser.add_argument("--part", choices=["all", "llm", "classifier", "checks"], default="all")
+    parser.add_argument("--part", choices=["all", "llm", "classifier", "checks", "positional"], default="all")
     parser.add_argument(
         "--ig-check-samples",
         type=int,
@@ -389,6 +511,9 @@ def main(argv: list[str] | None = None) -> None:
         save()
     if args.part in ("all", "checks"):
         sections["checks"] = run_checks(args)
+        save()
+    if args.part in ("all", "positional"):
+        sections["positional"] = run_positional(args)
         save()
 
 

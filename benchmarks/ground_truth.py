@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["attnlrp", "cp-lrp", "ah-lrp", "gradient", "integrated_gradients"]
+METHODS = ["attnlrp", "cp-lrp", "ah-lrp", "pa-attnlrp", "pa-ah-lrp", "gradient", "integrated_gradients"]
 KEYS = ["Blue", "Red", "Green", "Silver", "Yellow", "Black", "White", "Orange"]
 WORDS = (
     "apple river stone window garden music paper silver forest candle island pocket rabbit "
@@ -136,7 +136,7 @@ def score(rel: torch.Tensor, task: dict[str, Any]) -> tuple[bool, float]:
     return inside, sum(float(context[a:b].sum()) for a, b in task["source"]) / total
 
 
-def run(examples: int) -> dict[str, Any]:
+def run(examples: int, methods: list[str]) -> dict[str, Any]:
     from lxt_plus.demo import load_smollm2
 
     model, tokenizer = load_smollm2()
@@ -152,7 +152,7 @@ def run(examples: int) -> dict[str, Any]:
                 if task["contrast"] is None
                 else bool(logits[task["target"]] > logits[task["contrast"]])
             )
-            for method in METHODS:
+            for method in methods:
                 hit, mass = score(attribute(model, method, task), task)
                 rows.append(
                     {"task": name, "example": i, "method": method, "hit": hit, "mass": mass, "right": right}
@@ -162,6 +162,7 @@ def run(examples: int) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     rows = result["rows"]
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     version = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
@@ -175,15 +176,15 @@ def table(result: dict[str, Any]) -> str:
         "|relevance|; in brackets, top-1 on the prompts the model answers right. Integrated Gradients: 16 "
         "steps from the zero embedding.",
         "",
-        "| task | model right | " + " | ".join(f"{m} top-1 / mass" for m in METHODS) + " |",
-        "|---|---:|" + "---|" * len(METHODS),
+        "| task | model right | " + " | ".join(f"{m} top-1 / mass" for m in methods) + " |",
+        "|---|---:|" + "---|" * len(methods),
     ]
     for name in TASKS:
         here = [r for r in rows if r["task"] == name]
         n = len({r["example"] for r in here})
-        right = sum(r["right"] for r in here if r["method"] == METHODS[0])
+        right = sum(r["right"] for r in here if r["method"] == methods[0])
         cells = []
-        for m in METHODS:
+        for m in methods:
             got = [r for r in here if r["method"] == m]
             hits = sum(r["hit"] for r in got)
             mass = sum(r["mass"] for r in got) / len(got)
@@ -192,11 +193,11 @@ def table(result: dict[str, Any]) -> str:
                 f"{hits}/{len(got)} / {mass:+.2f} ({sum(r['hit'] for r in on_right)}/{len(on_right)})"
             )
         lines.append(f"| {name} | {right}/{n} | " + " | ".join(cells) + " |")
-    total = {m: sum(r["hit"] for r in rows if r["method"] == m) for m in METHODS}
+    total = {m: sum(r["hit"] for r in rows if r["method"] == m) for m in methods}
     lines += [
         "",
         "Top-1 over all tasks: "
-        + ", ".join(f"{m} {total[m]}/{len(rows) // len(METHODS)}" for m in METHODS)
+        + ", ".join(f"{m} {total[m]}/{len(rows) // len(methods)}" for m in methods)
         + ".",
     ]
     return "\n".join(lines) + "\n"
@@ -206,11 +207,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=24)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="comma-separated methods to run; their rows replace those of an earlier run's .json",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ground_truth.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    result = run(args.examples)
-    args.out.with_suffix(".json").write_text(json.dumps(result))
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    result = run(args.examples, methods)
+    saved = args.out.with_suffix(".json")
+    if saved.is_file() and set(methods) != set(METHODS):
+        earlier = json.loads(saved.read_text())
+        if earlier.get("examples") == args.examples:
+            keep = [r for r in earlier["rows"] if r["method"] not in methods]
+            result["rows"] = keep + result["rows"]
+    saved.write_text(json.dumps(result))
     text = table(result)
     args.out.write_text(text)
     print(text)

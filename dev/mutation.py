@@ -522,6 +522,49 @@ MUTANTS: tuple[Mutant, ...] = (
         "for i in ranked[:k] if values[i] < 0]",
         ("tests/unit/test_render.py::test_summary_says_what_pushed_up_and_down",),
     ),
+    # ------------------------------------------------------------------ positional relevance (PA-LRP)
+    M(
+        "positional-product-not-halved",
+        "lxt_plus/engine/modes.py",
+        "                self._count()\n                return uniform_mul(a, b)\n        return func(*args, **kwargs)",
+        "                self._count()\n                return func(a, b)\n        return func(*args, **kwargs)",
+        ("tests/integration/test_reference_lrp.py",),
+    ),
+    M(
+        "positional-derived-through-input",
+        "lxt_plus/engine/modes.py",
+        "            if id(variable) not in targets:\n                return False\n            continue",
+        "            continue",
+        ("tests/integration/test_positional.py",),
+    ),
+    M(
+        "positional-not-folded-into-pairs",
+        "lxt_plus/api/explain.py",
+        "            rel = rel + positional.to(rel.device, rel.dtype)",
+        "            pass",
+        ("tests/integration/test_reference_lrp.py",),
+    ),
+    M(
+        "position-table-share-kept-in-extra",
+        "lxt_plus/api/explain.py",
+        "                extra_rel = extra_rel - table.sum(-1).to(extra_rel.dtype)",
+        "                pass",
+        ("tests/integration/test_reference_lrp.py",),
+    ),
+    M(
+        "positional-leaf-shared-over-rows",
+        "lxt_plus/engine/positional.py",
+        "        value = value.expand(rows, *value.shape[1:])",
+        "        pass",
+        ("tests/integration/test_positional.py",),
+    ),
+    M(
+        "generation-positions-dropped",
+        "lxt_plus/api/generation.py",
+        "                    row = row + r.to(row.dtype)",
+        "                    pass",
+        ("tests/unit/test_generation.py",),
+    ),
 )
 
 # Changes that cannot alter any result, so no test can (or should) catch them.

@@ -287,7 +287,7 @@ def _attribute(
         if not store:
             raise UnsupportedModelError(f"{type(model).__name__} did not call its input embeddings")
         # PA-LRP: each position's relevance joins its token's, as explain's relevance does
-        positions = [t for call in rotary for t in call] + position_tables(extra) if rules.positional else []
+        angles = [t for call in rotary for t in call] + position_tables(extra) if rules.positional else []
         leaf = store[0]
         logits = out.logits[0] if kept and out.logits.shape[1] == n_g else out.logits[0, positions]
         targets = ids[n_p:].to(device)
@@ -296,7 +296,7 @@ def _attribute(
             raise NumericalError(
                 f"a target logit is not finite in dtype {logits.dtype}; use float32 or bfloat16"
             )
-        matrix, image_matrix = _matrix(picked, (leaf,), n, progress, pixels, positions)
+        matrix, image_matrix = _matrix(picked, (leaf,), n, progress, pixels, angles)
     if not torch.isfinite(matrix).all():
         raise NumericalError(f"relevance has NaN/inf (model dtype {leaf.dtype}); use bfloat16 or float32")
     return matrix, picked.detach().cpu(), image_matrix

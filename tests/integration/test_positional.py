@@ -66,13 +66,16 @@ def test_rotary_pairs_hold_token_plus_position(llama: torch.nn.Module) -> None:
     assert float(pa.positional.abs().max()) > 1e-3 * float(pa.relevance.abs().max())
 
 
-def test_rows_of_a_padded_batch_are_their_own(llama: torch.nn.Module) -> None:
+@pytest.mark.parametrize("padded", [False, True])
+def test_rows_of_a_batch_are_their_own(llama: torch.nn.Module, padded: bool) -> None:
+    """Unpadded rows share one rotary table in transformers; each row still gets its own leaves."""
     x = ids(2, seed=3)
     mask = torch.ones_like(x)
-    mask[1, -2:] = 0
+    if padded:
+        mask[1, -2:] = 0
     batch = lxt_plus.explain(llama, x, attention_mask=mask, rules="pa-attnlrp")
     assert batch.positional is not None
-    assert (batch.positional[1, -2:] == 0).all()
+    assert (batch.positional[1, int(mask[1].sum()) :] == 0).all()
     for r in range(2):
         n = int(mask[r].sum())
         one = lxt_plus.explain(llama, x[r, :n], rules="pa-attnlrp")
