@@ -559,6 +559,13 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/integration/test_positional.py",),
     ),
     M(
+        "tune-cv-selects-on-every-fold",
+        "lxt_plus/evaluation/tune.py",
+        "chosen = max(per_row, key=lambda c: float(per_row[c][train].mean()))",
+        "chosen = max(per_row, key=lambda c: float(per_row[c].mean()))",
+        ("tests/unit/test_tune.py",),
+    ),
+    M(
         "generation-positions-dropped",
         "lxt_plus/api/generation.py",
         "                    row = row + r.to(row.dtype)",

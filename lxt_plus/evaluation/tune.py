@@ -1,15 +1,20 @@
 """Search LRP rules for the most faithful explanations of one model (``lxt_plus.tune``).
 
-The search space: the attention rule (AttnLRP or AH-LRP, Achtibat et al. 2024 / Ali et al. 2022),
-ε of the LRP-ε rule on every linear layer, γ of the LRP-γ rule per layer group (embedding-side,
-middle and head-side thirds of the layers, selected by ``name:`` globs on module paths), and
-mixed presets with AH-LRP in some groups and AttnLRP in others. The objective is the mean ABPC
+The search space: the attention rule (AttnLRP or AH-LRP, Achtibat et al. 2024 / Ali et al. 2022,
+and their positional variants ``pa-attnlrp`` / ``pa-ah-lrp``, Bakish et al. 2025), ε of the LRP-ε
+rule on every linear layer, γ of the LRP-γ rule per layer group (embedding-side, middle and
+head-side thirds of the layers, selected by ``name:`` globs on module paths), and mixed presets
+with a different attention rule per group. The objective is the mean ABPC
 (:mod:`lxt_plus.evaluation.evaluate`) on the tuning inputs.
 
 The search evaluates the base preset first, then walks the dimensions one at a time keeping the
 best value of each (coordinate search), then tries random neighbours of the best until the
-budget is spent. The result is never worse than the base on the tuning inputs; give ``held_out``
-to see whether the gain carries over.
+budget is spent. The result is never worse than the base on the tuning inputs.
+
+Whether the gain is real: every trial keeps its per-sample scores, so ``folds`` cross-validates
+the *selection* at no extra cost: on each fold the best of the evaluated candidates is chosen on
+the other folds and its gain over the base measured on this one. ``held_out`` scores the chosen
+preset on separate inputs, with a paired 95 % interval of the gain over the base.
 """
 
 from __future__ import annotations
@@ -27,17 +32,31 @@ from torch import nn
 
 from lxt_plus.engine.detect import ModuleInfo, detect_roles, find_block_list
 from lxt_plus.engine.plan import Preset, get_preset
-from lxt_plus.engine.rules import AHLRP, AttnLRP, Epsilon, Gamma, Rule
+from lxt_plus.engine.rules import AHLRP, PAAHLRP, AttnLRP, Epsilon, Gamma, PAAttnLRP, Rule
 from lxt_plus.errors import InputError, LxtPlusError, UnsupportedModelError
 from lxt_plus.evaluation.evaluate import evaluate, token_rows
 
-__all__ = ["tune", "TuneResult", "Trial", "Candidate", "layer_groups", "EPSILONS", "GAMMAS"]
+__all__ = [
+    "tune",
+    "TuneResult",
+    "Trial",
+    "Candidate",
+    "layer_groups",
+    "cross_validated_gain",
+    "EPSILONS",
+    "GAMMAS",
+]
 
 EPSILONS: tuple[float, ...] = (0.0, 1e-6, 1e-3, 1e-1)
 """ε of the LRP-ε rule on linear layers (absolute, in the units of the layer outputs)."""
 GAMMAS: tuple[float, ...] = (0.0, 0.05, 0.25)
 """γ of the LRP-γ rule per layer group; 0 keeps the ε-rule."""
-_ATTENTION: dict[str, Rule] = {"attnlrp": AttnLRP(), "ah-lrp": AHLRP()}
+_ATTENTION: dict[str, Rule] = {
+    "attnlrp": AttnLRP(),
+    "ah-lrp": AHLRP(),
+    "pa-attnlrp": PAAttnLRP(),
+    "pa-ah-lrp": PAAHLRP(),
+}
 GROUP_NAMES = ("embedding-side", "middle", "head-side")
 
 
@@ -126,7 +145,13 @@ class _Space:
     """Builds presets from candidates for one model (selectors resolved once)."""
 
     def __init__(
-        self, model: nn.Module, base: Preset, epsilons: Sequence[float], gammas: Sequence[float], mixed: bool
+        self,
+        model: nn.Module,
+        base: Preset,
+        epsilons: Sequence[float],
+        gammas: Sequence[float],
+        mixed: bool,
+        attention: Sequence[str],
     ) -> None:
         infos = detect_roles(model)
         layers, _ = _layer_list(model, infos)
@@ -137,6 +162,10 @@ class _Space:
         self.attn = [_selectors(infos, layers, idx, "attention") for _, idx in self.groups]
         rule = next((r for s, r in base.rules if s == "attention"), AttnLRP())
         first = rule.name if rule.name in _ATTENTION else "attnlrp"  # the base preset's attention rule
+        unknown = [a for a in attention if a not in _ATTENTION]
+        if unknown:
+            raise InputError(f"unknown attention rule(s) {unknown}; tune() tries {', '.join(_ATTENTION)}")
+        self.rules = tuple(dict.fromkeys((first, *attention)))
         self.start = Candidate((first,) * len(self.groups), 0.0, (0.0,) * len(self.groups))
 
     def preset(self, c: Candidate) -> Preset:
@@ -159,7 +188,7 @@ class _Space:
     def sweeps(self, c: Candidate) -> Iterator[list[Candidate]]:
         """One list of alternatives per dimension, each built on ``c`` (call again with the best)."""
         n = len(self.groups)
-        yield [Candidate((a,) * n, c.eps, c.gamma) for a in _ATTENTION if (a,) * n != c.attention]
+        yield [Candidate((a,) * n, c.eps, c.gamma) for a in self.rules if (a,) * n != c.attention]
         yield [replace(c, eps=e) for e in self.epsilons if e != c.eps]
         for g in range(n):
             yield [
@@ -168,10 +197,11 @@ class _Space:
                 if v != c.gamma[g]
             ]
         if self.mixed and n > 1:
-            flip = {"attnlrp": "ah-lrp", "ah-lrp": "attnlrp"}
             yield [
-                replace(c, attention=c.attention[:g] + (flip[c.attention[g]],) + c.attention[g + 1 :])
+                replace(c, attention=c.attention[:g] + (a,) + c.attention[g + 1 :])
                 for g in range(n)
+                for a in self.rules
+                if a != c.attention[g]
             ]
 
     def mutate(self, c: Candidate, rng: random.Random) -> Candidate:
@@ -183,8 +213,8 @@ class _Space:
         if dim == "gamma":
             return replace(c, gamma=c.gamma[:g] + (rng.choice(self.gammas),) + c.gamma[g + 1 :])
         if dim == "attention":
-            return replace(c, attention=(rng.choice(list(_ATTENTION)),) * n)
-        return replace(c, attention=c.attention[:g] + (rng.choice(list(_ATTENTION)),) + c.attention[g + 1 :])
+            return replace(c, attention=(rng.choice(self.rules),) * n)
+        return replace(c, attention=c.attention[:g] + (rng.choice(self.rules),) + c.attention[g + 1 :])
 
 
 # ------------------------------------------------------------------------------ result
@@ -197,6 +227,7 @@ class Trial:
     score: float
     seconds: float
     error: str | None = None
+    rows: torch.Tensor | None = None  # ABPC per tuning sample
 
 
 @dataclass
@@ -211,6 +242,11 @@ class TuneResult:
         Mean ABPC of the best and of the base preset on the tuning inputs.
     held_out_score, default_held_out_score:
         The same on ``held_out`` (``None`` when none was given): compare to see overfitting.
+    held_out_interval:
+        95 % interval ``(low, high)`` of the paired per-sample gain over the base on ``held_out``.
+    cv_gain, cv_interval:
+        Cross-validated gain of the selection over the base on the tuning inputs (see the
+        module docstring), with its 95 % interval; ``None`` without ``folds``.
     trials:
         Every evaluated candidate in search order (the base first).
     """
@@ -224,6 +260,9 @@ class TuneResult:
     trials: list[Trial] = field(default_factory=list)
     description: str = ""
     seconds: float = 0.0
+    held_out_interval: tuple[float, float] | None = None
+    cv_gain: float | None = None
+    cv_interval: tuple[float, float] | None = None
 
     def to_yaml(self) -> str:
         """The best preset as YAML (load it back with :func:`lxt_plus.load_preset`)."""
@@ -250,6 +289,13 @@ class TuneResult:
         lines.append(
             f"{self.preset.name + ' (tuned)':<24} {fmt(self.score):>12} {fmt(self.held_out_score):>14}"
         )
+        if self.cv_gain is not None and self.cv_interval is not None:
+            lo, hi = self.cv_interval
+            lines.append(f"cross-validated gain of the selection: {self.cv_gain:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+        if self.held_out_interval is not None and self.held_out_score is not None:
+            lo, hi = self.held_out_interval
+            gain = self.held_out_score - (self.default_held_out_score or 0.0)
+            lines.append(f"held-out gain, paired: {gain:+.4f} [{lo:+.4f}, {hi:+.4f}] (95 % interval)")
         if self.preset is self.default:
             lines.append("no candidate beat the default preset on the tuning inputs")
         elif self.held_out_score is not None and self.default_held_out_score is not None:
@@ -287,6 +333,8 @@ def tune(
     epsilons: Sequence[float] = EPSILONS,
     gammas: Sequence[float] = GAMMAS,
     mixed: bool = True,
+    attention: Sequence[str] = tuple(_ATTENTION),
+    folds: int = 5,
 ) -> TuneResult:
     """Search LRP rules that maximise the mean ABPC of the explanations on ``inputs``.
 
@@ -312,7 +360,11 @@ def tune(
     epsilons, gammas:
         Values tried for ε on linear layers and γ per layer group (0: no γ-rule).
     mixed:
-        Also try AH-LRP in some layer groups and AttnLRP in others.
+        Also try a different attention rule in each layer group.
+    attention:
+        The attention rules tried (``"attnlrp"``, ``"ah-lrp"``, ``"pa-attnlrp"``, ``"pa-ah-lrp"``).
+    folds:
+        Folds of the cross-validated selection (``0`` or ``1``: none; at most one per sample).
 
     Returns
     -------
@@ -324,10 +376,11 @@ def tune(
     if budget_trials < 1:
         raise InputError(f"budget_trials must be >= 1, got {budget_trials}")
     start_time = time.perf_counter()
-    space = _Space(model, get_preset(base), epsilons, gammas, mixed)
+    space = _Space(model, get_preset(base), epsilons, gammas, mixed, attention)
     rows = token_rows(model, inputs, tokenizer)
     rng = random.Random(seed)
     scores: dict[Candidate, float] = {}
+    per_row: dict[Candidate, torch.Tensor] = {}
     trials: list[Trial] = []
     bar = tqdm(total=budget_trials, desc="tuning LRP rules", disable=not progress)
 
@@ -338,13 +391,15 @@ def tune(
     def score(c: Candidate) -> float:
         if c in scores:
             return scores[c]
-        preset, t0, error = space.preset(c), time.perf_counter(), None
+        preset, t0, error, values = space.preset(c), time.perf_counter(), None, None
         try:
-            value = _mean_abpc(model, rows, preset, target, steps)
+            values = _row_abpc(model, rows, preset, target, steps)
+            value = float(values.mean())
+            per_row[c] = values
         except (LxtPlusError, RuntimeError, TypeError) as exc:
             value, error = -math.inf, f"{type(exc).__name__}: {exc}"
         scores[c] = value
-        trials.append(Trial(c.describe(space.names), preset, value, time.perf_counter() - t0, error))
+        trials.append(Trial(c.describe(space.names), preset, value, time.perf_counter() - t0, error, values))
         bar.update()
         best_so_far = max(scores.values())
         bar.set_postfix(best=f"{best_so_far:.4f}")
@@ -379,19 +434,49 @@ def tune(
         trials=trials,
         description=best.describe(space.names),
     )
+    if space.start in per_row and min(folds, len(rows)) >= 2:
+        gains = cross_validated_gain(per_row, space.start, min(folds, len(rows)), seed)
+        result.cv_gain, result.cv_interval = _interval(gains)
     if held_out is not None:
         held = token_rows(model, held_out, tokenizer)
         held_target = None if isinstance(target, (list, tuple)) else target
-        result.default_held_out_score = _mean_abpc(model, held, space.base, held_target, steps)
-        result.held_out_score = (
-            result.default_held_out_score
-            if best == space.start
-            else _mean_abpc(model, held, result.preset, held_target, steps)
+        base_rows = _row_abpc(model, held, space.base, held_target, steps)
+        tuned_rows = (
+            base_rows if best == space.start else _row_abpc(model, held, result.preset, held_target, steps)
         )
+        result.default_held_out_score = float(base_rows.mean())
+        result.held_out_score = float(tuned_rows.mean())
+        result.held_out_interval = _interval(tuned_rows - base_rows)[1]
     result.seconds = time.perf_counter() - start_time
     return result
 
 
-def _mean_abpc(model: nn.Module, rows: list[torch.Tensor], preset: Preset, target: Any, steps: int) -> float:
+def cross_validated_gain(
+    per_row: dict[Candidate, torch.Tensor], base: Candidate, folds: int, seed: int = 0
+) -> torch.Tensor:
+    """Per-sample gain of a cross-validated selection over ``base``: the samples are split into
+    ``folds``; for each fold the candidate with the best mean on the other folds is chosen, and
+    its score minus the base's is kept on this fold's samples."""
+    n = len(per_row[base])
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    gains = torch.zeros(n, dtype=torch.float64)
+    for fold in order.tensor_split(folds):
+        train = torch.ones(n, dtype=torch.bool)
+        train[fold] = False
+        chosen = max(per_row, key=lambda c: float(per_row[c][train].mean()))
+        gains[fold] = (per_row[chosen][fold] - per_row[base][fold]).double()
+    return gains
+
+
+def _interval(values: torch.Tensor) -> tuple[float, tuple[float, float]]:
+    """Mean and normal 95 % interval of the mean."""
+    mean = float(values.mean())
+    half = 1.96 * float(values.std()) / math.sqrt(len(values)) if len(values) > 1 else math.inf
+    return mean, (mean - half, mean + half)
+
+
+def _row_abpc(
+    model: nn.Module, rows: list[torch.Tensor], preset: Preset, target: Any, steps: int
+) -> torch.Tensor:
     report = evaluate(model, rows, {preset.name: preset}, target=target, steps=steps)
-    return float(report[preset.name].abpc.mean())
+    return report[preset.name].abpc.double()

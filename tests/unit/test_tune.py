@@ -55,7 +55,7 @@ def test_time_budget_still_evaluates_the_default():
 def test_layer_groups_and_candidate_presets_select_the_right_modules():
     model = build("llama", num_hidden_layers=6)
     assert layer_groups(model) == [("embedding-side", [0, 1]), ("middle", [2, 3]), ("head-side", [4, 5])]
-    space = _Space(model, get_preset("attnlrp"), (0.0, 1e-3), (0.0, 0.25), mixed=True)
+    space = _Space(model, get_preset("attnlrp"), (0.0, 1e-3), (0.0, 0.25), mixed=True, attention=("ah-lrp",))
     cand = Candidate(("ah-lrp", "attnlrp", "attnlrp"), 1e-3, (0.0, 0.25, 0.0))
     plan = build_plan(model, space.preset(cand))
     rules = {e.path: e.rule for e in plan.entries}
@@ -72,7 +72,7 @@ def test_layer_groups_and_candidate_presets_select_the_right_modules():
 
 def test_selectors_on_an_encoder():
     model = build("bert", num_hidden_layers=3)
-    space = _Space(model, get_preset("ah-lrp"), (0.0,), (0.0, 0.1), mixed=True)
+    space = _Space(model, get_preset("ah-lrp"), (0.0,), (0.0, 0.1), mixed=True, attention=("attnlrp",))
     assert space.start.attention == ("ah-lrp",) * 3
     cand = Candidate(("ah-lrp", "ah-lrp", "attnlrp"), 0.0, (0.1, 0.0, 0.0))
     rules = {e.path: e.rule for e in build_plan(model, space.preset(cand)).entries}
@@ -85,3 +85,34 @@ def test_selectors_on_an_encoder():
     assert len(gamma) == 6  # query, key, value, attention output, intermediate, output
     assert rules["bert.encoder.layer.2.attention.self"] == AttnLRP()
     assert rules["bert.encoder.layer.1.attention.self"] == AHLRP()
+
+
+def test_cross_validated_selection_is_judged_on_samples_it_did_not_see():
+    """``lucky`` owes its best mean (0.67 against 0.1) to one sample. Leave-one-out: without that
+    sample the selection is ``steady`` (+0.1 there); with it, ``lucky``, which then loses 1 on the
+    held-out sample. The cross-validated gain is negative although the in-sample gain is +0.67."""
+    from lxt_plus.evaluation.tune import Candidate, cross_validated_gain
+
+    base, lucky, steady = (Candidate((a,), 0.0, (0.0,)) for a in ("attnlrp", "ah-lrp", "pa-attnlrp"))
+    per_row = {
+        base: torch.zeros(6, dtype=torch.float64),
+        lucky: torch.tensor([9.0, -1.0, -1.0, -1.0, -1.0, -1.0], dtype=torch.float64),
+        steady: torch.full((6,), 0.1, dtype=torch.float64),
+    }
+    gains = cross_validated_gain(per_row, base, folds=6)
+    torch.testing.assert_close(gains, torch.tensor([0.1, -1.0, -1.0, -1.0, -1.0, -1.0], dtype=torch.float64))
+    gains = cross_validated_gain(per_row, base, folds=3, seed=1)
+    assert gains.shape == (6,) and set(gains.tolist()) <= {9.0, -1.0, 0.1}
+
+
+def test_tune_reports_cross_validated_and_paired_held_out_gains():
+    model = build("llama", num_hidden_layers=3)
+    result = tune(model, _ids(0, 4), held_out=_ids(1, 3), budget_trials=4, progress=False, steps=2, folds=2)
+    assert result.cv_gain is not None and result.cv_interval is not None
+    lo, hi = result.cv_interval
+    assert lo <= result.cv_gain <= hi
+    assert result.held_out_interval is not None
+    text = result.report()
+    assert "cross-validated gain" in text and "held-out gain, paired" in text
+    assert all(t.rows is not None and t.rows.shape == (4,) for t in result.trials if t.error is None)
+    assert any("pa-" in t.description for t in result.trials) or len(result.trials) < 4
