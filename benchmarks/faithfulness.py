@@ -111,7 +111,13 @@ def run_tune(
     ``eval_rows``, paired."""
     print(f"[{key}] tuning on {len(tune_rows)} samples, {args.trials} trials", flush=True)
     result = tune(
-        model, tune_rows, tokenizer=tokenizer, held_out=eval_rows, budget_trials=args.trials, progress=True
+        model,
+        tune_rows,
+        tokenizer=tokenizer,
+        held_out=eval_rows,
+        budget_trials=args.trials,
+        progress=True,
+        contrast=True,  # both tasks have a natural foil: the runner-up token, the other sentiment
     )
     print(result.report(), flush=True)
     best_fixed = max((m for m in summary if m in FIXED), key=lambda m: summary[m]["abpc"])
@@ -190,7 +196,9 @@ def markdown(sections: dict[str, Any], args: argparse.Namespace) -> str:
             "## Automatic rule tuning (`lxt_plus.evaluation.tune`)",
             "",
             "Searched on a separate tuning split: the attention rule per layer group (attnlrp, ah-lrp and "
-            "their positional variants), ε on linear layers and γ per layer group. The cross-validated "
+            "their positional variants), ε on linear layers, γ per layer group, and heatmaps of the "
+            "contrast with the runner-up (`contrast=runner-up`: logit(target) − logit(runner-up) is "
+            "explained, the target's own logit scored). The cross-validated "
             "gain judges the selection on tuning samples it did not see (5 folds, from the trials' "
             "per-sample scores); the held-out gain is the chosen preset minus the default on the "
             "evaluation samples above, paired. Intervals are 95 %.",

@@ -108,9 +108,15 @@ def rowwise(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
 
 # ------------------------------------------------------------------------------ LRP presets
 def explain_with_preset(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, target_ids: Tensor, rules: str | Preset
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    target_ids: Tensor,
+    rules: str | Preset,
+    contrast_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """LRP relevance ``(batch, seq)`` with a preset, and the conservation error ``(batch,)``.
+    """LRP relevance ``(batch, seq)`` with a preset, and the conservation error ``(batch,)``;
+    with ``contrast_ids``, of ``logit(target) − logit(contrast)``.
 
     The conservation error is ``|Σ R − logit| / |logit|``, where relevance landing on position or
     token-type embeddings counts as conserved. HF models go through :func:`lxt_plus.explain`;
@@ -119,8 +125,11 @@ def explain_with_preset(
 
     preset = get_preset(rules)
     targets = [int(t) for t in torch.as_tensor(target_ids).reshape(-1)]
+    foils = None if contrast_ids is None else [int(t) for t in torch.as_tensor(contrast_ids).reshape(-1)]
     if is_hf_model(model):
-        e = explain(model, input_ids, target=targets, attention_mask=attention_mask, rules=preset)
+        e = explain(
+            model, input_ids, target=targets, contrast=foils, attention_mask=attention_mask, rules=preset
+        )
         absorbed = e.conservation["absorbed"]
         return e.batch_relevance.float(), (absorbed.abs() / e.target_logit.abs().clamp_min(1e-12)).float()
     ids = input_ids if input_ids.dim() == 2 else input_ids[None]
@@ -130,7 +139,8 @@ def explain_with_preset(
         for r in range(ids.shape[0]):
             keep = mask[r].bool()
             x = embed(model, ids[r, keep][None]).requires_grad_(True)
-            logit = output_logits(model, x)[0, targets[r]]
+            out = output_logits(model, x)[0]
+            logit = out[targets[r]] - (out[foils[r]] if foils is not None else 0.0)
             (grad,) = torch.autograd.grad(logit, x)
             row = (acc(x.detach()) * acc(grad)).sum(-1)[0]
             rel[r, keep.cpu()] = row.float().cpu()

@@ -97,6 +97,7 @@ def perturbation_curves(
     replacement: Tensor | int | str | None = None,
     tokenizer: Any = None,
     chunk: int = 32,
+    contrast: int | None = None,
 ) -> Curves:
     """MoRF and LeRF curves of one unpadded sequence, in one batched forward pass.
 
@@ -116,6 +117,9 @@ def perturbation_curves(
         ``None`` (zero embedding), a token id or token string (its embedding) or a vector ``(d_model,)``.
     chunk:
         At most this many perturbed copies per forward pass.
+    contrast:
+        A foil's id: the logit curves follow ``logit(target) − logit(contrast)`` (the
+        probability curves still follow the target).
     """
     ids = input_ids.reshape(-1)
     rel = relevance.reshape(-1).float().cpu()
@@ -138,6 +142,8 @@ def perturbation_curves(
     with frozen_eval(model), torch.no_grad():
         logits = torch.cat([acc(output_logits(model, part)) for part in batch.split(chunk)])
     logit = logits[:, target].double().cpu()
+    if contrast is not None:
+        logit = logit - logits[:, contrast].double().cpu()
     prob = torch.softmax(logits, -1)[:, target].double().cpu()
     lerf = [0, *range(steps + 1, 2 * steps), steps]
     return Curves(logit[: steps + 1], logit[lerf], prob[: steps + 1], prob[lerf])
@@ -427,6 +433,18 @@ def _target_id(model: nn.Module, spec: Any, logits: Tensor, tokenizer: Any) -> i
     return spec % n_out
 
 
+def _foil_id(model: nn.Module, spec: Any, logits: Tensor, target: int, tokenizer: Any) -> int:
+    """The foil of one sample: ``"runner-up"`` is the most likely output other than the target."""
+    if spec == "runner-up":
+        others = logits.detach().clone()
+        others[target] = -math.inf
+        return int(others.argmax())
+    foil = _target_id(model, spec, logits, tokenizer)
+    if foil == target:
+        raise TargetError(f"the contrast {spec!r} is the target itself (id {target})")
+    return foil
+
+
 @contextlib.contextmanager
 def _progress(total: int, enabled: bool, desc: str) -> Iterator[Any]:
     from tqdm.auto import tqdm
@@ -450,6 +468,8 @@ def evaluate(
     seed: int = 0,
     progress: bool = False,
     warmup: bool = False,
+    contrast: Any = None,
+    explain_contrast: Any = None,
 ) -> EvaluationReport:
     """Measure the faithfulness of attribution methods with perturbation curves.
 
@@ -476,6 +496,17 @@ def evaluate(
         ``None`` for zero embeddings, or a token id / token string / vector whose embedding replaces them.
     seed:
         Seed of the ``"random"`` baseline.
+    contrast:
+        A foil: ``"runner-up"`` (the second most likely token or class on the unperturbed input),
+        a token id / token string / class index / label name, or a list with one per sample.
+        Methods then explain ``logit(target) − logit(foil)``, and the curves follow that difference
+        (the probability curves still follow the target). A method given as a function explains
+        it as ``f(target) − f(foil)``, which is exact for methods linear in the output (gradients,
+        integrated gradients, LRP).
+    explain_contrast:
+        The same foils, but for the explanation only: the curves follow the target's own logit.
+        This asks whether a contrastive heatmap ranks the tokens of the plain prediction better
+        (one of the dimensions :func:`~lxt_plus.evaluation.tune.tune` searches).
     progress:
         Show a tqdm progress bar.
     warmup:
@@ -502,6 +533,14 @@ def evaluate(
     specs = target if isinstance(target, (list, tuple)) else [target] * len(rows)
     if len(specs) != len(rows):
         raise TargetError(f"{len(specs)} targets given for {len(rows)} samples")
+    if contrast is not None and explain_contrast is not None:
+        raise InputError(
+            "give contrast= (explained and scored) or explain_contrast= (explained only), not both"
+        )
+    foil_spec = contrast if contrast is not None else explain_contrast
+    foils = foil_spec if isinstance(foil_spec, (list, tuple)) else [foil_spec] * len(rows)
+    if len(foils) != len(rows):
+        raise TargetError(f"{len(foils)} contrast targets given for {len(rows)} samples")
     records: dict[str, dict[str, list[Any]]] = {n: {} for n, _, _ in resolved}
     targets: list[int] = []
     with _progress(len(rows) * len(resolved), progress, "evaluating") as bar:
@@ -510,15 +549,19 @@ def evaluate(
                 clean = output_logits(model, embed(model, ids[None])).float()[0]
             t = _target_id(model, spec, clean, tokenizer)
             targets.append(t)
+            f = None if foils[i] is None else _foil_id(model, foils[i], clean, t, tokenizer)
             tid, mask = torch.tensor([t]), torch.ones_like(ids)[None]
+            fid = None if f is None else torch.tensor([f])
             for name, fn, preset in resolved:
                 if warmup and i == 0:
                     fn(model, ids[None], mask, tid)
                 start = time.perf_counter()
                 if preset is not None:
-                    rel, cons = explain_with_preset(model, ids[None], mask, tid, preset)
+                    rel, cons = explain_with_preset(model, ids[None], mask, tid, preset, fid)
                 else:
                     rel, cons = fn(model, ids[None], mask, tid), None
+                    if fid is not None:
+                        rel = torch.as_tensor(rel) - torch.as_tensor(fn(model, ids[None], mask, fid))
                 seconds = time.perf_counter() - start
                 rel = torch.as_tensor(rel).detach().reshape(-1).float().cpu()
                 if rel.numel() != ids.numel():
@@ -529,7 +572,14 @@ def evaluate(
                 if not torch.isfinite(rel).all():
                     raise InputError(f"method {name!r} returned NaN or inf relevance")
                 c = perturbation_curves(
-                    model, ids, rel, t, steps=steps, replacement=replacement, tokenizer=tokenizer
+                    model,
+                    ids,
+                    rel,
+                    t,
+                    steps=steps,
+                    replacement=replacement,
+                    tokenizer=tokenizer,
+                    contrast=f if contrast is not None else None,
                 )
                 rec = records[name]
                 for key, value in (

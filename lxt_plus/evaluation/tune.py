@@ -124,9 +124,10 @@ class Candidate:
     attention: tuple[str, ...]
     eps: float
     gamma: tuple[float, ...]
+    contrast: bool = False  # explain logit(target) - logit(runner-up) instead of the logit
 
     def describe(self, groups: Sequence[str]) -> str:
-        parts = []
+        parts = ["contrast=runner-up"] if self.contrast else []
         if len(set(self.attention)) == 1:
             parts.append(f"attention={self.attention[0]}")
         else:
@@ -152,6 +153,7 @@ class _Space:
         gammas: Sequence[float],
         mixed: bool,
         attention: Sequence[str],
+        contrast: bool = False,
     ) -> None:
         infos = detect_roles(model)
         layers, _ = _layer_list(model, infos)
@@ -166,6 +168,7 @@ class _Space:
         if unknown:
             raise InputError(f"unknown attention rule(s) {unknown}; tune() tries {', '.join(_ATTENTION)}")
         self.rules = tuple(dict.fromkeys((first, *attention)))
+        self.contrast = contrast
         self.start = Candidate((first,) * len(self.groups), 0.0, (0.0,) * len(self.groups))
 
     def preset(self, c: Candidate) -> Preset:
@@ -188,7 +191,9 @@ class _Space:
     def sweeps(self, c: Candidate) -> Iterator[list[Candidate]]:
         """One list of alternatives per dimension, each built on ``c`` (call again with the best)."""
         n = len(self.groups)
-        yield [Candidate((a,) * n, c.eps, c.gamma) for a in self.rules if (a,) * n != c.attention]
+        yield [Candidate((a,) * n, c.eps, c.gamma, c.contrast) for a in self.rules if (a,) * n != c.attention]
+        if self.contrast:
+            yield [replace(c, contrast=not c.contrast)]
         yield [replace(c, eps=e) for e in self.epsilons if e != c.eps]
         for g in range(n):
             yield [
@@ -207,7 +212,10 @@ class _Space:
     def mutate(self, c: Candidate, rng: random.Random) -> Candidate:
         n = len(self.groups)
         dims = ["eps", "attention", "gamma"] + (["mixed"] if self.mixed and n > 1 else [])
+        dims += ["contrast"] if self.contrast else []
         dim, g = rng.choice(dims), rng.randrange(n)
+        if dim == "contrast":
+            return replace(c, contrast=not c.contrast)
         if dim == "eps":
             return replace(c, eps=rng.choice(self.epsilons))
         if dim == "gamma":
@@ -244,6 +252,9 @@ class TuneResult:
         The same on ``held_out`` (``None`` when none was given): compare to see overfitting.
     held_out_interval:
         95 % interval ``(low, high)`` of the paired per-sample gain over the base on ``held_out``.
+    explain_contrast:
+        ``"runner-up"`` when the best heatmaps explain ``logit(target) − logit(runner-up)``:
+        pass the runner-up as ``contrast=`` to :func:`lxt_plus.explain` with :attr:`preset`.
     cv_gain, cv_interval:
         Cross-validated gain of the selection over the base on the tuning inputs (see the
         module docstring), with its 95 % interval; ``None`` without ``folds``.
@@ -261,6 +272,7 @@ class TuneResult:
     description: str = ""
     seconds: float = 0.0
     held_out_interval: tuple[float, float] | None = None
+    explain_contrast: str | None = None
     cv_gain: float | None = None
     cv_interval: tuple[float, float] | None = None
 
@@ -335,6 +347,7 @@ def tune(
     mixed: bool = True,
     attention: Sequence[str] = tuple(_ATTENTION),
     folds: int = 5,
+    contrast: bool = False,
 ) -> TuneResult:
     """Search LRP rules that maximise the mean ABPC of the explanations on ``inputs``.
 
@@ -365,6 +378,9 @@ def tune(
         The attention rules tried (``"attnlrp"``, ``"ah-lrp"``, ``"pa-attnlrp"``, ``"pa-ah-lrp"``).
     folds:
         Folds of the cross-validated selection (``0`` or ``1``: none; at most one per sample).
+    contrast:
+        Also try heatmaps of ``logit(target) − logit(runner-up)`` (the natural foil: the other
+        sentiment, the second most likely token), scored on the target's own logit.
 
     Returns
     -------
@@ -376,7 +392,7 @@ def tune(
     if budget_trials < 1:
         raise InputError(f"budget_trials must be >= 1, got {budget_trials}")
     start_time = time.perf_counter()
-    space = _Space(model, get_preset(base), epsilons, gammas, mixed, attention)
+    space = _Space(model, get_preset(base), epsilons, gammas, mixed, attention, contrast)
     rows = token_rows(model, inputs, tokenizer)
     rng = random.Random(seed)
     scores: dict[Candidate, float] = {}
@@ -393,7 +409,7 @@ def tune(
             return scores[c]
         preset, t0, error, values = space.preset(c), time.perf_counter(), None, None
         try:
-            values = _row_abpc(model, rows, preset, target, steps)
+            values = _row_abpc(model, rows, preset, target, steps, c.contrast)
             value = float(values.mean())
             per_row[c] = values
         except (LxtPlusError, RuntimeError, TypeError) as exc:
@@ -433,6 +449,7 @@ def tune(
         scores[space.start],
         trials=trials,
         description=best.describe(space.names),
+        explain_contrast="runner-up" if best.contrast else None,
     )
     if space.start in per_row and min(folds, len(rows)) >= 2:
         gains = cross_validated_gain(per_row, space.start, min(folds, len(rows)), seed)
@@ -442,7 +459,9 @@ def tune(
         held_target = None if isinstance(target, (list, tuple)) else target
         base_rows = _row_abpc(model, held, space.base, held_target, steps)
         tuned_rows = (
-            base_rows if best == space.start else _row_abpc(model, held, result.preset, held_target, steps)
+            base_rows
+            if best == space.start
+            else _row_abpc(model, held, result.preset, held_target, steps, best.contrast)
         )
         result.default_held_out_score = float(base_rows.mean())
         result.held_out_score = float(tuned_rows.mean())
@@ -476,7 +495,13 @@ def _interval(values: torch.Tensor) -> tuple[float, tuple[float, float]]:
 
 
 def _row_abpc(
-    model: nn.Module, rows: list[torch.Tensor], preset: Preset, target: Any, steps: int
+    model: nn.Module,
+    rows: list[torch.Tensor],
+    preset: Preset,
+    target: Any,
+    steps: int,
+    contrast: bool = False,
 ) -> torch.Tensor:
-    report = evaluate(model, rows, {preset.name: preset}, target=target, steps=steps)
+    foil = "runner-up" if contrast else None
+    report = evaluate(model, rows, {preset.name: preset}, target=target, steps=steps, explain_contrast=foil)
     return report[preset.name].abpc.double()

@@ -311,3 +311,39 @@ def test_method_errors_and_reproducible_random():
     a = evaluate(model, ids, ["random"], seed=5)["random"].abpc
     b = evaluate(model, ids, ["random"], seed=5)["random"].abpc
     assert torch.equal(a, b)
+
+
+def test_contrast_is_explained_and_scored_and_explain_contrast_only_explained():
+    """A 3-class tiny BERT: with ``contrast``, the curve at 0 % is logit(target) − logit(foil) and
+    the relevance is that of the difference (for a preset and for a function alike); with
+    ``explain_contrast`` the curve is the target's own logit."""
+    import lxt_plus
+
+    model = build("bert", num_labels=3).float()
+    ids = torch.randint(4, 90, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    targets = logits.argmax(-1)
+    runner_up = logits.clone().scatter_(1, targets[:, None], -float("inf")).argmax(-1)
+    methods = {"attnlrp": "attnlrp", "gxi": gradient_x_input}
+    scored = evaluate(model, ids, methods, contrast="runner-up", steps=2)
+    plain = evaluate(model, ids, methods, explain_contrast="runner-up", steps=2)
+    for r in range(2):
+        t, f = int(targets[r]), int(runner_up[r])
+        diff = logits[r, t] - logits[r, f]
+        for name in methods:
+            assert float(scored[name].morf_logit[r, 0]) == pytest.approx(float(diff), rel=1e-5)
+            assert float(plain[name].morf_logit[r, 0]) == pytest.approx(float(logits[r, t]), rel=1e-5)
+        want = lxt_plus.explain(model, ids[r], target=t, contrast=f, rules="attnlrp").relevance
+        curves = perturbation_curves(model, ids[r], want, t, steps=2, contrast=f)
+        assert float(scored["attnlrp"].abpc[r]) == pytest.approx(abpc(curves), rel=1e-5)
+        one, mask = ids[r : r + 1], torch.ones(1, 7, dtype=torch.long)
+        gxi = gradient_x_input(model, one, mask, torch.tensor([t])) - gradient_x_input(
+            model, one, mask, torch.tensor([f])
+        )
+        curves = perturbation_curves(model, ids[r], gxi[0], t, steps=2, contrast=f)
+        assert float(scored["gxi"].abpc[r]) == pytest.approx(abpc(curves), rel=1e-5)
+    with pytest.raises(InputError, match="not both"):
+        evaluate(model, ids, methods, contrast="runner-up", explain_contrast="runner-up")
+    with pytest.raises(TargetError, match="the target itself"):
+        evaluate(model, ids[:1], methods, contrast=int(targets[0]))

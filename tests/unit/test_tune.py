@@ -116,3 +116,13 @@ def test_tune_reports_cross_validated_and_paired_held_out_gains():
     assert "cross-validated gain" in text and "held-out gain, paired" in text
     assert all(t.rows is not None and t.rows.shape == (4,) for t in result.trials if t.error is None)
     assert any("pa-" in t.description for t in result.trials) or len(result.trials) < 4
+
+
+def test_tune_tries_contrastive_heatmaps_when_asked():
+    model = build("llama", num_hidden_layers=3)
+    result = tune(
+        model, _ids(0, 3), budget_trials=6, progress=False, steps=2, contrast=True, folds=0, epsilons=(0.0,)
+    )
+    described = [t.description for t in result.trials]
+    assert any(d.startswith("contrast=runner-up") for d in described), described
+    assert (result.explain_contrast == "runner-up") == result.description.startswith("contrast=runner-up")
