@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import random
 import subprocess
 from pathlib import Path
@@ -128,12 +129,20 @@ def attribute(model: Any, method: str, task: dict[str, Any]) -> torch.Tensor:
     return exp.relevance.reshape(-1)
 
 
-def score(rel: torch.Tensor, task: dict[str, Any]) -> tuple[bool, float]:
+def score(rel: torch.Tensor, task: dict[str, Any]) -> tuple[bool, float, bool, float]:
+    """Top-1 hit and source mass; the same top-1 with the first token set aside (the attention
+    sink, which rules that hold attention weights constant hand much relevance); and the first
+    token's share of the context's |relevance|."""
     context = rel[: task["context"]].float()
     top = int(context.argmax())
     total = float(context.abs().sum()) or 1.0
     inside = any(a <= top < b for a, b in task["source"])
-    return inside, sum(float(context[a:b].sum()) for a, b in task["source"]) / total
+    rest = context.clone()
+    rest[0] = -math.inf
+    second = int(rest.argmax())
+    inside_rest = any(a <= second < b for a, b in task["source"])
+    mass = sum(float(context[a:b].sum()) for a, b in task["source"]) / total
+    return inside, mass, inside_rest, float(context[0]) / total
 
 
 def run(examples: int, methods: list[str]) -> dict[str, Any]:
@@ -153,9 +162,18 @@ def run(examples: int, methods: list[str]) -> dict[str, Any]:
                 else bool(logits[task["target"]] > logits[task["contrast"]])
             )
             for method in methods:
-                hit, mass = score(attribute(model, method, task), task)
+                hit, mass, hit_rest, first = score(attribute(model, method, task), task)
                 rows.append(
-                    {"task": name, "example": i, "method": method, "hit": hit, "mass": mass, "right": right}
+                    {
+                        "task": name,
+                        "example": i,
+                        "method": method,
+                        "hit": hit,
+                        "mass": mass,
+                        "hit_without_first": hit_rest,
+                        "first_share": first,
+                        "right": right,
+                    }
                 )
     return {"rows": rows, "examples": examples}
 
@@ -200,6 +218,26 @@ def table(result: dict[str, Any]) -> str:
         + ", ".join(f"{m} {total[m]}/{len(rows) // len(methods)}" for m in methods)
         + ".",
     ]
+    if all("hit_without_first" in r for r in rows):
+        lines += [
+            "",
+            "**The first token.** Rules that hold attention weights constant (AH-LRP, CP-LRP) send much "
+            "relevance through the value of the first token, where attention heads park their weight (the "
+            "attention sink). Top-1 with the first token set aside, and the first token's mean share of "
+            "the context's |relevance|:",
+            "",
+            "| task | " + " | ".join(methods) + " |",
+            "|---|" + "---:|" * len(methods),
+        ]
+        for name in TASKS:
+            here = [r for r in rows if r["task"] == name]
+            cells = []
+            for m in methods:
+                got = [r for r in here if r["method"] == m]
+                hits = sum(r["hit_without_first"] for r in got)
+                share = sum(r["first_share"] for r in got) / len(got)
+                cells.append(f"{hits}/{len(got)} ({share:+.2f})")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
