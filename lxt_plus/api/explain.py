@@ -624,6 +624,10 @@ def explain(
     -------
     Explanation
         ``relevance`` is ``(seq,)`` for one sequence or ``(batch, seq)`` for a batch.
+        ``positional`` is each position's relevance where the model's position encoding takes
+        some (added tables under every preset, rotary angles under ``pa-attnlrp``); under the
+        positional presets ``relevance`` is token plus position and ``token_relevance`` the
+        tokens alone (PA-LRP, Bakish et al. 2025).
     """
     if is_pipeline(model):
         if tokenizer is not None or attention_mask is not None or chat:

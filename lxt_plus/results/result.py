@@ -90,6 +90,10 @@ class Explanation:
     captures:
         Latent relevance requested with ``capture=`` (layers, heads, neurons): a
         :class:`~lxt_plus.results.captures.Captures`, which also reads as a dict.
+    positional_relevance, positional_layers, pairs:
+        Relevance of each token's position ``(batch, seq)``, its rotary share per attention layer
+        ``(batch, layers, seq)``, and whether ``relevance`` holds token plus position (the
+        ``pa-`` presets); see :attr:`positional` and :attr:`token_relevance`.
     """
 
     batch_relevance: torch.Tensor
