@@ -149,6 +149,15 @@ def explanation_terminal(
                     line.append(f"{text}[{value:+.2f}]")
                 line.append("\n" if NEWLINE_SYMBOL in text else "")
         console.print(line)
+        positions = None if exp.modality == "pixels" or words else exp.real_positions(r, hide_special)
+        if positions is not None:
+            limit = colors.color_limit(rel, normalize) or 1.0
+            cells = Text("positions: ")
+            for i, value in enumerate((positions.detach().float() / limit).clamp(-1, 1).tolist()):
+                cells.append(
+                    f" {i} " if color else f"{i}[{value:+.2f}] ", style=_style(value) if color else None
+                )
+            console.print(cells)
         if exp.modality == "pixels" and not color:
             console.print(
                 Text("cells: ## >= +0.5, ++ >= +0.15, .. near 0, -- <= -0.15, == <= -0.5 (normalised)")

@@ -135,7 +135,8 @@ def test_views_show_the_positions(llama: torch.nn.Module) -> None:
     assert 'class="lxt-positions"' in html and html.count('class="lxt-pos"') == 7
     summary = exp.summary()
     assert "The positions carry" in summary and "included in the values above" in summary
-    assert "The positions carry" in " ".join(exp.to_terminal(color=False).split())
+    terminal = " ".join(exp.to_terminal(color=False).split())
+    assert "The positions carry" in terminal and "positions: 0[" in terminal
     plain = lxt_plus.explain(llama, ids(), rules="attnlrp")
     assert 'class="lxt-positions"' not in plain.to_html() and "positions carry" not in plain.summary()
 
