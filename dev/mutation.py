@@ -504,8 +504,8 @@ MUTANTS: tuple[Mutant, ...] = (
     M(
         "generation-image-rows-swapped",
         "lxt_plus/api/generation.py",
-        "image_rows.append((acc(pixels.detach())[None] * acc(grads[-1])).sum(2).cpu())",
-        "image_rows.append((acc(pixels.detach())[None] * acc(grads[-1])).sum(2).flip(0).cpu())",
+        "image_rows.append((acc(pixels.detach())[None] * acc(grads[len(leaves)])).sum(2).cpu())",
+        "image_rows.append((acc(pixels.detach())[None] * acc(grads[len(leaves)])).sum(2).flip(0).cpu())",
         ("tests/integration/test_vlm.py::test_generation_rows_equal_explain",),
     ),
     M(
@@ -564,6 +564,34 @@ MUTANTS: tuple[Mutant, ...] = (
         "chosen = max(per_row, key=lambda c: float(per_row[c][train].mean()))",
         "chosen = max(per_row, key=lambda c: float(per_row[c].mean()))",
         ("tests/unit/test_tune.py",),
+    ),
+    M(
+        "scan-keys-not-detached",
+        "lxt_plus/engine/modes.py",
+        "            return type(out)(t.detach() if i in self.parameters else t for i, t in enumerate(out))",
+        "            return out",
+        ("tests/integration/test_scan_reference.py",),
+    ),
+    M(
+        "scan-gates-not-detached",
+        "lxt_plus/engine/modes.py",
+        "x.requires_grad and torch.is_grad_enabled():\n            self._count()\n            return out.detach()",
+        "x.requires_grad and torch.is_grad_enabled():\n            self._count()\n            return out",
+        ("tests/integration/test_scan_reference.py",),
+    ),
+    M(
+        "scan-output-gate-full-share",
+        "lxt_plus/engine/modes.py",
+        "        if len(args) == 2 and not kwargs and _both_depend_on_input(args[0], args[1]):\n            return uniform_mul(args[0], args[1])",
+        "        if len(args) == 2 and not kwargs and _both_depend_on_input(args[0], args[1]):\n            return func(args[0], args[1])",
+        ("tests/integration/test_scan_reference.py",),
+    ),
+    M(
+        "solve-with-input-dependent-matrix-linear",
+        "lxt_plus/engine/opcheck.py",
+        '        return ("linear", base) if a_constant else',
+        '        return ("linear", base) if True else',
+        ("tests/unit/test_opcheck.py",),
     ),
     M(
         "generation-positions-dropped",

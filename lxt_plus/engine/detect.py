@@ -340,8 +340,11 @@ def detect_roles(model: nn.Module) -> list[ModuleInfo]:
     for path, m in named.items():
         if path in roles:
             continue
-        if _attention_named(type(m).__name__) and not has(
-            path, lambda c: _attention_named(type(named[c]).__name__)
+        if (
+            _attention_named(type(m).__name__)
+            and not has(path, lambda c: _attention_named(type(named[c]).__name__))
+            # a linear-attention layer whose mixer is a scan (OLMo-Hybrid's GatedDeltaNet layer)
+            and not has(path, lambda c: roles.get(c) == "ssm")
         ):
             roles[path] = "attention"
 

@@ -29,6 +29,8 @@ __all__ = [
     "RouterMode",
     "PositionalMode",
     "is_positional",
+    "ScanMode",
+    "scan_split",
 ]
 
 # an unbound handler: (mode, torch function, args, kwargs) -> result
@@ -475,3 +477,80 @@ class PositionalMode(_RuleMode):
                 self._count()
                 return uniform_mul(a, b)
         return func(*args, **kwargs)
+
+
+_SCAN_PARAMETERS = ("sigmoid", "softplus")
+
+
+class ScanMode(_RuleMode):
+    """MambaLRP's principle (Jafari et al. 2024) for scans whose parameters come from the same
+    projection as their input (Mamba2's SSD, gated DeltaNet): every scan parameter is a constant,
+    so the scan is linear in the values it mixes.
+
+    - ``torch.split`` into the parts named by ``split`` (sizes, and the indices of the parameter
+      parts: DeltaNet's ``q`` and ``k``, Mamba2's ``B`` and ``C``) returns those parts detached;
+    - ``sigmoid`` and ``softplus`` of an input-dependent tensor (DeltaNet's β and decay, Mamba2's
+      Δ) are detached;
+    - a product of two input-dependent tensors (the output gate ``y · silu(z)``) gets the uniform
+      rule, and an inline element-wise non-linearity (the SiLU after the convolution, the gate's
+      SiLU) the identity rule, as in a gated MLP.
+    """
+
+    def __init__(self, split: tuple[tuple[int, ...], tuple[int, ...]]) -> None:
+        super().__init__()
+        self.sizes, self.parameters = split
+
+    @classmethod
+    def _table(cls) -> dict[Any, Handler]:
+        return {
+            **cls.on(_funcs("split", modules=(torch, _T, _TB)), cls._split),
+            **cls.on(_funcs(*_SCAN_PARAMETERS, modules=(torch, _T, _TB, F)), cls._parameter),
+            **cls.on(_MUL, cls._mul),
+            **cls.on(
+                _funcs(
+                    *(a for a in _INLINE_ACTIVATIONS if a not in _SCAN_PARAMETERS),
+                    modules=(torch, _T, _TB, F),
+                ),
+                cls._activation,
+            ),
+        }
+
+    def _split(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        out = func(*args, **kwargs)
+        sizes = args[1] if len(args) > 1 else kwargs.get("split_size_or_sections", kwargs.get("split_size"))
+        if isinstance(sizes, (list, tuple)) and tuple(int(v) for v in sizes) == self.sizes:
+            self._count()
+            return type(out)(t.detach() if i in self.parameters else t for i, t in enumerate(out))
+        return out
+
+    def _parameter(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        out = func(*args, **kwargs)
+        x = args[0] if args else None
+        if isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled():
+            self._count()
+            return out.detach()
+        return out
+
+    def _mul(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        if len(args) == 2 and not kwargs and _both_depend_on_input(args[0], args[1]):
+            return uniform_mul(args[0], args[1])
+        return func(*args, **kwargs)
+
+    def _activation(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        return self._identity_rule(func, args, kwargs, count=False)
+
+
+def scan_split(module: Any) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The split of a scan module's convolved projection into value and parameter parts, read
+    from its attributes: gated DeltaNet ``(key_dim, key_dim, value_dim)`` with ``q`` and ``k``
+    the parameters; Mamba2 ``(intermediate_size, n_groups·ssm_state_size, n_groups·ssm_state_size)``
+    with ``B`` and ``C``. ``None`` for a module of neither kind."""
+    key, value = getattr(module, "key_dim", None), getattr(module, "value_dim", None)
+    if isinstance(key, int) and isinstance(value, int):
+        return (key, key, value), (0, 1)
+    inner, state, groups = (
+        getattr(module, n, None) for n in ("intermediate_size", "ssm_state_size", "n_groups")
+    )
+    if isinstance(inner, int) and isinstance(state, int) and isinstance(groups, int):
+        return (inner, groups * state, groups * state), (1, 2)
+    return None

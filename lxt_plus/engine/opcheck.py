@@ -201,6 +201,13 @@ def classify_node(node: Any, ruled: bool) -> tuple[str, str]:
     n = len(_deps(node))
     if base in _PRODUCTS:
         return ("linear", base) if n <= 1 else ("product", f"{base.lower()} of two input-dependent tensors")
+    if base in ("LinalgSolveTriangular", "LinalgSolve", "TriangularSolve"):
+        # solve(A, B) is linear in the right-hand side B while the matrix A is a constant
+        # (DeltaNet's chunked scan with its keys and gates held constant), and not in A
+        inputs = [f for f, _ in node.next_functions]
+        a_constant = base == "TriangularSolve" and len(inputs) > 1 and inputs[1] is None
+        a_constant = a_constant or (base != "TriangularSolve" and (not inputs or inputs[0] is None))
+        return ("linear", base) if a_constant else ("other", f"{base.lower()} with an input-dependent matrix")
     if base == "Div":
         # DivBackward0's inputs are (numerator, denominator); a constant denominator is a scaling
         inputs = [f for f, _ in node.next_functions]

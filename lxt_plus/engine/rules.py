@@ -29,7 +29,15 @@ from lxt_plus.engine.functional import (
 )
 from lxt_plus.engine.hf import activation_classes
 from lxt_plus.engine.install import ATTENTION_RULES, Installed, Site, wrap_forward
-from lxt_plus.engine.modes import AttentionOpsMode, ElementwiseIdentityMode, NormMode, ProductMode, RouterMode
+from lxt_plus.engine.modes import (
+    AttentionOpsMode,
+    ElementwiseIdentityMode,
+    NormMode,
+    ProductMode,
+    RouterMode,
+    ScanMode,
+    scan_split,
+)
 from lxt_plus.engine.positional import positional_forward
 from lxt_plus.errors import ConfigError, UnsupportedModelError, nearest
 
@@ -577,6 +585,15 @@ class SelectiveScan(Rule):
     def install(self, site: Site) -> Installed:
         module = site.module
         proj = getattr(module, "x_proj", None)
+        split = scan_split(module)
+        if not isinstance(proj, nn.Module) and split is not None:
+            undo_scan: list[Callable[[], None]] = []
+            wrap_forward(
+                module,
+                lambda fwd: _under_mode(fwd, lambda: ScanMode(split), site.stats, "scan_hits"),
+                undo_scan,
+            )
+            return Installed("forward", undo_scan)
         if not isinstance(proj, nn.Module):
             raise UnsupportedModelError(
                 f"{site.path} ({type(module).__name__}) is a state-space or linear-attention module without an "

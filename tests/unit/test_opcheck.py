@@ -38,6 +38,10 @@ LINEAR = {
     "divide by a constant": lambda m, x: x / 3.0,
     "relu": lambda m, x: torch.relu(x) - torch.relu(-x),
     "index": lambda m, x: x[..., torch.arange(31, -1, -1)],
+    # DeltaNet's chunked scan with its keys held constant: linear in the right-hand side
+    "solve with a constant matrix": lambda m, x: torch.linalg.solve_triangular(
+        torch.eye(32) + torch.tril(torch.ones(32, 32), -1) / 32, x[..., None], upper=False
+    )[..., 0],
 }
 NONLINEAR = {
     "exp": (lambda m, x: x.exp() - 1, "exp"),
@@ -48,6 +52,12 @@ NONLINEAR = {
     ),
     "softmax": (lambda m, x: torch.softmax(x, -1) * 32, "softmax"),
     "cumprod": (lambda m, x: torch.cumprod(torch.tanh(x), -1), "tanh"),
+    "solve with an input-dependent matrix": (
+        lambda m, x: torch.linalg.solve_triangular(
+            torch.diag_embed(2 + torch.relu(x)), x[..., None], upper=False
+        )[..., 0],
+        "linalg_solve_triangular",
+    ),
 }
 
 
