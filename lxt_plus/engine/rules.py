@@ -575,8 +575,11 @@ class SelectiveScan(Rule):
     identity rule (the same relevance as the paper's ``x · sigmoid(x).detach()``). The RMSNorm
     around it is ruled as a norm.
 
-    A mixer that computes B and C in the same projection as its input (Mamba2 and its hybrids)
-    is refused: which factor of each product is a scan parameter is not known there.
+    A mixer that computes its scan parameters in the same projection as its input (Mamba2's SSD:
+    ``B``, ``C``; gated DeltaNet: ``q``, ``k``) gets the same principle from
+    :class:`~lxt_plus.engine.modes.ScanMode`: the parameter parts of the split, and the gates
+    ``sigmoid``/``softplus``, are constants. The split is read from the module's attributes
+    (:func:`~lxt_plus.engine.modes.scan_split`); a mixer of neither layout is refused.
     """
 
     name: ClassVar[str] = "mamba-lrp"
@@ -596,10 +599,10 @@ class SelectiveScan(Rule):
             return Installed("forward", undo_scan)
         if not isinstance(proj, nn.Module):
             raise UnsupportedModelError(
-                f"{site.path} ({type(module).__name__}) is a state-space or linear-attention module without an "
-                "x_proj (Mamba2-style SSD, gated DeltaNet): its B and C (or keys) come from the same projection "
-                "as its input, and lxt_plus has no rule for that scan yet; the MambaLRP rule covers Mamba "
-                "mixers with an x_proj (Mamba, FalconMamba)"
+                f"{site.path} ({type(module).__name__}) is a state-space or linear-attention module whose scan "
+                "parameters lxt_plus cannot tell apart from its input: it has neither an x_proj (Mamba, "
+                "FalconMamba) nor the split of Mamba2 (intermediate_size, n_groups, ssm_state_size) or gated "
+                "DeltaNet (key_dim, value_dim) that the MambaLRP rule reads"
             )
         undo: list[Callable[[], None]] = []
         wrap_forward(proj, lambda fwd: lambda *a, **k: _detach_all(fwd(*a, **k)), undo)
