@@ -42,6 +42,7 @@ ROLES = (
     "mlp",
     "router",
     "ssm",
+    "scan_parameter",
     "linear",
     "conv",
     "embedding",
@@ -328,10 +329,22 @@ def detect_roles(model: nn.Module) -> list[ModuleInfo]:
             siblings = [type(c).__name__ for c in named[parent].children()]
             if any("Expert" in s for s in siblings) or hasattr(named[parent], "experts"):
                 roles[path] = "router"
-    # selective state-space mixers (Mamba): the module holding the scan's A_log
+    # selective state-space mixers (Mamba): the module holding the scan's A_log; a gate module
+    # holding it beside the mixer's convolution (Kimi's and Bailing's forget gate) computes a scan
+    # parameter, and its parent is the mixer
     for path, m in named.items():
         if path not in roles and isinstance(getattr(m, "A_log", None), nn.Parameter):
-            roles[path] = "ssm"
+            parent = path.rsplit(".", 1)[0] if "." in path else ""
+            holder = named.get(parent)
+            if (
+                path != ""
+                and not isinstance(getattr(m, "conv1d", None), nn.Conv1d)
+                and isinstance(getattr(holder, "conv1d", None), nn.Conv1d)
+            ):
+                roles[path] = "scan_parameter"
+                roles.setdefault(parent, "ssm")
+            else:
+                roles[path] = "ssm"
     # routers with a child of their own (a Linear inside AfmoeTokenChoiceRouter, JetMoE's gating)
     for path, m in named.items():
         if path not in roles and _ROUTER_NAME.search(type(m).__name__) and not hasattr(m, "experts"):

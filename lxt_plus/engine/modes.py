@@ -542,12 +542,15 @@ class ScanMode(_RuleMode):
 
 def scan_split(module: Any) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     """The split of a scan module's convolved projection into value and parameter parts, read
-    from its attributes: gated DeltaNet ``(key_dim, key_dim, value_dim)`` with ``q`` and ``k``
-    the parameters; Mamba2 ``(intermediate_size, n_groups·ssm_state_size, n_groups·ssm_state_size)``
+    from its attributes: gated DeltaNet ``(key_dim, key_dim, value_dim)`` (or Kimi's
+    ``qkv_dim`` three times) with ``q`` and ``k`` the parameters; Mamba2 ``(intermediate_size, n_groups·ssm_state_size, n_groups·ssm_state_size)``
     with ``B`` and ``C``. ``None`` for a module of neither kind."""
     key, value = getattr(module, "key_dim", None), getattr(module, "value_dim", None)
     if isinstance(key, int) and isinstance(value, int):
         return (key, key, value), (0, 1)
+    qkv = getattr(module, "qkv_dim", None)  # Kimi's delta attention: q, k and v of one width
+    if isinstance(qkv, int):
+        return (qkv, qkv, qkv), (0, 1)
     inner, state, groups = (
         getattr(module, n, None) for n in ("intermediate_size", "ssm_state_size", "n_groups")
     )

@@ -205,6 +205,7 @@ def _lrp(attention: Rule, router: Rule, products: Rule) -> tuple[tuple[str, Rule
         ("attention", attention),
         ("router", router),
         ("ssm", SelectiveScan()),
+        ("scan_parameter", Constant()),
         ("activation", Identity()),
         ("norm", Conservative()),
         ("mlp", products),

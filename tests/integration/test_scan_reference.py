@@ -120,7 +120,9 @@ def test_gated_deltanet_equals_the_float64_reference() -> None:
     assert float(gap) > 1e-2 * float(expected.abs().max())
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_next", "qwen3_5_text", "olmo_hybrid", "zamba2"])
+@pytest.mark.parametrize(
+    "model_type", ["qwen3_next", "qwen3_5_text", "olmo_hybrid", "zamba2", "kimi_linear", "bailing_hybrid"]
+)
 def test_hybrid_scans_conserve_with_biases_zeroed(model_type: str) -> None:
     model = families.randomize_biases_and_norms(zoo.build(model_type, "causal-lm"), seed=4)
     ids = torch.tensor([[5, 17, 9, 33, 21, 40]])
