@@ -18,7 +18,7 @@ from families import build, tiny_vit  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 FILES = sorted(CONFIGS.glob("*.yaml"))
-MIRRORS = {"attnlrp", "cp-lrp", "ah-lrp", "gradient", "conservative-check"}
+MIRRORS = {"attnlrp", "cp-lrp", "ah-lrp", "pa-attnlrp", "pa-ah-lrp", "gradient", "conservative-check"}
 
 
 def test_every_expected_file_exists() -> None:
