@@ -30,7 +30,7 @@ import zoo  # noqa: E402
 
 import lxt_plus  # noqa: E402
 
-PRESETS = ("conservative-check", "attnlrp", "cp-lrp", "ah-lrp")
+PRESETS = ("conservative-check", "attnlrp", "cp-lrp", "ah-lrp", "pa-attnlrp")
 
 
 def run(heads: list[str], presets: tuple[str, ...]) -> list[zoo.Status]:
