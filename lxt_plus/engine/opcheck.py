@@ -86,7 +86,7 @@ _FITS = {
 def _kind_of(base: str) -> str:
     if base in _ELEMENTWISE:
         return "elementwise"
-    if base in ("Softmax", "LogSoftmax", "Softmin"):
+    if base in ("Softmax", "SafeSoftmax", "LogSoftmax", "Softmin"):  # SafeSoftmax: SDPA's math path
         return "softmax"
     if base in (
         "NativeLayerNorm",
