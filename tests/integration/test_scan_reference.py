@@ -80,6 +80,40 @@ def deltanet_reference(mix: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return y @ mix.out_proj.weight.double().T
 
 
+def mamba2_reference(mix: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """Zamba2's Mamba2 mixer on ``h`` ``(1, n, d)`` in float64, recurrent form, with the rule's
+    detaches: ``B``, ``C`` and ``Δ`` are constants."""
+    n = h.shape[1]
+    proj = h @ mix.in_proj.weight.double().T
+    gate, xbc, dt = proj.split([mix.intermediate_size, mix.conv_dim, mix.num_heads], -1)
+    xbc = _silu(_causal_conv(mix.conv1d, xbc.transpose(1, 2))).transpose(1, 2)
+    groups, state_size = mix.n_groups, mix.ssm_state_size
+    x, B, C = torch.split(xbc, [mix.intermediate_size, groups * state_size, groups * state_size], -1)
+    B, C = B.detach().reshape(n, groups, state_size), C.detach().reshape(n, groups, state_size)
+    low, high = mix.time_step_limit
+    dt = F.softplus(dt[0] + mix.dt_bias.double()).clamp(low, high).detach()  # (n, heads)
+    heads, p = mix.num_heads, mix.head_dim
+    per_group = heads // groups
+    x = x.reshape(n, heads, p)
+    A = -mix.A_log.double().exp()
+    state = torch.zeros(heads, p, state_size, dtype=torch.float64)
+    outs = []
+    for t in range(n):  # S ← e^{Δ A} S + Δ x Bᵀ;  y = S C + D x
+        b = B[t].repeat_interleave(per_group, 0)  # (heads, N)
+        c = C[t].repeat_interleave(per_group, 0)
+        state = (dt[t] * A).exp()[:, None, None] * state + (dt[t][:, None] * x[t])[:, :, None] * b[:, None, :]
+        outs.append(torch.einsum("hpn,hn->hp", state, c) + mix.D.double()[:, None] * x[t])
+    y = torch.stack(outs).reshape(1, n, -1)
+    # gated RMSNorm, gate first (norm_before_gate=False), normalised per group of channels
+    g = _gate(y, _silu(gate))
+    size = mix.norm.group_size
+    grouped = g.reshape(1, n, -1, size)
+    scale = torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + mix.norm.variance_epsilon).detach()
+    y = (grouped * scale).reshape(1, n, -1) * mix.norm.weight.double()
+    bias = None if mix.out_proj.bias is None else mix.out_proj.bias.double()
+    return F.linear(y, mix.out_proj.weight.double(), bias)
+
+
 class MixerProbe(nn.Module):
     """One mixer between flat features ``(batch, n·d)`` and a linear read-out of its last token."""
 
@@ -99,13 +133,23 @@ def _deltanet() -> tuple[nn.Module, int]:
     return layer.linear_attn, model.config.hidden_size
 
 
-def test_gated_deltanet_equals_the_float64_reference() -> None:
-    mix, d = _deltanet()
+def _mamba2() -> tuple[nn.Module, int]:
+    model = families.randomize_biases_and_norms(zoo.build("zamba2", "causal-lm").double(), seed=5)
+    return model.model.layers[0].mamba, model.config.hidden_size
+
+
+@pytest.mark.parametrize(
+    ("make", "reference"),
+    [(_deltanet, deltanet_reference), (_mamba2, mamba2_reference)],
+    ids=["deltanet", "mamba2"],
+)
+def test_scan_equals_the_float64_reference(make, reference) -> None:  # type: ignore[no-untyped-def]
+    mix, d = make()
     torch.manual_seed(0)
     probe = MixerProbe(mix, d).eval()
     h = torch.randn(1, SEQ, d, dtype=torch.float64)
     x = h.detach().clone().requires_grad_(True)
-    logits = deltanet_reference(mix, x)[0, -1] @ probe.readout.weight.T
+    logits = reference(mix, x)[0, -1] @ probe.readout.weight.T
     target = int(logits.argmax())
     (grad,) = torch.autograd.grad(logits[target], x)
     expected = (x * grad).detach().reshape(SEQ, d).sum(-1)
