@@ -452,7 +452,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=None, help="evaluation samples per task (default 40)")
     parser.add_argument("--quick", action="store_true", help="a small smoke run (6 samples, short tuning)")
-    parser.add_argument("--part", choices=["all", "llm", "classifier", "checks", "positional"], default="all")
+    parser.add_argument(
+        "--part", choices=["all", "llm", "classifier", "checks", "positional", "tune"], default="all"
+    )
     parser.add_argument(
         "--ig-check-samples",
         type=int,
