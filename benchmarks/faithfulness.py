@@ -201,7 +201,8 @@ def markdown(sections: dict[str, Any], args: argparse.Namespace) -> str:
             "explained, the target's own logit scored). The cross-validated "
             "gain judges the selection on tuning samples it did not see (5 folds, from the trials' "
             "per-sample scores); the held-out gain is the chosen preset minus the default on the "
-            "evaluation samples above, paired. Intervals are 95 %.",
+            "evaluation samples above, paired (the same samples; for the classifier, the model of the run, "
+            "see the positional section). Intervals are 95 %.",
             "",
             "| task | tuned preset | trials | tuning ABPC (default → tuned) | cross-validated gain | "
             "held-out ABPC (default → tuned) | held-out gain, paired |",
@@ -430,7 +431,9 @@ def positional_markdown(sec: dict[str, Any]) -> list[str]:
         "evaluation code builds: token relevance plus the absolute positional relevance of each layer. Each "
         "scheme removes tokens by zeroing their embeddings, or by replacing them with a token "
         "(SmolLM2: its end-of-text token; MiniLM: `[MASK]`). Paired differences: mean [95 % interval] "
-        "(share of samples won).",
+        "(share of samples won). The classifier is the one `load_sentiment_classifier` trains on the "
+        "machine of the run: when that differs from the machine of the tables above, its weights differ "
+        "too, so compare it within a section (the conservation error column identifies the model).",
         "",
     ]
     for key, name in (("llm", "SmolLM2-135M, IMDB snippets"), ("classifier", "MiniLM sentiment classifier")):
