@@ -264,6 +264,21 @@ def markdown(sections: dict[str, Any], args: argparse.Namespace) -> str:
         ]
     if "positional" in sections:
         lines += positional_markdown(sections["positional"])
+    if "llm_replaced" in sections:
+        r = sections["llm_replaced"]
+        lines += [
+            f"## SmolLM2 with replacement tokens: the baselines ({r['n']} samples)",
+            "",
+            f"The same IMDB snippets, removed tokens replaced by {r['replacement']!r}:",
+            "",
+            r["table"],
+            "",
+            *[
+                f"- {pair}: {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] ({d['wins']:.0%})"
+                for pair, d in r["pairs"].items()
+            ],
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -421,6 +436,39 @@ def run_positional(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def run_replaced_baselines(args: argparse.Namespace) -> dict[str, Any]:
+    """SmolLM2 with removed tokens replaced by its end-of-text token: the LRP presets against
+    integrated gradients and plain Gradient×Input, paired on the same samples."""
+    from lxt_plus.demo import load_smollm2
+
+    model, tok = load_smollm2()
+    rows = imdb_snippets(tok, args.samples)
+    ig = functools.partial(integrated_gradients, steps=args.ig_steps, batch_size=args.ig_steps)
+    methods = {
+        "attnlrp": "attnlrp",
+        "pa-attnlrp": "pa-attnlrp",
+        "integrated_gradients": ig,
+        "gradient": "gradient",
+        "random": "random",
+    }
+    report = evaluate(
+        model, rows, methods, tokenizer=tok, replacement=tok.eos_token, progress=True, warmup=True
+    )
+    print(report.table(), flush=True)
+    found = report.to_dict()["methods"]
+    pairs = [
+        ("attnlrp", "integrated_gradients"),
+        ("pa-attnlrp", "integrated_gradients"),
+        ("attnlrp", "gradient"),
+    ]
+    return {
+        "n": len(rows),
+        "replacement": tok.eos_token,
+        "table": report.table(),
+        "pairs": {f"{a} − {b}": interval(found, a, b) for a, b in pairs},
+    }
+
+
 def positional_markdown(sec: dict[str, Any]) -> list[str]:
     lines = [
         "## Positional relevance (PA-LRP)",
@@ -456,7 +504,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=None, help="evaluation samples per task (default 40)")
     parser.add_argument("--quick", action="store_true", help="a small smoke run (6 samples, short tuning)")
     parser.add_argument(
-        "--part", choices=["all", "llm", "classifier", "checks", "positional", "tune"], default="all"
+        "--part",
+        choices=["all", "llm", "classifier", "checks", "positional", "tune", "replaced"],
+        default="all",
     )
     parser.add_argument(
         "--ig-check-samples",
@@ -571,6 +621,9 @@ def main(argv: list[str] | None = None) -> None:
         save()
     if args.part in ("all", "positional"):
         sections["positional"] = run_positional(args)
+        save()
+    if args.part in ("all", "replaced"):
+        sections["llm_replaced"] = run_replaced_baselines(args)
         save()
 
 
