@@ -269,7 +269,8 @@ def markdown(sections: dict[str, Any], args: argparse.Namespace) -> str:
         lines += [
             f"## SmolLM2 with replacement tokens: the baselines ({r['n']} samples)",
             "",
-            f"The same IMDB snippets, removed tokens replaced by {r['replacement']!r}:",
+            f"The same IMDB snippets, removed tokens replaced by {r['replacement']!r} "
+            f"({r.get('threads', 1)} torch thread(s) for the timings):",
             "",
             r["table"],
             "",
@@ -463,6 +464,7 @@ def run_replaced_baselines(args: argparse.Namespace) -> dict[str, Any]:
     ]
     return {
         "n": len(rows),
+        "threads": torch.get_num_threads(),
         "replacement": tok.eos_token,
         "table": report.table(),
         "pairs": {f"{a} − {b}": interval(found, a, b) for a, b in pairs},
