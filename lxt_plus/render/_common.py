@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lxt_plus.errors import InputError, MissingDependencyError
+from lxt_plus.render import colors
 from lxt_plus.results.conservation import conservation_kind
 from lxt_plus.results.words import NEWLINE_SYMBOL, aggregate_words, detect_scheme, display_token
 
@@ -62,6 +63,26 @@ def row_items(
                 for i, (s, t) in enumerate(zip(texts, toks, strict=True))
             ]
     return texts, rel.detach().float().cpu()
+
+
+def row_positions(
+    exp: Explanation,
+    r: int,
+    rel: torch.Tensor,
+    normalize: str,
+    words: bool = False,
+    hide_special: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The positional relevance of row ``r``'s shown tokens and its value in the colour scale of
+    their relevance ``rel`` (clamped to ``[-1, 1]``), for the strip of position cells under the
+    tokens; ``None`` when there is none to show (no positions, pixels, or merged words)."""
+    if exp.modality == "pixels" or words:
+        return None
+    positions = exp.real_positions(r, hide_special)
+    if positions is None or len(positions) != len(rel):
+        return None
+    positions = positions.detach().float()
+    return positions, (positions / (colors.color_limit(rel, normalize) or 1.0)).clamp(-1, 1)
 
 
 def header_fields(exp: Explanation, r: int) -> list[tuple[str, str]]:

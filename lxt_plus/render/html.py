@@ -22,6 +22,7 @@ from lxt_plus.render._common import (
     legend_labels,
     row_indices,
     row_items,
+    row_positions,
 )
 from lxt_plus.render.summary import summary_line
 from lxt_plus.results.images import patch_map
@@ -138,17 +139,15 @@ def explanation_html(
         norm = _normalize(rel, normalize)
         spans = "".join(token_span(t, float(v), float(n)) for t, v, n in zip(texts, rel, norm, strict=True))
         parts.append(f'<div class="lxt-tokens" dir="auto">{spans}</div>')
-        positions = None if words else exp.real_positions(r, hide_special)
-        if positions is not None and len(positions) == len(texts):
-            parts.append(_positions_html(positions.detach().float(), rel, normalize))
+        positions = row_positions(exp, r, rel, normalize, words, hide_special)
+        if positions is not None:
+            parts.append(_positions_html(*positions))
         parts.append(legend_html(colors.color_limit(rel, normalize)) + _note(exp, r) + "</div>")
     return "".join(parts) + "</div>"
 
 
-def _positions_html(positions: torch.Tensor, rel: torch.Tensor, normalize: str) -> str:
+def _positions_html(positions: torch.Tensor, norm: torch.Tensor) -> str:
     """A strip of position cells under the tokens, in the tokens' colour scale (PA-LRP)."""
-    limit = colors.color_limit(rel, normalize) or 1.0
-    norm = (positions / limit).clamp(-1, 1)
     cells = "".join(
         token_span(str(i), float(v), float(n), cls="lxt-pos")
         for i, (v, n) in enumerate(zip(positions, norm, strict=True))

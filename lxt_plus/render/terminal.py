@@ -21,6 +21,7 @@ from lxt_plus.render._common import (
     require,
     row_indices,
     row_items,
+    row_positions,
 )
 from lxt_plus.render.summary import summary_line
 from lxt_plus.results.words import NEWLINE_SYMBOL, display_token
@@ -149,11 +150,10 @@ def explanation_terminal(
                     line.append(f"{text}[{value:+.2f}]")
                 line.append("\n" if NEWLINE_SYMBOL in text else "")
         console.print(line)
-        positions = None if exp.modality == "pixels" or words else exp.real_positions(r, hide_special)
+        positions = row_positions(exp, r, rel, normalize, words, hide_special)
         if positions is not None:
-            limit = colors.color_limit(rel, normalize) or 1.0
             cells = Text("positions: ")
-            for i, value in enumerate((positions.detach().float() / limit).clamp(-1, 1).tolist()):
+            for i, value in enumerate(positions[1].tolist()):
                 cells.append(
                     f" {i} " if color else f"{i}[{value:+.2f}] ", style=_style(value) if color else None
                 )

@@ -261,11 +261,9 @@ class Explanation:
         """Tokens and relevance of one row with padding removed (and special/chat-template tokens,
         with ``hide_special=True``)."""
         rel = self.batch_relevance[row]
-        if self.attention_mask is None:
+        keep = self._kept(row, hide_special)
+        if keep is None:
             return list(self.tokens[row]), rel
-        keep = self.attention_mask[row].bool()
-        if hide_special and self.hidden is not None:
-            keep = keep & ~self.hidden[row]
         toks = [t for t, k in zip(self.tokens[row], keep.tolist(), strict=True) if k]
         return toks, rel[keep]
 
@@ -273,13 +271,18 @@ class Explanation:
         """The positional relevance of the tokens :meth:`real_tokens` keeps, ``None`` without it."""
         if self.positional_relevance is None:
             return None
+        keep = self._kept(row, hide_special)
         pos = self.positional_relevance[row]
+        return pos if keep is None else pos[keep]
+
+    def _kept(self, row: int, hide_special: bool) -> torch.Tensor | None:
+        """The positions of row ``row`` that :meth:`real_tokens` keeps (``None``: all of them)."""
         if self.attention_mask is None:
-            return pos
+            return None
         keep = self.attention_mask[row].bool()
         if hide_special and self.hidden is not None:
             keep = keep & ~self.hidden[row]
-        return pos[keep]
+        return keep
 
     def top_tokens(self, k: int = 5, row: int = 0, hide_special: bool = False) -> list[tuple[str, float]]:
         """The ``k`` tokens with the largest positive relevance, best first."""
