@@ -716,9 +716,15 @@ def explain(
         extra_rel = _extra_relevance(extra, extra_grads, rows)
         recorder.finish(grads[1 + len(extra) :])
         seq = batch.input_ids.shape[1] if batch.input_ids is not None else 0
-        positional, positional_layers = _positional(
-            extra, extra_grads, rotary, angle_grads if angles else (), rows, seq
+        # each position's relevance: added position tables' share, plus rotary angles' per layer
+        table = _table_share(extra, extra_grads, rows, seq) if seq else None
+        positional_layers = (
+            positional_relevance(rotary, angle_grads if angles else (), rows, seq) if seq else None
         )
+        positional = table
+        if positional_layers is not None:
+            angle_share = positional_layers.sum(1)
+            positional = angle_share if table is None else table + angle_share
         if batch.input_ids is not None:
             rel = _token_layout(model, rel, tuple(batch.input_ids.shape))
         if batch.input_ids is not None and rel.shape[1] > batch.input_ids.shape[1]:
@@ -749,7 +755,6 @@ def explain(
     if positional is not None:
         positional = positional * mask.cpu().double()  # type: ignore[union-attr]
         if pairs:  # PA-LRP: each position's relevance joins its token's
-            table = _table_share(extra, extra_grads, rows, seq)
             if table is not None and extra_rel is not None:
                 extra_rel = extra_rel - table.sum(-1).to(extra_rel.dtype)
             rel = rel + positional.to(rel.device, rel.dtype)
@@ -853,27 +858,6 @@ def _table_share(leaves: list[Tensor], grads: Sequence[Tensor | None], rows: int
         r = r.detach().double().cpu().expand(rows, seq)
         total = r if total is None else total + r
     return total
-
-
-def _positional(
-    extra: list[Tensor],
-    extra_grads: Sequence[Tensor | None],
-    rotary: list[list[Tensor]],
-    rotary_grads: Sequence[Tensor | None],
-    rows: int,
-    seq: int,
-) -> tuple[Tensor | None, Tensor | None]:
-    """Relevance of each position ``(rows, seq)``: its added position tables' share plus, under
-    the positional presets, its rotary angles' share; and the rotary share per attention call
-    ``(rows, calls, seq)`` (``None`` without rotary leaves)."""
-    if not seq:
-        return None, None
-    table = _table_share(extra, extra_grads, rows, seq)
-    layers = positional_relevance(rotary, rotary_grads, rows, seq)
-    if layers is None:
-        return table, None
-    angles = layers.sum(1)
-    return (angles if table is None else table + angles), layers
 
 
 def _extra_relevance(leaves: list[Tensor], grads: Sequence[Tensor | None], rows: int) -> Tensor | None:
