@@ -580,10 +580,10 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/integration/test_scan_reference.py",),
     ),
     M(
-        "scan-output-gate-full-share",
+        "scan-without-the-gated-mlp-rules",
         "lxt_plus/engine/modes.py",
-        "        if len(args) == 2 and not kwargs and _both_depend_on_input(args[0], args[1]):\n            return uniform_mul(args[0], args[1])",
-        "        if len(args) == 2 and not kwargs and _both_depend_on_input(args[0], args[1]):\n            return func(args[0], args[1])",
+        "            **super()._table(),  # the parameter handlers below take sigmoid and softplus over\n",
+        "",
         ("tests/integration/test_scan_reference.py",),
     ),
     M(

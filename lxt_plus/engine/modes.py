@@ -482,7 +482,7 @@ class PositionalMode(_RuleMode):
 _SCAN_PARAMETERS = ("sigmoid", "softplus")
 
 
-class ScanMode(_RuleMode):
+class ScanMode(ProductMode):
     """MambaLRP's principle (Jafari et al. 2024) for scans whose parameters come from the same
     projection as their input (Mamba2's SSD, gated DeltaNet): every scan parameter is a constant,
     so the scan is linear in the values it mixes.
@@ -491,9 +491,9 @@ class ScanMode(_RuleMode):
       parts: DeltaNet's ``q`` and ``k``, Mamba2's ``B`` and ``C``) returns those parts detached;
     - ``sigmoid`` and ``softplus`` of an input-dependent tensor (DeltaNet's β and decay, Mamba2's
       Δ) are detached;
-    - a product of two input-dependent tensors (the output gate ``y · silu(z)``) gets the uniform
-      rule, and an inline element-wise non-linearity (the SiLU after the convolution, the gate's
-      SiLU) the identity rule, as in a gated MLP.
+    - everything else as in a gated MLP (:class:`ProductMode`): a product of two input-dependent
+      tensors (the output gate ``y · silu(z)``) gets the uniform rule, and an inline element-wise
+      non-linearity (the SiLU after the convolution, the gate's SiLU) the identity rule.
     """
 
     def __init__(self, split: tuple[tuple[int, ...], tuple[int, ...]]) -> None:
@@ -503,16 +503,9 @@ class ScanMode(_RuleMode):
     @classmethod
     def _table(cls) -> dict[Any, Handler]:
         return {
+            **super()._table(),  # the parameter handlers below take sigmoid and softplus over
             **cls.on(_funcs("split", modules=(torch, _T, _TB)), cls._split),
             **cls.on(_funcs(*_SCAN_PARAMETERS, modules=(torch, _T, _TB, F)), cls._parameter),
-            **cls.on(_MUL, cls._mul),
-            **cls.on(
-                _funcs(
-                    *(a for a in _INLINE_ACTIVATIONS if a not in _SCAN_PARAMETERS),
-                    modules=(torch, _T, _TB, F),
-                ),
-                cls._activation,
-            ),
         }
 
     def _split(self, func, args, kwargs):  # type: ignore[no-untyped-def]
@@ -530,14 +523,6 @@ class ScanMode(_RuleMode):
             self._count()
             return out.detach()
         return out
-
-    def _mul(self, func, args, kwargs):  # type: ignore[no-untyped-def]
-        if len(args) == 2 and not kwargs and _both_depend_on_input(args[0], args[1]):
-            return uniform_mul(args[0], args[1])
-        return func(*args, **kwargs)
-
-    def _activation(self, func, args, kwargs):  # type: ignore[no-untyped-def]
-        return self._identity_rule(func, args, kwargs, count=False)
 
 
 def scan_split(module: Any) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
