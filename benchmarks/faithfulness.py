@@ -64,6 +64,11 @@ def rt_reviews(tokenizer: Any, count: int, offset: int = 0, max_length: int = 64
     ]
 
 
+def ig_method(args: argparse.Namespace) -> Any:
+    """Integrated gradients with the run's number of steps, all steps in one batch."""
+    return functools.partial(integrated_gradients, steps=args.ig_steps, batch_size=args.ig_steps)
+
+
 def run_task(
     key: str,
     name: str,
@@ -76,9 +81,7 @@ def run_task(
 ) -> dict[str, Any]:
     """Evaluate every method on ``eval_rows``, tune on ``tune_rows``, score the tuned preset."""
     methods: dict[str, Any] = {m: m for m in FIXED + BASELINES}
-    methods["integrated_gradients"] = functools.partial(
-        integrated_gradients, steps=args.ig_steps, batch_size=args.ig_steps
-    )
+    methods["integrated_gradients"] = ig_method(args)
     print(f"[{name}] evaluating {len(methods)} methods on {len(eval_rows)} samples", flush=True)
     start = time.perf_counter()
     report = evaluate(model, eval_rows, methods, tokenizer=tokenizer, progress=True, warmup=True)
@@ -290,7 +293,7 @@ def run_checks(args: argparse.Namespace) -> dict[str, Any]:
 
     model, tok = load_sentiment_classifier()
     rows = rt_reviews(tok, args.samples)
-    ig = functools.partial(integrated_gradients, steps=args.ig_steps, batch_size=args.ig_steps)
+    ig = ig_method(args)
     methods = {
         "attnlrp": "attnlrp",
         "ah-lrp": "ah-lrp",
@@ -392,7 +395,7 @@ def run_positional(args: argparse.Namespace) -> dict[str, Any]:
     from lxt_plus.demo import load_sentiment_classifier, load_smollm2
 
     out: dict[str, Any] = {}
-    ig = functools.partial(integrated_gradients, steps=args.ig_steps, batch_size=args.ig_steps)
+    ig = ig_method(args)
     for key, loader, rows_of, replacement_of in (
         ("llm", load_smollm2, lambda tok: imdb_snippets(tok, args.samples), lambda tok: tok.eos_token),
         (
@@ -444,7 +447,7 @@ def run_replaced_baselines(args: argparse.Namespace) -> dict[str, Any]:
 
     model, tok = load_smollm2()
     rows = imdb_snippets(tok, args.samples)
-    ig = functools.partial(integrated_gradients, steps=args.ig_steps, batch_size=args.ig_steps)
+    ig = ig_method(args)
     methods = {
         "attnlrp": "attnlrp",
         "pa-attnlrp": "pa-attnlrp",
