@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from lxt_plus.api.pipelines import is_pipeline, resolve_pipeline
+from lxt_plus.engine.attention import replay_contexts
 from lxt_plus.engine.detect import (
     accepts,
     decoder_start,
@@ -483,10 +484,13 @@ def _checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
     )
     modes = [(m, m.training) for m in model.modules()]
     hf = cast(Any, model)
+    # non-reentrant, and the attention outputs of each layer's forward pass handed back to its
+    # recomputation (attention.replay_contexts): the recomputation runs no attention kernel
+    kwargs = {"use_reentrant": False, "context_fn": replay_contexts}
     if new_api:
-        hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.train()
     try:
         yield

@@ -2,27 +2,38 @@
 
 The attention rules need the ordinary attention gradient, rescaled (AttnLRP: ``q`` and ``k`` ×¼,
 ``v`` ×½; AH-LRP: ``v`` only, the weights held constant). Letting autograd run through the
-attention kernel works but is slow on CPU: the fused SDPA backward costs several forwards, and
-eager attention keeps every score-sized intermediate. Here the forward pass is the model's own
-attention call under ``no_grad`` (so outputs are bit-identical to the unpatched model) and the
-backward pass is written out. It serves eager attention (both rules: the weights the eager call
-returns make the backward four products per block, with no recomputation) and AH-LRP through
-``scaled_dot_product_attention`` (the value gradient only):
+attention kernel works but costs memory on CPU: the fused SDPA backward keeps the output and its
+log-sum-exp beside ``q, k, v``, and eager attention keeps every score-sized intermediate. Here the
+forward pass is the model's own attention call under ``no_grad`` (so outputs are bit-identical to
+the unpatched model) and the backward pass is written out. It keeps only ``q, k, v``:
 
     P = softmax(scale · Q Kᵀ + M),   O = P V
     dV = Pᵀ dO,   dS = P ⊙ (dO Vᵀ − rowsum(P ⊙ dO Vᵀ)),   dQ = scale · dS K,   dK = scale · dSᵀ Q
 
 It runs in blocks of query rows, each only over the keys that some row of the block can see
 (causal masks: the block's prefix), so a causal backward does a little over half the work of a
-dense one and never builds a full score matrix. AH-LRP needs only ``dV``: two products per block.
-``P`` comes from the eager call when the model returns it (up to ``KEEP_WEIGHTS_UP_TO`` keys),
-else it is recomputed per block, so no layer keeps an n × n matrix for long contexts.
-Batched upstream gradients (``autograd.grad(is_grads_batched=True)``) take a dense path.
+dense one and never builds a full score matrix. Each block holds whole rows of ``P``, so the
+softmax backward needs neither the output nor a log-sum-exp. AH-LRP needs only ``dV``: two
+products per block. ``P`` comes from the eager call when the model returns it (up to
+``KEEP_WEIGHTS_UP_TO`` keys), else it is recomputed per block, so no layer keeps an n × n matrix
+for long contexts. Batched upstream gradients (``autograd.grad(is_grads_batched=True)``) take a
+dense path.
+
+Which calls take it (:func:`own_backward`): AH-LRP always, AttnLRP on CPU and under
+checkpointing. AttnLRP on an accelerator without checkpointing keeps the fused kernel's backward,
+with the rule's factors at ``q, k, v``.
+
+Under gradient checkpointing (:func:`replay_contexts`), the attention output computed in a
+layer's forward pass is kept and handed back when the layer is recomputed for the backward pass:
+our backward does not need the output's graph, so the recomputation skips the attention kernel and
+costs only the layer's projections and MLP.
 """
 
 from __future__ import annotations
 
+import contextvars
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +43,16 @@ from torch.nn import functional as F
 
 from lxt_plus.engine.functional import acc, grad_scale
 
-__all__ = ["AttentionSpec", "qkv_rule", "rule_attention", "rule_sdpa", "probs_match", "sdpa_spec"]
+__all__ = [
+    "AttentionSpec",
+    "own_backward",
+    "probs_match",
+    "qkv_rule",
+    "replay_contexts",
+    "rule_attention",
+    "rule_sdpa",
+    "sdpa_spec",
+]
 
 # Query rows per block. Fewer rows skip more masked keys but make the products less efficient;
 # 64 measured fastest on CPU at 256 and 1024 tokens. Blocks shrink to keep a block's score
@@ -323,6 +343,67 @@ def probs_match(q: Tensor, k: Tensor, probs: Tensor, mask: Tensor | None, scale:
     return bool(torch.allclose(got, expected, rtol=10 * tol, atol=tol))
 
 
+class _Replay:
+    """The attention outputs of one checkpointed call, in call order: kept while its forward pass
+    records them, handed back in the same order each time the call is recomputed."""
+
+    def __init__(self) -> None:
+        self.outputs: list[Tensor] = []
+        self.index = 0
+        self.replaying = False
+
+
+_REPLAY: contextvars.ContextVar[_Replay | None] = contextvars.ContextVar("lxt_plus_replay", default=None)
+
+
+class _ReplayContext:
+    """Sets the store of one checkpointed call as current; re-entrant, since a graph kept for
+    several backward passes (``retain_graph``) is recomputed once per pass."""
+
+    def __init__(self, store: _Replay, replaying: bool) -> None:
+        self.store, self.replaying = store, replaying
+        self._tokens: list[contextvars.Token[_Replay | None]] = []
+
+    def __enter__(self) -> None:
+        self.store.replaying, self.store.index = self.replaying, 0
+        self._tokens.append(_REPLAY.set(self.store))
+
+    def __exit__(self, *exc: object) -> None:
+        _REPLAY.reset(self._tokens.pop())
+
+
+def replay_contexts() -> tuple[_ReplayContext, _ReplayContext]:
+    """``context_fn`` for ``torch.utils.checkpoint.checkpoint`` (non-reentrant): the forward context
+    records each attention output of the call, the recompute context hands them back, so the
+    recomputation runs no attention kernel. Outputs are the same tensors, so relevance is
+    bit-identical to checkpointing without it."""
+    store = _Replay()
+    return _ReplayContext(store, False), _ReplayContext(store, True)
+
+
+def own_backward(q: Tensor) -> bool:
+    """Whether an AttnLRP call takes our backward pass rather than the fused kernel's: on CPU
+    (same speed within noise, and it keeps neither the output nor a log-sum-exp) and under
+    checkpointing (so the recomputation can skip the kernel, see :func:`replay_contexts`)."""
+    return q.device.type == "cpu" or _REPLAY.get() is not None
+
+
+def _attention_output(compute: Callable[[], Tensor], shape: tuple[int, ...]) -> Tensor:
+    """``compute()`` without gradient; under checkpointing, recorded in the forward pass and
+    handed back instead of recomputed (``shape`` guards the order: a mismatch recomputes)."""
+    store = _REPLAY.get()
+    if store is not None and store.replaying and store.index < len(store.outputs):
+        kept = store.outputs[store.index]
+        store.index += 1
+        if tuple(kept.shape) == shape:
+            return kept
+    with torch.no_grad():
+        out = compute()
+    if store is not None and not store.replaying:
+        store.outputs.append(out)
+    return out
+
+
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
@@ -361,22 +442,22 @@ def rule_sdpa(
 ) -> tuple[Any, bool]:
     """``scaled_dot_product_attention`` under an attention rule. Dropout is off.
 
-    AH-LRP: torch's kernel without gradient, then our backward pass, which computes only the
-    value gradient (two products per block instead of the kernel's full backward). AttnLRP needs
-    the full gradient, where torch's fused backward measured as fast as ours on CPU (and on GPU a
-    fused kernel should win), so autograd runs through the kernel with the rule's factors at
-    ``q, k, v``. So do calls :func:`sdpa_spec` does not cover. Returns the output and whether our
-    backward pass is attached (the tests check the routing with it).
+    torch's kernel without gradient, then our backward pass: for AH-LRP always (the value
+    gradient only, two products per block instead of the kernel's full backward), for AttnLRP
+    where :func:`own_backward` says so. Otherwise, and for calls :func:`sdpa_spec` does not
+    cover, autograd runs through the kernel with the rule's factors at ``q, k, v``. Returns the
+    output and whether our backward pass is attached (the tests check the routing with it).
     """
     bound, spec = sdpa_spec(args, kwargs, detach_weights)
     q, k, v = (bound.get(n) for n in _SDPA_PARAMS[:3])
     if not all(isinstance(t, Tensor) for t in (q, k, v)):
         return func(*args, **kwargs), False  # not a call torch accepts: let torch say so
+    assert isinstance(q, Tensor) and isinstance(v, Tensor)
     rest = {n: x for n, x in bound.items() if n not in _SDPA_PARAMS[:3]}
-    if spec is None or not detach_weights:
+    if spec is None or not (detach_weights or own_backward(q)):
         return func(*qkv_rule(q, k, v, detach_weights), **rest), False  # type: ignore[arg-type]
-    with torch.no_grad():
-        out = func(q, k, v, **rest)
+    shape = (*q.shape[:-1], v.shape[-1])
+    out = _attention_output(lambda: func(q, k, v, **rest), shape)
     return rule_attention(q, k, v, out, spec), True  # type: ignore[arg-type]
 
 

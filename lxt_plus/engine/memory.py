@@ -46,12 +46,16 @@ def available_bytes(device: torch.device) -> int | None:
 def checkpointed_bytes(
     memory: SavedMemory, config: Any, rows: int, tokens: int, dtype_bytes: int
 ) -> int | None:
-    """About what the backward pass keeps with gradient checkpointing: each layer's input, and one
+    """About what the backward pass keeps with gradient checkpointing: each layer's input and its
+    attention output (kept for the recomputation, see ``attention.replay_contexts``), and one
     layer's activations at a time. ``None`` without ``num_hidden_layers`` and ``hidden_size``."""
     layers, hidden = getattr(config, "num_hidden_layers", None), getattr(config, "hidden_size", None)
     if not isinstance(layers, int) or not isinstance(hidden, int) or layers < 1:
         return None
-    return memory.estimate(rows, tokens) // layers + rows * tokens * hidden * dtype_bytes * layers
+    heads, head_dim = getattr(config, "num_attention_heads", None), getattr(config, "head_dim", None)
+    width = heads * head_dim if isinstance(heads, int) and isinstance(head_dim, int) else hidden
+    kept = rows * tokens * (hidden + width) * dtype_bytes * layers
+    return memory.estimate(rows, tokens) // layers + kept
 
 
 def _gb(n: float) -> str:

@@ -22,7 +22,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from lxt_plus.engine.attention import AttentionSpec, probs_match, qkv_rule, rule_attention
+from lxt_plus.engine.attention import AttentionSpec, own_backward, probs_match, qkv_rule, rule_attention
 from lxt_plus.engine.detect import (
     decoder_start,
     embedding_leaves,
@@ -87,13 +87,14 @@ def _make_attention(original: str) -> Callable[..., Any]:
             kwargs["dropout"] = 0.0
         out = None
         if not kwargs.get("softcap"):
-            if original == "sdpa" and rule.detach_weights:
-                with SDPARuleMode(True):  # our value-only backward, see attention.rule_sdpa
+            if original == "sdpa" and (rule.detach_weights or own_backward(query)):
+                with SDPARuleMode(rule.detach_weights):  # our backward, see attention.rule_sdpa
                     out = fn(module, query, key, value, attention_mask, *args, **kwargs)
             elif original != "sdpa" and not args:
                 out = _eager_with_rule(fn, module, query, key, value, attention_mask, kwargs, rule)
-        # otherwise (AttnLRP through SDPA keeps torch's fused backward, as attention.rule_sdpa does
-        # for inline calls): autograd through the attention function, the rule's factors at q, k, v
+        # otherwise (AttnLRP through SDPA on an accelerator keeps torch's fused backward, as
+        # attention.rule_sdpa does for inline calls): autograd through the attention function,
+        # the rule's factors at q, k, v
         if out is None:
             q, k, v = qkv_rule(query, key, value, rule.detach_weights)
             if kwargs.get("softcap") and not rule.detach_weights:

@@ -48,6 +48,36 @@ def test_checkpointing_gives_identical_relevance(family: str, rules: str) -> Non
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("rules", ["attnlrp", "ah-lrp"])
+def test_checkpointing_runs_each_attention_kernel_once(
+    family: str, rules: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The layers' recomputation gets the attention outputs of the forward pass back: one kernel
+    call per layer, as without checkpointing, and the relevance is bit-identical."""
+    from lxt_plus.engine import attention
+
+    calls: list[int] = []
+    real = attention._attention_output
+
+    def counted(compute, shape):  # type: ignore[no-untyped-def]
+        return real(lambda: calls.append(1) or compute(), shape)
+
+    monkeypatch.setattr(attention, "_attention_output", counted)
+    model = build(family)
+    ids, mask = batch()
+    explain(model, ids, attention_mask=mask, rules=rules)  # the patch-time probe runs once per model
+    calls.clear()
+    plain = explain(model, ids, attention_mask=mask, rules=rules)
+    assert len(calls) == model.config.num_hidden_layers
+    calls.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        ckpt = explain(model, ids, attention_mask=mask, rules=rules, checkpointing=True)
+    assert len(calls) == model.config.num_hidden_layers
+    assert torch.equal(ckpt.relevance, plain.relevance)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_checkpointing_restores_mixed_train_flags_and_user_setting(family: str) -> None:
     model = build(family)
     model.train()

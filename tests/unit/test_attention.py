@@ -50,7 +50,7 @@ def _mask(kind: str, gen: torch.Generator) -> Any:
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("route", ["rule_sdpa", "blocked"])
+@pytest.mark.parametrize("route", ["rule_sdpa", "fused", "blocked"])
 @pytest.mark.parametrize("blocks", ["one", "many"])
 @pytest.mark.parametrize("hk", [HQ, 2])
 @pytest.mark.parametrize("detach", [False, True], ids=["attnlrp", "ah-lrp"])
@@ -58,7 +58,11 @@ def _mask(kind: str, gen: torch.Generator) -> Any:
 def test_rule_gradient_is_autograd_times_the_rule_factors(
     kind: str, detach: bool, hk: int, blocks: str, route: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``rule_sdpa`` as patched models call it, and our blocked backward forced for both rules."""
+    """``rule_sdpa`` as patched models call it (on CPU: our backward for both rules), as it runs
+    AttnLRP on an accelerator (``fused``: autograd through torch's kernel), and our blocked
+    backward called directly."""
+    if route == "fused":
+        monkeypatch.setattr(attention, "own_backward", lambda q: False)
     if blocks == "many":  # 16-row blocks: several per sequence, each over its own key prefix
         monkeypatch.setattr(attention, "ROWS", 16)
     gen = torch.Generator().manual_seed(len(kind) * 10 + hk + detach)
@@ -67,9 +71,9 @@ def test_rule_gradient_is_autograd_times_the_rule_factors(
     kwargs = dict(attn_mask=_mask(kind, gen), is_causal=kind == "causal", scale=0.3, enable_gqa=hk != HQ)
     ref_in = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     ref = F.scaled_dot_product_attention(*ref_in, **kwargs)
-    if route == "rule_sdpa":
+    if route in ("rule_sdpa", "fused"):
         out, ours = rule_sdpa(F.scaled_dot_product_attention, (q, k, v), kwargs, detach)
-        assert ours == detach  # AH-LRP: our backward; AttnLRP: autograd through torch's kernel
+        assert ours == (detach or route == "rule_sdpa")  # fused: AH-LRP ours, AttnLRP torch's kernel
     else:
         _, spec = sdpa_spec((q, k, v), kwargs, detach)
         assert spec is not None
@@ -195,9 +199,7 @@ SOFTCAPPED = {"gemma2"}  # soft-capped scores: autograd with the identity rule o
     ("family", "impl"), [(f, i) for f in ALL_TEXT for i in ("eager", "sdpa") if (f, i) != ("gemma2", "sdpa")]
 )  # soft-capping: eager only
 def test_every_family_gets_the_blocked_backward(family: str, impl: str, rules: str) -> None:
-    """Eager attention (both rules) and AH-LRP through SDPA use our backward in every layer.
-
-    AttnLRP through SDPA keeps torch's fused backward (see ``rule_sdpa``)."""
+    """Eager attention and SDPA (both rules, on CPU) use our backward in every layer."""
     model = build(family, attn_implementation=impl)  # checked: Falcon ignores set_attn_implementation
     ids = torch.randint(3, 90, (1, 10))
     with lxt_plus.patched(model, rules=rules):
@@ -208,7 +210,7 @@ def test_every_family_gets_the_blocked_backward(family: str, impl: str, rules: s
     # matmul/softmax rules are autograd's; under "sdpa" it calls scaled_dot_product_attention, which
     # gets the SDPA rule (GPT-J computed inline before transformers 5.24; it uses the registry since)
     inline = not type(model)._can_set_attn_implementation()
-    if family in SOFTCAPPED or (inline and impl == "eager") or (impl == "sdpa" and rules == "attnlrp"):
+    if family in SOFTCAPPED or (inline and impl == "eager"):
         assert n == 0
     else:
         assert n == model.config.num_hidden_layers
@@ -240,6 +242,60 @@ def test_batched_upstream_gradients_match_one_pass_each(detach: bool, probs: boo
         one = torch.autograd.grad(out, wrt, grads[i], retain_graph=True)
         for b, o in zip(batched, one, strict=True):
             torch.testing.assert_close(b[i], o)
+
+
+@pytest.mark.parametrize("detach", [False, True], ids=["attnlrp", "ah-lrp"])
+def test_checkpoint_recomputation_replays_the_attention_output(
+    detach: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under ``checkpoint(context_fn=replay_contexts)`` the kernel runs once, in the forward pass;
+    each recomputation (one per backward pass of a retained graph) gets the same output back, and
+    the gradients equal those without checkpointing, bit for bit."""
+    from torch.utils.checkpoint import checkpoint
+
+    from lxt_plus.engine.attention import replay_contexts
+
+    calls: list[int] = []
+    real = attention._attention_output
+
+    def counted(compute, shape):  # type: ignore[no-untyped-def]
+        return real(lambda: calls.append(1) or compute(), shape)
+
+    monkeypatch.setattr(attention, "_attention_output", counted)
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 12, 8, generator=gen, requires_grad=True)
+    k, v = (torch.randn(1, 2, 12, 8, generator=gen, requires_grad=True) for _ in "kv")
+    wrt = (v,) if detach else (q, k, v)
+    grads = [torch.randn(1, 4, 12, 8, generator=gen) for _ in range(2)]
+
+    def layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kwargs = {"is_causal": True, "enable_gqa": True}
+        first = rule_sdpa(F.scaled_dot_product_attention, (q, k, v), kwargs, detach)[0]
+        second = rule_sdpa(F.scaled_dot_product_attention, (first.tanh(), k, v), kwargs, detach)[0]
+        return second * 2
+
+    plain = layer(q, k, v)
+    want = [torch.autograd.grad(plain, wrt, g, retain_graph=True) for g in grads]
+    calls.clear()
+    out = checkpoint(layer, q, k, v, use_reentrant=False, context_fn=replay_contexts)
+    assert torch.equal(out, plain) and len(calls) == 2  # two attention calls, run once each
+    for g, w in zip(grads, want, strict=True):
+        got = torch.autograd.grad(out, wrt, g, retain_graph=True)
+        assert all(torch.equal(a, b) for a, b in zip(got, w, strict=True))
+    assert len(calls) == 2, "a recomputation ran the attention kernel again"
+
+
+def test_replay_recomputes_an_output_of_another_shape() -> None:
+    """A recomputation whose calls come in another order than recorded (a shape mismatch) runs the
+    kernel instead of handing back a wrong output."""
+    from lxt_plus.engine.attention import replay_contexts
+
+    record, replay = replay_contexts()
+    with record:
+        attention._attention_output(lambda: torch.zeros(2, 3), (2, 3))
+    with replay:
+        got = attention._attention_output(lambda: torch.ones(4), (4,))
+        assert torch.equal(got, torch.ones(4))
 
 
 def test_uniform_matmul_output_may_be_modified_in_place() -> None:
