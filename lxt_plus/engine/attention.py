@@ -245,22 +245,37 @@ def _batched_grads(
 ) -> tuple[Tensor | None, Tensor | None, Tensor]:
     """:func:`_grads` for a batch of upstream gradients (``autograd.grad(is_grads_batched=True)``).
 
-    Under batching, ``do`` is a batched tensor: no blocks, no data-dependent skips and no writes
-    into shared buffers, only out-of-place products over all rows and keys.
+    Under batching, ``do`` is a batched tensor: the same blocks of query rows over their visible
+    keys, but no data-dependent skips, and the gradients are accumulated in buffers made from
+    ``do`` (so they are batched too) rather than in shared ones.
     """
     dtype = acc(q).dtype
     q, k, v, do = (t.to(dtype) for t in (q, k, v, do))
-    hk = k.shape[1]
-    k, v = _repeat_kv(k, v, q.shape[1])
-    p = probs.to(dtype) if probs is not None else _block_probs(q, k, spec, 0, q.shape[2])
-    dv = torch.matmul(p.transpose(-1, -2), do) * spec.v_factor
-    dq = dk = None
-    if spec.qk_factor is not None:
-        ds = _softmax_backward(torch.matmul(do, v.transpose(-1, -2)), p)
-        qk_scale = spec.scale * spec.qk_factor
-        dq = torch.matmul(ds, k) * qk_scale
-        dk = _sum_groups(torch.matmul(ds.transpose(-1, -2), q) * qk_scale, hk)
-    return dq, dk, _sum_groups(dv, hk)
+    b, hq, n_q, _ = q.shape
+    hk, n_k = k.shape[1], k.shape[2]
+    k, v = _repeat_kv(k, v, hq)
+    need_qk = spec.qk_factor is not None
+    rows = max(1, min(ROWS, MAX_BLOCK_ELEMENTS // max(1, b * hq * n_k)))
+    qk_scale = spec.scale * (spec.qk_factor or 0.0)
+    zero = do.sum(-2, keepdim=True).mul(0)  # a batched (b, hq, 1, dv) zero
+    dv = zero.expand(*do.shape[:2], n_k, do.shape[-1]).contiguous()
+    dk = zero[..., :1].expand(*q.shape[:2], n_k, q.shape[-1]).contiguous() if need_qk else None
+    dq_blocks: list[Tensor] = []
+    for r0, kc in zip(range(0, n_q, rows), _key_limits(spec, n_q, n_k, rows), strict=True):
+        r1 = min(n_q, r0 + rows)
+        qb, dob = q[:, :, r0:r1], do.narrow(2, r0, r1 - r0)  # narrow: batched tensors take no [:, :]
+        kb, vb = k[:, :, :kc], v[:, :, :kc]
+        p = probs[:, :, r0:r1, :kc].to(dtype) if probs is not None else _block_probs(qb, kb, spec, r0, r1)
+        dv.narrow(2, 0, kc).add_(torch.matmul(p.transpose(-1, -2), dob))
+        if need_qk:
+            assert dk is not None
+            ds = _softmax_backward(torch.matmul(dob, vb.transpose(-1, -2)), p)
+            dq_blocks.append(torch.matmul(ds, kb) * qk_scale)
+            dk.narrow(2, 0, kc).add_(torch.matmul(ds.transpose(-1, -2), qb), alpha=qk_scale)
+    dq = torch.cat(dq_blocks, -2) if need_qk else None
+    if spec.v_factor != 1.0:
+        dv = dv * spec.v_factor
+    return dq, None if dk is None else _sum_groups(dk, hk), _sum_groups(dv, hk)
 
 
 class _RuleAttention(torch.autograd.Function):

@@ -216,10 +216,16 @@ def test_every_family_gets_the_blocked_backward(family: str, impl: str, rules: s
         assert n == model.config.num_hidden_layers
 
 
+@pytest.mark.parametrize("blocks", ["one", "many"])
 @pytest.mark.parametrize("probs", [False, True], ids=["recomputed", "given"])
 @pytest.mark.parametrize("detach", [False, True], ids=["attnlrp", "ah-lrp"])
-def test_batched_upstream_gradients_match_one_pass_each(detach: bool, probs: bool) -> None:
-    """``autograd.grad(is_grads_batched=True)`` (generation matrices) gives the per-row results."""
+def test_batched_upstream_gradients_match_one_pass_each(
+    detach: bool, probs: bool, blocks: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``autograd.grad(is_grads_batched=True)`` (generation matrices) gives the per-row results,
+    in one block of query rows and in several (each over its own causal key prefix)."""
+    if blocks == "many":
+        monkeypatch.setattr(attention, "ROWS", 5)
     torch.manual_seed(1)
     q = torch.randn(1, 4, 12, 8, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(1, 2, 12, 8, dtype=torch.float64, requires_grad=True) for _ in "kv")
