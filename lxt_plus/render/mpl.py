@@ -19,6 +19,7 @@ from lxt_plus.render._common import (
     require,
     row_indices,
     row_items,
+    row_positions,
 )
 from lxt_plus.render.summary import summary_line
 from lxt_plus.results.words import NEWLINE_SYMBOL, display_token
@@ -65,10 +66,32 @@ def _layout(texts: list[str], wrap: int) -> tuple[list[tuple[float, int, float, 
     return boxes, line + 1 if boxes else 1
 
 
-def _draw_tokens(ax: Axes, texts: list[str], rel: torch.Tensor, normalize: str, wrap: int) -> None:
-    from matplotlib.patches import FancyBboxPatch
+def _draw_tokens(
+    ax: Axes,
+    texts: list[str],
+    rel: torch.Tensor,
+    normalize: str,
+    wrap: int,
+    positions: torch.Tensor | None = None,
+) -> None:
+    """Token boxes, and under each one a bar in the same colour scale for the relevance of its
+    position (``positions``: values in ``[-1, 1]`` from :func:`row_positions`; PA-LRP)."""
+    from matplotlib.patches import FancyBboxPatch, Rectangle
 
     boxes, lines = _layout(texts, wrap)
+    if positions is not None:
+        for (x, line, w, _), v in zip(boxes, positions.tolist(), strict=True):
+            ax.add_patch(
+                Rectangle(
+                    (x + 0.1, -line - 0.97),
+                    w - 0.2,
+                    0.12,
+                    facecolor=colors.hex_color(v),
+                    edgecolor="#d0d7de",
+                    linewidth=0.3,
+                    gid="lxt-position",
+                )
+            )
     for (x, line, w, label), v in zip(boxes, _normalize(rel, normalize).tolist(), strict=True):
         ax.add_patch(
             FancyBboxPatch(
@@ -110,6 +133,16 @@ def _draw_tokens(ax: Axes, texts: list[str], rel: torch.Tensor, normalize: str, 
         strict=True,
     ):
         ax.text(xpos, y - 0.5, label, ha=ha, va="top", fontsize=FONT_SIZE * 0.8, color="#57606a")
+    if positions is not None:
+        ax.text(
+            x0 + LEGEND_W + 1.0,
+            y - 0.18,
+            "bars under the tokens: their positions",
+            ha="left",
+            va="center",
+            fontsize=FONT_SIZE * 0.75,
+            color="#57606a",
+        )
     ax.set_xlim(-0.3, wrap + 0.3)
     ax.set_ylim(-lines - 1.5, 0.0)
     ax.set_axis_off()
@@ -217,7 +250,8 @@ def plot_explanation(
             axes = list(fig.subplots(len(rows), 1, squeeze=False)[:, 0])
     for a, r, (texts, rel) in zip(axes, rows, items, strict=True):
         if exp.modality == "tokens":
-            _draw_tokens(a, texts, rel, normalize, wrap)
+            found = row_positions(exp, r, rel, normalize, words, hide_special)
+            _draw_tokens(a, texts, rel, normalize, wrap, None if found is None else found[1])
         elif exp.modality == "pixels":
             image = exp.images.pixels[r] if overlay and exp.images is not None else None
             _draw_pixels(fig, a, exp.batch_relevance[r].detach().float().cpu(), normalize, image)

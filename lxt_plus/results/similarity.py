@@ -30,6 +30,11 @@ class SimilarityExplanation:
         Relevance taken by the two towers' position tables.
     rules:
         The preset.
+    pairs:
+        With ``explain_similarity(..., pairs=True)``: BiLRP's ``(patch rows, patch cols, tokens)``
+        relevance of each (image patch, caption token) pair; ``None`` otherwise.
+    pair_position_relevance:
+        With ``pairs``: the part of the score BiLRP gives to pairs that involve a position table.
     """
 
     score: float
@@ -38,6 +43,39 @@ class SimilarityExplanation:
     images: ImageRelevance
     position_relevance: float
     rules: str
+    pairs: torch.Tensor | None = None
+    pair_position_relevance: float | None = None
+
+    def _require_pairs(self) -> torch.Tensor:
+        if self.pairs is None:
+            from lxt_plus.errors import InputError
+
+            raise InputError(
+                "this explanation has no pair relevance; pass explain_similarity(..., pairs=True)"
+            )
+        return self.pairs
+
+    def token_patches(self, token: int | str) -> torch.Tensor:
+        """``(patch rows, patch cols)``: which image patches match caption token ``token`` (its
+        index, or its string: the first token that equals it), from :attr:`pairs`."""
+        pairs = self._require_pairs()
+        if isinstance(token, str):
+            if token not in self.tokens:
+                from lxt_plus.errors import InputError
+
+                raise InputError(f"token {token!r} is not in the caption: {self.tokens}")
+            token = self.tokens.index(token)
+        return pairs[..., token]
+
+    def top_pairs(self, k: int = 5) -> list[tuple[tuple[int, int], str, float]]:
+        """The ``k`` pairs with the largest relevance: ((patch row, patch col), token, value)."""
+        pairs = self._require_pairs()
+        values, flat = pairs.flatten().topk(min(k, pairs.numel()))
+        _, w, t = pairs.shape
+        return [
+            ((i // (w * t), (i // t) % w), self.tokens[i % t], float(v))
+            for v, i in zip(values.tolist(), flat.tolist(), strict=True)
+        ]
 
     @property
     def image_relevance(self) -> torch.Tensor:
@@ -87,4 +125,9 @@ class SimilarityExplanation:
             "image_relevance": self.images.relevance.tolist(),
             "position_relevance": self.position_relevance,
             "rules": self.rules,
+            **(
+                {}
+                if self.pairs is None
+                else {"pairs": self.pairs.tolist(), "pair_position_relevance": self.pair_position_relevance}
+            ),
         }

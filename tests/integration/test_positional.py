@@ -19,6 +19,7 @@ import torch
 import lxt_plus
 from lxt_plus.engine.plan import get_preset, load_preset
 from lxt_plus.errors import LxtPlusWarning, UnsupportedModelError
+from lxt_plus.render import colors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import families as F  # noqa: E402
@@ -139,6 +140,16 @@ def test_views_show_the_positions(llama: torch.nn.Module) -> None:
     assert "The positions carry" in terminal and "positions: 0[" in terminal
     plain = lxt_plus.explain(llama, ids(), rules="attnlrp")
     assert 'class="lxt-positions"' not in plain.to_html() and "positions carry" not in plain.summary()
+
+    def position_bars(e: lxt_plus.Explanation) -> list[str]:
+        from matplotlib.colors import to_hex
+
+        (ax,) = e.plot().axes[:1]
+        return [to_hex(p.get_facecolor()) for p in ax.patches if p.get_gid() == "lxt-position"]
+
+    scale = exp.positional[0] / colors.color_limit(exp.relevance[0], "max")
+    assert position_bars(exp) == [colors.hex_color(float(v)) for v in scale.clamp(-1, 1)]
+    assert position_bars(plain) == []
 
 
 def test_a_model_without_positions_warns() -> None:

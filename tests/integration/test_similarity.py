@@ -122,3 +122,89 @@ def test_similarity_view_and_errors() -> None:
     vit = tf.ViTForImageClassification(tf.ViTConfig(**SMALL, image_size=16, patch_size=4)).eval()
     with pytest.raises(UnsupportedModelError, match="not an image-text dual encoder"):
         lxt_plus.explain_similarity(vit, inputs)
+
+
+def _bilrp_reference(model: nn.Module, inputs: dict[str, Any], rules: str) -> torch.Tensor:
+    """BiLRP by its definition, one embedding dimension at a time: ``R_ij = τ Σ_d R_i(â_d) R_j(b̂_d)``
+    with each ``R(·_d)`` the relevance of that one output (norm constant), patches summed."""
+    hf: Any = model
+    ids, pixels = inputs["input_ids"], inputs["pixel_values"]
+    size = model.config.vision_config.patch_size
+    image_maps, text_maps = [], []
+    with lxt_plus.patched(model, rules):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        leaf = pixels.clone().requires_grad_(True)
+        a = hf.get_image_features(pixel_values=leaf).pooler_output[0]
+        out: list[torch.Tensor] = []
+
+        def hook(m: nn.Module, args: Any, o: torch.Tensor) -> torch.Tensor:
+            out.append(o.detach().requires_grad_(True))
+            return out[-1]
+
+        handle = hf.text_model.embeddings.token_embedding.register_forward_hook(hook)
+        b = hf.get_text_features(input_ids=ids).pooler_output[0]
+        handle.remove()
+        a, b = a / a.detach().norm(), b / b.detach().norm()
+        for d in range(a.shape[0]):
+            (g,) = torch.autograd.grad(a[d], leaf, retain_graph=True)
+            r = (leaf * g).detach()[0].sum(0)
+            image_maps.append(r.reshape(r.shape[0] // size, size, r.shape[1] // size, size).sum((1, 3)))
+            (g,) = torch.autograd.grad(b[d], out[0], retain_graph=True)
+            text_maps.append((out[0] * g).detach()[0].sum(-1))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    tau = float(hf.logit_scale.detach().exp())
+    return tau * sum(i[..., None] * t for i, t in zip(image_maps, text_maps, strict=True))
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("rules", ["attnlrp", "ah-lrp"])
+def test_pairs_equal_bilrp_by_its_definition(kind: str, rules: str) -> None:
+    model, inputs = _model(kind), _inputs()
+    sim = lxt_plus.explain_similarity(model, inputs, rules=rules, pairs=True, chunk=5)
+    assert sim.pairs is not None and sim.pairs.shape == (4, 4, 5)
+    torch.testing.assert_close(sim.pairs, _bilrp_reference(model, inputs, rules), rtol=1e-4, atol=1e-6)
+    first = lxt_plus.explain_similarity(model, inputs, rules=rules)  # pairs change nothing else
+    torch.testing.assert_close(sim.token_relevance, first.token_relevance, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_pairs_conserve_and_their_marginals_are_twice_the_first_order(kind: str) -> None:
+    """With biases zeroed: the pairs and their position terms add up to the score. With the
+    position tables zero as well, the pairs summed over the tokens are twice each patch's
+    first-order relevance (the uniform rule gives each side half), and over the patches twice each
+    token's."""
+    model, inputs = _model(kind), _inputs()
+    sim = lxt_plus.explain_similarity(model, inputs, rules="conservative-check", pairs=True)
+    assert sim.pairs is not None and sim.pair_position_relevance is not None
+    total = float(sim.pairs.sum()) + sim.pair_position_relevance
+    assert total == pytest.approx(sim.score, rel=1e-4)
+    assert sim.pair_position_relevance != 0.0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "position_embedding" in name:
+                p.zero_()
+    sim = lxt_plus.explain_similarity(model, inputs, rules="conservative-check", pairs=True)
+    assert sim.pairs is not None and sim.pair_position_relevance == pytest.approx(0.0, abs=1e-7)
+    torch.testing.assert_close(sim.pairs.sum(-1), 2 * sim.patch_relevance(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(sim.pairs.sum((0, 1)), 2 * sim.token_relevance, rtol=1e-4, atol=1e-6)
+
+
+def test_pairs_views_and_errors() -> None:
+    model, inputs = _model("clip"), _inputs()
+    sim = lxt_plus.explain_similarity(model, inputs, pairs=True)
+    assert sim.pairs is not None
+    (where, token, value), *_ = sim.top_pairs(3)
+    assert (
+        value == pytest.approx(float(sim.pairs.max())) and sim.pairs[where][sim.tokens.index(token)] == value
+    )
+    torch.testing.assert_close(sim.token_patches(2), sim.pairs[..., 2])
+    assert set(sim.to_dict()) >= {"pairs", "pair_position_relevance"}
+    plain = lxt_plus.explain_similarity(model, inputs)
+    with pytest.raises(InputError, match="pairs=True"):
+        plain.top_pairs()
+    with pytest.raises(InputError, match="not in the caption"):
+        sim.token_patches("nowhere")
+    with pytest.raises(InputError, match="chunk"):
+        lxt_plus.explain_similarity(model, inputs, pairs=True, chunk=0)

@@ -291,6 +291,21 @@ def test_checkpoint_recomputation_replays_the_attention_output(
     assert len(calls) == 2, "a recomputation ran the attention kernel again"
 
 
+def test_private_softmax_backward_has_a_tested_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one private torch op the backward uses (``torch._softmax_backward_data``, checked on
+    torch 2.13) equals the written-out softmax backward, which replaces it where torch lacks it."""
+    gen = torch.Generator().manual_seed(4)
+    p = torch.softmax(torch.randn(2, 3, 5, 7, generator=gen, dtype=torch.float64), -1)
+    dp = torch.randn(2, 3, 5, 7, generator=gen, dtype=torch.float64)
+    want = attention._softmax_backward(dp, p)
+    torch.testing.assert_close(attention._softmax_backward_fused(dp, p), want, rtol=1e-12, atol=1e-14)
+    # by its definition: the softmax's Jacobian (diag(p) - p pᵀ) applied to dp, row by row
+    jac = torch.diag_embed(p) - p[..., :, None] * p[..., None, :]
+    torch.testing.assert_close(want, (jac @ dp[..., None])[..., 0], rtol=1e-12, atol=1e-14)
+    monkeypatch.delattr(torch, "_softmax_backward_data")
+    torch.testing.assert_close(attention._softmax_backward_fused(dp, p), want, rtol=0, atol=0)
+
+
 def test_replay_recomputes_an_output_of_another_shape() -> None:
     """A recomputation whose calls come in another order than recorded (a shape mismatch) runs the
     kernel instead of handing back a wrong output."""
