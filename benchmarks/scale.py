@@ -21,6 +21,7 @@ Usage::
     python benchmarks/scale.py                          # SmolLM2 lengths, writes benchmarks/results/scale.md
     python benchmarks/scale.py --long                   # adds 16k and 32k on the long random model
     python benchmarks/scale.py --lengths 1024 --modes forward explain
+    python benchmarks/scale.py --long --skip 32768:explain  # all but 32k without checkpointing
 """
 
 from __future__ import annotations
@@ -285,6 +286,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--long-lengths", type=int, nargs="+", default=list(LONG_LENGTHS))
     parser.add_argument("--long-modes", nargs="+", default=list(LONG_MODES), choices=MODES)
     parser.add_argument(
+        "--skip",
+        nargs="+",
+        default=[],
+        metavar="LENGTH:MODE",
+        help="configurations not to run (32768:explain)",
+    )
+    parser.add_argument(
         "--mem-limit-gb", type=float, default=22.0, help="address-space limit per worker (0: none)"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -319,6 +327,8 @@ def main(argv: list[str] | None = None) -> None:
             long_folder = str(Path(tmp) / "long")
             _save_long(folder, long_folder)
             plan += [(LONG, long_folder, n, mode) for n in args.long_lengths for mode in args.long_modes]
+        skipped = set(args.skip)
+        plan = [p for p in plan if f"{p[2]}:{p[3]}" not in skipped]
         for name, where, length, mode in plan:
             r = {**_run_config(mode, length, where, args.mem_limit_gb, args.threads), "model": name}
             results.append(r)

@@ -92,7 +92,7 @@ def _make_attention(original: str) -> Callable[..., Any]:
                     out = fn(module, query, key, value, attention_mask, *args, **kwargs)
             elif original != "sdpa" and not args:
                 out = _eager_with_rule(fn, module, query, key, value, attention_mask, kwargs, rule)
-        # otherwise (AttnLRP through SDPA on an accelerator keeps torch's fused backward, as
+        # otherwise (AttnLRP through SDPA without checkpointing keeps torch's fused backward, as
         # attention.rule_sdpa does for inline calls): autograd through the attention function,
         # the rule's factors at q, k, v
         if out is None:

@@ -53,7 +53,7 @@ def test_checkpointing_runs_each_attention_kernel_once(
     family: str, rules: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The layers' recomputation gets the attention outputs of the forward pass back: one kernel
-    call per layer, as without checkpointing, and the relevance is bit-identical."""
+    call per layer, and the relevance is that of explaining without checkpointing."""
     from lxt_plus.engine import attention
 
     calls: list[int] = []
@@ -68,13 +68,17 @@ def test_checkpointing_runs_each_attention_kernel_once(
     explain(model, ids, attention_mask=mask, rules=rules)  # the patch-time probe runs once per model
     calls.clear()
     plain = explain(model, ids, attention_mask=mask, rules=rules)
-    assert len(calls) == model.config.num_hidden_layers
+    # without checkpointing, AttnLRP keeps torch's fused backward (autograd through the kernel)
+    assert len(calls) == (0 if rules == "attnlrp" else model.config.num_hidden_layers)
     calls.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         ckpt = explain(model, ids, attention_mask=mask, rules=rules, checkpointing=True)
     assert len(calls) == model.config.num_hidden_layers
-    assert torch.equal(ckpt.relevance, plain.relevance)
+    if rules == "ah-lrp":  # the same backward with and without checkpointing: the same bits
+        assert torch.equal(ckpt.relevance, plain.relevance)
+    else:  # AttnLRP: our backward against torch's fused one, the same gradient up to rounding
+        torch.testing.assert_close(ckpt.relevance, plain.relevance, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -50,7 +50,7 @@ def _mask(kind: str, gen: torch.Generator) -> Any:
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("route", ["rule_sdpa", "fused", "blocked"])
+@pytest.mark.parametrize("route", ["rule_sdpa", "own", "blocked"])
 @pytest.mark.parametrize("blocks", ["one", "many"])
 @pytest.mark.parametrize("hk", [HQ, 2])
 @pytest.mark.parametrize("detach", [False, True], ids=["attnlrp", "ah-lrp"])
@@ -58,11 +58,11 @@ def _mask(kind: str, gen: torch.Generator) -> Any:
 def test_rule_gradient_is_autograd_times_the_rule_factors(
     kind: str, detach: bool, hk: int, blocks: str, route: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``rule_sdpa`` as patched models call it (on CPU: our backward for both rules), as it runs
-    AttnLRP on an accelerator (``fused``: autograd through torch's kernel), and our blocked
-    backward called directly."""
-    if route == "fused":
-        monkeypatch.setattr(attention, "own_backward", lambda q: False)
+    """``rule_sdpa`` as patched models call it (AttnLRP: autograd through torch's kernel), as it
+    runs under checkpointing (``own``: our backward for both rules), and our blocked backward
+    called directly."""
+    if route == "own":
+        monkeypatch.setattr(attention, "own_backward", lambda q: True)
     if blocks == "many":  # 16-row blocks: several per sequence, each over its own key prefix
         monkeypatch.setattr(attention, "ROWS", 16)
     gen = torch.Generator().manual_seed(len(kind) * 10 + hk + detach)
@@ -71,9 +71,9 @@ def test_rule_gradient_is_autograd_times_the_rule_factors(
     kwargs = dict(attn_mask=_mask(kind, gen), is_causal=kind == "causal", scale=0.3, enable_gqa=hk != HQ)
     ref_in = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     ref = F.scaled_dot_product_attention(*ref_in, **kwargs)
-    if route in ("rule_sdpa", "fused"):
+    if route in ("rule_sdpa", "own"):
         out, ours = rule_sdpa(F.scaled_dot_product_attention, (q, k, v), kwargs, detach)
-        assert ours == (detach or route == "rule_sdpa")  # fused: AH-LRP ours, AttnLRP torch's kernel
+        assert ours == (detach or route == "own")  # AH-LRP always ours; AttnLRP torch's kernel
     else:
         _, spec = sdpa_spec((q, k, v), kwargs, detach)
         assert spec is not None
@@ -97,9 +97,16 @@ def block_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     seen: list[int] = []
     real = attention._block_probs
 
-    def spy(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, r0: int, r1: int) -> torch.Tensor:
+    def spy(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        spec: AttentionSpec,
+        r0: int,
+        r1: int,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         seen.append((r1 - r0) * k.shape[-2])
-        return real(q, k, spec, r0, r1)
+        return real(q, k, spec, r0, r1, out)
 
     monkeypatch.setattr(attention, "_block_probs", spy)
     return seen
@@ -140,7 +147,7 @@ def test_rows_without_gradient_are_skipped(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(attention, "ROWS", 16)
     calls: list[int] = []
     real = attention._block_probs
-    monkeypatch.setattr(attention, "_block_probs", lambda *a: calls.append(a[3]) or real(*a))
+    monkeypatch.setattr(attention, "_block_probs", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
     q, k, v = (torch.randn(1, 1, 64, 4, requires_grad=True) for _ in "qkv")
     out, _ = rule_sdpa(F.scaled_dot_product_attention, (q, k, v), {"is_causal": True}, True)
     out[0, 0, -1].sum().backward()  # only the last query row receives a gradient
@@ -199,7 +206,9 @@ SOFTCAPPED = {"gemma2"}  # soft-capped scores: autograd with the identity rule o
     ("family", "impl"), [(f, i) for f in ALL_TEXT for i in ("eager", "sdpa") if (f, i) != ("gemma2", "sdpa")]
 )  # soft-capping: eager only
 def test_every_family_gets_the_blocked_backward(family: str, impl: str, rules: str) -> None:
-    """Eager attention and SDPA (both rules, on CPU) use our backward in every layer."""
+    """Eager attention (both rules) and AH-LRP through SDPA use our backward in every layer.
+
+    AttnLRP through SDPA keeps torch's fused backward without checkpointing (see ``rule_sdpa``)."""
     model = build(family, attn_implementation=impl)  # checked: Falcon ignores set_attn_implementation
     ids = torch.randint(3, 90, (1, 10))
     with lxt_plus.patched(model, rules=rules):
@@ -210,7 +219,7 @@ def test_every_family_gets_the_blocked_backward(family: str, impl: str, rules: s
     # matmul/softmax rules are autograd's; under "sdpa" it calls scaled_dot_product_attention, which
     # gets the SDPA rule (GPT-J computed inline before transformers 5.24; it uses the registry since)
     inline = not type(model)._can_set_attn_implementation()
-    if family in SOFTCAPPED or (inline and impl == "eager"):
+    if family in SOFTCAPPED or (inline and impl == "eager") or (impl == "sdpa" and rules == "attnlrp"):
         assert n == 0
     else:
         assert n == model.config.num_hidden_layers
@@ -268,6 +277,7 @@ def test_checkpoint_recomputation_replays_the_attention_output(
         return real(lambda: calls.append(1) or compute(), shape)
 
     monkeypatch.setattr(attention, "_attention_output", counted)
+    monkeypatch.setattr(attention, "own_backward", lambda q: True)  # the reference: ours, unreplayed
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(1, 4, 12, 8, generator=gen, requires_grad=True)
     k, v = (torch.randn(1, 2, 12, 8, generator=gen, requires_grad=True) for _ in "kv")
@@ -289,21 +299,6 @@ def test_checkpoint_recomputation_replays_the_attention_output(
         got = torch.autograd.grad(out, wrt, g, retain_graph=True)
         assert all(torch.equal(a, b) for a, b in zip(got, w, strict=True))
     assert len(calls) == 2, "a recomputation ran the attention kernel again"
-
-
-def test_private_softmax_backward_has_a_tested_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The one private torch op the backward uses (``torch._softmax_backward_data``, checked on
-    torch 2.13) equals the written-out softmax backward, which replaces it where torch lacks it."""
-    gen = torch.Generator().manual_seed(4)
-    p = torch.softmax(torch.randn(2, 3, 5, 7, generator=gen, dtype=torch.float64), -1)
-    dp = torch.randn(2, 3, 5, 7, generator=gen, dtype=torch.float64)
-    want = attention._softmax_backward(dp, p)
-    torch.testing.assert_close(attention._softmax_backward_fused(dp, p), want, rtol=1e-12, atol=1e-14)
-    # by its definition: the softmax's Jacobian (diag(p) - p pᵀ) applied to dp, row by row
-    jac = torch.diag_embed(p) - p[..., :, None] * p[..., None, :]
-    torch.testing.assert_close(want, (jac @ dp[..., None])[..., 0], rtol=1e-12, atol=1e-14)
-    monkeypatch.delattr(torch, "_softmax_backward_data")
-    torch.testing.assert_close(attention._softmax_backward_fused(dp, p), want, rtol=0, atol=0)
 
 
 def test_replay_recomputes_an_output_of_another_shape() -> None:
