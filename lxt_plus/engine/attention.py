@@ -23,7 +23,7 @@ Which calls take it (:func:`own_backward`): AH-LRP always (two products per bloc
 kernel's full backward), AttnLRP under checkpointing. AttnLRP without checkpointing keeps the
 fused kernel's backward, with the rule's factors at ``q, k, v``: it keeps the output and the
 log-sum-exp as well (linear in the context too), and it is the faster of the two (on CPU ours
-measured 10–20% slower per layer at 4096 tokens).
+measured 10–30% slower per layer at 1024–4096 tokens).
 
 Under gradient checkpointing (:func:`replay_contexts`), the attention output computed in a
 layer's forward pass is kept and handed back when the layer is recomputed for the backward pass:
