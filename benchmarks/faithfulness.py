@@ -69,6 +69,25 @@ def ig_method(args: argparse.Namespace) -> Any:
     return functools.partial(integrated_gradients, steps=args.ig_steps, batch_size=args.ig_steps)
 
 
+def evaluate_replaced(
+    model: Any,
+    tokenizer: Any,
+    rows: list[torch.Tensor],
+    presets: tuple[str, ...],
+    replacement: str,
+    args: argparse.Namespace,
+) -> Any:
+    """``presets`` against integrated gradients, plain Gradient×Input and random, removed tokens
+    replaced by ``replacement``; prints and returns the report."""
+    methods: dict[str, Any] = {p: p for p in presets}
+    methods.update({"integrated_gradients": ig_method(args), "gradient": "gradient", "random": "random"})
+    report = evaluate(
+        model, rows, methods, tokenizer=tokenizer, replacement=replacement, progress=True, warmup=True
+    )
+    print(report.table(), flush=True)
+    return report
+
+
 def run_task(
     key: str,
     name: str,
@@ -293,18 +312,7 @@ def run_checks(args: argparse.Namespace) -> dict[str, Any]:
 
     model, tok = load_sentiment_classifier()
     rows = rt_reviews(tok, args.samples)
-    ig = ig_method(args)
-    methods = {
-        "attnlrp": "attnlrp",
-        "ah-lrp": "ah-lrp",
-        "integrated_gradients": ig,
-        "gradient": "gradient",
-        "random": "random",
-    }
-    masked = evaluate(
-        model, rows, methods, tokenizer=tok, replacement=tok.mask_token, progress=True, warmup=True
-    )
-    print(masked.table(), flush=True)
+    masked = evaluate_replaced(model, tok, rows, ("attnlrp", "ah-lrp"), tok.mask_token, args)
     out: dict[str, Any] = {
         "n_mask": len(rows),
         "mask_table": masked.table(),
@@ -447,18 +455,7 @@ def run_replaced_baselines(args: argparse.Namespace) -> dict[str, Any]:
 
     model, tok = load_smollm2()
     rows = imdb_snippets(tok, args.samples)
-    ig = ig_method(args)
-    methods = {
-        "attnlrp": "attnlrp",
-        "pa-attnlrp": "pa-attnlrp",
-        "integrated_gradients": ig,
-        "gradient": "gradient",
-        "random": "random",
-    }
-    report = evaluate(
-        model, rows, methods, tokenizer=tok, replacement=tok.eos_token, progress=True, warmup=True
-    )
-    print(report.table(), flush=True)
+    report = evaluate_replaced(model, tok, rows, ("attnlrp", "pa-attnlrp"), tok.eos_token, args)
     found = report.to_dict()["methods"]
     pairs = [
         ("attnlrp", "integrated_gradients"),
