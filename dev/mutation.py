@@ -43,6 +43,7 @@ class Mutant:
 
 
 M = Mutant
+ZOO_GAPS = "tests/integration/test_zoo.py::test_formerly_refused_architectures_conserve"
 MUTANTS: tuple[Mutant, ...] = (
     # ------------------------------------------------------------------ autograd functions
     M(
@@ -627,6 +628,91 @@ MUTANTS: tuple[Mutant, ...] = (
         "                    row = row + r.to(row.dtype)",
         "                    pass",
         ("tests/unit/test_generation.py",),
+    ),
+    # ------------------------------------------------------------------ the zoo's last refusals
+    M(
+        "fft-not-linear",
+        "lxt_plus/engine/opcheck.py",
+        " FftR2C FftC2C FftC2R",
+        "",
+        (ZOO_GAPS,),
+    ),
+    M(
+        "shifted-factor-ignored",
+        "lxt_plus/engine/modes.py",
+        "                return self._product(func, x, other) + other * c",
+        "                return self._product(func, first, other)",
+        ("tests/unit/test_rules_reference.py", ZOO_GAPS),
+    ),
+    M(
+        "shifted-constant-term-to-the-constant",
+        "lxt_plus/engine/modes.py",
+        "                return self._product(func, x, other) + other * c",
+        "                return self._product(func, x, other) + other.detach() * c",
+        ("tests/unit/test_rules_reference.py",),
+    ),
+    M(
+        "head-activation-not-ruled",
+        "lxt_plus/engine/rules.py",
+        "    return identity_rule(x, lambda _: value)",
+        "    return None",
+        (ZOO_GAPS,),
+    ),
+    M(
+        "head-activation-hook-kept-in-backbone",
+        "lxt_plus/engine/rules.py",
+        "        if handles:\n            handles.pop().remove()",
+        "        if False:\n            handles.pop().remove()",
+        ("tests/integration/test_zoo.py::test_head_activation_hook_is_held_for_the_head_call_only",),
+    ),
+    M(
+        "gated-mlp-taken-for-a-router",
+        "lxt_plus/engine/detect.py",
+        '            and not has(path, lambda c: roles.get(c) == "activation")\n        ):\n            roles[path] = "router"',
+        '        ):\n            roles[path] = "router"',
+        (ZOO_GAPS,),
+    ),
+    M(
+        "stack-embeddings-not-found",
+        "lxt_plus/engine/detect.py",
+        '                emb = getattr(stack, "embed_tokens", None)',
+        "                emb = None",
+        (ZOO_GAPS,),
+    ),
+    M(
+        "mla-not-attention",
+        "lxt_plus/engine/detect.py",
+        '_ATTN_NAME = re.compile(r"(?i:attention|attn)|MLA$")',
+        '_ATTN_NAME = re.compile(r"(?i:attention|attn)")',
+        (ZOO_GAPS,),
+    ),
+    M(
+        "input-dependent-mask-kept-under-ah-lrp",
+        "lxt_plus/engine/attention.py",
+        "    if detach_weights and isinstance(mask, Tensor) and mask.requires_grad:",
+        "    if False:",
+        (ZOO_GAPS,),
+    ),
+    M(
+        "position-buffers-not-found",
+        "lxt_plus/engine/detect.py",
+        "                found.append(b)",
+        "                pass",
+        ("tests/integration/test_positional.py", ZOO_GAPS),
+    ),
+    M(
+        "position-buffer-copies-not-followed",
+        "lxt_plus/engine/positional.py",
+        "            self.tables[id(out)] = out",
+        "            pass",
+        ("tests/integration/test_positional.py",),
+    ),
+    M(
+        "position-buffer-rows-not-leaves",
+        "lxt_plus/api/explain.py",
+        "        with position_buffer_leaves(model, lambda out: added_leaf(out, True)):",
+        "        with contextlib.nullcontext():",
+        ("tests/integration/test_positional.py", ZOO_GAPS),
     ),
 )
 

@@ -29,7 +29,7 @@ from lxt_plus.engine.memory import check_fits
 from lxt_plus.engine.offload import offloaded_saves
 from lxt_plus.engine.patching import Handle, handle_of, patch
 from lxt_plus.engine.plan import Preset, get_preset
-from lxt_plus.engine.positional import positional_leaves, positional_relevance
+from lxt_plus.engine.positional import position_buffer_leaves, positional_leaves, positional_relevance
 from lxt_plus.errors import (
     ContextTooLongError,
     InputError,
@@ -522,23 +522,28 @@ def leaf_at_embeddings(
         # a copy: model code may scale the embeddings in place (CTRL's ``embeds *= sqrt(d)``)
         return leaf.clone()
 
-    def other_hook(module: nn.Module, args: Any, out: Any) -> Any:
-        if not isinstance(out, Tensor) or not out.is_floating_point():
-            return out
+    def added_leaf(out: Tensor, position: bool) -> Tensor:
         value = out.detach()
         if value.dim() >= 2 and value.shape[0] == 1 and rows > 1:  # shared over the batch: one per row
             value = value.expand(rows, *value.shape[1:]).clone()
         leaf = value.requires_grad_(True)
-        path = paths.get(id(module), "")
-        if is_position_embedding(module, path) and not (seq2seq and "decoder" in path):
+        if position:
             setattr(leaf, _POSITION_MARK, True)  # its relevance is the position's (PA-LRP)
         extra.append(leaf)
         return leaf
 
+    def other_hook(module: nn.Module, args: Any, out: Any) -> Any:
+        if not isinstance(out, Tensor) or not out.is_floating_point():
+            return out
+        path = paths.get(id(module), "")
+        return added_leaf(out, is_position_embedding(module, path) and not (seq2seq and "decoder" in path))
+
     hooks = [e.register_forward_hook(token_hook) for e in embs]
     hooks += [m.register_forward_hook(other_hook) for m in added]
     try:
-        yield
+        # rows read from a position buffer in forward (CTRL's sinusoidal table) are leaves too
+        with position_buffer_leaves(model, lambda out: added_leaf(out, True)):
+            yield
     finally:
         for h in hooks:
             h.remove()

@@ -472,6 +472,10 @@ def sdpa_spec(
     bound.update(kwargs)
     bound["dropout_p"] = 0.0
     q, k, v, mask = (bound.get(n) for n in ("query", "key", "value", "attn_mask"))
+    if detach_weights and isinstance(mask, Tensor) and mask.requires_grad:
+        # a mask computed from the input (Doge's dynamic mask) shapes only the weights, which
+        # AH-LRP holds constant: no relevance flows through it
+        mask = bound["attn_mask"] = mask.detach()
     if not (
         known
         and all(isinstance(t, Tensor) for t in (q, k, v))

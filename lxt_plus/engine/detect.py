@@ -32,6 +32,7 @@ __all__ = [
     "is_position_embedding",
     "token_embeddings",
     "embedding_leaves",
+    "position_buffers",
     "decoder_start",
 ]
 
@@ -77,7 +78,8 @@ _STRUCTURAL = (
     nn.Upsample,
     nn.ZeroPad2d,
 )
-_ATTN_NAME = re.compile(r"Attention|Attn", re.IGNORECASE)
+# MLA$: multi-head latent attention modules named by the acronym alone (LongcatFlashMLA)
+_ATTN_NAME = re.compile(r"(?i:attention|attn)|MLA$")
 # parts of an attention block that compute no attention: CvT's convolutional q/k/v projections
 _ATTN_PART = re.compile(r"(Projection|Output)$")
 
@@ -194,6 +196,28 @@ def is_added_embedding(m: nn.Module, path: str = "") -> bool:
 _POSITION_NAME = re.compile(r"(^|_)(pos|position|positions|wpe|positional)(_|$)|position")
 
 
+def position_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """Position tables that a module holds as a buffer and indexes in ``forward`` (CTRL's
+    sinusoidal ``pos_encoding``), not as an embedding module: 2-D floating-point buffers named for
+    positions, outside added embedding modules (whose outputs are leaves already) and rotary
+    tables. Explaining turns what is read from them into position leaves
+    (:func:`lxt_plus.engine.positional.position_buffer_leaves`)."""
+    found = []
+    for path, m in model.named_modules():
+        if is_added_embedding(m, path) or "Rotary" in type(m).__name__:
+            continue
+        for name, b in m.named_buffers(recurse=False):
+            if (
+                b.is_floating_point()
+                and b.dim() == 2
+                and _POSITION_NAME.search(name.lower()) is not None
+                and "bias" not in name
+                and "freq" not in name
+            ):
+                found.append(b)
+    return found
+
+
 def is_position_embedding(m: nn.Module, path: str = "") -> bool:
     """An added embedding that encodes positions (learned or sinusoidal), not token types or
     segments: its relevance is the position's (PA-LRP, Bakish et al. 2025)."""
@@ -212,9 +236,14 @@ def token_embeddings(model: nn.Module) -> list[nn.Module]:
         found: list[nn.Module] = []
         for part in ("get_encoder", "get_decoder"):
             try:
-                emb = getattr(hf, part)().get_input_embeddings()
+                stack = getattr(hf, part)()
             except (AttributeError, NotImplementedError, TypeError):
-                emb = None
+                continue
+            try:
+                emb = stack.get_input_embeddings()
+            except (AttributeError, NotImplementedError, TypeError):
+                # a stack that is no pretrained model of its own (FSMT's encoder and decoder)
+                emb = getattr(stack, "embed_tokens", None)
             if isinstance(emb, nn.Module) and all(emb is not f for f in found):
                 found.append(emb)
         if found:
@@ -347,7 +376,13 @@ def detect_roles(model: nn.Module) -> list[ModuleInfo]:
                 roles[path] = "ssm"
     # routers with a child of their own (a Linear inside AfmoeTokenChoiceRouter, JetMoE's gating)
     for path, m in named.items():
-        if path not in roles and _ROUTER_NAME.search(type(m).__name__) and not hasattr(m, "experts"):
+        if (
+            path not in roles
+            and _ROUTER_NAME.search(type(m).__name__)
+            and not hasattr(m, "experts")
+            # a gated MLP (MoshiGatingMLP) holds its activation; a router does not
+            and not has(path, lambda c: roles.get(c) == "activation")
+        ):
             roles[path] = "router"
     # 2. attention modules with children: the innermost attention-named module
     for path, m in named.items():

@@ -204,6 +204,7 @@ def normalize_constant(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
 
 
 _MUL = _funcs("mul", "__mul__", "__rmul__", "multiply")
+_ADD = _funcs("add", "__add__", "__radd__")
 _MATMUL = _funcs("matmul", "__matmul__", "bmm") + [torch.einsum]
 
 
@@ -274,27 +275,53 @@ class ProductMode(_RuleMode):
     def __init__(self, constant_gate: bool = False) -> None:
         super().__init__()
         self.constant_gate = constant_gate
+        # id(x + c) -> (x + c, x, c): a factor shifted by a constant (GPT-OSS's ``(up + 1) * glu``)
+        self.shifted: dict[int, tuple[Tensor, Tensor, float]] = {}
 
     @classmethod
     def _table(cls) -> dict[Any, Handler]:
         return {
             **cls.on(_MUL, cls._mul),
+            **cls.on(_ADD, cls._add),
             **cls.on(_funcs(*_INLINE_ACTIVATIONS, modules=(torch, _T, _TB, F)), cls._activation),
         }
 
     def _activation(self, func, args, kwargs):  # type: ignore[no-untyped-def]
         return self._identity_rule(func, args, kwargs, count=False)
 
+    def _add(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        out = func(*args, **kwargs)
+        if len(args) == 2 and not kwargs and torch.is_grad_enabled():
+            x, c = args if isinstance(args[0], Tensor) else args[::-1]
+            if (
+                isinstance(x, Tensor)
+                and x.requires_grad
+                and isinstance(c, (int, float))
+                and not isinstance(c, bool)
+                and c != 0
+            ):
+                self.shifted[id(out)] = (out, x, float(c))
+        return out
+
     def _mul(self, func, args, kwargs):  # type: ignore[no-untyped-def]
-        if len(args) == 2 and not kwargs and _both_depend_on_input(args[0], args[1]):
-            self._count()
-            a, b = args
-            if self.constant_gate:
-                gate_a, gate_b = is_gate(a), is_gate(b)
-                if gate_a != gate_b:
-                    return func(a.detach(), b) if gate_a else func(a, b.detach())
-            return uniform_mul(a, b)
-        return func(*args, **kwargs)
+        if len(args) != 2 or kwargs or not _both_depend_on_input(args[0], args[1]):
+            return func(*args, **kwargs)
+        self._count()
+        a, b = args
+        for first, other in ((a, b), (b, a)):
+            shift = self.shifted.get(id(first))
+            if shift is not None and shift[0] is first:
+                _, x, c = shift
+                # (x + c)·g = x·g + c·g: the constant's term is g's relevance, not a constant's
+                return self._product(func, x, other) + other * c
+        return self._product(func, a, b)
+
+    def _product(self, func, a, b):  # type: ignore[no-untyped-def]
+        if self.constant_gate:
+            gate_a, gate_b = is_gate(a), is_gate(b)
+            if gate_a != gate_b:
+                return func(a.detach(), b) if gate_a else func(a, b.detach())
+        return uniform_mul(a, b)
 
 
 class ElementwiseIdentityMode(_RuleMode):

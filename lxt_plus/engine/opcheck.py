@@ -47,7 +47,7 @@ _LINEAR = frozenset(
     UpsampleNearest1D UpsampleNearest2D UpsampleNearest3D UpsampleNearestExact1D UpsampleNearestExact2D
     UpsampleLinear1D UpsampleBilinear2D UpsampleTrilinear3D UpsampleBicubic2D PixelShuffle
     PixelUnshuffle Where Expand ViewAsReal ViewAsComplex Real Imag Conj Lift LiftFresh Trace Movedim
-    SumToSize Diag DiagEmbed Fill Zero Squeeze Unflatten Flatten Chunk Split Lerp""".split()
+    SumToSize Diag DiagEmbed Fill Zero Squeeze Unflatten Flatten Chunk Split Lerp FftR2C FftC2C FftC2R""".split()
 )
 # piecewise linear and positively homogeneous: Gradient×Input conserves through them
 _HOMOGENEOUS = frozenset(

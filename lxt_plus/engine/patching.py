@@ -38,6 +38,7 @@ from lxt_plus.engine.modes import ElementwiseIdentityMode, SDPARuleMode
 from lxt_plus.engine.offload import offloaded_weights
 from lxt_plus.engine.opcheck import OpReport, check_operations
 from lxt_plus.engine.plan import Plan, PlanEntry, Preset, build_plan, get_preset
+from lxt_plus.engine.positional import position_buffer_leaves
 from lxt_plus.engine.rules import AttentionRule, gate_products
 from lxt_plus.errors import (
     AlreadyPatchedError,
@@ -609,7 +610,7 @@ def _check_operations(
             def run() -> Any:
                 return model(**probe)
 
-        with offloaded_weights(model) as weights:
+        with offloaded_weights(model) as weights, position_buffer_leaves(model, lambda t: leaf(model, (), t)):
             report = check_operations(
                 model,
                 run,

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from lxt_plus.engine.functional import acc
 from lxt_plus.engine.modes import PositionalMode
@@ -39,6 +40,7 @@ __all__ = [
     "positional_forward",
     "positional_relevance",
     "POSITIONAL_KWARG",
+    "position_buffer_leaves",
 ]
 
 POSITIONAL_KWARG = "position_embeddings"
@@ -149,3 +151,44 @@ def positional_relevance(
                 continue
             out[:, c] += r.detach().double().cpu()
     return out
+
+
+_READS = frozenset((Tensor.__getitem__, torch.index_select, Tensor.index_select, torch.embedding))
+_MOVES = frozenset((Tensor.to, Tensor.type_as, Tensor.float, Tensor.contiguous))
+
+
+class _BufferReads(TorchFunctionMode):
+    """Rows read from position buffers (``table[position_ids]``) become leaves: ``make(out)``
+    turns each read into the tensor the model goes on with. A copy of a tracked buffer
+    (``table.to(dtype)``) is tracked too."""
+
+    def __init__(self, tables: list[Tensor], make: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.tables = {id(t): t for t in tables}  # the values keep the ids valid
+        self.make = make
+
+    def _tracked(self, t: Any) -> bool:
+        return isinstance(t, Tensor) and self.tables.get(id(t)) is t
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        if not args or not isinstance(out, Tensor):
+            return out
+        table = args[1] if func is torch.embedding else args[0]  # embedding(weight, ids)
+        if func in _MOVES and self._tracked(table):
+            self.tables[id(out)] = out
+        elif func in _READS and self._tracked(table) and out.is_floating_point():
+            return self.make(out)
+        return out
+
+
+def position_buffer_leaves(
+    model: nn.Module, make: Callable[[Tensor], Tensor]
+) -> contextlib.AbstractContextManager[Any]:
+    """While the model runs, what it reads from its position buffers
+    (:func:`lxt_plus.engine.detect.position_buffers`) goes through ``make`` (which returns a
+    leaf); a model without such buffers runs with no mode at all."""
+    from lxt_plus.engine.detect import position_buffers
+
+    tables = position_buffers(model)
+    return _BufferReads(tables, make) if tables else contextlib.nullcontext()

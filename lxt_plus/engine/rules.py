@@ -8,10 +8,11 @@ whole plan and never looks at a rule's concrete type.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -629,6 +630,62 @@ _HEAD_MODE: contextvars.ContextVar[ElementwiseIdentityMode | None] = contextvars
 )
 
 
+# element-wise activation modules' homes; softmax-like modules there are not element-wise
+_ACTIVATION_HOMES = ("transformers.activations", "torch.nn.modules.activation")
+_NOT_ELEMENTWISE = frozenset(("Softmax", "Softmin", "LogSoftmax", "Softmax2d", "MultiheadAttention", "GLU"))
+
+
+def _made_activation(module: nn.Module, args: Any, out: Any) -> Any:
+    """Forward hook (global, held by :func:`_made_activations` for one head call): the identity
+    rule on an element-wise activation module called in the head, outside the backbone."""
+    mode = _HEAD_MODE.get()
+    if mode is None or mode.suspended:  # another thread's module call
+        return None
+    cls = type(module)
+    if cls.__module__ not in _ACTIVATION_HOMES or cls.__name__ in _NOT_ELEMENTWISE:
+        return None
+    x = args[0] if args else None
+    if not (isinstance(x, Tensor) and isinstance(out, Tensor) and x.requires_grad and out.shape == x.shape):
+        return None
+    value = out.detach()
+    return identity_rule(x, lambda _: value)
+
+
+class _MadeActivations:
+    """An activation module made during a head's call (``ACT2FN[name](x)`` in BigBird's
+    classifier) is no submodule to rule. A global forward hook, held for the head's call only and
+    acting in its thread's context only, gives it the identity rule. It is off while the backbone
+    runs, so that the backbone's modules keep torch's fast call path."""
+
+    _HANDLES: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
+        "lxt_plus_made_activations", default=None
+    )
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        handles = [nn.modules.module.register_module_forward_hook(_made_activation)]
+        token = self._HANDLES.set(handles)
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            self._HANDLES.reset(token)
+
+    def pause(self) -> None:
+        handles = self._HANDLES.get()
+        if handles:
+            handles.pop().remove()
+
+    def resume(self) -> None:
+        handles = self._HANDLES.get()
+        if handles is not None and not handles:
+            handles.append(nn.modules.module.register_module_forward_hook(_made_activation))
+
+
+_made_activations = _MadeActivations()
+
+
 @dataclass(frozen=True, repr=False)
 class HeadIdentity(Rule):
     """Identity rule for non-linearities written inline in a task head (``torch.tanh`` in a pooler or
@@ -642,7 +699,7 @@ class HeadIdentity(Rule):
             mode = ElementwiseIdentityMode()
             token = _HEAD_MODE.set(mode)
             try:
-                with mode:
+                with mode, _made_activations():
                     return forward(*args, **kwargs)
             finally:
                 _HEAD_MODE.reset(token)
@@ -666,6 +723,7 @@ class HeadIdentity(Rule):
                 return forward(*args, **kwargs)
             token = _HEAD_MODE.set(None)
             try:
+                _made_activations.pause()
                 stack = _get_current_function_mode_stack()
                 if stack and stack[-1] is mode:  # step out of the head mode: no per-op cost
                     with _pop_mode_temporarily():
@@ -676,6 +734,7 @@ class HeadIdentity(Rule):
                 finally:
                     mode.suspended = False
             finally:
+                _made_activations.resume()
                 _HEAD_MODE.reset(token)
 
         return fwd

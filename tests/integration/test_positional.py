@@ -204,3 +204,47 @@ def test_the_positions_get_what_the_tokens_lose_on_every_causal_lm(monkeypatch: 
             bad.append(f"{model_type}: {total_p:.6g} under pa-attnlrp vs {total_a:.6g}")
     assert not bad, "\n".join(bad)
     assert checked >= 90 and rotary >= 50, (checked, rotary)
+
+
+def test_a_position_buffer_read_in_forward_is_the_positions() -> None:
+    """CTRL adds rows of a sinusoidal buffer (``pos_encoding[position_ids]``) in ``forward``, with
+    no embedding module: those rows are position leaves, one per row of the batch, so that relevance
+    conserves and each row's positions are its own."""
+    model = zoo.build("ctrl", "causal-lm")
+    x = torch.tensor([[3, 9, 27, 81, 12, 7], [5, 6, 7, 8, 9, 10]])
+    both = lxt_plus.explain(model, x, rules="conservative-check")
+    assert both.positional is not None and both.positional.shape == x.shape
+    c = both.conservation
+    for row in range(2):
+        assert abs(float(c["absorbed"][row])) <= 1e-4 * abs(float(c["target_logit"][row]))
+        assert abs(float(c["position_relevance"][row])) > 1e-3  # the table carries relevance
+        alone = lxt_plus.explain(model, x[row : row + 1], rules="conservative-check")
+        torch.testing.assert_close(both.positional[row], alone.positional[0], rtol=1e-5, atol=1e-7)
+
+
+def test_copies_of_a_position_buffer_are_followed() -> None:
+    """``table.to(dtype)`` makes a copy each call; rows read from the copy are leaves too."""
+    from lxt_plus.engine.positional import position_buffer_leaves
+
+    class Toy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("pos_table", torch.randn(10, 4))
+            self.other_table = torch.nn.Buffer(torch.randn(10, 4))  # not named for positions
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            at = torch.arange(x.shape[0])
+            return x + self.pos_table.to(x.dtype)[at] + self.other_table.to(x.dtype)[at]
+
+    made: list[torch.Tensor] = []
+
+    def make(t: torch.Tensor) -> torch.Tensor:
+        made.append(t)
+        return t.detach().requires_grad_(True)
+
+    toy = Toy()
+    with position_buffer_leaves(toy, make):
+        out = toy(torch.zeros(3, 4, dtype=torch.float64))
+    assert len(made) == 1 and made[0].shape == (3, 4) and made[0].dtype == torch.float64
+    torch.testing.assert_close(made[0], toy.pos_table[:3].double())
+    assert out.requires_grad

@@ -69,3 +69,58 @@ def test_transposed_embeddings() -> None:
     assert got.batch_relevance.shape == ids.shape
     c = got.conservation
     assert abs(float(c["absorbed"])) <= 1e-4 * abs(float(c["target_logit"]))
+
+
+# Architectures that each mechanism below made conserve; each was refused before it.
+CONSERVE_BY_MECHANISM = {
+    "fft is linear (FNet's Fourier mixing)": [("masked-lm", "fnet"), ("seqcls", "fnet")],
+    "an activation made in the head's call (ACT2FN[name](x))": [
+        ("seqcls", "big_bird"),
+        ("seqcls", "nystromformer"),
+    ],
+    "a product with a shifted factor ((up + 1) * glu)": [
+        ("causal-lm", "gpt_oss"),
+        ("causal-lm", "minimax_m3_vl_text"),
+    ],
+    "a gated MLP named Gating is no router": [("causal-lm", "moshi")],
+    "stacks without get_input_embeddings (FSMT)": [("seq2seq", "fsmt")],
+    "attention modules named MLA": [("causal-lm", "longcat_flash")],
+    "an input-dependent attention mask under AH-LRP (Doge)": [("causal-lm", "doge")],
+    "a position table read from a buffer in forward (CTRL)": [("causal-lm", "ctrl"), ("seqcls", "ctrl")],
+}
+
+
+@pytest.mark.parametrize(
+    ("head", "model_type"),
+    [pair for pairs in CONSERVE_BY_MECHANISM.values() for pair in pairs],
+    ids=[f"{h}-{t}" for pairs in CONSERVE_BY_MECHANISM.values() for h, t in pairs],
+)
+def test_formerly_refused_architectures_conserve(head: str, model_type: str) -> None:
+    torch.set_num_threads(1)
+    s = zoo.status(model_type, head, "conservative-check")
+    assert s.status == "conserves", s.detail
+
+
+def test_head_activation_hook_is_held_for_the_head_call_only() -> None:
+    """The global hook that rules BigBird's ``ACT2FN`` activation exists during the classifier's
+    call only: not inside the backbone, and not after explaining."""
+    from torch.nn.modules import module as torch_module
+
+    import lxt_plus
+
+    model = zoo.build("big_bird", "seqcls")
+    ids = zoo._inputs(model)["input_ids"]
+    with torch.no_grad():
+        model(ids)  # BigBird switches to full attention for short inputs on its first call
+    inside: list[int] = []
+    model.base_model.encoder.register_forward_pre_hook(  # pre-hooks of base_model run before the rule
+        lambda m, a: inside.append(len(torch_module._global_forward_hooks))
+    )
+    seen: list[int] = []
+    model.classifier.out_proj.register_forward_pre_hook(
+        lambda m, a: seen.append(len(torch_module._global_forward_hooks))
+    )
+    lxt_plus.explain(model, ids, rules="conservative-check")
+    assert inside and set(inside) == {0}
+    assert seen and set(seen) == {1}
+    assert not torch_module._global_forward_hooks

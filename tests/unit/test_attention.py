@@ -154,15 +154,24 @@ def test_rows_without_gradient_are_skipped(monkeypatch: pytest.MonkeyPatch) -> N
     assert calls == [48]
 
 
-def test_mask_that_needs_a_gradient_falls_back_to_autograd() -> None:
+def test_mask_that_needs_a_gradient() -> None:
+    """A mask computed from the input (Doge's dynamic mask): AttnLRP lets autograd through the
+    kernel, so the mask receives its share of the scores' relevance; AH-LRP holds the weights,
+    and so the mask, constant, and takes its own backward pass."""
     q, k, v = (torch.randn(1, 2, 6, 4, dtype=torch.float64, requires_grad=True) for _ in "qkv")
     bias = torch.randn(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
-    out, ours = rule_sdpa(F.scaled_dot_product_attention, (q, k, v, bias), {}, True)
-    assert not ours
-    (g,) = torch.autograd.grad(out.sum(), v)
     ref_in = [t.detach().requires_grad_(True) for t in (q, k, v)]
     (w,) = torch.autograd.grad(F.scaled_dot_product_attention(*ref_in, bias.detach()).sum(), ref_in[2])
-    torch.testing.assert_close(g, w)
+    out, ours = rule_sdpa(F.scaled_dot_product_attention, (q, k, v, bias), {}, False)
+    assert not ours
+    g_v, g_mask = torch.autograd.grad(out.sum(), (v, bias))
+    assert g_mask.abs().sum() > 0
+    torch.testing.assert_close(g_v, w * 0.5)  # AttnLRP's value factor
+    out, ours = rule_sdpa(F.scaled_dot_product_attention, (q, k, v, bias), {}, True)
+    assert ours
+    g_v, g_mask = torch.autograd.grad(out.sum(), (v, bias), allow_unused=True)
+    assert g_mask is None
+    torch.testing.assert_close(g_v, w)
 
 
 def test_given_weights_replace_the_recomputation() -> None:

@@ -17,7 +17,16 @@ from torch import Tensor, nn
 from transformers.activations import ACT2FN
 
 import lxt_plus
-from lxt_plus.engine.rules import AHLRP, AttnLRP, Conservative, Epsilon, Gamma, Identity, UniformProduct
+from lxt_plus.engine.rules import (
+    AHLRP,
+    AttnLRP,
+    Conservative,
+    ConstantGate,
+    Epsilon,
+    Gamma,
+    Identity,
+    UniformProduct,
+)
 
 DTYPE = torch.float64
 TIGHT = dict(rtol=1e-10, atol=1e-12)
@@ -405,6 +414,58 @@ def test_uniform_rule_on_gated_product() -> None:
 
     torch.testing.assert_close(r_lib, r_in, **TIGHT)
     torch.testing.assert_close(r_lib.sum(-1), (y * g).sum(-1), **TIGHT)  # conserved end to end
+
+
+class ShiftedGatedMLP(nn.Module):
+    """``down((up(x) + 1) · act(gate(x)))``: GPT-OSS's and MiniMax-M3's SwiGLU, without clamps."""
+
+    def __init__(self, d: int = 5, hidden: int = 7) -> None:
+        super().__init__()
+        self.gate = nn.Linear(d, hidden, bias=False)
+        self.up = nn.Linear(d, hidden, bias=False)
+        self.down = nn.Linear(hidden, d, bias=False)
+        self.act = nn.SiLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down((self.up(x) + 1) * self.act(self.gate(x)))
+
+
+@pytest.mark.parametrize("constant_gate", [False, True], ids=["uniform", "constant-gate"])
+def test_product_with_a_shifted_factor(constant_gate: bool) -> None:
+    """``(u + c)·a = u·a + c·a``: the ε-rule on that sum gives ``u·a`` its share, split by the
+    product rule, and ``c·a`` to ``a``, not to the constant. Uniform: ``R(u) = R·(u·a/2)/y``,
+    ``R(a) = R·(u·a/2 + c·a)/y``; with the gate held constant (CP-LRP): ``R(u) = R·u·a/y``,
+    ``R(a) = R·c·a/y``. Either way the block conserves with ``c`` on the path."""
+    torch.manual_seed(8)
+    mlp = ShiftedGatedMLP().to(DTYPE)
+    preset = only("activation", Identity()).override(
+        "mlp", ConstantGate() if constant_gate else UniformProduct()
+    )
+    x = torch.randn(3, 5, dtype=DTYPE)
+    g = torch.randn(3, 5, dtype=DTYPE)
+    r_lib, y = library_relevance(mlp, preset, x, g)
+
+    wg, wu, wd = (m.weight.detach() for m in (mlp.gate, mlp.up, mlp.down))
+    r_in = torch.zeros_like(x)
+    for n in range(x.shape[0]):
+        gate = [sum(float(x[n, i]) * float(wg[k, i]) for i in range(5)) for k in range(7)]
+        up = [sum(float(x[n, i]) * float(wu[k, i]) for i in range(5)) for k in range(7)]
+        act = [v / (1.0 + math.exp(-v)) for v in gate]
+        prod = [(u + 1.0) * a for a, u in zip(act, up, strict=True)]
+        out = [sum(prod[k] * float(wd[j, k]) for k in range(7)) for j in range(5)]
+        r_out = [out[j] * float(g[n, j]) for j in range(5)]
+        r_prod = [sum(prod[k] * float(wd[j, k]) * r_out[j] / out[j] for j in range(5)) for k in range(7)]
+        share = 1.0 if constant_gate else 0.5  # of u·a's relevance that goes to u
+        r_up = [r_prod[k] * share * up[k] * act[k] / prod[k] for k in range(7)]
+        r_act = [r_prod[k] * ((1 - share) * up[k] * act[k] + act[k]) / prod[k] for k in range(7)]
+        for i in range(5):
+            r_in[n, i] = sum(
+                float(x[n, i]) * float(wg[k, i]) * r_act[k] / gate[k]  # identity rule through SiLU
+                + float(x[n, i]) * float(wu[k, i]) * r_up[k] / up[k]
+                for k in range(7)
+            )
+    torch.testing.assert_close(r_lib, r_in, **TIGHT)
+    torch.testing.assert_close(r_lib.sum(-1), (y * g).sum(-1), **TIGHT)
 
 
 @pytest.mark.parametrize(
