@@ -714,6 +714,42 @@ MUTANTS: tuple[Mutant, ...] = (
         "        with contextlib.nullcontext():",
         ("tests/integration/test_positional.py", ZOO_GAPS),
     ),
+    # ------------------------------------------------------------------ vision-language input layouts
+    M(
+        "pre-cut-patches-misplaced",
+        "lxt_plus/api/explain.py",
+        "    return x.permute(0, 5, 1, 3, 6, 2, 4, 7).reshape(n, channels, gh * patch, gw * patch)",
+        "    return x.permute(0, 5, 2, 3, 6, 1, 4, 7).reshape(n, channels, gh * patch, gw * patch)",
+        ("tests/integration/test_vlm.py",),
+    ),
+    M(
+        "pre-cut-patch-copies-averaged",
+        "lxt_plus/api/explain.py",
+        '    x = x.sum(6) if copies == "sum" else x.mean(6)',
+        "    x = x.mean(6)",
+        ("tests/integration/test_vlm.py",),
+    ),
+    M(
+        "layer-norm-output-keeps-input-strides",
+        "lxt_plus/engine/modes.py",
+        "        return y.contiguous()",
+        "        return y",
+        ("tests/integration/test_vlm.py",),
+    ),
+    M(
+        "continuation-token-types-not-padded",
+        "lxt_plus/api/generation.py",
+        "            out[name] = torch.nn.functional.pad(value, (0, length - n_prompt))",
+        "            pass",
+        ("tests/integration/test_vlm.py",),
+    ),
+    M(
+        "probe-without-token-types",
+        "lxt_plus/engine/patching.py",
+        '            probe["mm_token_type_ids"] = (probe["input_ids"] == token).long()',
+        "            pass",
+        ("tests/integration/test_vlm.py",),
+    ),
 )
 
 # Changes that cannot alter any result, so no test can (or should) catch them.

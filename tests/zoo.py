@@ -330,6 +330,12 @@ _SPECIAL_IMAGE_TOKENS = (
 )
 
 
+def _vision_side(vision: Any) -> int:
+    """Patches per side of a vision config's image (0 when it has no fixed image size)."""
+    size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    return size // patch if isinstance(size, int) and isinstance(patch, int) and patch else 0
+
+
 def tiny_vlm_config(model_type: str) -> Any:
     """A vision-language model from the tiny text config of its language model and the tiny vision
     config of its vision tower; the image placeholder token moved into the small vocabulary."""
@@ -337,10 +343,41 @@ def tiny_vlm_config(model_type: str) -> Any:
     data = base.to_dict()
     text = getattr(base, "text_config", None)
     if text is not None:
-        data["text_config"] = tiny_config(text.model_type).to_dict()
+        data["text_config"] = small_text = tiny_config(text.model_type).to_dict()
+        rope = small_text.get("rope_parameters")
+        if isinstance(rope, dict) and ("_vl" in text.model_type or "v_text" in text.model_type):
+            # multimodal rotary sections (time, height, width) summing to half the head width
+            half = (
+                small_text.get("head_dim") or small_text["hidden_size"] // small_text["num_attention_heads"]
+            )
+            half //= 2
+            rope["mrope_section"] = [half - 2 * (half // 3), half // 3, half // 3]
+    width = data.get("text_config", {}).get("hidden_size")
     vision = getattr(base, "vision_config", None)
     if vision is not None:
-        data["vision_config"] = _shrink_vision(vision, {}).to_dict()
+        small = _shrink_vision(vision, {})
+        data["vision_config"] = small.to_dict()
+        side = _vision_side(small)
+        if isinstance(data.get("mm_tokens_per_image"), int) and side:
+            data["mm_tokens_per_image"] = (side // 2) ** 2  # Gemma3 pools the patches to this many tokens
+        vis = data["vision_config"]
+        if isinstance(vis.get("depth"), int):  # Qwen-VL towers count their blocks as depth
+            vis["depth"] = 2
+            if isinstance(vis.get("deepstack_visual_indexes"), list):
+                vis["deepstack_visual_indexes"] = [0]
+        if isinstance(vis.get("num_heads"), int):
+            vis["num_heads"] = 4
+        if all(isinstance(vis.get(n), int) for n in ("window_size", "patch_size", "spatial_merge_size")):
+            # Qwen2.5-VL's window attention: windows of two merged patches a side
+            vis["window_size"] = 2 * vis["patch_size"] * vis["spatial_merge_size"]
+            if isinstance(vis.get("fullatt_block_indexes"), list):
+                vis["fullatt_block_indexes"] = [1]  # one full-attention block of the two
+        if isinstance(width, int) and "out_hidden_size" in data["vision_config"]:
+            data["vision_config"]["out_hidden_size"] = (
+                width  # Qwen2.5-VL's merger projects into the text width
+            )
+    if isinstance(data.get("projection_dim"), int) and isinstance(width, int):
+        data["projection_dim"] = width  # PaliGemma projects the image features into the text width
     for name in ("image_token_id", "image_token_index"):
         if isinstance(data.get(name), int):
             data[name] = IMAGE_TOKEN
@@ -424,7 +461,8 @@ def _vlm_inputs(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             "no plain image input: the model needs processor-specific inputs (image sizes, grids)"
         )
     gen = torch.Generator().manual_seed(0)
-    inputs["pixel_values"] = torch.randn(inputs["pixel_values"].shape, generator=gen)
+    pixels = inputs["pixel_values"]
+    inputs["pixel_values"] = torch.randn(pixels.shape, generator=gen, dtype=pixels.dtype)
     return inputs
 
 

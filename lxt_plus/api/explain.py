@@ -162,7 +162,7 @@ def _prepare_multimodal(
         raise InputError(f"pixel_values must be a floating-point tensor, got {type(pixels).__name__}")
     single = ids.dim() == 1
     ids = ids[None] if single else ids
-    image_owners(model, pixels, ids.shape[0])  # refused before the forward pass, not after it
+    image_owners(model, pixels, ids.shape[0], data.get("image_grid_thw"))  # refused before the forward pass
     mask = data.get("attention_mask", mask)
     mask = torch.ones_like(ids) if mask is None else (mask[None] if mask.dim() == 1 else mask)
     check_ids(model, ids, length=0)
@@ -807,18 +807,95 @@ def explain(
     )
 
 
-def image_owners(model: nn.Module, pixels: Tensor, rows: int) -> Tensor:
+_GRID = "_lxt_plus_image_grid"  # a pixel leaf's image_grid_thw (pre-cut patches)
+
+
+def pixel_grid(leaf: Tensor) -> Tensor | None:
+    """The ``image_grid_thw`` that came with a pixel leaf of pre-cut patches (see :func:`with_pixel_leaf`)."""
+    return cast(Tensor | None, getattr(leaf, _GRID, None))
+
+
+def _patch_layout(model: nn.Module) -> tuple[int, int, int]:
+    """``(patch, temporal, merge)`` sizes of a vision tower that takes pre-cut patches (Qwen2-VL)."""
+    vision = getattr(getattr(model, "config", None), "vision_config", None)
+    sizes = tuple(
+        getattr(vision, n, None) for n in ("patch_size", "temporal_patch_size", "spatial_merge_size")
+    )
+    if not all(isinstance(v, int) and v > 0 for v in sizes):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} takes pre-cut patches but its vision config does not give patch_size, "
+            "temporal_patch_size and spatial_merge_size; lxt_plus cannot map the relevance onto the image"
+        )
+    return cast(tuple[int, int, int], sizes)
+
+
+def _check_grid(model: nn.Module, pixels: Tensor, grid: Tensor) -> tuple[int, int]:
+    """``(height, width)`` in patches of the images a ``(patches, C·T·P·P)`` input holds, all of one size."""
+    if grid.dim() != 2 or grid.shape[1] != 3 or int(grid.prod(-1).sum()) != pixels.shape[0]:
+        raise InputError(
+            f"image_grid_thw of shape {tuple(grid.shape)} does not describe the {pixels.shape[0]} patches of "
+            "pixel_values; pass the processor's output unchanged"
+        )
+    if (grid[:, 0] != 1).any():
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: an image grid with more than one frame (video) cannot be shown as an "
+            "image; lxt_plus explains still images only"
+        )
+    if (grid[:, 1:] != grid[:1, 1:]).any():
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: images of different sizes in one input ({grid[:, 1:].tolist()} patches); "
+            "explain one image at a time, or resize them to one size"
+        )
+    return int(grid[0, 1]), int(grid[0, 2])
+
+
+def as_images(model: nn.Module, t: Tensor, grid: Tensor | None, copies: str = "sum") -> Tensor:
+    """``t``, laid out as the model's ``pixel_values``, as images ``(images, C, H, W)``:
+
+    - ``(images, C, H, W)`` as it is;
+    - ``(rows, images, C, H, W)`` (Idefics3, SmolVLM) with the rows' images one after another;
+    - Qwen2-VL's pre-cut patches ``(patches, C·T·P·P)`` with their ``image_grid_thw`` put back in
+      place (the processor orders patches by merge window, and repeats each image ``T`` times
+      along the patch): ``copies="sum"`` adds up the ``T`` copies (relevance), ``"mean"`` averages
+      them (the pixels).
+    """
+    if t.dim() == 4:
+        return t
+    if t.dim() == 5:
+        return t.flatten(0, 1)
+    if t.dim() != 2 or grid is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} takes pixel_values of shape {tuple(t.shape)} (neither images laid out as "
+            "(images, C, H, W) or (rows, images, C, H, W), nor pre-cut patches with image_grid_thw); "
+            "lxt_plus cannot map that relevance back onto the image"
+        )
+    patch, frames, merge = _patch_layout(model)
+    gh, gw = _check_grid(model, t, grid)
+    n = grid.shape[0]
+    channels = t.shape[1] // (frames * patch * patch)
+    x = t.reshape(n, gh // merge, gw // merge, merge, merge, channels, frames, patch, patch)
+    x = x.sum(6) if copies == "sum" else x.mean(6)
+    # (n, H/m, W/m, m, m, C, P, P) -> (n, C, H/m, m, P, W/m, m, P)
+    return x.permute(0, 5, 1, 3, 6, 2, 4, 7).reshape(n, channels, gh * patch, gw * patch)
+
+
+def image_owners(model: nn.Module, pixels: Tensor, rows: int, grid: Tensor | None = None) -> Tensor:
     """The batch row of each image of a vision-language input, ``(images,)``: one image per row,
-    or all images to a single row. Patchified pixels (Qwen2-VL's ``(patches, features)``) are not
-    laid out as an image and are refused by name, as are images that cannot be given to rows."""
+    or all images to a single row. Inputs that cannot be laid out as images (:func:`as_images`)
+    are refused by name, as are images that cannot be given to rows."""
     if not pixels.is_floating_point():
         raise InputError(f"pixel_values must be a floating-point tensor, got {pixels.dtype}")
-    if pixels.dim() != 4:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} takes pixel_values of shape {tuple(pixels.shape)} (patches, not images "
-            "laid out as (images, C, H, W)); lxt_plus cannot map that relevance back onto the image"
-        )
-    n = pixels.shape[0]
+    if pixels.dim() == 5 and pixels.shape[0] == rows:  # (rows, images, C, H, W): Idefics3, SmolVLM
+        return torch.arange(rows).repeat_interleave(pixels.shape[1])
+    if pixels.dim() == 2 and grid is not None:
+        _patch_layout(model)
+        _check_grid(model, pixels, grid)
+        n = grid.shape[0]
+    elif pixels.dim() == 4:
+        n = pixels.shape[0]
+    else:
+        as_images(model, pixels, grid)  # raises, naming the layout
+        n = 0
     if n == rows:
         return torch.arange(n)
     if rows == 1:
@@ -836,16 +913,18 @@ def with_pixel_leaf(inputs: dict[str, Any], device: torch.device) -> tuple[dict[
     leaf = moved.get("pixel_values")
     if isinstance(leaf, Tensor):
         leaf = moved["pixel_values"] = leaf.detach().requires_grad_(True)
+        setattr(leaf, _GRID, moved.get("image_grid_thw"))  # how pre-cut patches go back into images
     return moved, leaf
 
 
 def _image_relevance(model: nn.Module, pixels: Tensor, grad: Tensor | None, rows: int) -> ImageRelevance:
     """The pixel leaf's relevance, per channel, with the row each image belongs to."""
     g = grad if grad is not None else torch.zeros_like(pixels)
-    channels = (acc(pixels.detach()) * acc(g)).detach().cpu()
-    return ImageRelevance(
-        channels, pixels.detach().cpu(), patch_size(model), image_owners(model, pixels, rows)
-    )
+    grid = pixel_grid(pixels)
+    owners = image_owners(model, pixels, rows, grid)
+    channels = as_images(model, (acc(pixels.detach()) * acc(g)).detach(), grid).cpu()
+    shown = as_images(model, pixels.detach(), grid, copies="mean").cpu()
+    return ImageRelevance(channels, shown, patch_size(model), owners)
 
 
 def position_tables(extra: list[Tensor]) -> list[Tensor]:

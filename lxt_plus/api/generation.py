@@ -17,12 +17,14 @@ import torch
 from torch import Tensor, nn
 
 from lxt_plus.api.explain import (
+    as_images,
     check_ids,
     explaining,
     image_owners,
     is_seq2seq,
     leaf_at_embeddings,
     model_kind,
+    pixel_grid,
     position_tables,
     prepare_text,
     with_pixel_leaf,
@@ -243,7 +245,9 @@ def explain_generation(
         target_logit=logits,
         rules=preset.name,
         image_matrix=image_matrix,
-        pixels=None if pixels is None or image_matrix is None else pixels.detach().cpu(),
+        pixels=None
+        if pixels is None or image_matrix is None
+        else as_images(model, pixels.detach(), image_inputs.get("image_grid_thw"), copies="mean").cpu(),
         patch_size=patch_size(model) if image_matrix is not None else None,
     )
 
@@ -255,8 +259,25 @@ def _image_inputs(model: nn.Module, images: dict[str, Any] | None) -> dict[str, 
     pixels = images.get("pixel_values")
     if not isinstance(pixels, Tensor):
         raise InputError("images= needs 'pixel_values', a floating-point tensor (the processor's output)")
-    image_owners(model, pixels, rows=1)
+    image_owners(model, pixels, rows=1, grid=images.get("image_grid_thw"))
     return {k: v for k, v in images.items() if v is not None}
+
+
+def _along_tokens(inputs: dict[str, Any], n_prompt: int, length: int) -> dict[str, Any]:
+    """``inputs`` with the prompt's token types (Qwen2-VL's ``mm_token_type_ids``, ``(1, n_prompt)``)
+    padded with 0, the type of a text token, to ``length`` tokens: the continuation is text."""
+    out = dict(inputs)
+    for name, value in inputs.items():
+        if (
+            name.endswith("token_type_ids")
+            and isinstance(value, Tensor)
+            and not value.is_floating_point()
+            and value.dim() == 2
+            and tuple(value.shape) == (1, n_prompt)
+            and length > n_prompt
+        ):
+            out[name] = torch.nn.functional.pad(value, (0, length - n_prompt))
+    return out
 
 
 def _attribute(
@@ -268,7 +289,7 @@ def _attribute(
     device = input_device(model)
     inp = ids[None, :-1].to(device)
     positions = torch.arange(n_p - 1, n - 1, device=device)  # position t predicts token t + 1
-    extras, pixels = with_pixel_leaf(image_inputs, device)
+    extras, pixels = with_pixel_leaf(_along_tokens(image_inputs, n_p, n - 1), device)
     kwargs: dict[str, Any] = {"input_ids": inp, "attention_mask": torch.ones_like(inp), **extras}
     if accepts(model, "use_cache"):
         kwargs["use_cache"] = False
@@ -296,7 +317,7 @@ def _attribute(
             raise NumericalError(
                 f"a target logit is not finite in dtype {logits.dtype}; use float32 or bfloat16"
             )
-        matrix, image_matrix = _matrix(picked, (leaf,), n, progress, pixels, angles)
+        matrix, image_matrix = _matrix(picked, (leaf,), n, progress, pixels, angles, model)
     if not torch.isfinite(matrix).all():
         raise NumericalError(f"relevance has NaN/inf (model dtype {leaf.dtype}); use bfloat16 or float32")
     return matrix, picked.detach().cpu(), image_matrix
@@ -347,6 +368,7 @@ def _matrix(
     progress: bool,
     pixels: Tensor | None = None,
     positions: Sequence[Tensor] = (),
+    model: nn.Module | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The ``(n_generated, n)`` relevance matrix: row ``t`` is ``Σ_d x · ∂picked[t]/∂x`` over the
     leaves' columns side by side (``n - 1`` in all: every token but the last is read), zero at and
@@ -379,7 +401,11 @@ def _matrix(
                     row = row + r.to(row.dtype)
             rows.append(row.cpu())
             if pixels is not None:
-                image_rows.append((acc(pixels.detach())[None] * acc(grads[len(leaves)])).sum(2).cpu())
+                rel = acc(pixels.detach())[None] * acc(grads[len(leaves)])
+                grid = pixel_grid(pixels)
+                image_rows.append(
+                    torch.stack([as_images(cast(nn.Module, model), r, grid) for r in rel]).sum(2).cpu()
+                )
             bar.update(stop - start)
     full = torch.cat(rows)  # (n_g, n - 1)
     matrix = torch.zeros(n_g, n, dtype=full.dtype)

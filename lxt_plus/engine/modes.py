@@ -159,7 +159,9 @@ class NormMode(_RuleMode):
             y = y * weight
         if bias is not None:
             y = y + bias
-        return y
+        # F.layer_norm's output is contiguous whatever the input's layout, and model code views it
+        # (SmolVLM's pixel shuffle after a transposed patch embedding)
+        return y.contiguous()
 
     def _group_norm(self, func, args, kwargs):  # type: ignore[no-untyped-def]
         self._count()

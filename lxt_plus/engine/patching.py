@@ -13,10 +13,11 @@
 from __future__ import annotations
 
 import contextvars
+import inspect
 import threading
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import torch
@@ -328,10 +329,41 @@ def dual_embeddings(model: nn.Module, **inputs: torch.Tensor) -> tuple[torch.Ten
     return getattr(image, "pooler_output", image), getattr(text, "pooler_output", text)
 
 
+def _forward_parameters(model: nn.Module) -> set[str]:
+    """The parameter names of the model class's ``forward`` (not of a rule's wrapper around it)."""
+    try:
+        return set(inspect.signature(type(model).forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _image_layouts(model: nn.Module, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """One small image in each layout that vision-language models take, the plain one first:
+    ``(images, C, H, W)``; with ``image_sizes`` (Pixtral, Mistral3); ``(rows, images, C, H, W)``
+    (Idefics3, SmolVLM), with ``image_sizes`` too (LLaVA-Next's tiles); Qwen2-VL's pre-cut patches
+    ``(patches, C·T·P·P)`` with ``image_grid_thw``."""
+    c, h, w = image_shape(model)
+    dtype = model_dtype(model)
+    pixels = torch.randn(1, c, h, w, device=device, dtype=dtype)
+    sizes = torch.tensor([[h, w]], device=device)
+    yield {"pixel_values": pixels}
+    yield {"pixel_values": pixels, "image_sizes": sizes}
+    yield {"pixel_values": pixels[:, None]}
+    yield {"pixel_values": pixels[:, None], "image_sizes": sizes}
+    vision = getattr(cast(Any, model).config, "vision_config", None)
+    layout = [getattr(vision, n, None) for n in ("patch_size", "temporal_patch_size", "spatial_merge_size")]
+    if all(isinstance(v, int) and v > 0 for v in layout):
+        patch, frames, merge = (int(v) for v in cast(list[int], layout))
+        side = 2 * merge
+        flat = torch.randn(side * side, c * frames * patch * patch, device=device, dtype=dtype)
+        yield {"pixel_values": flat, "image_grid_thw": torch.tensor([[1, side, side]], device=device)}
+
+
 def _with_image(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-    """A vision-language model's probe: the text probe with an image and as many image placeholder
-    tokens as its vision tower gives features, so the check covers the vision tower too; ``None``
-    for a model without images (or one whose image features this cannot count)."""
+    """A vision-language model's probe: the text probe with an image (in the first layout of
+    :func:`_image_layouts` its ``get_image_features`` takes) and as many image placeholder tokens
+    as its vision tower gives features, so the check covers the vision tower too; ``None`` for a
+    model without images (or one whose image input none of those layouts is)."""
     cfg = cast(Any, model).config
     token = getattr(cfg, "image_token_id", None)
     token = getattr(cfg, "image_token_index", None) if token is None else token
@@ -339,19 +371,23 @@ def _with_image(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, 
     if getattr(cfg, "vision_config", None) is None or not isinstance(token, int) or get is None:
         return None
     ids = inputs["input_ids"]
-    pixels = torch.randn(1, *image_shape(model), device=ids.device, dtype=model_dtype(model))
-    try:
-        with torch.no_grad():
-            out = get(pixel_values=pixels)
-    except Exception:  # noqa: BLE001 - a processor-specific input (image sizes, grids): text probe only
-        return None
-    feats = getattr(out, "pooler_output", out)
-    parts = feats if isinstance(feats, (list, tuple)) else [feats]
-    if not parts or not all(isinstance(f, torch.Tensor) for f in parts):
-        return None
-    count = sum(f.reshape(-1, f.shape[-1]).shape[0] for f in parts)
-    image = torch.full((1, count), token, dtype=ids.dtype, device=ids.device)
-    return {**inputs, "input_ids": torch.cat([ids[:, :2], image, ids[:, 2:]], 1), "pixel_values": pixels}
+    for image in _image_layouts(model, ids.device):
+        try:
+            with torch.no_grad():
+                out = get(**image)
+        except Exception:  # noqa: BLE001 - not this layout
+            continue
+        feats = getattr(out, "pooler_output", out)
+        parts = feats if isinstance(feats, (list, tuple)) else [feats]
+        if not parts or not all(isinstance(f, torch.Tensor) for f in parts):
+            continue
+        count = sum(f.reshape(-1, f.shape[-1]).shape[0] for f in parts)
+        placeholders = torch.full((1, count), token, dtype=ids.dtype, device=ids.device)
+        probe = {**inputs, "input_ids": torch.cat([ids[:, :2], placeholders, ids[:, 2:]], 1), **image}
+        if "mm_token_type_ids" in _forward_parameters(model):  # Qwen2-VL: 1 marks an image token
+            probe["mm_token_type_ids"] = (probe["input_ids"] == token).long()
+        return probe
+    return None
 
 
 def _probe_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:

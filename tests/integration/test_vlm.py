@@ -254,7 +254,7 @@ def test_generation_rows_equal_explain(llava: nn.Module) -> None:
 def test_patchified_pixels_are_refused_by_name(llava: nn.Module) -> None:
     from lxt_plus.errors import UnsupportedModelError
 
-    with pytest.raises(UnsupportedModelError, match="patches, not images"):
+    with pytest.raises(UnsupportedModelError, match="nor pre-cut patches with image_grid_thw"):
         lxt_plus.explain_generation(
             llava,
             None,
@@ -296,3 +296,71 @@ def test_text_and_images_with_a_processor(llava: nn.Module) -> None:
 
     with pytest.raises(InputError, match="go together"):
         lxt_plus.explain(llava, "Describe the image.", images=pixels)
+
+
+# ----------------------------------------------------------------------------- other input layouts
+def _zoo_vlm(model_type: str) -> tuple[nn.Module, dict[str, Tensor]]:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import zoo
+
+    model = zoo.build(model_type, "image-text")
+    with torch.no_grad():  # Gemma3 initialises its image projection to zero: nothing would reach the image
+        for weight in model.parameters():
+            if weight.dim() >= 2 and not weight.any():
+                weight.normal_(0, 0.2)
+    return model, zoo._vlm_inputs(model)
+
+
+def test_pre_cut_patches_go_back_into_the_image() -> None:
+    """Qwen2-VL's processor cuts each image into merge windows of patches, each repeated over
+    ``temporal_patch_size`` frames; ``as_images`` puts them back where they came from."""
+    import numpy as np
+    from transformers import Qwen2VLImageProcessorPil
+
+    from lxt_plus.api.explain import as_images
+
+    model, _ = _zoo_vlm("qwen2_vl")
+    v = model.config.vision_config
+    proc = Qwen2VLImageProcessorPil(
+        patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size
+    )
+    gen = np.random.default_rng(0)
+    images = [(gen.random((16, 24, 3)) * 255).astype(np.uint8) for _ in range(2)]
+    out = proc(images=images, return_tensors="pt", do_resize=False, do_rescale=False, do_normalize=False)
+    assert out["pixel_values"].dim() == 2
+    back = as_images(model, out["pixel_values"].double(), out["image_grid_thw"], copies="mean")
+    want = torch.stack([torch.from_numpy(i).permute(2, 0, 1).double() for i in images])
+    torch.testing.assert_close(back, want, rtol=0, atol=0)
+    summed = as_images(model, out["pixel_values"].double(), out["image_grid_thw"])
+    torch.testing.assert_close(summed, v.temporal_patch_size * want)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "smolvlm", "gemma3", "paligemma"])
+def test_other_layouts_give_pixel_relevance(model_type: str) -> None:
+    """Pre-cut patches (Qwen2-VL), ``(rows, images, C, H, W)`` (SmolVLM), pooled patch tokens
+    (Gemma3) and a projector into the text width (PaliGemma): relevance lands on the image grid,
+    sums with the tokens' and positions' to the logit, and a generation row equals ``explain``."""
+    model, prompt = _zoo_vlm(model_type)
+    one = lxt_plus.explain(model, prompt, rules="conservative-check")
+    images = one.images
+    assert images is not None and images.channels.dim() == 4 and images.channels.shape[1] == 3
+    c = one.conservation
+    assert abs(float(c["absorbed"][0])) <= 1e-4 * abs(float(c["target_logit"][0]))
+    assert float(images.relevance.abs().sum()) > 0
+    gen = lxt_plus.explain_generation(model, None, prompt, continuation=[9, 12], rules="attnlrp")
+    assert gen.image_matrix is not None
+    n_p = gen.prompt_length
+    for t in range(2):
+        row_prompt = {**prompt, "input_ids": gen.token_ids[None, : n_p + t]}
+        for key in ("mm_token_type_ids", "token_type_ids"):  # text tokens after the prompt: type 0
+            if key in prompt:
+                row_prompt[key] = torch.nn.functional.pad(prompt[key], (0, t))
+        row = lxt_plus.explain(model, row_prompt, target=int(gen.token_ids[n_p + t]), rules="attnlrp")
+        scale = float(row.relevance.abs().max())
+        torch.testing.assert_close(
+            gen.matrix[t, : n_p + t].double(), row.relevance[0].double(), rtol=1e-4, atol=1e-4 * scale
+        )
+        assert row.image_relevance is not None
+        torch.testing.assert_close(
+            gen.image_matrix[t].double(), row.image_relevance.double(), rtol=1e-4, atol=1e-4 * scale
+        )
