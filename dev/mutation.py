@@ -716,6 +716,13 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     # ------------------------------------------------------------------ vision-language input layouts
     M(
+        "pair-view-ignores-the-hovered-token",
+        "lxt_plus/render/html.py",
+        "function show(t){img.src=d.images[t];",
+        "function show(t){img.src=d.images[0];",
+        ("tests/integration/test_html_browser.py",),
+    ),
+    M(
         "pre-cut-patches-misplaced",
         "lxt_plus/api/explain.py",
         "    return x.permute(0, 5, 1, 3, 6, 2, 4, 7).reshape(n, channels, gh * patch, gw * patch)",

@@ -316,10 +316,55 @@ def similarity_html(sim: SimilarityExplanation, normalize: str = "max") -> str:
     )
     url = png_data_url(colors.overlay(sim.images.pixels[0], image, limit))
     picture = f'<img class="lxt-img" alt="image relevance" style="image-rendering:pixelated;width:224px" src="{url}">'
-    return (
-        f'<div class="lxt">{CSS}{head}<div class="lxt-tokens" dir="auto">{spans}</div>{picture}'
-        f"{legend_html(limit)}</div>"
+    if sim.pairs is None:
+        return (
+            f'<div class="lxt">{CSS}{head}<div class="lxt-tokens" dir="auto">{spans}</div>{picture}'
+            f"{legend_html(limit)}</div>"
+        )
+    uid = f"lxt-pairs-{uuid.uuid4().hex[:12]}"
+    urls, sums = _pair_images(sim)
+    data = {"images": urls, "sums": sums, "tokens": tokens}
+    pairs = (
+        '<div class="lxt-pairs" style="margin-top:6px">BiLRP: the patches that match the hovered token '
+        '(one colour scale for all tokens) <b class="lxt-pair-tok">'
+        f"{escape(json.dumps(tokens[0], ensure_ascii=False))} {escape(sums[0])}</b><br>"
+        f'<img class="lxt-pair-img" alt="pair relevance" style="image-rendering:pixelated;width:224px" '
+        f'src="{urls[0]}"></div>'
     )
+    return (
+        f'<div class="lxt" id="{uid}">{CSS}{head}<div class="lxt-tokens" dir="auto">{spans}</div>{picture}'
+        f"{legend_html(limit)}{pairs}"
+        f'<script type="application/json" class="lxt-data">{safe_json(data)}</script>'
+        f"<script>{_PAIRS_SCRIPT % json.dumps(uid)}</script></div>"
+    )
+
+
+_PAIRS_SCRIPT = """(function(){
+var root=document.getElementById(%s);if(!root)return;
+var d=JSON.parse(root.querySelector('script.lxt-data').textContent);
+var toks=root.querySelectorAll('.lxt-tok'),img=root.querySelector('.lxt-pair-img');
+var label=root.querySelector('.lxt-pair-tok');
+function show(t){img.src=d.images[t];label.textContent=JSON.stringify(d.tokens[t])+' '+d.sums[t];}
+for(var i=0;i<toks.length;i++){(function(t){
+ toks[t].addEventListener('mouseenter',function(){show(t);});
+ toks[t].addEventListener('click',function(){show(t);});
+})(i);}
+})();"""
+
+
+def _pair_images(sim: SimilarityExplanation) -> tuple[list[str], list[str]]:
+    """One overlay per caption token of its BiLRP pair relevance over the image patches, all on
+    the scale of the largest pair, and each token's pair total."""
+    assert sim.pairs is not None
+    pairs = sim.pairs.float()
+    size = tuple(sim.images.pixels.shape[-2:])
+    limit = float(pairs.abs().max()) or 1.0
+    urls, sums = [], []
+    for t in range(pairs.shape[-1]):
+        grid = torch.nn.functional.interpolate(pairs[None, None, ..., t], size=size, mode="nearest")[0, 0]
+        urls.append(png_data_url(colors.overlay(sim.images.pixels[0], grid, limit)))
+        sums.append(f"{float(pairs[..., t].sum()):+.4g}")
+    return urls, sums
 
 
 def segments_html(segs: Segments) -> str:

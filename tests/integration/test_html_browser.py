@@ -159,6 +159,42 @@ def test_generation_hover_shows_the_image_relevance(tmp_path: Path) -> None:
     assert abs(after[0, 0, 0] - after[0, 0, 2]) < 0.05  # top-left untinted
 
 
+def test_similarity_pairs_hover_shows_the_token_patches(tmp_path: Path) -> None:
+    """BiLRP's pair view: hovering a caption token swaps in the patches that match it."""
+    from lxt_plus.results.images import ImageRelevance
+    from lxt_plus.results.similarity import SimilarityExplanation
+
+    pixels = torch.linspace(-1, 1, 3 * 4 * 4).reshape(1, 3, 4, 4)
+    pairs = torch.zeros(2, 2, 3)
+    pairs[0, 0, 1] = 2.0  # "Ġcat": the top-left patch
+    pairs[1, 1, 2] = -1.0  # "Ġsits": the bottom-right patch, against
+    sim = SimilarityExplanation(
+        score=1.0,
+        tokens=["<s>", "Ġcat", "Ġsits"],
+        token_relevance=torch.tensor([0.0, 0.6, 0.2]),
+        images=ImageRelevance(torch.zeros(1, 3, 4, 4), pixels, patch_size=2),
+        position_relevance=0.0,
+        rules="attnlrp",
+        pairs=pairs,
+    )
+    html = sim.to_html()
+    urls = re.findall(r'"(data:image/png;base64,[^"]+)"', html)
+    assert len(set(urls)) == 3  # one pair map per token
+    hover = "<script>var t=document.querySelectorAll('.lxt-tok');t[2].dispatchEvent(new Event('mouseenter'));</script>"
+    dom = _chromium("--dump-dom", _page(tmp_path / "pairs.html", html, hover)).stdout
+    src = re.search(r'<img class="lxt-pair-img"[^>]*src="([^"]+)"', dom)
+    initial = re.search(r'<img class="lxt-pair-img"[^>]*src="([^"]+)"', html)
+    assert src is not None and initial is not None and src.group(1) != initial.group(1)
+    label = re.search(r'class="lxt-pair-tok">([^<]*)<', dom)
+    assert label is not None and label.group(1) == '" sits" -1'
+
+    from matplotlib.image import imread
+
+    after = imread(io.BytesIO(base64.b64decode(src.group(1).split(",", 1)[1])), format="png")[..., :3]
+    assert after[3, 3, 2] > after[3, 3, 0] + 0.2  # bottom-right tinted blue: against the match
+    assert abs(after[0, 0, 0] - after[0, 0, 2]) < 0.05  # top-left untinted for this token
+
+
 def test_summary_matches_the_colours_on_screen(tmp_path: Path) -> None:
     """What the sentence says is red is red in the page, what it says is blue is blue."""
     exp = Explanation(
