@@ -31,9 +31,14 @@ def test_no_architecture_is_silently_wrong(head: str) -> None:
     # the harness must really build the zoo: a test over nothing would pass
     assert (
         built
-        >= {"causal-lm": 100, "seqcls": 70, "seq2seq": 15, "masked-lm": 30, "image-cls": 35, "image-text": 20}[
-            head
-        ]
+        >= {
+            "causal-lm": 100,
+            "seqcls": 70,
+            "seq2seq": 15,
+            "masked-lm": 30,
+            "image-cls": 35,
+            "image-text": 20,
+        }[head]
     ), counts
     assert counts["conserves"] >= 0.85 * built, counts
     for s in rows:
