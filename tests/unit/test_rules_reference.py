@@ -350,6 +350,22 @@ class GatedMLP(nn.Module):
         return self.down(self.act(self.gate(x)) * self.up(x))
 
 
+def _gated_messages(
+    x: Tensor, g: Tensor, weights: tuple[Tensor, Tensor, Tensor], shift: float
+) -> tuple[list[float], list[float], list[float], list[float], list[float]]:
+    """One row through ``down((up(x) + shift) · silu(gate(x)))`` in plain floats, with LRP-0's
+    message into the product from the output relevance ``out · g``: ``(gate, up, act, prod, R(prod))``."""
+    wg, wu, wd = weights
+    gate = [sum(float(x[i]) * float(wg[k, i]) for i in range(5)) for k in range(7)]
+    up = [sum(float(x[i]) * float(wu[k, i]) for i in range(5)) for k in range(7)]
+    act = [v / (1.0 + math.exp(-v)) for v in gate]
+    prod = [(u + shift) * a for a, u in zip(act, up, strict=True)]
+    out = [sum(prod[k] * float(wd[j, k]) for k in range(7)) for j in range(5)]
+    r_out = [out[j] * float(g[j]) for j in range(5)]
+    r_prod = [sum(prod[k] * float(wd[j, k]) * r_out[j] / out[j] for j in range(5)) for k in range(7)]
+    return gate, up, act, prod, r_prod
+
+
 def test_uniform_rule_on_gated_product() -> None:
     """Uniform rule (Achtibat et al. 2024, Prop. 3.3): ``R(a) = R(u) = R(a·u)/2``; with LRP-0 on the
     projections and the identity rule on the activation the block conserves relevance."""
@@ -392,13 +408,7 @@ def test_uniform_rule_on_gated_product() -> None:
     wg, wu, wd = (m.weight.detach() for m in (mlp.gate, mlp.up, mlp.down))
     r_in = torch.zeros_like(x)
     for n in range(x.shape[0]):
-        gate = [sum(float(x[n, i]) * float(wg[k, i]) for i in range(5)) for k in range(7)]
-        up = [sum(float(x[n, i]) * float(wu[k, i]) for i in range(5)) for k in range(7)]
-        act = [v / (1.0 + math.exp(-v)) for v in gate]
-        prod = [a * u for a, u in zip(act, up, strict=True)]
-        out = [sum(prod[k] * float(wd[j, k]) for k in range(7)) for j in range(5)]
-        r_out = [out[j] * float(g[n, j]) for j in range(5)]
-        r_prod = [sum(prod[k] * float(wd[j, k]) * r_out[j] / out[j] for j in range(5)) for k in range(7)]
+        gate, up, act, prod, r_prod = _gated_messages(x[n], g[n], (wg, wu, wd), 0.0)
         r_act = [0.5 * r for r in r_prod]  # uniform rule: half to each factor
         r_up = [0.5 * r for r in r_prod]
         r_gate = r_act  # identity rule through SiLU
@@ -416,15 +426,8 @@ def test_uniform_rule_on_gated_product() -> None:
     torch.testing.assert_close(r_lib.sum(-1), (y * g).sum(-1), **TIGHT)  # conserved end to end
 
 
-class ShiftedGatedMLP(nn.Module):
+class ShiftedGatedMLP(GatedMLP):
     """``down((up(x) + 1) · act(gate(x)))``: GPT-OSS's and MiniMax-M3's SwiGLU, without clamps."""
-
-    def __init__(self, d: int = 5, hidden: int = 7) -> None:
-        super().__init__()
-        self.gate = nn.Linear(d, hidden, bias=False)
-        self.up = nn.Linear(d, hidden, bias=False)
-        self.down = nn.Linear(hidden, d, bias=False)
-        self.act = nn.SiLU()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down((self.up(x) + 1) * self.act(self.gate(x)))
@@ -448,13 +451,7 @@ def test_product_with_a_shifted_factor(constant_gate: bool) -> None:
     wg, wu, wd = (m.weight.detach() for m in (mlp.gate, mlp.up, mlp.down))
     r_in = torch.zeros_like(x)
     for n in range(x.shape[0]):
-        gate = [sum(float(x[n, i]) * float(wg[k, i]) for i in range(5)) for k in range(7)]
-        up = [sum(float(x[n, i]) * float(wu[k, i]) for i in range(5)) for k in range(7)]
-        act = [v / (1.0 + math.exp(-v)) for v in gate]
-        prod = [(u + 1.0) * a for a, u in zip(act, up, strict=True)]
-        out = [sum(prod[k] * float(wd[j, k]) for k in range(7)) for j in range(5)]
-        r_out = [out[j] * float(g[n, j]) for j in range(5)]
-        r_prod = [sum(prod[k] * float(wd[j, k]) * r_out[j] / out[j] for j in range(5)) for k in range(7)]
+        gate, up, act, prod, r_prod = _gated_messages(x[n], g[n], (wg, wu, wd), 1.0)
         share = 1.0 if constant_gate else 0.5  # of u·a's relevance that goes to u
         r_up = [r_prod[k] * share * up[k] * act[k] / prod[k] for k in range(7)]
         r_act = [r_prod[k] * ((1 - share) * up[k] * act[k] + act[k]) / prod[k] for k in range(7)]
