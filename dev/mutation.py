@@ -533,8 +533,8 @@ MUTANTS: tuple[Mutant, ...] = (
     M(
         "generation-image-rows-swapped",
         "lxt_plus/api/generation.py",
-        "torch.stack([as_images(cast(nn.Module, model), r, grid) for r in rel]).sum(2).cpu()",
-        "torch.stack([as_images(cast(nn.Module, model), r, grid) for r in rel]).sum(2).flip(0).cpu()",
+        "image_rows.append(torch.stack([to_images(r) for r in rel]).sum(2).cpu())",
+        "image_rows.append(torch.stack([to_images(r) for r in rel]).sum(2).flip(0).cpu())",
         ("tests/integration/test_vlm.py::test_generation_rows_equal_explain",),
     ),
     M(

@@ -23,6 +23,7 @@ from lxt_plus.engine.detect import (
     is_hf_model,
     is_position_embedding,
     patch_size,
+    precut_patch_layout,
 )
 from lxt_plus.engine.functional import acc, input_relevance
 from lxt_plus.engine.memory import check_fits
@@ -817,16 +818,22 @@ def pixel_grid(leaf: Tensor) -> Tensor | None:
 
 def _patch_layout(model: nn.Module) -> tuple[int, int, int]:
     """``(patch, temporal, merge)`` sizes of a vision tower that takes pre-cut patches (Qwen2-VL)."""
-    vision = getattr(getattr(model, "config", None), "vision_config", None)
-    sizes = tuple(
-        getattr(vision, n, None) for n in ("patch_size", "temporal_patch_size", "spatial_merge_size")
-    )
-    if not all(isinstance(v, int) and v > 0 for v in sizes):
+    layout = precut_patch_layout(model)
+    if layout is None:
         raise UnsupportedModelError(
             f"{type(model).__name__} takes pre-cut patches but its vision config does not give patch_size, "
             "temporal_patch_size and spatial_merge_size; lxt_plus cannot map the relevance onto the image"
         )
-    return cast(tuple[int, int, int], sizes)
+    return layout
+
+
+def _unmapped(model: nn.Module, pixels: Tensor) -> UnsupportedModelError:
+    """The error for ``pixel_values`` in a layout :func:`as_images` cannot read."""
+    return UnsupportedModelError(
+        f"{type(model).__name__} takes pixel_values of shape {tuple(pixels.shape)} (neither images laid out as "
+        "(images, C, H, W) or (rows, images, C, H, W), nor pre-cut patches with image_grid_thw); "
+        "lxt_plus cannot map that relevance back onto the image"
+    )
 
 
 def _check_grid(model: nn.Module, pixels: Tensor, grid: Tensor) -> tuple[int, int]:
@@ -864,11 +871,7 @@ def as_images(model: nn.Module, t: Tensor, grid: Tensor | None, copies: str = "s
     if t.dim() == 5:
         return t.flatten(0, 1)
     if t.dim() != 2 or grid is None:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} takes pixel_values of shape {tuple(t.shape)} (neither images laid out as "
-            "(images, C, H, W) or (rows, images, C, H, W), nor pre-cut patches with image_grid_thw); "
-            "lxt_plus cannot map that relevance back onto the image"
-        )
+        raise _unmapped(model, t)
     patch, frames, merge = _patch_layout(model)
     gh, gw = _check_grid(model, t, grid)
     n = grid.shape[0]
@@ -891,11 +894,10 @@ def image_owners(model: nn.Module, pixels: Tensor, rows: int, grid: Tensor | Non
         _patch_layout(model)
         _check_grid(model, pixels, grid)
         n = grid.shape[0]
-    elif pixels.dim() == 4:
-        n = pixels.shape[0]
+    elif pixels.dim() in (4, 5):  # images, or rows' images that do not match the rows
+        n = pixels.shape[0] if pixels.dim() == 4 else pixels.shape[0] * pixels.shape[1]
     else:
-        as_images(model, pixels, grid)  # raises, naming the layout
-        n = 0
+        raise _unmapped(model, pixels)
     if n == rows:
         return torch.arange(n)
     if rows == 1:

@@ -10,7 +10,7 @@ forward graph is built once for all targets. Row ``t`` equals
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
@@ -317,7 +317,10 @@ def _attribute(
             raise NumericalError(
                 f"a target logit is not finite in dtype {logits.dtype}; use float32 or bfloat16"
             )
-        matrix, image_matrix = _matrix(picked, (leaf,), n, progress, pixels, angles, model)
+        grid = None if pixels is None else pixel_grid(pixels)
+        matrix, image_matrix = _matrix(
+            picked, (leaf,), n, progress, pixels, angles, lambda r: as_images(model, r, grid)
+        )
     if not torch.isfinite(matrix).all():
         raise NumericalError(f"relevance has NaN/inf (model dtype {leaf.dtype}); use bfloat16 or float32")
     return matrix, picked.detach().cpu(), image_matrix
@@ -368,13 +371,14 @@ def _matrix(
     progress: bool,
     pixels: Tensor | None = None,
     positions: Sequence[Tensor] = (),
-    model: nn.Module | None = None,
+    to_images: Callable[[Tensor], Tensor] = lambda r: r,
 ) -> tuple[Tensor, Tensor | None]:
     """The ``(n_generated, n)`` relevance matrix: row ``t`` is ``Σ_d x · ∂picked[t]/∂x`` over the
     leaves' columns side by side (``n - 1`` in all: every token but the last is read), zero at and
     after the column of generated token ``t`` itself (the last ``n_generated`` of the ``n`` tokens).
     With ``pixels`` (a vision-language prompt's images, a leaf too), also their relevance per row,
-    ``(n_generated, images, H, W)``, from the same backward passes. ``positions`` (leaves laid
+    ``(n_generated, images, H, W)``, from the same backward passes; ``to_images`` lays one
+    target's pixel relevance out as images (:func:`~lxt_plus.api.explain.as_images`). ``positions`` (leaves laid
     out along the tokens: rotary angles, position tables) add each position's relevance to its
     token's column (PA-LRP's position-token pairs).
     Targets share batched backward passes of up to ``_MAX_CHUNK`` rows (see :func:`_grads`)."""
@@ -402,10 +406,7 @@ def _matrix(
             rows.append(row.cpu())
             if pixels is not None:
                 rel = acc(pixels.detach())[None] * acc(grads[len(leaves)])
-                grid = pixel_grid(pixels)
-                image_rows.append(
-                    torch.stack([as_images(cast(nn.Module, model), r, grid) for r in rel]).sum(2).cpu()
-                )
+                image_rows.append(torch.stack([to_images(r) for r in rel]).sum(2).cpu())
             bar.update(stop - start)
     full = torch.cat(rows)  # (n_g, n - 1)
     matrix = torch.zeros(n_g, n, dtype=full.dtype)

@@ -33,6 +33,7 @@ __all__ = [
     "token_embeddings",
     "embedding_leaves",
     "position_buffers",
+    "precut_patch_layout",
     "decoder_start",
 ]
 
@@ -158,6 +159,17 @@ def patch_size(model: nn.Module) -> int | None:
     if isinstance(size, (list, tuple)) and size:
         size = size[0]
     return int(size) if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def precut_patch_layout(model: nn.Module) -> tuple[int, int, int] | None:
+    """``(patch, temporal, merge)`` sizes of a vision tower that takes pre-cut patches (Qwen2-VL's
+    ``patch_size``, ``temporal_patch_size`` and ``spatial_merge_size``), or ``None``."""
+    vision = getattr(getattr(model, "config", None), "vision_config", None)
+    sizes = [getattr(vision, n, None) for n in ("patch_size", "temporal_patch_size", "spatial_merge_size")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
+        return None
+    patch, frames, merge = (int(v) for v in cast(list[int], sizes))
+    return patch, frames, merge
 
 
 def input_device(model: nn.Module) -> torch.device:

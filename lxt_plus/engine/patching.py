@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import contextvars
-import inspect
 import threading
 import warnings
 import weakref
@@ -25,6 +24,7 @@ from torch import nn
 
 from lxt_plus.engine.attention import AttentionSpec, own_backward, probs_match, qkv_rule, rule_attention
 from lxt_plus.engine.detect import (
+    accepts,
     decoder_start,
     embedding_leaves,
     image_shape,
@@ -32,6 +32,7 @@ from lxt_plus.engine.detect import (
     input_embeddings,
     is_hf_model,
     model_dtype,
+    precut_patch_layout,
 )
 from lxt_plus.engine.hf import ATTENTION_KEYS, original_attention, register_keys, switch_configs
 from lxt_plus.engine.install import ATTENTION_RULES, Site
@@ -329,14 +330,6 @@ def dual_embeddings(model: nn.Module, **inputs: torch.Tensor) -> tuple[torch.Ten
     return getattr(image, "pooler_output", image), getattr(text, "pooler_output", text)
 
 
-def _forward_parameters(model: nn.Module) -> set[str]:
-    """The parameter names of the model class's ``forward`` (not of a rule's wrapper around it)."""
-    try:
-        return set(inspect.signature(type(model).forward).parameters)
-    except (TypeError, ValueError):
-        return set()
-
-
 def _image_layouts(model: nn.Module, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
     """One small image in each layout that vision-language models take, the plain one first:
     ``(images, C, H, W)``; with ``image_sizes`` (Pixtral, Mistral3); ``(rows, images, C, H, W)``
@@ -350,10 +343,9 @@ def _image_layouts(model: nn.Module, device: torch.device) -> Iterator[dict[str,
     yield {"pixel_values": pixels, "image_sizes": sizes}
     yield {"pixel_values": pixels[:, None]}
     yield {"pixel_values": pixels[:, None], "image_sizes": sizes}
-    vision = getattr(cast(Any, model).config, "vision_config", None)
-    layout = [getattr(vision, n, None) for n in ("patch_size", "temporal_patch_size", "spatial_merge_size")]
-    if all(isinstance(v, int) and v > 0 for v in layout):
-        patch, frames, merge = (int(v) for v in cast(list[int], layout))
+    layout = precut_patch_layout(model)
+    if layout is not None:
+        patch, frames, merge = layout
         side = 2 * merge
         flat = torch.randn(side * side, c * frames * patch * patch, device=device, dtype=dtype)
         yield {"pixel_values": flat, "image_grid_thw": torch.tensor([[1, side, side]], device=device)}
@@ -384,7 +376,7 @@ def _with_image(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, 
         count = sum(f.reshape(-1, f.shape[-1]).shape[0] for f in parts)
         placeholders = torch.full((1, count), token, dtype=ids.dtype, device=ids.device)
         probe = {**inputs, "input_ids": torch.cat([ids[:, :2], placeholders, ids[:, 2:]], 1), **image}
-        if "mm_token_type_ids" in _forward_parameters(model):  # Qwen2-VL: 1 marks an image token
+        if accepts(model, "mm_token_type_ids"):  # Qwen2-VL: 1 marks an image token
             probe["mm_token_type_ids"] = (probe["input_ids"] == token).long()
         return probe
     return None

@@ -639,7 +639,7 @@ def _made_activation(module: nn.Module, args: Any, out: Any) -> Any:
     """Forward hook (global, held by :func:`_made_activations` for one head call): the identity
     rule on an element-wise activation module called in the head, outside the backbone."""
     mode = _HEAD_MODE.get()
-    if mode is None or mode.suspended:  # another thread's module call
+    if mode is None or mode.suspended:  # another thread's or context's module call, or the backbone's
         return None
     cls = type(module)
     if cls.__module__ not in _ACTIVATION_HOMES or cls.__name__ in _NOT_ELEMENTWISE:
