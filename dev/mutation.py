@@ -44,6 +44,8 @@ class Mutant:
 
 M = Mutant
 ZOO_GAPS = "tests/integration/test_zoo.py::test_formerly_refused_architectures_conserve"
+PADDED_ROWS = "tests/integration/test_zoo.py::test_padded_rows_equal_their_texts_alone"
+AUDIT = "tests/integration/test_audit.py"
 MUTANTS: tuple[Mutant, ...] = (
     # ------------------------------------------------------------------ autograd functions
     M(
@@ -713,6 +715,71 @@ MUTANTS: tuple[Mutant, ...] = (
         "        with position_buffer_leaves(model, lambda out: added_leaf(out, True)):",
         "        with contextlib.nullcontext():",
         ("tests/integration/test_positional.py", ZOO_GAPS),
+    ),
+    # ------------------------------------------------------------------ padded batches
+    M(
+        "shared-position-table-one-for-all-rows",
+        "lxt_plus/api/explain.py",
+        "            elif store and value.dim() == store[0].dim() - 1 and value.shape[-1] == store[0].shape[-1]:",
+        "            elif False:",
+        (PADDED_ROWS,),
+    ),
+    M(
+        "padding-relevance-dropped",
+        "lxt_plus/api/explain.py",
+        "        extra_rel = _padding_share(rel, mask, picked, extra_rel, type(model).__name__)",
+        "        pass",
+        ("tests/integration/test_zoo.py::test_padding_the_model_reads_is_reported",),
+    ),
+    M(
+        "zero-based-positions-for-ids-numbered-positions",
+        "lxt_plus/api/explain.py",
+        '    return not any(hasattr(m, "create_position_ids_from_input_ids") for m in model.modules())',
+        "    return True",
+        (PADDED_ROWS,),
+    ),
+    M(
+        "left-padded-rows-keep-padded-positions",
+        "lxt_plus/api/explain.py",
+        '            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)',
+        "            pass",
+        (PADDED_ROWS,),
+    ),
+    # ------------------------------------------------------------------ audit's module flows
+    M(
+        "audit-ignores-hidden-states-read-beside-the-output",
+        "lxt_plus/evaluation/audit.py",
+        '            inner = sum(meter.aside(d) for d in meter.flows if d.path.startswith(f.path + "."))',
+        "            inner = 0.0",
+        (AUDIT,),
+    ),
+    M(
+        "audit-judges-stacks-that-embed-their-tokens",
+        "lxt_plus/evaluation/audit.py",
+        '            if any(src.startswith(f.path + ".") for src in sources):',
+        "            if False:",
+        (AUDIT,),
+    ),
+    M(
+        "audit-reads-outputs-after-in-place-updates",
+        "lxt_plus/evaluation/audit.py",
+        "        value = t.detach().clone()",
+        "        value = t.detach()",
+        (AUDIT,),
+    ),
+    M(
+        "audit-measures-tuples-as-returned",
+        "lxt_plus/evaluation/audit.py",
+        "            return tuple(self._copy(t, flow.outputs) if _wanted(t) else t for t in out)",
+        "            flow.outputs += [self.measure(t) for t in out if _wanted(t)]\n            return None",
+        (AUDIT,),
+    ),
+    M(
+        "audit-judges-incomplete-model-outputs",
+        "lxt_plus/evaluation/audit.py",
+        "        flow.complete = len(found) <= 1",
+        "        flow.complete = True",
+        (AUDIT,),
     ),
     # ------------------------------------------------------------------ vision-language input layouts
     M(

@@ -548,3 +548,91 @@ def status(model_type: str, head: str, preset: str, tol: float = 1e-4) -> Status
     if err <= tol:
         return Status(model_type, head, preset, "conserves", error=err)
     return Status(model_type, head, preset, "wrong", f"relevance {total:.6g} vs logit {logit:.6g}", err)
+
+
+def batch_status(
+    model_type: str, head: str, side: str = "right", preset: str = "conservative-check", tol: float = 1e-4
+) -> Status:
+    """Two texts in one batch padded on ``side``: each row conserves, and each row's relevance
+    equals the unpadded text explained alone, unless the model reads its padding (lxt_plus warned
+    that relevance lands on it, or the padded row's logit is another one): then conservation alone,
+    with the padding's share reported."""
+    try:
+        model = build(model_type, head)
+        inputs = _inputs(model)
+    except Exception as exc:  # noqa: BLE001
+        return Status(model_type, head, preset, "not built", f"{type(exc).__name__}: {str(exc)[:160]}")
+    if set(inputs) != {"input_ids"}:  # images and decoder prefixes are batched elsewhere
+        return Status(model_type, head, preset, "not built", "not a plain text input")
+    ids = inputs["input_ids"][0].tolist()
+    pad = model.config.pad_token_id if isinstance(model.config.pad_token_id, int) else 0
+    short = [ids[1], ids[2], ids[3], ids[-1]]
+    batch = torch.tensor([ids, short + [pad, pad] if side == "right" else [pad, pad] + short])
+    mask = torch.tensor([[1] * 6, [1, 1, 1, 1, 0, 0] if side == "right" else [0, 0, 1, 1, 1, 1]])
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model(input_ids=batch, attention_mask=mask)
+    except Exception as exc:  # noqa: BLE001 - the model does not take this batch even unpatched
+        return Status(model_type, head, preset, "not built", f"forward fails unpatched: {type(exc).__name__}")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = lxt_plus.explain(model, batch, attention_mask=mask, rules=preset)
+            singles = [
+                lxt_plus.explain(model, row[m.bool()], rules=preset)
+                for row, m in zip(batch, mask, strict=True)
+            ]
+    except UnsupportedModelError as exc:
+        return Status(model_type, head, preset, "refused", str(exc))
+    except Exception as exc:  # noqa: BLE001 - anything else is a bug, recorded
+        return Status(model_type, head, preset, "failed", f"{type(exc).__name__}: {str(exc)[:300]}")
+    # a model that reads its padding (FNet's Fourier mixing): the padded row is another input
+    reads_padding = any("padding tokens influence" in str(w.message) for w in caught) or any(
+        abs(float(single.target_logit[0]) - float(result.target_logit[r]))
+        > tol * abs(float(single.target_logit[0])) + 1e-7
+        for r, single in enumerate(singles)
+    )
+    c = result.conservation
+    logit = torch.as_tensor(c["target_logit"], dtype=torch.float64)
+    err = float(
+        (torch.as_tensor(c["absorbed"], dtype=torch.float64).abs() / logit.abs().clamp_min(1e-6)).max()
+    )
+    if err > tol:
+        return Status(
+            model_type, head, preset, "wrong", f"a row of the batch misses its logit by {err:.1e}", err
+        )
+    if not reads_padding:
+        for r, (single, m) in enumerate(zip(singles, mask, strict=True)):
+            got = result.batch_relevance[r][m.bool()].double()
+            want = single.relevance.double()
+            scale = float(want.abs().sum()) + abs(float(single.conservation["target_logit"]))
+            diff = float((got - want).abs().max())
+            if diff > tol * scale:
+                return Status(
+                    model_type,
+                    head,
+                    preset,
+                    "wrong",
+                    f"row {r} differs from its text alone by {diff:.1e}",
+                    diff,
+                )
+    return Status(model_type, head, preset, "conserves", "reads its padding" if reads_padding else "", err)
+
+
+def audit_ok(model_type: str, head: str) -> bool | str:
+    """``lxt_plus.audit`` of the tiny model under ``conservative-check`` on the zoo's input: its
+    verdict, or "refused" when the plan is refused outright (a module no rule can see into)."""
+    model = build(model_type, head)
+    inputs = _inputs(model)
+    given = inputs if set(inputs) != {"input_ids"} else inputs["input_ids"]
+    if "input_ids" not in inputs:
+        given = next(iter(inputs.values()))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.no_grad():  # as in status(): BigBird picks its attention on the first call
+                model(**inputs)
+            return lxt_plus.audit(model, "conservative-check", inputs=given).ok
+    except UnsupportedModelError:
+        return "refused"

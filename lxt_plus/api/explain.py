@@ -525,8 +525,14 @@ def leaf_at_embeddings(
 
     def added_leaf(out: Tensor, position: bool) -> Tensor:
         value = out.detach()
-        if value.dim() >= 2 and value.shape[0] == 1 and rows > 1:  # shared over the batch: one per row
-            value = value.expand(rows, *value.shape[1:]).clone()
+        if rows > 1 and value.dim() >= 2:  # shared over the batch: one copy per row
+            if value.shape[0] == 1:
+                value = value.expand(rows, *value.shape[1:]).clone()
+            elif store and value.dim() == store[0].dim() - 1 and value.shape[-1] == store[0].shape[-1]:
+                # a table with no batch dimension, ``(seq, width)``, which the model broadcasts over
+                # the rows when it adds it (BART-style learned and sinusoidal positions): as one
+                # tensor its relevance would be the sum over the rows, owned by none of them
+                value = value.expand(rows, *value.shape).clone()
         leaf = value.requires_grad_(True)
         if position:
             setattr(leaf, _POSITION_MARK, True)  # its relevance is the position's (PA-LRP)
@@ -752,6 +758,7 @@ def explain(
     else:
         rel = rel.sum(-1)
         mask = batch.attention_mask
+        extra_rel = _padding_share(rel, mask, picked, extra_rel, type(model).__name__)  # type: ignore[arg-type]
         rel = rel * mask.to(rel.dtype)  # type: ignore[union-attr]  # token batches always carry a mask
     pairs = handle.preset.positional and positional is not None
     if handle.preset.positional and positional is None and batch.input_ids is not None:
@@ -950,6 +957,33 @@ def _table_share(leaves: list[Tensor], grads: Sequence[Tensor | None], rows: int
     return total
 
 
+def _padding_share(
+    rel: Tensor, mask: Tensor, logit: Tensor, extra: Tensor | None, name: str
+) -> Tensor | None:
+    """Add the relevance on padding tokens to ``extra`` (reported with the positions'), warning when
+    it is more than float error: a model that does not mask its padding (FNet mixes every position,
+    ConvBERT's convolution reaches across the pad) is influenced by it, and the token heatmap, which
+    shows no padding, would otherwise silently miss that share of the logit."""
+    pad = mask.to(rel.device) == 0
+    if not bool(pad.any()):
+        return extra
+    share = (acc(rel.detach()) * pad).sum(-1).cpu()
+    if not bool(share.any()):  # a model that masks its padding: nothing lands there
+        return extra
+    scale = acc(logit.detach()).abs().cpu().clamp_min(1e-12)
+    worst = float((share.abs() / scale).max())
+    if worst > 1e-5:
+        warnings.warn(
+            f"{name} lets the padding tokens influence the prediction (up to {100 * worst:.2g}% of the "
+            "explained logit lands on them): its output for a padded row differs from the unpadded "
+            "text's. That share is in conservation's position_relevance; explain rows one at a time "
+            "(no padding) for the text's own explanation",
+            LxtPlusWarning,
+            stacklevel=3,
+        )
+    return share if extra is None else extra + share.to(extra.dtype)
+
+
 def _extra_relevance(leaves: list[Tensor], grads: Sequence[Tensor | None], rows: int) -> Tensor | None:
     """Per-row relevance absorbed by position / token-type embeddings, or ``None`` if there are none."""
     total = None
@@ -959,6 +993,15 @@ def _extra_relevance(leaves: list[Tensor], grads: Sequence[Tensor | None], rows:
         r = (acc(leaf.detach()) * acc(g)).reshape(rows, -1).sum(-1)
         total = r if total is None else total + r
     return None if total is None else total.cpu()
+
+
+def _needs_positions(model: nn.Module, mask: Tensor) -> bool:
+    """Whether to hand a padded batch the positions its rows would have unpadded (as ``generate``
+    does for left padding). A model that numbers positions from its input ids itself (RoBERTa's
+    ``padding_idx + 1`` offset) does so already, and must not be given zero-based ones."""
+    if not accepts(model, "position_ids") or not bool((mask == 0).any()):
+        return False
+    return not any(hasattr(m, "create_position_ids_from_input_ids") for m in model.modules())
 
 
 def _forward(
@@ -1019,7 +1062,7 @@ def _forward(
                     raise TargetError(f"position {p} is a padding position in row {r}")
         else:
             positions = last
-        if accepts(model, "position_ids") and bool((mask == 0).any()):
+        if _needs_positions(model, mask):
             kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
         keep = sorted(set(positions))
         if accepts(model, "logits_to_keep") and not all_logits:

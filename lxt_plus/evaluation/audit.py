@@ -17,8 +17,15 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from lxt_plus.api.explain import explaining, leaf_at_embeddings, model_kind
-from lxt_plus.engine.detect import find_block_list, image_shape, input_device, is_hf_model, model_dtype
+from lxt_plus.api.explain import explain, explaining, model_kind
+from lxt_plus.engine.detect import (
+    embedding_leaves,
+    find_block_list,
+    image_shape,
+    input_device,
+    is_hf_model,
+    model_dtype,
+)
 from lxt_plus.engine.functional import acc
 from lxt_plus.engine.opcheck import OpReport
 from lxt_plus.engine.patching import handle_of
@@ -145,76 +152,146 @@ def _tensors(obj: Any) -> list[Tensor]:
     return []
 
 
-def _alias(obj: Any, store: list[Tensor]) -> Any:
-    """Give each float tensor that requires grad a fresh autograd node owned by one module."""
-    if isinstance(obj, Tensor):
-        if obj.requires_grad and obj.is_floating_point():
+def _wanted(t: Any) -> bool:
+    return isinstance(t, Tensor) and t.requires_grad and t.is_floating_point()
+
+
+def _random_ids(model: nn.Module, gen: torch.Generator) -> Tensor:
+    """8 seeded random token ids; the last is the end-of-sequence token where one is configured
+    and the model is no plain decoder (BART-style classifiers read the last EOS)."""
+    cfg = cast(Any, model).config
+    vocab = cast(Any, model).get_input_embeddings().num_embeddings
+    ids = torch.randint(min(3, vocab - 1), vocab, (1, 8), generator=gen)
+    eos = getattr(cfg, "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+    decoder_only = model_kind(model) == "causal-lm" and not getattr(cfg, "is_encoder_decoder", False)
+    if isinstance(eos, int) and 0 <= eos < vocab and not decoder_only:
+        ids[0, -1] = eos
+    return ids
+
+
+Key = tuple[int, int]  # a tensor's id and version: an in-place update makes another tensor
+
+
+@dataclass
+class _Flow:
+    """One module call: the keys of its measured inputs and outputs, and of the copies of its
+    outputs that it handed on. ``outputs`` are what the module's relevance-out sums."""
+
+    path: str
+    module: nn.Module
+    inputs: list[Key]
+    outputs: list[Key]
+    copy: Key | None = None  # a tensor output's copy handed to the caller (see ``aside``)
+    complete: bool = True  # False: a ModelOutput of several tensors, only the first measured
+
+
+class _FlowMeter:
+    """Forward hooks that measure ``Σ t · ∂target/∂t`` at every module's inputs and outputs.
+
+    Each input gets a fresh autograd node of its own, so only this module's share is measured.
+    Each output is handed on as a copy, so in-place updates by the caller (``mlp_out += attn_out``)
+    cannot change what was measured. Values are kept at the time they are measured.
+
+    - A tensor output is measured as returned and as the copy. What it passes on beside the copy
+      went to code that read it before the caller: transformers' output recorder keeps each layer's
+      hidden state this way, and LLaVA reads one of them. That share (``aside``) counts as leaving
+      every module around it.
+    - A tuple's tensors are measured as the copies only: one of them may be computed from another
+      (Perceiver's ``inputs`` from ``inputs_without_pos``), which the copies do not see.
+    - A ``ModelOutput`` is measured at its first tensor, where it is. With several tensors (hidden
+      states that its own layers also read) its output side is incomplete, and it is not judged.
+    """
+
+    def __init__(self) -> None:
+        self.flows: list[_Flow] = []
+        self.relevance: dict[Key, float] = {}
+        self._kept: list[Tensor] = []  # alive until the end, so ids stay unique
+        self._pending: dict[int, list[list[Key]]] = {}
+
+    def measure(self, t: Tensor) -> Key:
+        key = (id(t), t._version)
+        if key in self.relevance:  # one tensor can be two modules' output (a model and its stack)
+            return key
+        self.relevance[key] = 0.0
+        self._kept.append(t)
+        value = t.detach().clone()
+
+        def read(g: Tensor) -> None:
+            self.relevance[key] += float((acc(value) * acc(g)).sum())
+
+        t.register_hook(read)
+        return key
+
+    def _alias(self, obj: Any, keys: list[Key]) -> Any:
+        if _wanted(obj):
             a = obj.view_as(obj)
-            store.append(a)
+            keys.append(self.measure(a))
             return a
+        if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+            return tuple(self._alias(o, keys) for o in obj)
+        if isinstance(obj, list):
+            return [self._alias(o, keys) for o in obj]
         return obj
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(_alias(o, store) for o in obj)
-    if isinstance(obj, list):
-        return [_alias(o, store) for o in obj]
-    return obj
 
+    def _copy(self, t: Tensor, outputs: list[Key]) -> Tensor:
+        given = t.clone()
+        outputs.append(self.measure(given))
+        return given
 
-@contextlib.contextmanager
-def _flow_hooks(
-    model: nn.Module, records: list[tuple[str, nn.Module, list[Tensor], list[Tensor]]]
-) -> Iterator[None]:
-    handles = []
-    pending: dict[int, list[list[Tensor]]] = {}
+    def pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        keys: list[Key] = []
+        args = self._alias(args, keys)
+        kwargs = {k: self._alias(v, keys) for k, v in kwargs.items()}
+        self._pending.setdefault(id(module), []).append(keys)
+        return args, kwargs
 
-    for path, module in model.named_modules():
-        if path == "":
-            continue
+    def post(self, path: str, module: nn.Module, out: Any) -> Any:
+        flow = _Flow(path, module, self._pending[id(module)].pop(), [])
+        self.flows.append(flow)
+        if _wanted(out):
+            flow.outputs.append(self.measure(out))
+            given = out.clone()
+            flow.copy = self.measure(given)
+            return given
+        if isinstance(out, tuple) and not hasattr(out, "_fields"):  # (hidden, cls_token), ...
+            if not any(_wanted(t) for t in out):
+                return None
+            return tuple(self._copy(t, flow.outputs) if _wanted(t) else t for t in out)
+        found = [t for t in _tensors(out) if _wanted(t)]
+        flow.outputs += [self.measure(t) for t in found[:1]]
+        flow.complete = len(found) <= 1
+        return None
 
-        def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], key: int = id(module)) -> Any:
-            store: list[Tensor] = []
-            args = _alias(args, store)
-            kwargs = {k: _alias(v, store) for k, v in kwargs.items()}
-            pending.setdefault(key, []).append(store)
-            return args, kwargs
+    def aside(self, flow: _Flow) -> float:
+        """What a tensor output passed on beside the copy handed to its caller."""
+        if flow.copy is None:
+            return 0.0
+        return self.relevance[flow.outputs[0]] - self.relevance[flow.copy]
 
-        def post(
-            mod: nn.Module, args: Any, kwargs: Any, out: Any, key: int = id(module), p: str = path
-        ) -> Any:
-            inputs = pending[key].pop()
-            # the caller gets a clone, so in-place updates of the output (``mlp_out += attn_out``)
-            # cannot change the tensor measured here
-            if isinstance(out, Tensor) and out.requires_grad and out.is_floating_point():
-                records.append((p, mod, inputs, [out]))
-                return out.clone()
-            if (
-                isinstance(out, tuple)
-                and not hasattr(out, "_fields")
-                and out
-                and isinstance(out[0], Tensor)
-                and out[0].requires_grad
-                and out[0].is_floating_point()
-            ):
-                records.append((p, mod, inputs, [out[0]]))
-                return (out[0].clone(), *out[1:])
-            outs = [t for t in _tensors(out) if t.requires_grad and t.is_floating_point()][:1]
-            records.append((p, mod, inputs, outs))
-            return None
-
-        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-        handles.append(module.register_forward_hook(post, with_kwargs=True))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    @contextlib.contextmanager
+    def hooked(self, model: nn.Module) -> Iterator[None]:
+        handles = []
+        for path, module in model.named_modules():
+            if path:
+                handles.append(module.register_forward_pre_hook(self.pre, with_kwargs=True))
+                handles.append(
+                    module.register_forward_hook(
+                        lambda m, a, o, p=path: self.post(p, m, o),
+                    )
+                )
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
 
 def audit(
     model: nn.Module,
     rules: str | Preset = "ah-lrp",
     *,
-    inputs: Tensor | None = None,
+    inputs: Tensor | dict[str, Any] | None = None,
     tolerance: float = 1e-4,
     seed: int = 0,
 ) -> AuditReport:
@@ -229,7 +306,10 @@ def audit(
         conservative preset (``"ah-lrp"``/``"cp-lrp"``): AttnLRP's softmax rule absorbs relevance
         by design, so an AttnLRP audit reports that as leaks in the attention modules.
     inputs:
-        ``input_ids`` ``(1, seq)`` (or pixel values); default 8 seeded random tokens.
+        ``input_ids`` ``(1, seq)``, pixel values, or a dict of model inputs (a processor's output;
+        ``decoder_input_ids`` for an encoder-decoder); default 8 seeded random tokens (the last
+        one the end-of-sequence token, except for decoder-only models). The forward and backward
+        pass are :func:`~lxt_plus.explain`'s, so whatever ``explain`` takes, ``audit`` checks.
     tolerance:
         Allowed leak per module, relative to the target logit.
 
@@ -246,17 +326,20 @@ def audit(
     if handle_of(model) is not None:
         raise InputError("audit() patches the model itself: remove the existing handle first")
     preset = replace(get_preset(rules), zero_bias=True)
-    kind = model_kind(model)
     gen = torch.Generator().manual_seed(seed)
     device = input_device(model)
-    if inputs is None:
-        if getattr(model, "main_input_name", "input_ids") == "pixel_values":
+    decoder_input_ids = None
+    if isinstance(inputs, dict):  # a processor's output (a vision-language model's ids and images)
+        inputs = dict(inputs)
+        decoder_input_ids = inputs.pop("decoder_input_ids", None)
+    elif inputs is None:
+        if getattr(model, "main_input_name", "input_ids") != "input_ids":  # pixels (Perceiver: "inputs")
             inputs = torch.randn(1, *image_shape(model), generator=gen).to(model_dtype(model))
         else:
-            vocab = cast(Any, model).get_input_embeddings().num_embeddings
-            inputs = torch.randint(min(3, vocab - 1), vocab, (1, 8), generator=gen)
-    inputs = inputs.to(device)
-    records: list[tuple[str, nn.Module, list[Tensor], list[Tensor]]] = []
+            inputs = _random_ids(model, gen)
+    if isinstance(inputs, Tensor):
+        inputs = inputs.to(device)
+    meter = _FlowMeter()
     # strict=False: an operation without a rule is reported (report.operations), not raised
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LxtPlusWarning)
@@ -264,34 +347,33 @@ def audit(
         handle = context.__enter__()
     with contextlib.ExitStack() as stack:
         stack.push(context.__exit__)
-        store: list[Tensor] = []
-        extra: list[Tensor] = []
-        with _flow_hooks(model, records):
-            if inputs.is_floating_point():
-                leaf = inputs.detach().requires_grad_(True)
-                logits = model(pixel_values=leaf).logits
-                store.append(leaf)
-            else:
-                with leaf_at_embeddings(model, store, extra, 1):
-                    logits = model(input_ids=inputs).logits
-        out = logits[0, -1] if kind == "causal-lm" else logits[0]
-        target = acc(out[int(out.argmax())])
-        tensors = [store[0], *extra]
-        for _, _, ins, outs in records:
-            tensors += ins + outs
-        grads = torch.autograd.grad(target, tensors, allow_unused=True)
-        rel = {
-            id(t): (0.0 if g is None else float((acc(t.detach()) * acc(g)).sum()))
-            for t, g in zip(tensors, grads, strict=True)
-        }
-        input_rel = sum(rel[id(t)] for t in [store[0], *extra])
+        # explain's own forward and backward (encoder-decoder prefixes, images, position leaves,
+        # padding): the hooks read the relevance at each module's inputs and output on the way
+        with meter.hooked(model), warnings.catch_warnings():
+            warnings.simplefilter("ignore", LxtPlusWarning)
+            result = explain(
+                model, inputs, rules=handle.preset, strict=False, decoder_input_ids=decoder_input_ids
+            )
+        c = result.conservation
+        target = float(c["target_logit"])
+        input_rel = target - float(c["absorbed"])
+        embs, added = embedding_leaves(model)
+        embedded = {id(m) for m in [*embs, *added]}
+        sources = [path for path, m in model.named_modules() if id(m) in embedded]
+        r = meter.relevance
         flows = []
-        for path, mod, ins, outs in records:
-            if not ins or not outs or "Embedding" in type(mod).__name__:
+        for f in meter.flows:
+            if not f.inputs or not f.outputs or not f.complete or "Embedding" in type(f.module).__name__:
                 continue  # embedding stages are where relevance is read, not passed on
+            if any(src.startswith(f.path + ".") for src in sources):
+                continue  # it embeds tokens itself (a decoder stack): relevance also lands inside it
+            inner = sum(meter.aside(d) for d in meter.flows if d.path.startswith(f.path + "."))
             flows.append(
                 ModuleFlow(
-                    path, type(mod).__name__, sum(rel[id(t)] for t in outs), sum(rel[id(t)] for t in ins)
+                    f.path,
+                    type(f.module).__name__,
+                    sum(r[o] for o in f.outputs) + inner,
+                    sum(r[i] for i in f.inputs),
                 )
             )
         blocks = find_block_list(model)
@@ -299,7 +381,7 @@ def audit(
         return AuditReport(
             type(model).__name__,
             handle.preset.name,
-            float(target.detach()),
+            target,
             input_rel,
             tolerance,
             flows,

@@ -191,7 +191,7 @@ class Explanation:
         """Relevance sum next to the explained logit, and what the rules absorbed (a dict).
 
         Keys: ``relevance_sum`` (input tokens), ``position_relevance`` (position and token-type
-        embeddings, or ``None``), ``target_logit`` and ``absorbed`` = logit - both sums. ``absorbed``
+        embeddings, and padding that the model reads, or ``None``), ``target_logit`` and ``absorbed`` = logit - both sums. ``absorbed``
         is not a leak: it is the share the rules give to biases and, under AttnLRP, to the softmax's
         bias term (and the ε stabiliser). The ``conservative-check`` preset (AH-LRP, biases zeroed)
         gives ``absorbed == 0`` up to float error. The repr says so.

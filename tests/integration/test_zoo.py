@@ -44,6 +44,14 @@ def test_no_architecture_is_silently_wrong(head: str) -> None:
     for s in rows:
         if s.status == "refused":
             assert "operation" in s.detail or "module" in s.detail or "embeddings" in s.detail, s.detail
+    # audit, module by module on the same input, says ok exactly where relevance conserves
+    verdicts = {s.model_type: zoo.audit_ok(s.model_type, head) for s in rows if s.status != "not built"}
+    disagree = [
+        f"{s.model_type}: {s.status}, audit {verdicts[s.model_type]}"
+        for s in rows
+        if s.status != "not built" and (verdicts[s.model_type] is True) != (s.status == "conserves")
+    ]
+    assert not disagree, "\n".join(disagree)
 
 
 def test_zoo_status_can_report_wrong() -> None:
@@ -129,3 +137,55 @@ def test_head_activation_hook_is_held_for_the_head_call_only() -> None:
     assert inside and set(inside) == {0}
     assert seen and set(seen) == {1}
     assert not torch_module._global_forward_hooks
+
+
+# ------------------------------------------------------------------ batches with padding
+PADDED = [("causal-lm", "right"), ("causal-lm", "left"), ("seqcls", "right"), ("masked-lm", "right")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("head", "side"), PADDED, ids=[f"{h}-{s}" for h, s in PADDED])
+def test_padded_batches_explain_each_row_as_if_alone(head: str, side: str) -> None:
+    """Two texts of different lengths in one padded batch, over the whole text zoo: each row
+    conserves, and equals its text explained alone unless the model itself reads the padding."""
+    torch.set_num_threads(1)
+    rows = [zoo.batch_status(t, head, side) for t in zoo.model_types(head)]
+    bad = [f"{s.model_type}: {s.status}: {s.detail}" for s in rows if s.status in ("wrong", "failed")]
+    assert not bad, "\n".join(bad)
+    counts = collections.Counter(s.status for s in rows)
+    assert counts["conserves"] >= {"causal-lm": 120, "seqcls": 60, "masked-lm": 25}[head], counts
+
+
+@pytest.mark.parametrize(
+    ("model_type", "head", "side"),
+    [
+        ("marian", "causal-lm", "right"),  # a sinusoidal table (seq, width) shared by the rows
+        ("pegasus", "causal-lm", "right"),
+        ("roberta", "causal-lm", "left"),  # positions numbered from the ids, after padding_idx
+        ("roberta", "masked-lm", "right"),
+        ("gpt2", "causal-lm", "left"),  # learned absolute positions: the left-padded row renumbered
+    ],
+)
+def test_padded_rows_equal_their_texts_alone(model_type: str, head: str, side: str) -> None:
+    torch.set_num_threads(1)
+    s = zoo.batch_status(model_type, head, side)
+    assert s.status == "conserves" and s.detail == "", s.detail
+
+
+def test_padding_the_model_reads_is_reported() -> None:
+    """FNet mixes every position, padding included: the padding's relevance is reported (in
+    position_relevance, so the row conserves) and a warning says so; it is not dropped."""
+    import lxt_plus
+    from lxt_plus.errors import LxtPlusWarning
+
+    model = zoo.build("fnet", "masked-lm")
+    ids = zoo._inputs(model)["input_ids"][0].tolist()
+    batch = torch.tensor([ids, ids[:4] + [0, 0]])
+    mask = torch.tensor([[1] * 6, [1, 1, 1, 1, 0, 0]])
+    with pytest.warns(LxtPlusWarning, match="padding tokens influence"):
+        got = lxt_plus.explain(model, batch, attention_mask=mask, rules="conservative-check")
+    c = got.conservation
+    logit = torch.as_tensor(c["target_logit"]).double()
+    assert (torch.as_tensor(c["absorbed"]).double().abs() <= 1e-4 * logit.abs()).all(), c
+    assert got.batch_relevance[1, 4:].abs().max() == 0  # the heatmap still shows no padding
+    assert abs(float(c["position_relevance"][1])) > 1e-3 * abs(float(logit[1]))
