@@ -46,6 +46,7 @@ M = Mutant
 ZOO_GAPS = "tests/integration/test_zoo.py::test_formerly_refused_architectures_conserve"
 PADDED_ROWS = "tests/integration/test_zoo.py::test_padded_rows_equal_their_texts_alone"
 AUDIT = "tests/integration/test_audit.py"
+HEADS = "tests/integration/test_zoo.py::test_head_relevance_is_what_enters_each_output_projection"
 MUTANTS: tuple[Mutant, ...] = (
     # ------------------------------------------------------------------ autograd functions
     M(
@@ -780,6 +781,42 @@ MUTANTS: tuple[Mutant, ...] = (
         "        flow.complete = len(found) <= 1",
         "        flow.complete = True",
         (AUDIT,),
+    ),
+    # ------------------------------------------------------------------ per-head capture
+    M(
+        "heads-capture-needs-every-layer",
+        "lxt_plus/api/capture.py",
+        '        if "heads" in self.captures and not self._head_layers:',
+        '        if "heads" in self.captures and len(self._head_layers) < len(self.parts):',
+        (HEADS,),
+    ),
+    M(
+        "block-list-may-be-a-blocks-parts",
+        "lxt_plus/engine/detect.py",
+        '    outer = [(p, m) for p, m in found if not any(p.startswith(f"{q}.") for q, _ in found if q != p)]',
+        "    outer = found",
+        (HEADS,),
+    ),
+    M(
+        "output-projection-names-case-sensitive",
+        "lxt_plus/api/capture.py",
+        '    parts = path.lower().split(".")',
+        '    parts = path.split(".")',
+        (HEADS,),
+    ),
+    M(
+        "output-projection-wrapper-not-named",
+        "lxt_plus/api/capture.py",
+        '    return parts[-2] if parts[-1] == "linear" and len(parts) > 1 else parts[-1]',
+        "    return parts[-1]",
+        (HEADS,),
+    ),
+    M(
+        "attention-block-itself-not-attention",
+        "lxt_plus/api/capture.py",
+        '                and (info.path == block_path or info.path.startswith(block_path + "."))',
+        '                and info.path.startswith(block_path + ".")',
+        (HEADS,),
     ),
     # ------------------------------------------------------------------ vision-language input layouts
     M(

@@ -13,7 +13,9 @@ Captured values, all batch-first and on the CPU (``L`` layers, ``H`` heads, ``I`
     ``"conservative-check"`` preset every row sums to the target logit.
 ``captures["heads"]`` / ``captures["heads_per_token"]``
     ``(batch, L, H)`` / ``(batch, L, H, seq)``: relevance flowing through each head's output (the
-    input of the attention output projection), in total and per query position.
+    input of the attention output projection), in total and per query position. A hybrid's layers
+    without softmax attention (state-space or linear-attention layers) are zeros, and so are the
+    head slots of a layer with fewer heads than the most.
 ``captures["head_patterns"]``
     ``{layer: (batch, H, seq_q, seq_k)}``: the attention-head-rule decomposition of each head's
     relevance over (query, key) pairs, ``R_ij = A_ij (v_j · g_i)`` with the attention weights ``A``
@@ -27,7 +29,8 @@ Captured values, all batch-first and on the CPU (``L`` layers, ``H`` heads, ``I`
     summed over tokens; a layer's neurons sum to the relevance written by its MLP.
 
 The transformer blocks are found generically: the longest ``nn.ModuleList`` whose items hold a
-module recognised as attention by :func:`lxt_plus.engine.detect.detect_roles`.
+module recognised as attention by :func:`lxt_plus.engine.detect.detect_roles` (not one inside
+such an item: T5's blocks, not a block's parts). For an encoder-decoder that is the encoder's.
 """
 
 from __future__ import annotations
@@ -169,8 +172,9 @@ def find_blocks(model: nn.Module) -> tuple[str, list[BlockParts]]:
         attention = next(
             (
                 info.module
-                for info in infos
-                if info.role == "attention" and info.path.startswith(block_path + ".")
+                for info in infos  # inside the block, or the block itself (XLM lists its attentions)
+                if info.role == "attention"
+                and (info.path == block_path or info.path.startswith(block_path + "."))
             ),
             None,
         )
@@ -178,12 +182,19 @@ def find_blocks(model: nn.Module) -> tuple[str, list[BlockParts]]:
     return path, parts
 
 
+def _proj_name(path: str) -> str:
+    """A linear's name, lower-cased (ModernBERT's ``Wo``); a plain ``linear`` inside a wrapper takes
+    the wrapper's (Moshi's ``o_proj.linear``)."""
+    parts = path.lower().split(".")
+    return parts[-2] if parts[-1] == "linear" and len(parts) > 1 else parts[-1]
+
+
 def _block_parts(model: nn.Module, block: nn.Module, attention: nn.Module | None) -> BlockParts:
     n_heads = _n_heads(attention, model) if attention is not None else 0
     inside = {id(m) for m in attention.modules()} if attention is not None else set()
     out_proj = None
     if attention is not None and n_heads:
-        named = [(p.rsplit(".", 1)[-1], m) for p, m in attention.named_modules() if _features(m)]
+        named = [(_proj_name(p), m) for p, m in attention.named_modules() if _features(m)]
         # the concatenated heads feed a linear with a head-divisible width, named like an output projection
         out_proj = next(
             (
@@ -256,12 +267,14 @@ class Recorder:
         self.captures = tuple(dict.fromkeys(captures))
         self.path, self.parts = find_blocks(model)
         name = type(model).__name__
-        if "heads" in self.captures:
-            missing = [i for i, p in enumerate(self.parts) if p.out_proj is None]
-            if missing:
-                raise InputError(
-                    f"capture 'heads': no attention output projection found in layer {missing[0]} of {name}"
-                )
+        # layers with softmax attention heads; a hybrid's other layers (state-space, linear
+        # attention) have none, and report zeros
+        self._head_layers = [i for i, p in enumerate(self.parts) if p.out_proj is not None]
+        if "heads" in self.captures and not self._head_layers:
+            raise InputError(
+                f"capture 'heads': no attention output projection (a linear layer reading the "
+                f"concatenated heads) found in any layer of {name}; capture 'layers' still works"
+            )
         if "neurons" in self.captures:
             missing = [i for i, p in enumerate(self.parts) if p.down_proj is None]
             if missing:
@@ -330,6 +343,8 @@ class Recorder:
             if name not in self.captures:
                 continue
             for i, p in enumerate(self.parts):
+                if name == "heads" and i not in self._head_layers:
+                    continue
 
                 def pre(
                     module: nn.Module, args: tuple[Any, ...], i: int = i, store: list[Tensor | None] = store
@@ -385,7 +400,7 @@ class Recorder:
         if "layers" in self.captures:
             out += [self._first_input, *self._outputs]
         if "heads" in self.captures:
-            out += self._heads
+            out += [self._heads[i] for i in self._head_layers]
         if "neurons" in self.captures:
             out += self._neurons
         if any(t is None for t in out):
@@ -408,16 +423,28 @@ class Recorder:
                 layers, pairs = pairs[: n + 1], pairs[n + 1 :]
                 result["layers"] = torch.stack([_relevance(x, g).sum(-1) for x, g in layers], 1).cpu()
             if "heads" in self.captures:
-                heads, pairs = pairs[:n], pairs[n:]
-                per_token = []
+                k = len(self._head_layers)
+                heads, pairs = pairs[:k], pairs[k:]
+                found: dict[int, Tensor] = {}
                 patterns = {}
-                for i, (x, g) in enumerate(heads):
+                for i, (x, g) in zip(self._head_layers, heads, strict=True):
                     h = self.parts[i].n_heads
                     r = _relevance(x, g)
-                    per_token.append(r.reshape(*r.shape[:-1], h, -1).sum(-1).transpose(-1, -2))
+                    found[i] = r.reshape(*r.shape[:-1], h, -1).sum(-1).transpose(-1, -2)
                     if i in self._calls:
                         grad = torch.zeros_like(x) if g is None else g
                         patterns[i] = _pattern(self._calls[i], grad.reshape(*grad.shape[:-1], h, -1)).cpu()
+                # (batch, heads, seq) per layer; layers without heads, and the head slots of layers
+                # with fewer heads than the most, are zeros
+                first = next(iter(found.values()))
+                most = max(t.shape[1] for t in found.values())
+                blank = first.new_zeros(first.shape[0], most, first.shape[2])
+                per_token = [
+                    torch.nn.functional.pad(found[i], (0, 0, 0, most - found[i].shape[1]))
+                    if i in found
+                    else blank
+                    for i in range(n)
+                ]
                 tokens = torch.stack(per_token, 1)
                 result["heads"] = tokens.sum(-1).cpu()
                 result["heads_per_token"] = tokens.cpu()

@@ -446,18 +446,21 @@ def find_block_list(
     """The list of transformer blocks: the longest ``nn.ModuleList`` whose items hold attention.
 
     Items without attention are allowed (hybrid models interleave other blocks), but at least one
-    must hold a module of role ``"attention"``. Returns ``(path, list)``, or ``None`` if none exists.
+    must hold (or be) a module of role ``"attention"``. A list inside an item of another such list
+    is a block's parts, not the blocks (T5's ``block.0.layer``: self-attention, cross-attention, MLP),
+    whatever its length. Returns ``(path, list)``, or ``None`` if none exists.
     """
     infos = detect_roles(model) if infos is None else infos
     attention = [i.path for i in infos if i.role == "attention"]
-    best: tuple[str, nn.ModuleList] | None = None
+    found: list[tuple[str, nn.ModuleList]] = []
     for path, m in model.named_modules():
-        if not isinstance(m, nn.ModuleList) or len(m) == 0 or (best is not None and len(m) <= len(best[1])):
+        if not isinstance(m, nn.ModuleList) or len(m) == 0:
             continue
         prefix = f"{path}." if path else ""
         if any(a.startswith(prefix) and a[len(prefix) :].split(".")[0].isdigit() for a in attention):
-            best = (path, m)
-    return best
+            found.append((path, m))
+    outer = [(p, m) for p, m in found if not any(p.startswith(f"{q}.") for q, _ in found if q != p)]
+    return max(outer, key=lambda c: len(c[1]), default=None)
 
 
 def accepts(model: nn.Module, name: str) -> bool:

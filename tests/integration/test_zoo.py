@@ -189,3 +189,45 @@ def test_padding_the_model_reads_is_reported() -> None:
     assert (torch.as_tensor(c["absorbed"]).double().abs() <= 1e-4 * logit.abs()).all(), c
     assert got.batch_relevance[1, 4:].abs().max() == 0  # the heatmap still shows no padding
     assert abs(float(c["position_relevance"][1])) > 1e-3 * abs(float(logit[1]))
+
+
+# ------------------------------------------------------------------ per-head relevance across the zoo
+@pytest.mark.parametrize(
+    ("model_type", "head"),
+    [
+        ("qwen3_next", "causal-lm"),  # hybrid: its first layer is linear attention, without heads
+        ("t5", "seq2seq"),  # the encoder's blocks, not a block's list of parts
+        ("xlm", "seqcls"),  # a list of attention modules is the block list
+        ("modernbert", "seqcls"),  # output projection named Wo
+        ("moshi", "causal-lm"),  # output projection wrapping a plain linear (o_proj.linear)
+    ],
+)
+def test_head_relevance_is_what_enters_each_output_projection(model_type: str, head: str) -> None:
+    """Per-head relevance sums, layer by layer, to the relevance that audit measures at the input
+    of that layer's attention output projection; layers without softmax attention report zeros."""
+    import lxt_plus
+    from lxt_plus.api.capture import find_blocks
+
+    torch.set_num_threads(1)
+    model = zoo.build(model_type, head)
+    inputs = zoo._inputs(model)
+    ids = inputs["input_ids"]
+    dec = inputs.get("decoder_input_ids")
+    got = lxt_plus.explain(model, ids, decoder_input_ids=dec, rules="conservative-check", capture="heads")
+    heads = got.captures["heads"][0]
+    report = lxt_plus.audit(model, "conservative-check", inputs=dict(inputs) if dec is not None else ids)
+    flows = {f.path: f for f in report.flows}
+    paths = {id(m): p for p, m in model.named_modules()}
+    parts = find_blocks(model)[1]
+    assert heads.shape[0] == len(parts) == model.config.num_hidden_layers  # the blocks, not their parts
+    with_heads = 0
+    for i, part in enumerate(parts):
+        if part.out_proj is None:
+            assert heads[i].abs().max() == 0
+            continue
+        with_heads += 1
+        want = flows[paths[id(part.out_proj)]].relevance_in
+        assert abs(float(heads[i].sum()) - want) <= 1e-5 * abs(float(got.target_logit[0])) + 1e-7, (i, want)
+    assert with_heads >= 1
+    if model_type == "qwen3_next":
+        assert parts[0].out_proj is None
