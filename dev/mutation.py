@@ -47,6 +47,7 @@ ZOO_GAPS = "tests/integration/test_zoo.py::test_formerly_refused_architectures_c
 PADDED_ROWS = "tests/integration/test_zoo.py::test_padded_rows_equal_their_texts_alone"
 AUDIT = "tests/integration/test_audit.py"
 HEADS = "tests/integration/test_zoo.py::test_head_relevance_is_what_enters_each_output_projection"
+LAYERS = "tests/integration/test_zoo.py::test_layer_capture_mechanisms"
 MUTANTS: tuple[Mutant, ...] = (
     # ------------------------------------------------------------------ autograd functions
     M(
@@ -817,6 +818,21 @@ MUTANTS: tuple[Mutant, ...] = (
         '                and (info.path == block_path or info.path.startswith(block_path + "."))',
         '                and info.path.startswith(block_path + ".")',
         (HEADS,),
+    ),
+    # ------------------------------------------------------------------ layer capture
+    M(
+        "layers-sequence-first-not-transposed",
+        "lxt_plus/api/capture.py",
+        "            if rows is not None and r.dim() >= 3 and r.shape[0] != rows and r.shape[1] == rows:",
+        "            if False:",
+        (LAYERS,),
+    ),
+    M(
+        "blocks-of-the-vision-tower",
+        "lxt_plus/engine/detect.py",
+        "    return max(near or outer, key=lambda c: len(c[1]), default=None)",
+        "    return max(outer, key=lambda c: len(c[1]), default=None)",
+        (LAYERS,),
     ),
     # ------------------------------------------------------------------ vision-language input layouts
     M(

@@ -636,3 +636,46 @@ def audit_ok(model_type: str, head: str) -> bool | str:
             return lxt_plus.audit(model, "conservative-check", inputs=given).ok
     except UnsupportedModelError:
         return "refused"
+
+
+def layers_status(model_type: str, head: str, tol: float = 1e-3) -> Status:
+    """``capture="layers"`` under ``conservative-check``: every row (the residual stream after each
+    layer) sums to the target logit, or lxt_plus says why it cannot capture layers. Models that add
+    image features into the stream after its first layer (Qwen3-VL's deepstack) are checked on the
+    last row only. Encoder-decoders are not judged here (the encoder's rows carry only its share)."""
+    from lxt_plus.errors import LxtPlusError
+
+    preset = "conservative-check"
+    try:
+        model = build(model_type, head)
+        inputs = _inputs(model)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model(**inputs)
+    except Exception as exc:  # noqa: BLE001
+        return Status(model_type, head, preset, "not built", f"{type(exc).__name__}")
+    if getattr(model.config, "is_encoder_decoder", False):
+        return Status(model_type, head, preset, "not built", "an encoder-decoder")
+    given: Any = inputs["input_ids"] if set(inputs) == {"input_ids"} else inputs
+    if "input_ids" not in inputs:
+        given = next(iter(inputs.values()))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = lxt_plus.explain(model, given, rules=preset, capture="layers")
+    except LxtPlusError as exc:  # refused, or a capture lxt_plus says it cannot make
+        return Status(model_type, head, preset, "refused", f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - anything else is a bug, recorded
+        return Status(model_type, head, preset, "failed", f"{type(exc).__name__}: {str(exc)[:300]}")
+    rows = result.captures["layers"][0]
+    sums = rows.reshape(rows.shape[0], -1).double().sum(-1)
+    vision = getattr(model.config, "vision_config", None)
+    if getattr(vision, "deepstack_visual_indexes", None):
+        sums = sums[-1:]
+    logit = float(result.target_logit[0])
+    err = float((sums - logit).abs().max()) / max(abs(logit), 1e-6)
+    if err > tol:
+        return Status(
+            model_type, head, preset, "wrong", f"layer rows sum to {sums.tolist()}, logit {logit}", err
+        )
+    return Status(model_type, head, preset, "conserves", error=err)

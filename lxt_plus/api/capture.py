@@ -267,6 +267,12 @@ class Recorder:
         self.captures = tuple(dict.fromkeys(captures))
         self.path, self.parts = find_blocks(model)
         name = type(model).__name__
+        if "layers" in self.captures and any(p.block is p.attention for p in self.parts):
+            raise InputError(
+                f"capture 'layers': {name} keeps its attention modules in a list of their own, beside "
+                "its MLPs and norms, so no module's output is the residual stream after a layer; "
+                "capture 'heads' still works"
+            )
         # layers with softmax attention heads; a hybrid's other layers (state-space, linear
         # attention) have none, and report zeros
         self._head_layers = [i for i, p in enumerate(self.parts) if p.out_proj is not None]
@@ -410,8 +416,16 @@ class Recorder:
             )
         return out  # type: ignore[return-value]
 
-    def finish(self, grads: Sequence[Tensor | None]) -> None:
-        """Turn the gradients of :meth:`tensors` (same order) into relevance."""
+    def finish(self, grads: Sequence[Tensor | None], rows: int | None = None) -> None:
+        """Turn the gradients of :meth:`tensors` (same order) into relevance. ``rows``: the batch
+        size, to put a model's sequence-first hidden states (XLNet's ``(seq, batch, d)``) batch-first."""
+
+        def relevance(x: Tensor, g: Tensor | None) -> Tensor:
+            r = _product(x, g)
+            if rows is not None and r.dim() >= 3 and r.shape[0] != rows and r.shape[1] == rows:
+                r = r.transpose(0, 1)
+            return r
+
         tensors = self.tensors()
         if len(grads) != len(tensors):
             raise InputError(f"the recorder expected {len(tensors)} gradients, got {len(grads)}")
@@ -421,7 +435,16 @@ class Recorder:
         with torch.no_grad():
             if "layers" in self.captures:
                 layers, pairs = pairs[: n + 1], pairs[n + 1 :]
-                result["layers"] = torch.stack([_relevance(x, g).sum(-1) for x, g in layers], 1).cpu()
+                per_layer = [relevance(x, g).sum(-1) for x, g in layers]
+                shapes = {tuple(r.shape) for r in per_layer}
+                if len(shapes) > 1:
+                    raise InputError(
+                        f"capture 'layers': the blocks of {type(self.model).__name__} change the "
+                        f"number of tokens from stage to stage ({' -> '.join(str(s[1:]) for s in dict.fromkeys(tuple(r.shape) for r in per_layer))}), "
+                        "so their relevance has no common token axis; capture 'heads' or explain "
+                        "the pixels"
+                    )
+                result["layers"] = torch.stack(per_layer, 1).cpu()
             if "heads" in self.captures:
                 k = len(self._head_layers)
                 heads, pairs = pairs[:k], pairs[k:]
@@ -429,7 +452,7 @@ class Recorder:
                 patterns = {}
                 for i, (x, g) in zip(self._head_layers, heads, strict=True):
                     h = self.parts[i].n_heads
-                    r = _relevance(x, g)
+                    r = relevance(x, g)
                     found[i] = r.reshape(*r.shape[:-1], h, -1).sum(-1).transpose(-1, -2)
                     if i in self._calls:
                         grad = torch.zeros_like(x) if g is None else g
@@ -450,7 +473,7 @@ class Recorder:
                 result["heads_per_token"] = tokens.cpu()
                 result["head_patterns"] = patterns
             if "neurons" in self.captures:
-                result["neurons"] = torch.stack([_relevance(x, g).sum(1) for x, g in pairs], 1).cpu()
+                result["neurons"] = torch.stack([relevance(x, g).sum(1) for x, g in pairs], 1).cpu()
         self._result = result
         self._calls = {}
 
@@ -459,7 +482,7 @@ class Recorder:
         return Captures.from_mapping(self._result)
 
 
-def _relevance(x: Tensor, g: Tensor | None) -> Tensor:
+def _product(x: Tensor, g: Tensor | None) -> Tensor:
     """``x * g`` in the accumulation dtype, ``(batch, seq, features)``; zeros where no gradient arrived."""
     x = acc(x.detach())
     return torch.zeros_like(x) if g is None else x * acc(g)

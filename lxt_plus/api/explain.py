@@ -730,7 +730,7 @@ def explain(
             rel = rel + correction
         extra_grads = grads[1 : 1 + len(extra)]
         extra_rel = _extra_relevance(extra, extra_grads, rows)
-        recorder.finish(grads[1 + len(extra) :])
+        recorder.finish(grads[1 + len(extra) :], rows)
         seq = batch.input_ids.shape[1] if batch.input_ids is not None else 0
         # each position's relevance: added position tables' share, plus rotary angles' per layer
         table = _table_share(extra, extra_grads, rows, seq) if seq else None
@@ -1340,7 +1340,7 @@ class _NoRecorder:
     def tensors(self) -> list[Tensor]:
         return []
 
-    def finish(self, grads: Sequence[Tensor | None]) -> None:
+    def finish(self, grads: Sequence[Tensor | None], rows: int | None = None) -> None:
         return None
 
     def result(self) -> dict[str, Any]:

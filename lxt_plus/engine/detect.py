@@ -460,7 +460,22 @@ def find_block_list(
         if any(a.startswith(prefix) and a[len(prefix) :].split(".")[0].isdigit() for a in attention):
             found.append((path, m))
     outer = [(p, m) for p, m in found if not any(p.startswith(f"{q}.") for q, _ in found if q != p)]
-    return max(outer, key=lambda c: len(c[1]), default=None)
+    # a vision-language model's blocks are its language model's, where text and image tokens meet
+    # (not its vision tower's, whatever their number): the lists beside the token embeddings
+    home = _token_embedding_owner(model)
+    near = [(p, m) for p, m in outer if home and p.startswith(f"{home}.")]
+    return max(near or outer, key=lambda c: len(c[1]), default=None)
+
+
+def _token_embedding_owner(model: nn.Module) -> str:
+    """The path of the module that holds the token embeddings (``model.language_model``), or ``""``."""
+    try:
+        embs = token_embeddings(model)
+    except (AttributeError, NotImplementedError, TypeError):
+        return ""
+    paths = {id(m): p for p, m in model.named_modules()}
+    path = paths.get(id(embs[0]), "") if embs else ""
+    return path.rsplit(".", 1)[0] if "." in path else ""
 
 
 def accepts(model: nn.Module, name: str) -> bool:

@@ -231,3 +231,59 @@ def test_head_relevance_is_what_enters_each_output_projection(model_type: str, h
     assert with_heads >= 1
     if model_type == "qwen3_next":
         assert parts[0].out_proj is None
+
+
+LAYER_HEADS = ("causal-lm", "seqcls", "masked-lm", "image-cls", "image-text")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", LAYER_HEADS)
+def test_layer_rows_sum_to_the_logit_across_the_zoo(head: str) -> None:
+    """capture='layers' over the zoo: each layer's residual-stream row conserves, or lxt_plus says
+    why it cannot capture layers (hierarchical stages, attention kept in a list of its own)."""
+    torch.set_num_threads(1)
+    rows = [zoo.layers_status(t, head) for t in zoo.model_types(head)]
+    bad = [f"{s.model_type}: {s.status}: {s.detail}" for s in rows if s.status in ("wrong", "failed")]
+    assert not bad, "\n".join(bad)
+    counts = collections.Counter(s.status for s in rows)
+    assert (
+        counts["conserves"]
+        >= {"causal-lm": 120, "seqcls": 60, "masked-lm": 25, "image-cls": 12, "image-text": 18}[head]
+    ), counts
+
+
+@pytest.mark.parametrize(
+    ("model_type", "head"),
+    [
+        ("xlnet", "seqcls"),  # sequence-first hidden states (seq, batch, width)
+        ("qwen2_vl", "image-text"),  # the language model's blocks, not the vision tower's
+        ("swin", "image-cls"),  # stages of different token counts: a clear error
+        ("xlm", "seqcls"),  # attention modules in a list of their own: a clear error
+    ],
+)
+def test_layer_capture_mechanisms(model_type: str, head: str) -> None:
+    torch.set_num_threads(1)
+    s = zoo.layers_status(model_type, head)
+    if model_type in ("swin", "xlm"):
+        assert s.status == "refused" and "InputError" in s.detail, s.detail
+    else:
+        assert s.status == "conserves", s.detail
+
+
+def test_encoder_layer_rows_carry_the_encoder_share() -> None:
+    """T5 (no position tables): the encoder's rows sum to the source tokens' relevance."""
+    import lxt_plus
+
+    model = zoo.build("t5", "seq2seq")
+    inputs = zoo._inputs(model)
+    got = lxt_plus.explain(
+        model,
+        inputs["input_ids"],
+        decoder_input_ids=inputs["decoder_input_ids"],
+        rules="conservative-check",
+        capture="layers",
+    )
+    rows = got.captures["layers"][0].double().sum(-1)
+    assert rows.shape[0] == model.config.num_layers + 1
+    want = float(got.relevance.double().sum())
+    assert (rows - want).abs().max() <= 1e-5 * abs(float(got.target_logit[0])), (rows, want)
