@@ -751,7 +751,7 @@ MUTANTS: tuple[Mutant, ...] = (
     M(
         "audit-ignores-hidden-states-read-beside-the-output",
         "lxt_plus/evaluation/audit.py",
-        '            inner = sum(meter.aside(d) for d in meter.flows if d.path.startswith(f.path + "."))',
+        '            inner = sum(a for p, a in asides if p.startswith(f.path + "."))',
         "            inner = 0.0",
         (AUDIT,),
     ),

@@ -620,14 +620,20 @@ def batch_status(
     return Status(model_type, head, preset, "conserves", "reads its padding" if reads_padding else "", err)
 
 
+def _main_input(inputs: dict[str, torch.Tensor]) -> Any:
+    """What a user hands lxt_plus: the ids alone, the pixels alone, or the whole dict (ids with
+    images or a decoder prefix)."""
+    if "input_ids" not in inputs:
+        return next(iter(inputs.values()))
+    return inputs["input_ids"] if set(inputs) == {"input_ids"} else inputs
+
+
 def audit_ok(model_type: str, head: str) -> bool | str:
     """``lxt_plus.audit`` of the tiny model under ``conservative-check`` on the zoo's input: its
     verdict, or "refused" when the plan is refused outright (a module no rule can see into)."""
     model = build(model_type, head)
     inputs = _inputs(model)
-    given = inputs if set(inputs) != {"input_ids"} else inputs["input_ids"]
-    if "input_ids" not in inputs:
-        given = next(iter(inputs.values()))
+    given = _main_input(inputs)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -656,9 +662,7 @@ def layers_status(model_type: str, head: str, tol: float = 1e-3) -> Status:
         return Status(model_type, head, preset, "not built", f"{type(exc).__name__}")
     if getattr(model.config, "is_encoder_decoder", False):
         return Status(model_type, head, preset, "not built", "an encoder-decoder")
-    given: Any = inputs["input_ids"] if set(inputs) == {"input_ids"} else inputs
-    if "input_ids" not in inputs:
-        given = next(iter(inputs.values()))
+    given = _main_input(inputs)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -436,11 +436,11 @@ class Recorder:
             if "layers" in self.captures:
                 layers, pairs = pairs[: n + 1], pairs[n + 1 :]
                 per_layer = [relevance(x, g).sum(-1) for x, g in layers]
-                shapes = {tuple(r.shape) for r in per_layer}
+                shapes = list(dict.fromkeys(tuple(r.shape[1:]) for r in per_layer))  # in layer order
                 if len(shapes) > 1:
                     raise InputError(
                         f"capture 'layers': the blocks of {type(self.model).__name__} change the "
-                        f"number of tokens from stage to stage ({' -> '.join(str(s[1:]) for s in dict.fromkeys(tuple(r.shape) for r in per_layer))}), "
+                        f"number of tokens from stage to stage ({' -> '.join(map(str, shapes))}), "
                         "so their relevance has no common token axis; capture 'heads' or explain "
                         "the pixels"
                     )

@@ -35,6 +35,7 @@ __all__ = [
     "position_buffers",
     "precut_patch_layout",
     "decoder_start",
+    "end_of_sequence",
 ]
 
 ROLES = (
@@ -275,6 +276,14 @@ def embedding_leaves(model: nn.Module, tokens: bool = True) -> tuple[list[nn.Mod
         if all(m is not e for e in embs) and is_added_embedding(m, path)
     ]
     return (embs if tokens else []), added
+
+
+def end_of_sequence(model: nn.Module, vocab: int) -> int | None:
+    """The configured end-of-sequence id (the first of a list), if it is a token of ``vocab``;
+    BART-style classification heads read the last one, so synthetic inputs end with it."""
+    eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+    return eos if isinstance(eos, int) and 0 <= eos < vocab else None
 
 
 def decoder_start(model: nn.Module) -> int:

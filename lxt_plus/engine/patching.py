@@ -27,6 +27,7 @@ from lxt_plus.engine.detect import (
     accepts,
     decoder_start,
     embedding_leaves,
+    end_of_sequence,
     image_shape,
     input_device,
     input_embeddings,
@@ -390,9 +391,8 @@ def _probe_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
             vocab = cast(Any, input_embeddings(model)).num_embeddings
             ids = torch.arange(5) * 7 % max(vocab, 1)
             cfg = cast(Any, model).config
-            eos = getattr(cfg, "eos_token_id", None)
-            eos = eos[0] if isinstance(eos, (list, tuple)) else eos
-            if isinstance(eos, int) and 0 <= eos < vocab:  # BART-style heads read the last EOS
+            eos = end_of_sequence(model, vocab)
+            if eos is not None:
                 ids[-1] = eos
             inputs = {"input_ids": ids[None].to(device)}
             if (

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from lxt_plus.api.explain import explain, explaining, model_kind
 from lxt_plus.engine.detect import (
     embedding_leaves,
+    end_of_sequence,
     find_block_list,
     image_shape,
     input_device,
@@ -162,10 +163,9 @@ def _random_ids(model: nn.Module, gen: torch.Generator) -> Tensor:
     cfg = cast(Any, model).config
     vocab = cast(Any, model).get_input_embeddings().num_embeddings
     ids = torch.randint(min(3, vocab - 1), vocab, (1, 8), generator=gen)
-    eos = getattr(cfg, "eos_token_id", None)
-    eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+    eos = end_of_sequence(model, vocab)
     decoder_only = model_kind(model) == "causal-lm" and not getattr(cfg, "is_encoder_decoder", False)
-    if isinstance(eos, int) and 0 <= eos < vocab and not decoder_only:
+    if eos is not None and not decoder_only:
         ids[0, -1] = eos
     return ids
 
@@ -361,13 +361,14 @@ def audit(
         embedded = {id(m) for m in [*embs, *added]}
         sources = [path for path, m in model.named_modules() if id(m) in embedded]
         r = meter.relevance
+        asides = [(d.path, meter.aside(d)) for d in meter.flows if d.copy is not None]
         flows = []
         for f in meter.flows:
             if not f.inputs or not f.outputs or not f.complete or "Embedding" in type(f.module).__name__:
                 continue  # embedding stages are where relevance is read, not passed on
             if any(src.startswith(f.path + ".") for src in sources):
                 continue  # it embeds tokens itself (a decoder stack): relevance also lands inside it
-            inner = sum(meter.aside(d) for d in meter.flows if d.path.startswith(f.path + "."))
+            inner = sum(a for p, a in asides if p.startswith(f.path + "."))
             flows.append(
                 ModuleFlow(
                     f.path,
