@@ -28,11 +28,11 @@ import datetime
 import json
 import math
 import random
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import torch
+from _provenance import code_version  # this folder is on the path when the script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["attnlrp", "cp-lrp", "ah-lrp", "pa-attnlrp", "pa-ah-lrp", "gradient", "integrated_gradients"]
@@ -181,9 +181,7 @@ def run(examples: int, methods: list[str]) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     rows = result["rows"]
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    version = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    version = code_version()
     lines = [
         "# Ground-truth attribution (SmolLM2-135M-Instruct)",
         "",

@@ -22,6 +22,12 @@ Usage::
     python benchmarks/scale.py --long                   # adds 16k and 32k on the long random model
     python benchmarks/scale.py --lengths 1024 --modes forward explain
     python benchmarks/scale.py --long --skip 32768:explain  # all but 32k without checkpointing
+    python benchmarks/scale.py --repeat                 # later calls in one process: scale_repeat.md
+
+``--repeat`` measures what a notebook session sees: in one process with glibc's default malloc,
+a forward and an ``explain`` at the full length run once, then both are timed again (per preset,
+at 1024 and 4096 tokens by default). The first call pays for faulting in fresh memory pages; the
+table gives the minor page faults of each call beside its time.
 """
 
 from __future__ import annotations
@@ -38,12 +44,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _provenance import code_version  # this folder is on the path when the script runs
+
 MODES = ("forward", "explain", "explain+ckpt", "generation")
 LONG_LENGTHS = (16384, 32768)
 LONG_MODES = ("explain", "explain+ckpt")
 GENERATED = 4  # tokens explained by explain_generation after the prompt
 MMAP_THRESHOLD = str(1 << 20)
 RESULTS = Path(__file__).resolve().parent / "results" / "scale.md"
+REPEAT_RESULTS = RESULTS.with_name("scale_repeat.md")
+REPEAT_LENGTHS = (1024, 4096)
+REPEAT_PRESETS = ("attnlrp", "ah-lrp")
 SMOLLM2 = "SmolLM2-135M-Instruct"
 LONG = "a model of its shape with random weights and 32,768 positions (long random)"
 
@@ -143,33 +154,98 @@ def worker(mode: str, length: int, folder: str, limit_gb: float, threads: int) -
     }
 
 
-def _run_config(mode: str, length: int, folder: str, limit_gb: float, threads: int) -> dict[str, Any]:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        mode,
-        str(length),
-        "--folder",
-        folder,
-        "--mem-limit-gb",
-        str(limit_gb),
-        "--threads",
-        str(threads),
-    ]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+def _timed(call: Any) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds and minor page faults of ``call()``."""
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    start, cpu = time.perf_counter(), time.process_time()
+    call()
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+    return seconds, cpu_seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+
+
+def repeat_worker(preset: str, length: int, folder: str, threads: int) -> dict[str, Any]:
+    """First and second calls of a forward and of ``explain`` in this (fresh) process."""
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lxt_plus import explain
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = _input_ids(AutoTokenizer.from_pretrained(folder), length)
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+    explain(model, ids[:, :16], rules=preset)  # thread pools, kernels, the cached rule plan
+    result: dict[str, Any] = {"preset": preset, "length": length, "threads": torch.get_num_threads()}
+    for name, call in (("forward", forward), ("explain", lambda: explain(model, ids, rules=preset))):
+        for i in (1, 2):
+            seconds, cpu_seconds, faults = _timed(call)
+            result[f"{name}{i}"] = {"seconds": seconds, "cpu_seconds": cpu_seconds, "faults": faults}
+    result["load"] = os.getloadavg()[0]
+    return result
+
+
+def _spawn(args: list[str], env: dict[str, str]) -> tuple[dict[str, Any] | None, str]:
+    """Run this script with ``args`` in a fresh process: its ``RESULT`` line, or why there is none."""
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[7:])
+            return json.loads(line[7:]), ""
     tail = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+    return None, f"worker died (status {done.returncode}): {tail[:160]}"
+
+
+def repeat_table(results: list[dict[str, Any]]) -> str:
+    """The Markdown report of ``--repeat``."""
+    loads = [r["load"] for r in results if r.get("load") is not None]
+    load = f", load average {min(loads):.1f}–{max(loads):.1f}" if loads else ""
+    lines = [
+        "# explain at long contexts: first and later calls in one process (float32, CPU)",
+        "",
+        f"{SMOLLM2} ({time.strftime('%Y-%m-%d')}, lxt_plus {code_version()}), {os.cpu_count()} CPU cores, torch threads "
+        f"{results[0].get('threads', '?') if results else '?'}{load}. One fresh process per row, "
+        "glibc's default malloc (no fixed mmap threshold), after an `explain` of 16 tokens: a no-grad "
+        "forward (`logits_to_keep=1`) at the full length twice, then `explain` twice. Ratios divide "
+        "a call by the forward's call of the same rank. Faults: minor page faults during the call "
+        "(fresh memory pages the kernel maps and zeroes).",
+        "",
+        "| tokens | preset | forward (s) | explain, 1st call (s) | explain, 2nd call (s) | 1st ÷ forward | "
+        "2nd ÷ forward (wall / CPU) | faults: forward / 1st / 2nd | note |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        if r.get("error"):
+            lines.append(f"| {r['length']} | {r['preset']} | — | — | — | — | — | — | {r['error']} |")
+            continue
+        f1, f2, e1, e2 = (r[k] for k in ("forward1", "forward2", "explain1", "explain2"))
+        lines.append(
+            f"| {r['length']} | {r['preset']} | {f2['seconds']:.2f} | {e1['seconds']:.2f} | "
+            f"{e2['seconds']:.2f} | {e1['seconds'] / f1['seconds']:.2f} | "
+            f"{e2['seconds'] / f2['seconds']:.2f} / {e2['cpu_seconds'] / f2['cpu_seconds']:.2f} | "
+            f"{f2['faults']:,} / {e1['faults']:,} / {e2['faults']:,} | |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _run_config(mode: str, length: int, folder: str, limit_gb: float, threads: int) -> dict[str, Any]:
+    args = ["--worker", mode, str(length), "--folder", folder, "--mem-limit-gb", str(limit_gb)]
+    result, why = _spawn(
+        [*args, "--threads", str(threads)], {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
+    )
+    if result is not None:
+        return result
     return {
         "mode": mode,
         "length": length,
         "seconds": None,
         "peak_mb": None,
         "extra_mb": None,
-        "error": f"worker died (status {done.returncode}): {tail[:160]}",
+        "error": why,
     }
 
 
@@ -275,7 +351,9 @@ def _save_plain(folder: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192])
+    parser.add_argument(
+        "--lengths", type=int, nargs="+", help="token counts (default: 1024 4096 8192; --repeat: 1024 4096)"
+    )
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument(
         "--long", action="store_true", help="also 16k and 32k tokens on the long random model"
@@ -296,14 +374,23 @@ def main(argv: list[str] | None = None) -> None:
         "--mem-limit-gb", type=float, default=22.0, help="address-space limit per worker (0: none)"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--repeat", action="store_true", help="first and later calls in one process (scale_repeat.md)"
+    )
+    parser.add_argument("--presets", nargs="+", default=list(REPEAT_PRESETS), help="presets of --repeat")
+    parser.add_argument("--out", type=Path, help="the report (default: results/scale.md or scale_repeat.md)")
     parser.add_argument("--from-json", type=Path, help="print the table of a previous run's scale.json")
     parser.add_argument(
         "--model-dir", help="SmolLM2 already saved as safetensors (skips the GGUF conversion)"
     )
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--worker", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
+    parser.add_argument("--repeat-worker", nargs=2, metavar=("PRESET", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.repeat_worker:
+        res = repeat_worker(args.repeat_worker[0], int(args.repeat_worker[1]), args.folder, args.threads)
+        print("RESULT " + json.dumps(res), flush=True)
+        return
     if args.from_json:  # re-render a previous run
         print(table(json.loads(args.from_json.read_text()), args.mem_limit_gb))
         return
@@ -317,9 +404,18 @@ def main(argv: list[str] | None = None) -> None:
         folder = args.model_dir or tmp
         if not args.model_dir:
             _save_plain(folder)
+        if args.repeat:
+            _repeat(
+                args.lengths or list(REPEAT_LENGTHS),
+                args.presets,
+                folder,
+                args.threads,
+                args.out or REPEAT_RESULTS,
+            )
+            return
         plan = [
             (SMOLLM2, folder, length, mode)
-            for length in args.lengths
+            for length in args.lengths or [1024, 4096, 8192]
             for mode in args.modes
             if mode != "generation" or length <= args.generation_up_to
         ]
@@ -333,11 +429,26 @@ def main(argv: list[str] | None = None) -> None:
             r = {**_run_config(mode, length, where, args.mem_limit_gb, args.threads), "model": name}
             results.append(r)
             print(json.dumps(r), flush=True)
-    report = table(results, args.mem_limit_gb)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    _write(table(results, args.mem_limit_gb), results, args.out or RESULTS)
+
+
+def _write(report: str, results: list[dict[str, Any]], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     print(report)
+
+
+def _repeat(lengths: list[int], presets: list[str], folder: str, threads: int, out: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    results = []
+    for length in lengths:
+        for preset in presets:
+            args = ["--repeat-worker", preset, str(length), "--folder", folder, "--threads", str(threads)]
+            result, why = _spawn(args, env)
+            results.append(result or {"preset": preset, "length": length, "error": why})
+            print(json.dumps(results[-1]), flush=True)
+    _write(repeat_table(results), results, out)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import subprocess
 from pathlib import Path
 
 import torch
 import transformers as tf
+from _provenance import code_version
 from generation import timed  # this folder is on the path when the script runs
 
 import lxt_plus
@@ -98,9 +98,7 @@ def main() -> None:
     t_forward = timed(forward, args.repeats)
     t_matrix = timed(matrix, args.repeats)
     t_loop = timed(loop, max(1, args.repeats - 1))
-    version = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    version = code_version()
     rows = [
         "# Vision-language generation matrix against the per-token loop",
         "",
