@@ -18,15 +18,18 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import json
 import platform
 import random
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from _provenance import code_version  # this folder is on the path when the script runs
 
 from lxt_plus.evaluation.baselines import integrated_gradients
 from lxt_plus.evaluation.evaluate import evaluate
@@ -116,6 +119,7 @@ def run_task(
         "table": report.table(),
         "ranking": sorted(summary, key=lambda m: -summary[m]["abpc"]),
         "tune": run_tune(key, model, tokenizer, eval_rows, tune_rows, args, summary),
+        "run": stamp(),
     }
 
 
@@ -178,7 +182,24 @@ def paired(methods: dict[str, Any], a: str, b: str) -> str:
     return f"{a} − {b}: {float(diff.mean()):+.3f} ± {se:.3f} ({int((diff > 0).sum())}/{len(diff)} samples)"
 
 
+SECTION_NAMES = {
+    "llm": "SmolLM2 (and its tuning)",
+    "classifier": "classifier (and its tuning)",
+    "checks": "checks",
+    "positional": "positional",
+    "llm_replaced": "SmolLM2 replacement baselines",
+}
+
+
+def stamp() -> str:
+    """The date and code version of a run, kept with its section."""
+    return f"{datetime.date.today().isoformat()}, lxt_plus {code_version()}"
+
+
 def markdown(sections: dict[str, Any], args: argparse.Namespace) -> str:
+    runs = [
+        f"{name}: {sections[k]['run']}" for k, name in SECTION_NAMES.items() if sections.get(k, {}).get("run")
+    ]
     lines = [
         "# Faithfulness of explanations: LRP presets vs. baselines",
         "",
@@ -194,6 +215,11 @@ def markdown(sections: dict[str, Any], args: argparse.Namespace) -> str:
         "- **conservation err** = |Σ relevance − logit| / |logit| (LRP presets only).",
         f"- Integrated gradients: {args.ig_steps} midpoint steps from the zero embedding.",
         "",
+        *(
+            [f"Sections run separately; the date and code version of each: {'; '.join(runs)}.", ""]
+            if runs
+            else []
+        ),
     ]
     tasks = [sections[k] for k in ("llm", "classifier") if k in sections]
     for sec in tasks:
@@ -202,7 +228,9 @@ def markdown(sections: dict[str, Any], args: argparse.Namespace) -> str:
         lines += [
             f"## {sec['name']}",
             "",
-            f"{sec['setup']} Median |target logit| {float(logit0):.1f}.",
+            # the tuning split's size as tuned (a tuning-only run may have changed it since)
+            re.sub(r"tuning split: \d+ other", f"tuning split: {sec['n_tune']} other", sec["setup"])
+            + f" Median |target logit| {float(logit0):.1f}.",
             "",
             sec["table"],
             "",
@@ -520,13 +548,13 @@ def main(argv: list[str] | None = None) -> None:
         "--tune-samples",
         type=int,
         default=None,
-        help="tuning samples per task (default 10 for the LLM, 20 for the classifier)",
+        help="tuning samples per task (default 20)",
     )
     parser.add_argument(
         "--tune-trials",
         type=int,
         default=None,
-        help="tuning budget in trials (default 12 for the LLM, 20 for the classifier)",
+        help="tuning budget in trials (default 16 for the LLM, 20 for the classifier)",
     )
     parser.add_argument("--ig-steps", type=int, default=None, help="integrated-gradients steps")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -616,16 +644,17 @@ def main(argv: list[str] | None = None) -> None:
             sections[key]["tune"] = run_tune(
                 key, model, tok, rows[: args.samples], rows[args.samples :], args, summary
             )
+            sections[key]["run"] += f"; tuning {stamp()}"
             save()
             del model
     if args.part in ("all", "checks"):
-        sections["checks"] = run_checks(args)
+        sections["checks"] = {**run_checks(args), "run": stamp()}
         save()
     if args.part in ("all", "positional"):
-        sections["positional"] = run_positional(args)
+        sections["positional"] = {**run_positional(args), "run": stamp()}
         save()
     if args.part in ("all", "replaced"):
-        sections["llm_replaced"] = run_replaced_baselines(args)
+        sections["llm_replaced"] = {**run_replaced_baselines(args), "run": stamp()}
         save()
 
 

@@ -37,6 +37,7 @@ import json
 import os
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -163,8 +164,9 @@ def _timed(call: Any) -> tuple[float, float, int]:
     return seconds, cpu_seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
 
-def repeat_worker(preset: str, length: int, folder: str, threads: int) -> dict[str, Any]:
-    """First and second calls of a forward and of ``explain`` in this (fresh) process."""
+def repeat_worker(preset: str, length: int, folder: str, threads: int, calls: int) -> dict[str, Any]:
+    """The first call of a forward and of ``explain`` in this (fresh) process, then ``calls`` more
+    of each."""
     import torch
 
     if threads > 0:
@@ -183,9 +185,11 @@ def repeat_worker(preset: str, length: int, folder: str, threads: int) -> dict[s
     explain(model, ids[:, :16], rules=preset)  # thread pools, kernels, the cached rule plan
     result: dict[str, Any] = {"preset": preset, "length": length, "threads": torch.get_num_threads()}
     for name, call in (("forward", forward), ("explain", lambda: explain(model, ids, rules=preset))):
-        for i in (1, 2):
-            seconds, cpu_seconds, faults = _timed(call)
-            result[f"{name}{i}"] = {"seconds": seconds, "cpu_seconds": cpu_seconds, "faults": faults}
+        runs = [
+            dict(zip(("seconds", "cpu_seconds", "faults"), _timed(call), strict=True))
+            for _ in range(1 + calls)
+        ]
+        result[f"{name}_first"], result[f"{name}_later"] = runs[0], runs[1:]
     result["load"] = os.getloadavg()[0]
     return result
 
@@ -200,34 +204,41 @@ def _spawn(args: list[str], env: dict[str, str]) -> tuple[dict[str, Any] | None,
     return None, f"worker died (status {done.returncode}): {tail[:160]}"
 
 
+def _median(runs: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
 def repeat_table(results: list[dict[str, Any]]) -> str:
     """The Markdown report of ``--repeat``."""
     loads = [r["load"] for r in results if r.get("load") is not None]
     load = f", load average {min(loads):.1f}–{max(loads):.1f}" if loads else ""
+    calls = next((len(r["explain_later"]) for r in results if "explain_later" in r), 0)
     lines = [
         "# explain at long contexts: first and later calls in one process (float32, CPU)",
         "",
-        f"{SMOLLM2} ({time.strftime('%Y-%m-%d')}, lxt_plus {code_version()}), {os.cpu_count()} CPU cores, torch threads "
-        f"{results[0].get('threads', '?') if results else '?'}{load}. One fresh process per row, "
+        f"{SMOLLM2} ({time.strftime('%Y-%m-%d')}, lxt_plus {code_version()}), {os.cpu_count()} CPU cores, "
+        f"torch threads {results[0].get('threads', '?') if results else '?'}{load}. One fresh process per row, "
         "glibc's default malloc (no fixed mmap threshold), after an `explain` of 16 tokens: a no-grad "
-        "forward (`logits_to_keep=1`) at the full length twice, then `explain` twice. Ratios divide "
-        "a call by the forward's call of the same rank. Faults: minor page faults during the call "
-        "(fresh memory pages the kernel maps and zeroes).",
+        f"forward (`logits_to_keep=1`) at the full length once and {calls} more times, then `explain` once "
+        f"and {calls} more times. Later = the median of those {calls}. The first call divides by the "
+        "forward's first call, later calls by the forward's later median. Faults: minor page faults "
+        "during a call (fresh memory pages the kernel maps and zeroes; later: the median).",
         "",
-        "| tokens | preset | forward (s) | explain, 1st call (s) | explain, 2nd call (s) | 1st ÷ forward | "
-        "2nd ÷ forward (wall / CPU) | faults: forward / 1st / 2nd | note |",
+        "| tokens | preset | forward, later (s) | explain, 1st call (s) | explain, later (s) | 1st ÷ forward | "
+        "later ÷ forward (wall / CPU) | faults: forward later / explain 1st / explain later | note |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         if r.get("error"):
             lines.append(f"| {r['length']} | {r['preset']} | — | — | — | — | — | — | {r['error']} |")
             continue
-        f1, f2, e1, e2 = (r[k] for k in ("forward1", "forward2", "explain1", "explain2"))
+        f1, fl, e1, el = r["forward_first"], r["forward_later"], r["explain_first"], r["explain_later"]
         lines.append(
-            f"| {r['length']} | {r['preset']} | {f2['seconds']:.2f} | {e1['seconds']:.2f} | "
-            f"{e2['seconds']:.2f} | {e1['seconds'] / f1['seconds']:.2f} | "
-            f"{e2['seconds'] / f2['seconds']:.2f} / {e2['cpu_seconds'] / f2['cpu_seconds']:.2f} | "
-            f"{f2['faults']:,} / {e1['faults']:,} / {e2['faults']:,} | |"
+            f"| {r['length']} | {r['preset']} | {_median(fl, 'seconds'):.2f} | {e1['seconds']:.2f} | "
+            f"{_median(el, 'seconds'):.2f} | {e1['seconds'] / f1['seconds']:.2f} | "
+            f"{_median(el, 'seconds') / _median(fl, 'seconds'):.2f} / "
+            f"{_median(el, 'cpu_seconds') / _median(fl, 'cpu_seconds'):.2f} | "
+            f"{_median(fl, 'faults'):,.0f} / {e1['faults']:,} / {_median(el, 'faults'):,.0f} | |"
         )
     return "\n".join(lines) + "\n"
 
@@ -378,6 +389,7 @@ def main(argv: list[str] | None = None) -> None:
         "--repeat", action="store_true", help="first and later calls in one process (scale_repeat.md)"
     )
     parser.add_argument("--presets", nargs="+", default=list(REPEAT_PRESETS), help="presets of --repeat")
+    parser.add_argument("--calls", type=int, default=3, help="--repeat: timed calls after the first")
     parser.add_argument("--out", type=Path, help="the report (default: results/scale.md or scale_repeat.md)")
     parser.add_argument("--from-json", type=Path, help="print the table of a previous run's scale.json")
     parser.add_argument(
@@ -388,7 +400,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat-worker", nargs=2, metavar=("PRESET", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeat_worker:
-        res = repeat_worker(args.repeat_worker[0], int(args.repeat_worker[1]), args.folder, args.threads)
+        res = repeat_worker(
+            args.repeat_worker[0], int(args.repeat_worker[1]), args.folder, args.threads, args.calls
+        )
         print("RESULT " + json.dumps(res), flush=True)
         return
     if args.from_json:  # re-render a previous run
@@ -410,6 +424,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.presets,
                 folder,
                 args.threads,
+                args.calls,
                 args.out or REPEAT_RESULTS,
             )
             return
@@ -439,12 +454,13 @@ def _write(report: str, results: list[dict[str, Any]], out: Path) -> None:
     print(report)
 
 
-def _repeat(lengths: list[int], presets: list[str], folder: str, threads: int, out: Path) -> None:
+def _repeat(lengths: list[int], presets: list[str], folder: str, threads: int, calls: int, out: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
     results = []
     for length in lengths:
         for preset in presets:
             args = ["--repeat-worker", preset, str(length), "--folder", folder, "--threads", str(threads)]
+            args += ["--calls", str(calls)]
             result, why = _spawn(args, env)
             results.append(result or {"preset": preset, "length": length, "error": why})
             print(json.dumps(results[-1]), flush=True)

@@ -48,6 +48,8 @@ PADDED_ROWS = "tests/integration/test_zoo.py::test_padded_rows_equal_their_texts
 AUDIT = "tests/integration/test_audit.py"
 HEADS = "tests/integration/test_zoo.py::test_head_relevance_is_what_enters_each_output_projection"
 LAYERS = "tests/integration/test_zoo.py::test_layer_capture_mechanisms"
+VLM_LAYOUTS = "tests/integration/test_vlm_layouts.py"
+RENDER = "tests/unit/test_render.py"
 MUTANTS: tuple[Mutant, ...] = (
     # ------------------------------------------------------------------ autograd functions
     M(
@@ -875,6 +877,57 @@ MUTANTS: tuple[Mutant, ...] = (
         "lxt_plus/engine/patching.py",
         '            probe["mm_token_type_ids"] = (probe["input_ids"] == token).long()',
         "            pass",
+        ("tests/integration/test_vlm.py",),
+    ),
+    # -------------------------------------------- vision towers checked on the first image input
+    M(
+        "first-image-input-not-checked",
+        "lxt_plus/engine/patching.py",
+        "    _check_operations(model, plan, tensors, handle.strict, dict(model.named_modules()), handle._undo)",
+        "    return",
+        (VLM_LAYOUTS,),
+    ),
+    M(
+        "probe-images-not-recorded",
+        "lxt_plus/engine/patching.py",
+        "    report.images = any(v.is_floating_point() for v in inputs.values() if isinstance(v, torch.Tensor))",
+        "    report.images = True",
+        (VLM_LAYOUTS,),
+    ),
+    M(
+        "image-newline-not-a-learned-token",
+        "lxt_plus/engine/patching.py",
+        '    "image_newline",  # LLaVA-Next\'s learned token after each row of image features\n',
+        "",
+        (VLM_LAYOUTS,),
+    ),
+    M(
+        "audit-measures-the-first-image-check",
+        "lxt_plus/evaluation/audit.py",
+        "                explain(model, inputs, rules=handle.preset, strict=False, decoder_input_ids=decoder_input_ids)",
+        "                pass",
+        (VLM_LAYOUTS,),
+    ),
+    # ------------------------------------------------------------------ sentences and images in views
+    M(
+        "generation-summary-ignores-later-tokens",
+        "lxt_plus/render/summary.py",
+        "    seen = gen.prompt_length + t\n",
+        "    seen = gen.prompt_length\n",
+        (RENDER,),
+    ),
+    M(
+        "generation-html-summary-not-swapped",
+        "lxt_plus/render/html.py",
+        " root.querySelector('.lxt-summary').textContent=d.summaries[t];\n",
+        "",
+        ("tests/integration/test_html_browser.py",),
+    ),
+    M(
+        "vlm-html-without-images",
+        "lxt_plus/render/html.py",
+        "        for i in range(len(images.channels))\n    )",
+        "        for i in range(0)\n    )",
         ("tests/integration/test_vlm.py",),
     ),
 )

@@ -360,6 +360,9 @@ def tiny_vlm_config(model_type: str) -> Any:
         side = _vision_side(small)
         if isinstance(data.get("mm_tokens_per_image"), int) and side:
             data["mm_tokens_per_image"] = (side // 2) ** 2  # Gemma3 pools the patches to this many tokens
+        pixels = data["vision_config"].get("image_size")
+        if isinstance(data.get("image_grid_pinpoints"), list) and isinstance(pixels, int):
+            data["image_grid_pinpoints"] = [[pixels, 2 * pixels]]  # LLaVA-Next's tiles: two and the whole
         vis = data["vision_config"]
         if isinstance(vis.get("depth"), int):  # Qwen-VL towers count their blocks as depth
             vis["depth"] = 2
@@ -455,7 +458,8 @@ def _vlm_inputs(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from lxt_plus.engine.patching import _with_image
 
     vocab = model.get_input_embeddings().num_embeddings
-    inputs = _with_image(model, {"input_ids": torch.tensor([[5, 6, 7, 8, 9]]) % vocab})
+    ids = torch.tensor([[5, 6, 7, 8, 9]]) % vocab
+    inputs = _with_image(model, {"input_ids": ids}) or _tile_inputs(model, ids)
     if inputs is None:
         raise ValueError(
             "no plain image input: the model needs processor-specific inputs (image sizes, grids)"
@@ -464,6 +468,33 @@ def _vlm_inputs(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     pixels = inputs["pixel_values"]
     inputs["pixel_values"] = torch.randn(pixels.shape, generator=gen, dtype=pixels.dtype)
     return inputs
+
+
+def _tile_inputs(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """LLaVA-Next's layout, which the patch-time probe does not build: one image as its tiles
+    ``(1, tiles, C, H, W)`` with its size, the tile count from the grid pinpoints."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    pinpoints = getattr(model.config, "image_grid_pinpoints", None)
+    if not pinpoints:
+        return None
+    channels, side, _ = image_shape(model)
+    tiles = image_size_to_num_patches((side, side), pinpoints, side)
+    pixels = torch.randn(1, tiles, channels, side, side, dtype=next(model.parameters()).dtype)
+    sizes = torch.tensor([[side, side]])
+    try:
+        with torch.no_grad():
+            feats = model.get_image_features(pixel_values=pixels, image_sizes=sizes)
+    except Exception:  # noqa: BLE001 - not this layout either
+        return None
+    feats = getattr(feats, "pooler_output", feats)
+    count = sum(f.reshape(-1, f.shape[-1]).shape[0] for f in feats)
+    placeholders = torch.full((1, count), IMAGE_TOKEN)
+    return {
+        "input_ids": torch.cat([ids[:, :2], placeholders, ids[:, 2:]], 1),
+        "pixel_values": pixels,
+        "image_sizes": sizes,
+    }
 
 
 def _inputs(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -501,7 +532,13 @@ def status(model_type: str, head: str, preset: str, tol: float = 1e-4) -> Status
     try:
         inputs = _inputs(model)
     except Exception as exc:  # noqa: BLE001
-        return Status(model_type, head, preset, "not built", f"no token embeddings: {type(exc).__name__}")
+        return Status(
+            model_type,
+            head,
+            preset,
+            "not built",
+            f"no input the zoo can make: {type(exc).__name__}: {str(exc)[:120]}",
+        )
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")

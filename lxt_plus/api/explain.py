@@ -28,7 +28,7 @@ from lxt_plus.engine.detect import (
 from lxt_plus.engine.functional import acc, input_relevance
 from lxt_plus.engine.memory import check_fits
 from lxt_plus.engine.offload import offloaded_saves
-from lxt_plus.engine.patching import Handle, handle_of, patch
+from lxt_plus.engine.patching import Handle, check_images, handle_of, patch
 from lxt_plus.engine.plan import Preset, get_preset
 from lxt_plus.engine.positional import position_buffer_leaves, positional_leaves, positional_relevance
 from lxt_plus.errors import (
@@ -678,6 +678,14 @@ def explain(
         _checkpointing(model, checkpointing),
     ):
         _check_fits(model, handle, batch, checkpointing)
+        if "pixel_values" in batch.model_inputs and batch.input_ids is not None:  # a vision-language input
+            device = input_device(model)
+            given = {
+                "input_ids": batch.input_ids,
+                "attention_mask": batch.attention_mask,
+                **batch.model_inputs,
+            }
+            check_images(handle, {k: v.to(device) for k, v in given.items() if isinstance(v, Tensor)})
         preset_name = handle.preset.name
         recorder = _make_recorder(model, captures)
         extra: list[Tensor] = []

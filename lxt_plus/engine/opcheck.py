@@ -147,6 +147,7 @@ class OpReport:
     unknown: list[OpFinding] = field(default_factory=list)
     reason: str = ""  # why nothing was checked, when ``checked`` is False
     memory: SavedMemory | None = None  # what the backward pass keeps, measured on the probe
+    images: bool = False  # the checked input held images (pixels are a leaf of the check)
 
     @property
     def ok(self) -> bool:

@@ -162,10 +162,11 @@ class Handle:
     also when the body raises.
     """
 
-    def __init__(self, model: nn.Module, plan: Plan, nested: bool = False) -> None:
+    def __init__(self, model: nn.Module, plan: Plan, nested: bool = False, strict: bool = True) -> None:
         self.model = model
         self.plan = plan
         self.nested = nested
+        self.strict = strict
         self._undo: list[Callable[[], None]] = []
         self._active = True
 
@@ -238,6 +239,8 @@ _ADDITIVE = (
     "position_embeddings",
     "distillation_token",
     "register_tokens",
+    "image_newline",  # LLaVA-Next's learned token after each row of image features
+    "view_separator",  # the learned token between an image's views (DeepSeek-VL's)
     "running_mean",  # subtracted by a batch norm in eval mode: a bias in all but sign
 )
 
@@ -352,17 +355,28 @@ def _image_layouts(model: nn.Module, device: torch.device) -> Iterator[dict[str,
         yield {"pixel_values": flat, "image_grid_thw": torch.tensor([[1, side, side]], device=device)}
 
 
+def _image_token(model: nn.Module) -> int | None:
+    """A vision-language model's image placeholder token (``None`` for a model without images)."""
+    cfg = getattr(model, "config", None)
+    token = getattr(cfg, "image_token_id", None)
+    token = getattr(cfg, "image_token_index", None) if token is None else token
+    if getattr(cfg, "vision_config", None) is None or not callable(
+        getattr(model, "get_image_features", None)
+    ):
+        return None
+    return token if isinstance(token, int) else None
+
+
 def _with_image(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
     """A vision-language model's probe: the text probe with an image (in the first layout of
     :func:`_image_layouts` its ``get_image_features`` takes) and as many image placeholder tokens
     as its vision tower gives features, so the check covers the vision tower too; ``None`` for a
-    model without images (or one whose image input none of those layouts is)."""
-    cfg = cast(Any, model).config
-    token = getattr(cfg, "image_token_id", None)
-    token = getattr(cfg, "image_token_index", None) if token is None else token
-    get = getattr(model, "get_image_features", None)
-    if getattr(cfg, "vision_config", None) is None or not isinstance(token, int) or get is None:
+    model without images (or one whose image input none of those layouts is: its vision tower is
+    then checked on the first input with images, :func:`check_images`)."""
+    token = _image_token(model)
+    if token is None:
         return None
+    get = cast(Any, model).get_image_features
     ids = inputs["input_ids"]
     for image in _image_layouts(model, ids.device):
         try:
@@ -468,7 +482,7 @@ def patch(
         existing = _PATCHED.get(model)
         if existing is not None:
             if existing.preset == preset:
-                return Handle(model, existing.plan, nested=True)
+                return Handle(model, existing.plan, nested=True, strict=existing.strict)
             raise AlreadyPatchedError(
                 f"{type(model).__name__} is already patched with preset {existing.preset.name!r}; "
                 f"remove that handle before patching with {preset.name!r}"
@@ -494,7 +508,7 @@ def patch(
                 )
             plan = build_plan(model, preset, strict=strict, op_checked=op_checked)
             ops_paths, cached = frozenset(), None
-        handle = Handle(model, plan)
+        handle = Handle(model, plan, strict=strict)
         stats: dict[str, dict[str, int]] = {}
         try:
             if any(e.role == "attention" for e in plan.entries) and is_hf_model(model):
@@ -663,6 +677,7 @@ def _check_operations(
         plan.gated = plan.gated | gates
         _check_operations(model, plan, inputs, strict, named, undo)
         return
+    report.images = any(v.is_floating_point() for v in inputs.values() if isinstance(v, torch.Tensor))
     plan.operations = report
     if report.ok or not report.checked:
         return
@@ -680,6 +695,31 @@ def _check_operations(
         LxtPlusWarning,
         stacklevel=4,
     )
+
+
+def check_images(handle: Handle, inputs: dict[str, Any]) -> None:
+    """Check the operations of a vision-language model's vision tower on ``inputs`` (a batch with
+    images), once per model and plan, where the patch-time probe could build no image for it (an
+    image layout of its own: LLaVA-Next's tiles, Mllama's aspect ratios, ...). The patch-time check
+    covered the text path only; an unknown operation in the vision tower raises
+    :class:`~lxt_plus.errors.UnsupportedModelError` (or warns, with ``strict=False``) here, before
+    any relevance is computed."""
+    model, plan = handle.model, handle.plan
+    report = plan.operations
+    tensors = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    if (
+        report is None
+        or not report.checked
+        or report.images
+        or _image_token(model) is None
+        or not any(v.is_floating_point() for v in tensors.values())
+    ):
+        return
+    _check_operations(model, plan, tensors, handle.strict, dict(model.named_modules()), handle._undo)
+    with _LOCK:
+        cached = _PLAN_CACHE.get(model, {}).get((plan.preset, handle.strict))
+        if cached is not None:
+            cached[1].operations = plan.operations
 
 
 def _called_modules(model: nn.Module, inputs: dict[str, torch.Tensor]) -> set[str]:

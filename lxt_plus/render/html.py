@@ -24,7 +24,7 @@ from lxt_plus.render._common import (
     row_items,
     row_positions,
 )
-from lxt_plus.render.summary import summary_line
+from lxt_plus.render.summary import generation_summary, summary_line
 from lxt_plus.results.images import patch_map
 from lxt_plus.results.words import NEWLINE_SYMBOL, display_token
 from lxt_plus.results.words import normalize as _normalize
@@ -142,7 +142,8 @@ def explanation_html(
         positions = row_positions(exp, r, rel, normalize, words, hide_special)
         if positions is not None:
             parts.append(_positions_html(*positions))
-        parts.append(legend_html(colors.color_limit(rel, normalize)) + _note(exp, r) + "</div>")
+        parts.append(legend_html(colors.color_limit(rel, normalize)) + _row_images_html(exp, r, normalize))
+        parts.append(_note(exp, r) + "</div>")
     return "".join(parts) + "</div>"
 
 
@@ -186,6 +187,7 @@ function show(t){
  root.querySelector('.lxt-logit').textContent=d.logits[t];
  root.querySelector('.lxt-lo').textContent=d.lo[t];
  root.querySelector('.lxt-hi').textContent=d.hi[t];
+ root.querySelector('.lxt-summary').textContent=d.summaries[t];
  var img=root.querySelector('.lxt-img');
  if(img&&d.images){img.src=d.images[t];img.title='image relevance '+d.image_sums[t];
   root.querySelector('.lxt-img-sum').textContent=d.image_sums[t];}
@@ -224,6 +226,7 @@ def generation_html(gen: GenerationExplanation, normalize: str = "max") -> str:
     limits = [legend_labels(colors.color_limit(m, normalize)) for m in matrix]
     logits = [f"{float(v):.4g}" for v in gen.target_logit]
     bg, fg = colors.palette()
+    summaries = [generation_summary(gen, t) for t in range(n_gen)]
     data = {
         "start": start,
         "half": (len(bg) - 1) // 2,
@@ -235,6 +238,7 @@ def generation_html(gen: GenerationExplanation, normalize: str = "max") -> str:
         "logits": logits,
         "lo": [x[0] for x in limits],
         "hi": [x[2] for x in limits],
+        "summaries": summaries,
     }
     uid = f"lxt-gen-{uuid.uuid4().hex[:12]}"
     spans = []
@@ -262,7 +266,8 @@ def generation_html(gen: GenerationExplanation, normalize: str = "max") -> str:
         )
     return (
         f'<div class="lxt" id="{uid}">{CSS}{head}<div class="lxt-tokens" dir="auto">{"".join(spans)}'
-        f"</div>{legend_html(limit, ids=True)}{image}"
+        f"</div>{legend_html(limit, ids=True)}"
+        f'<div class="lxt-summary">{escape(summaries[0] if n_gen else "")}</div>{image}'
         f'<script type="application/json" class="lxt-data">{safe_json(data)}</script>'
         f"<script>{_SCRIPT % json.dumps(uid)}</script></div>"
     )
@@ -282,15 +287,32 @@ def _image_rows(gen: GenerationExplanation, normalize: str) -> tuple[list[str], 
     where the model has a patch size, each row on its own scale), and each row's image total."""
     assert gen.image_matrix is not None and gen.pixels is not None
     rows = gen.image_matrix[:, 0].float()
-    if gen.patch_size:
-        rows = patch_map(rows, gen.patch_size)
-    urls, sums = [], []
-    for t in range(rows.shape[0]):
-        norm = _normalize(rows[t], normalize)
-        limit = float(norm.abs().max()) or 1.0
-        urls.append(png_data_url(colors.overlay(gen.pixels[0], norm, limit)))
-        sums.append(f"{float(gen.image_matrix[t].sum()):+.4g}")
-    return urls, sums
+    urls = [_overlay_url(gen.pixels[0], rows[t], gen.patch_size, normalize) for t in range(rows.shape[0])]
+    return urls, [f"{float(gen.image_matrix[t].sum()):+.4g}" for t in range(rows.shape[0])]
+
+
+def _overlay_url(
+    pixels: torch.Tensor, relevance: torch.Tensor, patch_size: int | None, normalize: str
+) -> str:
+    """An image ``(C, H, W)`` overlaid with its relevance ``(H, W)`` (pooled to the model's patches
+    where it has them), on its own colour scale, as a PNG data URL."""
+    rel = relevance.detach().float().cpu()
+    norm = _normalize(patch_map(rel, patch_size) if patch_size else rel, normalize)
+    return png_data_url(colors.overlay(pixels, norm, float(norm.abs().max()) or 1.0))
+
+
+def _row_images_html(exp: Explanation, r: int, normalize: str) -> str:
+    """A vision-language row's images, each overlaid with its pixel relevance, and its total."""
+    if exp.images is None:
+        return ""
+    images = exp.images.of_row(r)
+    return "".join(
+        '<div class="lxt-image" style="margin-top:6px">image relevance (its own colour scale; patches '
+        f"where the model has them): <b>{float(images.relevance[i].sum()):+.4g}</b><br>"
+        '<img class="lxt-img" alt="image relevance" style="image-rendering:pixelated;width:224px" '
+        f'src="{_overlay_url(images.pixels[i], images.relevance[i], images.patch_size, normalize)}"></div>'
+        for i in range(len(images.channels))
+    )
 
 
 def similarity_html(sim: SimilarityExplanation, normalize: str = "max") -> str:

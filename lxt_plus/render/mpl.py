@@ -22,6 +22,7 @@ from lxt_plus.render._common import (
     row_positions,
 )
 from lxt_plus.render.summary import summary_line
+from lxt_plus.results.images import patch_map
 from lxt_plus.results.words import NEWLINE_SYMBOL, display_token
 from lxt_plus.results.words import normalize as _normalize
 
@@ -186,6 +187,23 @@ def _draw_features(ax: Axes, names: list[str], rel: torch.Tensor, normalize: str
     ax.set_xlabel(_axis_label(normalize))
 
 
+def _draw_row_images(ax: Axes, exp: Explanation, r: int, normalize: str) -> None:
+    """A vision-language row's images, right of its tokens: each overlaid with its pixel relevance
+    (pooled to the model's patches where it has them) on its own colour scale, titled by its total."""
+    if exp.images is None:
+        return
+    images = exp.images.of_row(r)
+    for i in range(len(images.channels)):
+        rel = images.relevance[i].detach().float().cpu()
+        if images.patch_size:
+            rel = patch_map(rel, images.patch_size)
+        norm = _normalize(rel, normalize)
+        inset = ax.inset_axes((1.02 + 0.27 * i, 0.0, 0.25, 1.0))
+        inset.imshow(colors.overlay(images.pixels[i], norm, float(norm.abs().max()) or 1.0).numpy())
+        inset.set_axis_off()
+        inset.set_title(f"image {float(images.relevance[i].sum()):+.3g}", fontsize=FONT_SIZE * 0.7)
+
+
 def plot_explanation(
     exp: Explanation,
     row: int | None = None,
@@ -252,6 +270,7 @@ def plot_explanation(
         if exp.modality == "tokens":
             found = row_positions(exp, r, rel, normalize, words, hide_special)
             _draw_tokens(a, texts, rel, normalize, wrap, None if found is None else found[1])
+            _draw_row_images(a, exp, r, normalize)
         elif exp.modality == "pixels":
             image = exp.images.pixels[r] if overlay and exp.images is not None else None
             _draw_pixels(fig, a, exp.batch_relevance[r].detach().float().cpu(), normalize, image)

@@ -10,9 +10,9 @@ from lxt_plus.render._common import row_items
 from lxt_plus.results.images import pool_patches
 
 if TYPE_CHECKING:
-    from lxt_plus.results.result import Explanation
+    from lxt_plus.results.result import Explanation, GenerationExplanation
 
-__all__ = ["summary_line"]
+__all__ = ["generation_summary", "summary_line"]
 
 
 def _names(items: list[tuple[str, float]]) -> str:
@@ -26,7 +26,6 @@ def summary_line(
     it down (blue), and how much of the logit each group carries. For pixels: the parts of the
     image (the model's patches, or 4×4-pixel blocks) instead of tokens. ``colored=False`` names
     the signs instead of the colours (for text without colour)."""
-    up_mark, down_mark = ("red", "blue") if colored else ("+", "-")
     target = exp.targets[r]
     what = repr(target.label) + (
         f" over {target.contrast_label!r}" if target.contrast_label is not None else ""
@@ -53,19 +52,62 @@ def summary_line(
         unit = f"pixels ({size}×{size} patches)"
     else:
         texts, values = row_items(exp, r, hide_special=hide_special)
-        ranked = torch.argsort(values, descending=True).tolist()
-        up = [(texts[i], float(values[i])) for i in ranked[:k] if values[i] > 0]
-        down = [(texts[i], float(values[i])) for i in ranked[::-1][:k] if values[i] < 0]
+        up, down = _extremes(texts, values, k)
         unit = "tokens"
+    line = _sentence(what, up, down, values, float(exp.target_logit[r]), unit, colored)
+    if exp.modality == "tokens" and exp.images is not None:  # a vision-language model's images
+        images = exp.images.of_row(r)
+        if len(images.channels):
+            line += _images_sentence(len(images.channels), float(images.relevance.sum()))
+    return line + _positions_sentence(exp, r, hide_special)
+
+
+def _extremes(
+    texts: list[str], values: torch.Tensor, k: int
+) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    """The ``k`` most positive and the ``k`` most negative items, each with its value."""
+    ranked = torch.argsort(values, descending=True).tolist()
+    up = [(texts[i], float(values[i])) for i in ranked[:k] if values[i] > 0]
+    down = [(texts[i], float(values[i])) for i in ranked[::-1][:k] if values[i] < 0]
+    return up, down
+
+
+def _sentence(
+    what: str,
+    up: list[tuple[str, float]],
+    down: list[tuple[str, float]],
+    values: torch.Tensor,
+    logit: float,
+    unit: str,
+    colored: bool,
+) -> str:
+    up_mark, down_mark = ("red", "blue") if colored else ("+", "-")
     pos, neg = float(values.clamp(min=0).sum()), float(values.clamp(max=0).sum())
     parts = [f"Pushing {what} up ({up_mark}): {_names(up)}" if up else f"Nothing pushes {what} up"]
     parts.append(f"pushing it down ({down_mark}): {_names(down)}" if down else "nothing pushes it down")
-    logit = float(exp.target_logit[r])
-    line = (
+    return (
         "; ".join(parts)
         + f". The {unit} for it carry {pos:+.3g} and those against it {neg:+.3g} of the explained logit {logit:.3g}."
     )
-    return line + _positions_sentence(exp, r, hide_special)
+
+
+def generation_summary(gen: GenerationExplanation, t: int, k: int = 3, colored: bool = True) -> str:
+    """:func:`summary_line` for generated token ``t`` of a generation: what among the tokens before
+    it (prompt and earlier generated tokens) pushed it up and down."""
+    from lxt_plus.render._common import display_token
+
+    seen = gen.prompt_length + t
+    values = gen.matrix[t, :seen].detach().float().cpu()
+    up, down = _extremes([display_token(x) for x in gen.tokens[:seen]], values, k)
+    what = repr(display_token(gen.tokens[seen]))
+    line = _sentence(what, up, down, values, float(gen.target_logit[t]), "tokens", colored)
+    if gen.image_matrix is not None:
+        line += _images_sentence(gen.image_matrix.shape[1], float(gen.image_matrix[t].sum()))
+    return line
+
+
+def _images_sentence(n: int, total: float) -> str:
+    return f" The image carries {total:+.3g}." if n == 1 else f" The {n} images carry {total:+.3g}."
 
 
 def _positions_sentence(exp: Explanation, r: int, hide_special: bool) -> str:

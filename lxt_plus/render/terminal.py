@@ -23,7 +23,7 @@ from lxt_plus.render._common import (
     row_items,
     row_positions,
 )
-from lxt_plus.render.summary import summary_line
+from lxt_plus.render.summary import generation_summary, summary_line
 from lxt_plus.results.words import NEWLINE_SYMBOL, display_token
 from lxt_plus.results.words import normalize as _normalize
 
@@ -202,8 +202,9 @@ def generation_terminal(
     Returns
     -------
     str
-        One line per generated token: the token, then its top sources coloured by sign and size, each
-        followed by its relevance.
+        Two lines per generated token: the token, then its top sources coloured by sign and size, each
+        followed by its relevance; then, indented, the sentence of
+        :func:`~lxt_plus.render.summary.generation_summary` (what pushed it up and down).
     """
     from rich.text import Text
 
@@ -231,6 +232,7 @@ def generation_terminal(
             )
             line.append(f" {float(row[i]):+.3g}  ", style="dim")
         console.print(line)
+        console.print(Text("    " + generation_summary(gen, t, colored=color), style="dim"))
     return console.file.getvalue()
 
 

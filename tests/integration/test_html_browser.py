@@ -115,6 +115,8 @@ def test_generation_hover_recolours(tmp_path: Path) -> None:
     assert "lxt-sel" in spans[-1][0] and "lxt-sel" not in spans[4][0]
     assert "rgb(215, 25, 28)" in spans[3][1] or "#d7191c" in spans[3][1]  # strongest positive: full red
     assert "+1.5" in dom and "&lt;/script&gt;&lt;b&gt;x&lt;/b&gt;" in dom
+    summary = re.search(r'<div class="lxt-summary">([^<]*)</div>', dom).group(1)  # the hovered token's
+    assert summary.startswith("Pushing '&lt;/script&gt;&lt;b&gt;x&lt;/b&gt;' up (red): time (+1.5)")
 
 
 def test_generation_hover_shows_the_image_relevance(tmp_path: Path) -> None:

@@ -273,6 +273,32 @@ def test_images_must_belong_to_rows(llava: nn.Module) -> None:
         lxt_plus.explain(llava, batch, target=9)
 
 
+def test_the_views_show_the_image_beside_the_tokens(llava: nn.Module) -> None:
+    """A vision-language explanation's HTML shows each image of the row overlaid with its pixel
+    relevance, and the sentence under the heatmap says how much the image carries."""
+    import re
+
+    ids, pixels = _prompt()
+    res = lxt_plus.explain(llava, {"input_ids": ids[None], "pixel_values": pixels[None]}, target=9)
+    assert res.image_relevance is not None
+    total = f"{float(res.image_relevance[0].sum()):+.4g}"
+    page = res.to_html()
+    found = re.findall(
+        r'image relevance \(its own colour scale[^<]*<b>([^<]*)</b><br><img[^>]*src="data:image/png', page
+    )
+    assert found == [total]
+    assert f"The image carries {float(res.image_relevance[0].sum()):+.3g}." in res.summary()
+    fig = res.plot()
+    titles = [a.get_title() for a in fig.axes[0].child_axes]
+    assert titles == [f"image {float(res.image_relevance[0].sum()):+.3g}"]
+    gen = lxt_plus.explain_generation(
+        llava, None, {"input_ids": ids[None], "pixel_values": pixels[None]}, continuation=[9, 12]
+    )
+    assert f"The image carries {float(gen.image_matrix[1].sum()):+.3g}." in gen.to_terminal(
+        color=False, width=1000
+    )
+
+
 class _Processor:
     """A processor as transformers' are called: ``(text=..., images=..., return_tensors="pt")``."""
 

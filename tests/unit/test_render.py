@@ -153,8 +153,13 @@ def test_generation_html_is_interactive_and_escaped() -> None:
     assert data["raw"][2][3] == 1.5 and data["norm"][2][3] == 1.0
     assert page.count("lxt-gen-tok") >= 3 and "mouseenter" in page and "click" in page
     assert "linear-gradient" in page
-    # the first generated token's row is shown without JavaScript
+    # the first generated token's row is shown without JavaScript, with its sentence
     assert _titles(page)[:4] == pytest.approx([0.9, -0.3, 0.1, 0.2])
+    first = "Pushing &#x27;,&#x27; up (red): Once (+0.9), time (+0.2), a (+0.1); pushing it down (blue): upon (-0.3)"
+    assert f'<div class="lxt-summary">{first}' in page
+    assert data["summaries"][2].startswith(
+        "Pushing '</script><script>alert(1)</script>' up (red): time (+1.5)"
+    )
 
 
 # --------------------------------------------------------------------------------------------- terminal
@@ -177,12 +182,17 @@ def test_terminal_batch_words_and_markup_safety() -> None:
 
 
 def test_generation_terminal_top_sources() -> None:
-    plain = ANSI.sub("", generation_terminal(make_gen(), k=2, width=120))
+    plain = ANSI.sub("", generation_terminal(make_gen(), k=2, width=400, color=False))
     lines = plain.strip().splitlines()
-    assert len(lines) == 4  # header + one per generated token
+    assert len(lines) == 7  # header, then per generated token its sources and its sentence
     assert lines[1].startswith("','") and "Once +0.9" in lines[1] and "upon -0.3" in lines[1]
-    assert lines[3].startswith("' dragon'") and "time +1.5" in lines[3] and "Once -0.5" in lines[3]
-    assert "a " not in lines[3].split("<-")[1]  # only the top 2
+    assert lines[5].startswith("' dragon'") and "time +1.5" in lines[5] and "Once -0.5" in lines[5]
+    assert "a " not in lines[5].split("<-")[1]  # only the top 2
+    assert lines[6].strip() == (
+        "Pushing ' dragon' up (+): time (+1.5), a (+0.1); pushing it down (-): Once (-0.5), there (-0.2). "
+        "The tokens for it carry +1.6 and those against it -0.7 of the explained logit 4."
+    )
+    assert lines[4].strip().startswith("Pushing ' there' up (+): , (+0.4), upon (+0.2)")
 
 
 # ------------------------------------------------------------------------------------------- matplotlib
@@ -387,7 +397,8 @@ def test_summary_says_what_pushed_up_and_down() -> None:
     assert (
         plain.startswith("Pushing ' mat' up (+): sat (+0.9)") and "pushing it down (-): the (-0.7)" in plain
     )
-    for rendered in (exp.to_html(), exp.to_terminal(color=False), exp.to_latex()):
+    figure_text = " ".join(t.get_text() for a in exp.plot().axes for t in a.texts).replace("\n", " ")
+    for rendered in (exp.to_html(), exp.to_terminal(color=False), exp.to_latex(), figure_text):
         assert "Pushing" in rendered and "sat (+0.9)" in rendered
     nothing = make_exp(["a", "Ġb"], [0.3, 0.0]).summary()
     assert "nothing pushes it down" in nothing

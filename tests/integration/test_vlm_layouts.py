@@ -1,0 +1,133 @@
+"""A vision-language model whose image layout the patch-time probe cannot build (LLaVA-Next's
+tiles, whose count depends on the image size and the grid pinpoints): its vision tower is checked
+on the first input with images instead, so an operation without a rule there is refused by name
+rather than passing into the pixel relevance unnoticed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+from torch import Tensor, nn
+
+import lxt_plus
+from lxt_plus.engine.patching import _with_image, handle_of
+from lxt_plus.errors import LxtPlusWarning, UnsupportedModelError
+
+IMAGE_TOKEN = 100
+IMAGE, PATCH = 16, 4
+
+
+def tiny_llava_next() -> nn.Module:
+    text = {
+        "model_type": "llama",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 128,
+        "max_position_embeddings": 256,
+    }
+    vision = {
+        "model_type": "clip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": IMAGE,
+        "patch_size": PATCH,
+    }
+    cfg = tf.LlavaNextConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE_TOKEN,
+        image_grid_pinpoints=[[IMAGE, 2 * IMAGE]],
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(0)
+    model = tf.LlavaNextForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # biases and norm weights away from 0 / 1
+        gen = torch.Generator().manual_seed(1)
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name.lower():
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def tiles_input(model: nn.Module) -> dict[str, Tensor]:
+    """One image as LLaVA-Next's processor gives it: the base view and its tiles, the image size,
+    and as many placeholders as the vision tower gives features."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    cfg = model.config
+    tiles = image_size_to_num_patches((IMAGE, IMAGE), cfg.image_grid_pinpoints, IMAGE)
+    gen = torch.Generator().manual_seed(2)
+    pixels = torch.randn(1, tiles, 3, IMAGE, IMAGE, generator=gen)
+    sizes = torch.tensor([[IMAGE, IMAGE]])
+    with torch.no_grad():
+        feats = model.get_image_features(pixel_values=pixels, image_sizes=sizes)
+    feats = getattr(feats, "pooler_output", feats)
+    count = sum(f.reshape(-1, f.shape[-1]).shape[0] for f in feats)
+    ids = torch.cat(
+        [torch.tensor([[1, 5]]), torch.full((1, count), IMAGE_TOKEN), torch.tensor([[7, 9, 11]])], 1
+    )
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": pixels,
+        "image_sizes": sizes,
+    }
+
+
+@pytest.fixture(scope="module")
+def llava_next() -> nn.Module:
+    return tiny_llava_next()
+
+
+def test_the_probe_cannot_build_this_layout(llava_next: nn.Module) -> None:
+    """The premise: none of the probe's image layouts is LLaVA-Next's, so the patch-time check
+    runs on text alone."""
+    assert _with_image(llava_next, {"input_ids": torch.tensor([[1, 2, 3, 4, 5]])}) is None
+    with lxt_plus.patched(llava_next, "conservative-check") as handle:
+        assert handle.plan.operations.checked and not handle.plan.operations.images
+
+
+def test_the_vision_tower_is_checked_on_the_first_image_input(llava_next: nn.Module) -> None:
+    inputs = tiles_input(llava_next)
+    res = lxt_plus.explain(llava_next, inputs, rules="conservative-check")
+    total = float(res.relevance.sum() + res.image_relevance.sum() + res.conservation["position_relevance"])
+    assert total == pytest.approx(res.conservation["target_logit"], rel=1e-4)
+    with lxt_plus.patched(llava_next, "conservative-check") as handle:  # the cached plan remembers
+        assert handle.plan.operations.images
+
+
+def test_audit_checks_the_vision_tower_outside_its_measurement() -> None:
+    """audit on such a model: the first-image check runs before the module flows are measured, so
+    each layer is measured once, and the verdict is the conservation's."""
+    model = tiny_llava_next()
+    report = lxt_plus.audit(model, "conservative-check", inputs=tiles_input(model))
+    assert report.ok, report
+    names = [layer.path for layer in report.layers]
+    assert len(names) == len(set(names)) == model.config.text_config.num_hidden_layers
+
+
+def test_an_unknown_operation_in_the_vision_tower_is_refused() -> None:
+    model = tiny_llava_next()
+
+    def gate(module: nn.Module, args: object, out: object) -> object:  # a product with no rule
+        h = out[0] if isinstance(out, tuple) else out
+        assert isinstance(h, Tensor)
+        h = h * h.sigmoid()
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    model.model.vision_tower.encoder.layers[0].register_forward_hook(gate)  # the feature layer is -2
+    inputs = tiles_input(model)
+    lxt_plus.explain(model, {"input_ids": inputs["input_ids"][:, -3:]})  # text alone: nothing to see
+    with pytest.raises(
+        UnsupportedModelError, match=r"mul of two input-dependent tensors in model\.vision_tower"
+    ):
+        lxt_plus.explain(model, inputs)
+    assert handle_of(model) is None  # restored
+    with pytest.warns(LxtPlusWarning, match="NOT conservative"):
+        lxt_plus.explain(model, inputs, strict=False)
