@@ -930,6 +930,27 @@ MUTANTS: tuple[Mutant, ...] = (
         "        for i in range(0)\n    )",
         ("tests/integration/test_vlm.py",),
     ),
+    M(
+        "model-image-errors-raw",
+        "lxt_plus/api/explain.py",
+        "        if isinstance(exc, LxtPlusError) or not images:",
+        "        if True:",
+        ("tests/integration/test_vlm.py::test_ids_that_do_not_match_the_images_are_refused_by_name",),
+    ),
+    M(
+        "cli-image-placeholder-not-added",
+        "lxt_plus/cli.py",
+        '    return f"{token}\\n{text}" if isinstance(token, str) and token and token not in text else text',
+        "    return text",
+        ("tests/integration/test_cli.py::test_a_vision_language_model_with_an_image_file",),
+    ),
+    M(
+        "tune-group-epsilon-ignored",
+        "lxt_plus/evaluation/tune.py",
+        "            if g or e != eps:  # γ (with the group's ε) or the group's own ε",
+        "            if g:",
+        ("tests/unit/test_tune.py",),
+    ),
 )
 
 # Changes that cannot alter any result, so no test can (or should) catch them.

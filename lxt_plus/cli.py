@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         default=None,
         help="explain an image classifier's prediction for this image (TEXT then not needed), or, with "
-        "a vision-language model, TEXT about this image (needs a model folder with its processor)",
+        "a vision-language model, TEXT about this image (needs a model folder with its processor; the "
+        "image placeholder goes before TEXT unless TEXT holds it, or into the chat template with --chat)",
     )
     p.add_argument(
         "--target",
@@ -195,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"{_COLOR_HELP}\n\n{exit_codes}",
     )
     p.add_argument("prompt", metavar="PROMPT", help="the prompt to continue")
+    p.add_argument(
+        "--image",
+        metavar="FILE",
+        default=None,
+        help="a vision-language model's image for PROMPT (needs a model folder with its processor); "
+        "relevance on the prompt's tokens and the image's pixels",
+    )
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
     p.add_argument("--chat", action="store_true", help="wrap PROMPT in the tokenizer's chat template")
     p.set_defaults(func=_cmd_generate)
@@ -356,7 +364,21 @@ def _load(name: str | None) -> tuple[Any, Any]:
     return models.load_model(name, task=task)
 
 
-def _image_inputs(model: Any, processor: Any, text: str | None, image: str) -> dict[str, Any]:
+def _image_prompt(processor: Any, text: str, chat: bool) -> str:
+    """A vision-language prompt with its image placeholder: the processor's chat template with an
+    image entry (``--chat``), else TEXT after the processor's image token unless it holds one."""
+    if chat:
+        if not getattr(processor, "chat_template", None):
+            raise InputError("--chat: this model's processor has no chat template; leave out --chat")
+        message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
+        return str(processor.apply_chat_template([message], add_generation_prompt=True))
+    token = getattr(processor, "image_token", None)
+    return f"{token}\n{text}" if isinstance(token, str) and token and token not in text else text
+
+
+def _image_inputs(
+    model: Any, processor: Any, text: str | None, image: str, chat: bool = False
+) -> dict[str, Any]:
     """The model inputs for ``--image FILE`` (and TEXT for a vision-language model)."""
     path = Path(image).expanduser()
     if not path.is_file():
@@ -375,7 +397,11 @@ def _image_inputs(model: Any, processor: Any, text: str | None, image: str) -> d
         return dict(processor(images=picture, return_tensors="pt"))
     if not text:
         raise _UsageError("a vision-language model needs TEXT (the prompt) beside --image")
-    return dict(processor(text=text, images=picture, return_tensors="pt"))
+    prompt = _image_prompt(processor, text, chat)
+    try:
+        return dict(processor(text=prompt, images=picture, return_tensors="pt"))
+    except (ValueError, TypeError) as exc:  # the processor's own check of text and images
+        raise InputError(f"the model's processor could not prepare TEXT with the image: {exc}") from None
 
 
 def _emit(result: Any, fmt: str, out: str | None, color: str, **render: Any) -> None:
@@ -419,7 +445,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args.model)
     target, contrast = _spec(args.target), _spec(args.contrast)
     if args.image is not None:
-        inputs = _image_inputs(model, tokenizer, args.text, args.image)
+        inputs = _image_inputs(model, tokenizer, args.text, args.image, args.chat)
         exp = explain(
             model,
             inputs,
@@ -455,9 +481,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from lxt_plus.api.generation import explain_generation
 
     model, tokenizer = _load(args.model)
-    gen = explain_generation(
-        model, tokenizer, args.prompt, args.max_new_tokens, rules=rules, chat=args.chat, progress=True
-    )
+    if args.image is not None:  # a vision-language model: the processor's ids and images
+        prompt = _image_inputs(model, tokenizer, args.prompt, args.image, args.chat)
+        gen = explain_generation(
+            model,
+            getattr(tokenizer, "tokenizer", None),
+            prompt,
+            args.max_new_tokens,
+            rules=rules,
+            progress=True,
+        )
+    else:
+        gen = explain_generation(
+            model, tokenizer, args.prompt, args.max_new_tokens, rules=rules, chat=args.chat, progress=True
+        )
     _emit(gen, fmt, args.out, args.color)
     return EXIT_OK
 

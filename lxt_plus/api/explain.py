@@ -34,6 +34,7 @@ from lxt_plus.engine.positional import position_buffer_leaves, positional_leaves
 from lxt_plus.errors import (
     ContextTooLongError,
     InputError,
+    LxtPlusError,
     LxtPlusWarning,
     NumericalError,
     OutOfMemoryError,
@@ -52,6 +53,7 @@ __all__ = [
     "frozen_parameters",
     "frozen_eval",
     "explaining",
+    "image_input_errors",
 ]
 
 
@@ -457,6 +459,23 @@ def _memory_errors(batch: _Batch) -> Iterator[None]:
         ) from None
 
 
+@contextlib.contextmanager
+def image_input_errors(model: nn.Module, images: bool) -> Iterator[None]:
+    """A vision-language model's own refusal of ids and images that do not match (transformers
+    raises ``ValueError`` from inside the model: placeholder tokens against image features) as one
+    clear lxt_plus error with the fix."""
+    try:
+        yield
+    except ValueError as exc:
+        if isinstance(exc, LxtPlusError) or not images:
+            raise
+        raise InputError(
+            f"{type(model).__name__} rejected the token ids with these images: {str(exc).splitlines()[0]}. "
+            "The text must hold the image placeholder tokens the vision tower fills (as many as it gives "
+            "features); prepare ids and images together with the model's processor"
+        ) from None
+
+
 def _check_fits(model: nn.Module, handle: Handle, batch: _Batch, checkpointing: bool) -> None:
     """Refuse up front an input whose backward pass cannot fit (estimate from the patch probe)."""
     report = handle.plan.operations
@@ -674,6 +693,7 @@ def explain(
     captures = _parse_capture(capture)
     with (
         _memory_errors(batch),
+        image_input_errors(model, "pixel_values" in batch.model_inputs),
         explaining(model, rules, strict=strict, keep_train=checkpointing) as handle,
         _checkpointing(model, checkpointing),
     ):

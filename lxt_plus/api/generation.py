@@ -20,6 +20,7 @@ from lxt_plus.api.explain import (
     as_images,
     check_ids,
     explaining,
+    image_input_errors,
     image_owners,
     is_seq2seq,
     leaf_at_embeddings,
@@ -202,14 +203,15 @@ def explain_generation(
         raise InputError("the prompt has no tokens: there is nothing to condition on")
     eos = eos_ids(model, tokenizer)
     if continuation is None:
-        gen_ids = generate_greedy(
-            model,
-            prompt_ids,
-            max_new_tokens,
-            eos,
-            getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None,
-            image_inputs,
-        )
+        with image_input_errors(model, bool(image_inputs)):
+            gen_ids = generate_greedy(
+                model,
+                prompt_ids,
+                max_new_tokens,
+                eos,
+                getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None,
+                image_inputs,
+            )
     else:
         gen_ids = as_ids(continuation, tokenizer, "continuation")
     if gen_ids.numel() == 0:
@@ -230,7 +232,8 @@ def explain_generation(
         ids = torch.cat([prompt_ids, gen_ids])
         check_ids(model, ids, length=ids.numel() - 1, what="the prompt and continuation")
         n_p = prompt_ids.numel()
-        matrix, logits, image_matrix = _attribute(model, ids, n_p, preset, progress, image_inputs)
+        with image_input_errors(model, bool(image_inputs)):
+            matrix, logits, image_matrix = _attribute(model, ids, n_p, preset, progress, image_inputs)
     tokens = (
         tokenizer.batch_decode([[i] for i in ids.tolist()])
         if tokenizer is not None

@@ -2,9 +2,9 @@
 
 The search space: the attention rule (AttnLRP or AH-LRP, Achtibat et al. 2024 / Ali et al. 2022,
 and their positional variants ``pa-attnlrp`` / ``pa-ah-lrp``, Bakish et al. 2025), ε of the LRP-ε
-rule on every linear layer, γ of the LRP-γ rule per layer group (embedding-side, middle and
+rule on the linear layers, γ of the LRP-γ rule per layer group (embedding-side, middle and
 head-side thirds of the layers, selected by ``name:`` globs on module paths), and mixed presets
-with a different attention rule per group. The objective is the mean ABPC
+with a different attention rule, or a different ε, per group. The objective is the mean ABPC
 (:mod:`lxt_plus.evaluation.evaluate`) on the tuning inputs.
 
 The search evaluates the base preset first, then walks the dimensions one at a time keeping the
@@ -48,7 +48,8 @@ __all__ = [
 ]
 
 EPSILONS: tuple[float, ...] = (0.0, 1e-6, 1e-3, 1e-1)
-"""ε of the LRP-ε rule on linear layers (absolute, in the units of the layer outputs)."""
+"""ε of the LRP-ε rule on linear layers (absolute, in the units of the layer outputs), per layer
+group; the linear layers outside the groups (the head) take the most common one."""
 GAMMAS: tuple[float, ...] = (0.0, 0.05, 0.25)
 """γ of the LRP-γ rule per layer group; 0 keeps the ε-rule."""
 _ATTENTION: dict[str, Rule] = {
@@ -119,10 +120,10 @@ def layer_groups(model: nn.Module, n_groups: int = 3) -> list[tuple[str, list[in
 # ------------------------------------------------------------------------------ candidates
 @dataclass(frozen=True)
 class Candidate:
-    """A point of the search space: attention rule and γ per layer group, ε on linear layers."""
+    """A point of the search space: attention rule, ε and γ per layer group."""
 
     attention: tuple[str, ...]
-    eps: float
+    eps: tuple[float, ...]
     gamma: tuple[float, ...]
     contrast: bool = False  # explain logit(target) - logit(runner-up) instead of the logit
 
@@ -134,7 +135,10 @@ class Candidate:
             parts.append(
                 "attention=" + ",".join(f"{g}:{a}" for g, a in zip(groups, self.attention, strict=True))
             )
-        parts.append(f"eps={self.eps:g}")
+        if len(set(self.eps)) == 1:
+            parts.append(f"eps={self.eps[0]:g}")
+        else:
+            parts.append("eps=" + ",".join(f"{g}:{e:g}" for g, e in zip(groups, self.eps, strict=True)))
         if any(self.gamma):
             parts.append(
                 "gamma=" + ",".join(f"{g}:{v:g}" for g, v in zip(groups, self.gamma, strict=True) if v)
@@ -169,7 +173,8 @@ class _Space:
             raise InputError(f"unknown attention rule(s) {unknown}; tune() tries {', '.join(_ATTENTION)}")
         self.rules = tuple(dict.fromkeys((first, *attention)))
         self.contrast = contrast
-        self.start = Candidate((first,) * len(self.groups), 0.0, (0.0,) * len(self.groups))
+        n = len(self.groups)
+        self.start = Candidate((first,) * n, (0.0,) * n, (0.0,) * n)
 
     def preset(self, c: Candidate) -> Preset:
         if c == self.start:
@@ -178,11 +183,14 @@ class _Space:
         major = max(set(c.attention), key=c.attention.count)
         if major != self.start.attention[0]:
             p = p.override("attention", _ATTENTION[major])
-        if c.eps:
-            p = p.override("linear", Epsilon(c.eps))
-        for sels, g in zip(self.linear, c.gamma, strict=True):
-            for sel in sels if g else ():
-                p = p.override(sel, Gamma(g, eps=max(c.eps, 1e-9)))
+        eps = max(set(c.eps), key=c.eps.count)  # every linear layer, the head included
+        if eps:
+            p = p.override("linear", Epsilon(eps))
+        for sels, e, g in zip(self.linear, c.eps, c.gamma, strict=True):
+            if g or e != eps:  # γ (with the group's ε) or the group's own ε
+                rule: Rule = Gamma(g, eps=max(e, 1e-9)) if g else Epsilon(e)
+                for sel in sels:
+                    p = p.override(sel, rule)
         for sels, a in zip(self.attn, c.attention, strict=True):
             for sel in sels if a != major else ():
                 p = p.override(sel, _ATTENTION[a])
@@ -194,7 +202,7 @@ class _Space:
         yield [Candidate((a,) * n, c.eps, c.gamma, c.contrast) for a in self.rules if (a,) * n != c.attention]
         if self.contrast:
             yield [replace(c, contrast=not c.contrast)]
-        yield [replace(c, eps=e) for e in self.epsilons if e != c.eps]
+        yield [replace(c, eps=(e,) * n) for e in self.epsilons if (e,) * n != c.eps]
         for g in range(n):
             yield [
                 replace(c, gamma=c.gamma[:g] + (v,) + c.gamma[g + 1 :])
@@ -208,16 +216,24 @@ class _Space:
                 for a in self.rules
                 if a != c.attention[g]
             ]
+            yield [
+                replace(c, eps=c.eps[:g] + (e,) + c.eps[g + 1 :])
+                for g in range(n)
+                for e in self.epsilons
+                if e != c.eps[g]
+            ]
 
     def mutate(self, c: Candidate, rng: random.Random) -> Candidate:
         n = len(self.groups)
-        dims = ["eps", "attention", "gamma"] + (["mixed"] if self.mixed and n > 1 else [])
+        dims = ["eps", "attention", "gamma"] + (["mixed", "mixed-eps"] if self.mixed and n > 1 else [])
         dims += ["contrast"] if self.contrast else []
         dim, g = rng.choice(dims), rng.randrange(n)
         if dim == "contrast":
             return replace(c, contrast=not c.contrast)
         if dim == "eps":
-            return replace(c, eps=rng.choice(self.epsilons))
+            return replace(c, eps=(rng.choice(self.epsilons),) * n)
+        if dim == "mixed-eps":
+            return replace(c, eps=c.eps[:g] + (rng.choice(self.epsilons),) + c.eps[g + 1 :])
         if dim == "gamma":
             return replace(c, gamma=c.gamma[:g] + (rng.choice(self.gammas),) + c.gamma[g + 1 :])
         if dim == "attention":
@@ -373,7 +389,7 @@ def tune(
     epsilons, gammas:
         Values tried for ε on linear layers and γ per layer group (0: no γ-rule).
     mixed:
-        Also try a different attention rule in each layer group.
+        Also try a different attention rule, and a different ε, in each layer group.
     attention:
         The attention rules tried (``"attnlrp"``, ``"ah-lrp"``, ``"pa-attnlrp"``, ``"pa-ah-lrp"``).
     folds:

@@ -748,3 +748,94 @@ def test_explain_an_image_file(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "does not exist" in one_error_line(missing.stderr)
     nothing = run("explain", "--model", str(tmp_path / "vit"))
     assert nothing.returncode == 2 and "--image" in one_error_line(nothing.stderr)
+
+
+def _llava_folder(root: Path) -> Path:
+    """A tiny LLaVA saved with a real LlavaProcessor (CLIP image processor, word-level tokenizer
+    with an ``<image>`` token, a chat template): what a user's model folder holds."""
+    import torch
+    import transformers as tf
+
+    tok = F.tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_id = tok.convert_tokens_to_ids("<image>")
+    tok.chat_template = (
+        "{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
+        "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %} ASSISTANT:"
+    )
+    processor = tf.LlavaProcessor(
+        image_processor=tf.CLIPImageProcessor(
+            size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
+        ),
+        tokenizer=tok,
+        patch_size=4,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's class token, which "default" drops again
+        chat_template=tok.chat_template,
+    )
+    text = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    text |= {"num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": len(tok), "eos_token_id": 3}
+    vision = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64}
+    vision |= {"num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 16, "patch_size": 4}
+    cfg = tf.LlavaConfig(text_config=text, vision_config=vision, image_token_id=image_id)
+    torch.manual_seed(0)
+    folder = root / "llava"
+    tf.LlavaForConditionalGeneration(cfg).eval().save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_a_vision_language_model_with_an_image_file(tmp_path: Path) -> None:
+    """``explain`` and ``generate`` with ``--image`` on a vision-language model folder: the image
+    placeholder is put before the text (or into the chat template with ``--chat``), and the result
+    holds pixel relevance beside the tokens'."""
+    import torch
+    from PIL import Image
+
+    folder = str(_llava_folder(tmp_path))
+    Image.fromarray((torch.rand(20, 24, 3) * 255).byte().numpy()).save(tmp_path / "cat.png")
+    image = str(tmp_path / "cat.png")
+    lengths = []
+    for extra in ((), ("--chat",)):
+        out = tmp_path / f"explain{len(extra)}.json"
+        proc = run(
+            "explain",
+            "the cat",
+            "--image",
+            image,
+            "--model",
+            folder,
+            *extra,
+            "--format",
+            "json",
+            "--out",
+            str(out),
+        )
+        assert proc.returncode == 0, proc.stderr
+        data = json.loads(out.read_text())
+        assert "<image>" in data["tokens"][0] and len(data["images"]["channels"][0]) == 3
+        lengths.append(len(data["tokens"][0]))
+    assert lengths[1] == lengths[0] + 4  # the chat template's "USER", ":", "ASSISTANT", ":"
+    out = tmp_path / "generate.html"
+    proc = run(
+        "generate",
+        "the cat",
+        "--image",
+        image,
+        "--model",
+        folder,
+        "--max-new-tokens",
+        "2",
+        "--format",
+        "html",
+        "--out",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    page = out.read_text()
+    assert "image relevance of the hovered token" in page and "The image carries" in page
+    plain = run("explain", "the cat", "--image", image, "--model", folder, "--format", "json")
+    assert plain.returncode == 0  # the placeholder is added; placeholders for two images are refused:
+    two = run("explain", "<image> <image> the cat", "--image", image, "--model", folder)
+    assert two.returncode == 2, two.stderr
+    assert "the model's processor could not prepare TEXT with the image" in one_error_line(two.stderr)

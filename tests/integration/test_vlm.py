@@ -299,6 +299,21 @@ def test_the_views_show_the_image_beside_the_tokens(llava: nn.Module) -> None:
     )
 
 
+def test_ids_that_do_not_match_the_images_are_refused_by_name(llava: nn.Module) -> None:
+    """Too few image placeholders for the vision tower's features: transformers' ValueError from
+    inside the model becomes an InputError with the fix, in explain and explain_generation."""
+    from lxt_plus.errors import InputError
+
+    ids, pixels = _prompt()
+    short = {"input_ids": torch.cat([ids[:3], ids[5:]])[None], "pixel_values": pixels[None]}  # 2 fewer
+    with pytest.raises(InputError, match="rejected the token ids with these images.*processor"):
+        lxt_plus.explain(llava, short, target=9)
+    with pytest.raises(InputError, match="rejected the token ids with these images"):
+        lxt_plus.explain_generation(llava, None, short, continuation=[9])
+    with pytest.raises(InputError, match="rejected the token ids with these images"):
+        lxt_plus.explain_generation(llava, None, short, max_new_tokens=1)
+
+
 class _Processor:
     """A processor as transformers' are called: ``(text=..., images=..., return_tensors="pt")``."""
 

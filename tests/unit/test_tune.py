@@ -56,7 +56,7 @@ def test_layer_groups_and_candidate_presets_select_the_right_modules():
     model = build("llama", num_hidden_layers=6)
     assert layer_groups(model) == [("embedding-side", [0, 1]), ("middle", [2, 3]), ("head-side", [4, 5])]
     space = _Space(model, get_preset("attnlrp"), (0.0, 1e-3), (0.0, 0.25), mixed=True, attention=("ah-lrp",))
-    cand = Candidate(("ah-lrp", "attnlrp", "attnlrp"), 1e-3, (0.0, 0.25, 0.0))
+    cand = Candidate(("ah-lrp", "attnlrp", "attnlrp"), (1e-3,) * 3, (0.0, 0.25, 0.0))
     plan = build_plan(model, space.preset(cand))
     rules = {e.path: e.rule for e in plan.entries}
     for path, rule in rules.items():
@@ -70,11 +70,35 @@ def test_layer_groups_and_candidate_presets_select_the_right_modules():
     assert space.preset(space.start) is space.base
 
 
+def test_epsilon_per_layer_group():
+    """ε may differ per group: the most common value goes to every linear layer (the head too), a
+    group with another value gets its own, and a γ group keeps its group's ε inside the γ-rule."""
+    model = build("llama", num_hidden_layers=6)
+    space = _Space(model, get_preset("attnlrp"), (0.0, 1e-3, 0.1), (0.0, 0.25), mixed=True, attention=())
+    cand = Candidate(("attnlrp",) * 3, (1e-3, 0.0, 1e-3), (0.0, 0.0, 0.25))
+    assert cand.describe(space.names) == (
+        "attention=attnlrp eps=embedding-side:0.001,middle:0,head-side:0.001 gamma=head-side:0.25"
+    )
+    rules = {e.path: e.rule for e in build_plan(model, space.preset(cand)).entries}
+    for path, rule in rules.items():
+        if path.startswith("model.layers.") and path.endswith("_proj"):
+            layer = int(path.split(".")[2])
+            expected = {0: Epsilon(1e-3), 1: Epsilon(1e-3), 2: Epsilon(0.0), 3: Epsilon(0.0)}.get(
+                layer, Gamma(0.25, eps=1e-3)
+            )
+            assert rule == expected, path
+    assert rules["lm_head"] == Epsilon(1e-3)
+    sweeps = list(space.sweeps(space.start))
+    per_group = [c for sweep in sweeps for c in sweep if len(set(c.eps)) > 1]
+    assert len(per_group) == 3 * 2  # each group to each other value
+    assert all(sum(e != 0.0 for e in c.eps) == 1 for c in per_group)
+
+
 def test_selectors_on_an_encoder():
     model = build("bert", num_hidden_layers=3)
     space = _Space(model, get_preset("ah-lrp"), (0.0,), (0.0, 0.1), mixed=True, attention=("attnlrp",))
     assert space.start.attention == ("ah-lrp",) * 3
-    cand = Candidate(("ah-lrp", "ah-lrp", "attnlrp"), 0.0, (0.1, 0.0, 0.0))
+    cand = Candidate(("ah-lrp", "ah-lrp", "attnlrp"), (0.0,) * 3, (0.1, 0.0, 0.0))
     rules = {e.path: e.rule for e in build_plan(model, space.preset(cand)).entries}
     gamma = {p for p, r in rules.items() if isinstance(r, Gamma)}
     assert gamma == {
@@ -93,7 +117,7 @@ def test_cross_validated_selection_is_judged_on_samples_it_did_not_see():
     held-out sample. The cross-validated gain is negative although the in-sample gain is +0.67."""
     from lxt_plus.evaluation.tune import Candidate, cross_validated_gain
 
-    base, lucky, steady = (Candidate((a,), 0.0, (0.0,)) for a in ("attnlrp", "ah-lrp", "pa-attnlrp"))
+    base, lucky, steady = (Candidate((a,), (0.0,), (0.0,)) for a in ("attnlrp", "ah-lrp", "pa-attnlrp"))
     per_row = {
         base: torch.zeros(6, dtype=torch.float64),
         lucky: torch.tensor([9.0, -1.0, -1.0, -1.0, -1.0, -1.0], dtype=torch.float64),
