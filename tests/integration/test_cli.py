@@ -706,6 +706,13 @@ def test_help_names_every_preset() -> None:
     assert sorted(n.strip() for n in cli_module._PRESET_NAMES.split(",")) == lxt_plus.list_presets()
 
 
+def explain_json(out: Path, *args: str) -> dict:
+    """``lxt-plus explain ARGS --format json --out OUT``, which must succeed: the JSON written."""
+    proc = run("explain", *args, "--format", "json", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(out.read_text())
+
+
 def test_explain_an_image_file(tmp_path: Path) -> None:
     """``--image FILE`` with an image classifier saved with its image processor: pixel relevance."""
     import torch
@@ -729,19 +736,7 @@ def test_explain_an_image_file(tmp_path: Path) -> None:
     picture = (torch.rand(20, 24, 3) * 255).byte().numpy()
     Image.fromarray(picture).save(tmp_path / "cat.png")
     out = tmp_path / "cat.json"
-    proc = run(
-        "explain",
-        "--image",
-        str(tmp_path / "cat.png"),
-        "--model",
-        str(tmp_path / "vit"),
-        "--format",
-        "json",
-        "--out",
-        str(out),
-    )
-    assert proc.returncode == 0, proc.stderr
-    data = json.loads(out.read_text())
+    data = explain_json(out, "--image", str(tmp_path / "cat.png"), "--model", str(tmp_path / "vit"))
     assert data["modality"] == "pixels" and len(data["relevance"][0]) == 16
     assert len(data["images"]["channels"][0]) == 3 and data["images"]["patch_size"] == 4
     missing = run("explain", "--image", str(tmp_path / "nope.png"), "--model", str(tmp_path / "vit"))
@@ -798,21 +793,7 @@ def test_a_vision_language_model_with_an_image_file(tmp_path: Path) -> None:
     lengths = []
     for extra in ((), ("--chat",)):
         out = tmp_path / f"explain{len(extra)}.json"
-        proc = run(
-            "explain",
-            "the cat",
-            "--image",
-            image,
-            "--model",
-            folder,
-            *extra,
-            "--format",
-            "json",
-            "--out",
-            str(out),
-        )
-        assert proc.returncode == 0, proc.stderr
-        data = json.loads(out.read_text())
+        data = explain_json(out, "the cat", "--image", image, "--model", folder, *extra)
         assert "<image>" in data["tokens"][0] and len(data["images"]["channels"][0]) == 3
         lengths.append(len(data["tokens"][0]))
     assert lengths[1] == lengths[0] + 4  # the chat template's "USER", ":", "ASSISTANT", ":"

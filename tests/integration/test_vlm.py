@@ -41,28 +41,31 @@ IMAGE, PATCH = 16, 4
 N_PATCHES = (IMAGE // PATCH) ** 2
 
 
+# the language model and the vision tower of the tiny vision-language models (LLaVA, LLaVA-Next)
+TEXT = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 128,
+    "max_position_embeddings": 128,
+}
+VISION = {
+    "model_type": "clip_vision_model",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": IMAGE,
+    "patch_size": PATCH,
+}
+
+
 def tiny_llava(seed: int = 0) -> nn.Module:
-    text = {
-        "model_type": "llama",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 128,
-        "max_position_embeddings": 128,
-    }
-    vision = {
-        "model_type": "clip_vision_model",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "image_size": IMAGE,
-        "patch_size": PATCH,
-    }
     cfg = tf.LlavaConfig(
-        text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN, projector_hidden_act="gelu"
+        text_config=TEXT, vision_config=VISION, image_token_id=IMAGE_TOKEN, projector_hidden_act="gelu"
     )
     torch.manual_seed(seed)
     model = tf.LlavaForConditionalGeneration(cfg).eval().to(DTYPE)

@@ -5,6 +5,9 @@ rather than passing into the pixel relevance unnoticed."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import transformers as tf
@@ -14,33 +17,14 @@ import lxt_plus
 from lxt_plus.engine.patching import _with_image, handle_of
 from lxt_plus.errors import LxtPlusWarning, UnsupportedModelError
 
-IMAGE_TOKEN = 100
-IMAGE, PATCH = 16, 4
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_vlm import IMAGE, IMAGE_TOKEN, TEXT, VISION  # noqa: E402
 
 
 def tiny_llava_next() -> nn.Module:
-    text = {
-        "model_type": "llama",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 128,
-        "max_position_embeddings": 256,
-    }
-    vision = {
-        "model_type": "clip_vision_model",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "image_size": IMAGE,
-        "patch_size": PATCH,
-    }
     cfg = tf.LlavaNextConfig(
-        text_config=text,
-        vision_config=vision,
+        text_config={**TEXT, "max_position_embeddings": 256},
+        vision_config=VISION,
         image_token_id=IMAGE_TOKEN,
         image_grid_pinpoints=[[IMAGE, 2 * IMAGE]],
         vision_feature_select_strategy="default",
