@@ -552,19 +552,7 @@ def status(model_type: str, head: str, preset: str, tol: float = 1e-4) -> Status
             f"forward fails unpatched: {type(exc).__name__}: {str(exc)[:120]}",
         )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if "input_ids" not in inputs:  # an image
-                result = lxt_plus.explain(model, next(iter(inputs.values())), rules=preset)
-            elif "pixel_values" in inputs:  # text and an image
-                result = lxt_plus.explain(model, inputs, rules=preset)
-            else:
-                result = lxt_plus.explain(
-                    model,
-                    inputs["input_ids"],
-                    rules=preset,
-                    decoder_input_ids=inputs.get("decoder_input_ids"),
-                )
+        result = _explain(model, inputs, preset)
     except UnsupportedModelError as exc:
         return Status(model_type, head, preset, "refused", str(exc))
     except Exception as exc:  # noqa: BLE001 - anything else is a bug, recorded
@@ -585,6 +573,76 @@ def status(model_type: str, head: str, preset: str, tol: float = 1e-4) -> Status
     if err <= tol:
         return Status(model_type, head, preset, "conserves", error=err)
     return Status(model_type, head, preset, "wrong", f"relevance {total:.6g} vs logit {logit:.6g}", err)
+
+
+def _explain(model: torch.nn.Module, inputs: dict[str, torch.Tensor], preset: str) -> Any:
+    """``lxt_plus.explain`` of the zoo's input as a user passes it: an image, text with an image,
+    or token ids (with an encoder-decoder's prefix)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if "input_ids" not in inputs:  # an image
+            return lxt_plus.explain(model, next(iter(inputs.values())), rules=preset)
+        if "pixel_values" in inputs:  # text and an image
+            return lxt_plus.explain(model, inputs, rules=preset)
+        return lxt_plus.explain(
+            model, inputs["input_ids"], rules=preset, decoder_input_ids=inputs.get("decoder_input_ids")
+        )
+
+
+def _attn_implementations(model: torch.nn.Module) -> set[str]:
+    """The attention implementation of the model's config and of each of its sub-configs."""
+    configs = [model.config] + [
+        getattr(model.config, n) for n in ("text_config", "vision_config") if getattr(model.config, n, None)
+    ]
+    return {c._attn_implementation for c in configs if getattr(c, "_attn_implementation", None)}
+
+
+def attention_status(model_type: str, head: str, preset: str = "attnlrp", tol: float = 1e-4) -> Status:
+    """The same weights and input under SDPA, then under eager attention: the same relevance (on
+    tokens and pixels) to ``tol`` of its largest value, or why the two cannot be compared."""
+    try:
+        model = build(model_type, head)
+        inputs = _inputs(model)
+    except Exception as exc:  # noqa: BLE001
+        return Status(model_type, head, preset, "not built", f"{type(exc).__name__}: {str(exc)[:160]}")
+    if _attn_implementations(model) != {"sdpa"}:
+        return Status(model_type, head, preset, "not built", f"not SDPA: {_attn_implementations(model)}")
+    got, outputs = [], []
+    for impl in ("sdpa", "eager"):
+        try:
+            if impl == "eager":
+                model.set_attn_implementation("eager")
+                if _attn_implementations(model) != {"eager"}:  # a switch that did not take
+                    return Status(model_type, head, preset, "not built", "eager attention did not take")
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                outputs.append(model(**inputs)[0].double())
+        except Exception as exc:  # noqa: BLE001 - the tiny model does not run even without lxt_plus
+            return Status(
+                model_type, head, preset, "not built", f"{impl} forward fails unpatched: {exc!s:.100}"
+            )
+        try:
+            result = _explain(model, inputs, preset)
+        except UnsupportedModelError as exc:
+            return Status(model_type, head, preset, "refused", f"{impl}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - anything else is a bug, recorded
+            return Status(
+                model_type, head, preset, "failed", f"{impl}: {type(exc).__name__}: {str(exc)[:300]}"
+            )
+        parts = [result.batch_relevance.flatten()]
+        if result.image_relevance is not None and result.modality == "tokens":
+            parts.append(result.image_relevance.flatten())
+        got.append(torch.cat([t.double() for t in parts]))
+    if not torch.allclose(outputs[0], outputs[1], rtol=tol, atol=tol * float(outputs[0].abs().max())):
+        # the model itself computes another function under eager (PaliGemma's prefix mask)
+        return Status(model_type, head, preset, "not built", "eager and SDPA outputs differ without lxt_plus")
+    scale = float(got[0].abs().max())
+    diff = float((got[0] - got[1]).abs().max())
+    if diff <= tol * scale + 1e-12:
+        return Status(model_type, head, preset, "same", error=diff / max(scale, 1e-12))
+    return Status(
+        model_type, head, preset, "wrong", f"eager differs from SDPA by {diff:.2e} (largest {scale:.2e})"
+    )
 
 
 def batch_status(

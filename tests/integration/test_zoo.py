@@ -233,6 +233,30 @@ def test_head_relevance_is_what_enters_each_output_projection(model_type: str, h
         assert parts[0].out_proj is None
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("head", list(zoo.HEADS))
+def test_eager_and_sdpa_give_the_same_relevance_across_the_zoo(head: str) -> None:
+    """Every architecture with both attention implementations: the same weights and input under
+    SDPA, then eager attention, give the same relevance on tokens and pixels (AttnLRP). Models
+    whose own outputs differ between the two (PaliGemma's prefix mask) are not compared."""
+    torch.set_num_threads(1)
+    rows = [zoo.attention_status(t, head) for t in zoo.model_types(head)]
+    bad = [f"{s.model_type}: {s.status}: {s.detail}" for s in rows if s.status in ("wrong", "failed")]
+    assert not bad, "\n".join(bad)
+    same = sum(s.status == "same" for s in rows)
+    assert (
+        same
+        >= {
+            "causal-lm": 100,
+            "seqcls": 60,
+            "seq2seq": 12,
+            "masked-lm": 18,
+            "image-cls": 10,
+            "image-text": 22,
+        }[head]
+    ), collections.Counter(s.status for s in rows)
+
+
 LAYER_HEADS = ("causal-lm", "seqcls", "masked-lm", "image-cls", "image-text")
 
 
