@@ -945,6 +945,27 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/integration/test_cli.py::test_a_vision_language_model_with_an_image_file",),
     ),
     M(
+        "whole-position-read-not-a-leaf",
+        "lxt_plus/engine/positional.py",
+        "            return self.make(out)\n        return out\n\n\n@contextlib.contextmanager",
+        "            return out\n        return out\n\n\n@contextlib.contextmanager",
+        ("tests/unit/test_vision_rules.py::test_siglip2_classifier_conserves_with_its_position_table",),
+    ),
+    M(
+        "patch-lists-rows-and-columns-swapped",
+        "lxt_plus/results/images.py",
+        "    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, h * patch, w * patch)",
+        "    return x.permute(0, 5, 1, 4, 2, 3).reshape(b, channels, h * patch, w * patch)",
+        ("tests/unit/test_vision_rules.py::test_siglip2_patch_lists_go_back_onto_the_image_grid",),
+    ),
+    M(
+        "grid-sample-not-linear",
+        "lxt_plus/engine/opcheck.py",
+        "    GridSampler2D GridSampler3D",
+        "    ",
+        (ZOO_GAPS,),
+    ),
+    M(
         "tune-group-epsilon-ignored",
         "lxt_plus/evaluation/tune.py",
         "            if g or e != eps:  # γ (with the group's ε) or the group's own ε",

@@ -503,8 +503,21 @@ def _inputs(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             return _vlm_inputs(model)
     if getattr(model, "main_input_name", "input_ids") != "input_ids":  # an image (ImageGPT takes ids)
         gen = torch.Generator().manual_seed(0)
+        dtype = next(model.parameters()).dtype
+        if "spatial_shapes" in _forward_params(model):  # SigLIP2: a 3 x 4 grid in a list of 16 patches
+            from lxt_plus.engine.detect import patch_size
+
+            values = image_shape(model)[0] * patch_size(model) ** 2
+            mask = torch.zeros(1, 16, dtype=torch.long)
+            mask[:, :12] = 1
+            pixels = torch.randn(1, 16, values, generator=gen, dtype=torch.float64).to(dtype)
+            return {
+                "pixel_values": pixels,
+                "pixel_attention_mask": mask,
+                "spatial_shapes": torch.tensor([[3, 4]]),
+            }
         pixels = torch.randn(1, *image_shape(model), generator=gen, dtype=torch.float64)
-        return {model.main_input_name: pixels.to(next(model.parameters()).dtype)}
+        return {model.main_input_name: pixels.to(dtype)}
     cfg = model.config
     vocab = model.get_input_embeddings().num_embeddings
     specials = {
@@ -580,10 +593,8 @@ def _explain(model: torch.nn.Module, inputs: dict[str, torch.Tensor], preset: st
     or token ids (with an encoder-decoder's prefix)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if "input_ids" not in inputs:  # an image
-            return lxt_plus.explain(model, next(iter(inputs.values())), rules=preset)
-        if "pixel_values" in inputs:  # text and an image
-            return lxt_plus.explain(model, inputs, rules=preset)
+        if "input_ids" not in inputs or "pixel_values" in inputs:  # an image, or text and an image
+            return lxt_plus.explain(model, _main_input(inputs), rules=preset)
         return lxt_plus.explain(
             model, inputs["input_ids"], rules=preset, decoder_input_ids=inputs.get("decoder_input_ids")
         )
@@ -718,8 +729,8 @@ def batch_status(
 def _main_input(inputs: dict[str, torch.Tensor]) -> Any:
     """What a user hands lxt_plus: the ids alone, the pixels alone, or the whole dict (ids with
     images or a decoder prefix)."""
-    if "input_ids" not in inputs:
-        return next(iter(inputs.values()))
+    if "input_ids" not in inputs:  # the pixels (SigLIP2's patch lists: with their grid)
+        return next(iter(inputs.values())) if len(inputs) == 1 else inputs
     return inputs["input_ids"] if set(inputs) == {"input_ids"} else inputs
 
 

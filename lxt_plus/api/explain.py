@@ -42,7 +42,7 @@ from lxt_plus.errors import (
     TokenizerMismatchError,
     UnsupportedModelError,
 )
-from lxt_plus.results.images import ImageRelevance
+from lxt_plus.results.images import ImageRelevance, patch_list_images
 from lxt_plus.results.result import Explanation, Target
 
 __all__ = [
@@ -191,9 +191,48 @@ def _processed(model: nn.Module, text: Any, images: Any, processor: Any, tokeniz
     return data, tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
 
 
+_PATCH_LIST_KEYS = ("pixel_attention_mask", "spatial_shapes")
+
+
+def _prepare_patch_lists(model: nn.Module, data: dict[str, Any]) -> _Batch:
+    """SigLIP2's image processor output: patch lists ``(batch, patches, P·P·C)`` with
+    ``pixel_attention_mask`` and ``spatial_shapes``; the pixels are the leaf, and relevance goes
+    back onto the image grid (every row's grid the same)."""
+    pixels, shapes = data["pixel_values"], data["spatial_shapes"]
+    if not isinstance(pixels, Tensor) or not pixels.is_floating_point() or pixels.dim() != 3:
+        raise InputError(
+            f"{type(model).__name__} takes pixel_values as patch lists (batch, patches, values), got "
+            f"{tuple(pixels.shape) if isinstance(pixels, Tensor) else type(pixels).__name__}"
+        )
+    shapes = torch.as_tensor(shapes)
+    if shapes.shape != (pixels.shape[0], 2):
+        raise InputError(
+            f"spatial_shapes must be (batch, 2) for {pixels.shape[0]} rows, got {tuple(shapes.shape)}"
+        )
+    if bool((shapes != shapes[0]).any()):
+        raise InputError(
+            f"{type(model).__name__}: images of different patch grids in one batch ({shapes.tolist()}); explain "
+            "one image at a time, or resize them to one size"
+        )
+    size = patch_size(model)
+    h, w = (int(v) for v in shapes[0])
+    if size is None or h * w > pixels.shape[1] or pixels.shape[2] % (size * size):
+        raise InputError(
+            f"{type(model).__name__}: patch lists of shape {tuple(pixels.shape)} do not hold a {h} x {w} grid of "
+            f"patches of {size} pixels; pass the model's image processor output unchanged"
+        )
+    extras = {k: data[k] for k in _PATCH_LIST_KEYS if data.get(k) is not None}
+    return _Batch(None, None, pixels, False, model_inputs=extras)
+
+
 def check_image(model: nn.Module, values: Tensor) -> None:
     """An image batch the model can read: ``(batch, channels, height, width)`` with its channels
     (transformers would raise a ValueError from inside the model otherwise)."""
+    if accepts(model, "spatial_shapes"):
+        raise InputError(
+            f"{type(model).__name__} takes images as patch lists: pass its image processor's output (a dict "
+            "with pixel_values, pixel_attention_mask and spatial_shapes)"
+        )
     if values.dim() != 4:
         raise InputError(
             f"{type(model).__name__} takes images as (batch, channels, height, width) or (channels, height, "
@@ -231,6 +270,8 @@ def _prepare(
         data = dict(inputs)
         if "input_ids" in data and "pixel_values" in data:  # a vision-language model's processor output
             return _prepare_multimodal(model, data, tokenizer, attention_mask)
+        if "pixel_values" in data and "spatial_shapes" in data:  # SigLIP2's patch lists
+            return _prepare_patch_lists(model, data)
         if "pixel_values" in data:
             inputs = data["pixel_values"]
         elif "input_ids" in data:
@@ -779,8 +820,18 @@ def explain(
             extra_rel = pad if extra_rel is None else extra_rel + pad
             rel = rel[:, :n]
     if batch.values is not None:
+        shown = leaf.detach()
+        if "spatial_shapes" in batch.model_inputs:  # patch lists: back onto the image grid
+            grid = (
+                int(batch.model_inputs["spatial_shapes"][0][0]),
+                int(batch.model_inputs["spatial_shapes"][0][1]),
+            )
+            size = patch_size(model) or 1
+            pad = rel[:, grid[0] * grid[1] :].reshape(rows, -1).sum(-1).detach().cpu()  # padding patches
+            extra_rel = pad if extra_rel is None else extra_rel + pad
+            rel, shown = patch_list_images(rel, grid, size), patch_list_images(shown, grid, size)
         if is_hf_model(model) and rel.dim() == 4:
-            images = ImageRelevance(rel.detach().cpu(), leaf.detach().cpu(), patch_size(model))
+            images = ImageRelevance(rel.detach().cpu(), shown.cpu(), patch_size(model))
             rel = rel.sum(1)
         mask = None
     else:
@@ -1051,8 +1102,9 @@ def _forward(
     if batch.values is not None:
         leaf = batch.values.detach().to(device).requires_grad_(True)
         if is_hf_model(model):
+            more = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.model_inputs.items()}
             with leaf_at_embeddings(model, store=[], extra=extra, rows=leaf.shape[0], tokens=False):
-                out = model(**{getattr(model, "main_input_name", "pixel_values"): leaf})
+                out = model(**{getattr(model, "main_input_name", "pixel_values"): leaf}, **more)
             return leaf, _image_logits(model, out), [], out
         out = model(leaf)
         if not isinstance(out, Tensor) or out.dim() != 2:

@@ -91,6 +91,11 @@ def explain_similarity(
     ids, pixels = data["input_ids"], data["pixel_values"]
     if not isinstance(ids, Tensor) or not isinstance(pixels, Tensor):
         raise InputError("input_ids and pixel_values must be tensors (return_tensors='pt')")
+    if "spatial_shapes" in data:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: explain_similarity does not read patch lists with spatial_shapes "
+            "(SigLIP2's image inputs); explain its image classifier with explain(), which does"
+        )
     ids = ids[None] if ids.dim() == 1 else ids
     pixels = pixels[None] if pixels.dim() == 3 else pixels
     if ids.shape[0] != 1 or pixels.shape[0] != 1:

@@ -33,6 +33,7 @@ __all__ = [
     "token_embeddings",
     "embedding_leaves",
     "position_buffers",
+    "position_weight_owners",
     "precut_patch_layout",
     "decoder_start",
     "end_of_sequence",
@@ -229,6 +230,27 @@ def position_buffers(model: nn.Module) -> list[torch.Tensor]:
             ):
                 found.append(b)
     return found
+
+
+def position_weight_owners(model: nn.Module) -> dict[nn.Module, list[torch.Tensor]]:
+    """The modules holding a position embedding (learned, 2-D), with its weight: a module may read
+    that weight whole in ``forward`` and resize it to the input (SigLIP2's patch grid, GLM-4V's)
+    rather than call the embedding; explaining then turns the read into a position leaf
+    (:func:`lxt_plus.engine.positional.position_buffer_leaves`)."""
+    named = dict(model.named_modules())
+    owners: dict[nn.Module, list[torch.Tensor]] = {}
+    for path, m in named.items():
+        weight = getattr(m, "weight", None)
+        if (
+            path
+            and isinstance(weight, torch.Tensor)
+            and weight.dim() == 2
+            and weight.is_floating_point()
+            and is_added_embedding(m, path)
+            and is_position_embedding(m, path)
+        ):
+            owners.setdefault(named[path.rpartition(".")[0]], []).append(weight)
+    return owners
 
 
 def is_position_embedding(m: nn.Module, path: str = "") -> bool:

@@ -56,8 +56,11 @@ _HOMOGENEOUS = frozenset(
     Kthvalue Median Cummax Cummin""".split()
 )
 # products: linear when at most one factor depends on the input, a product of two otherwise
+# (grid sampling is a product of the values and weights made from the grid: linear in the values
+# when the grid is a constant, GLM-4V's resized position table)
 _PRODUCTS = frozenset(
-    "Mul Mm Bmm GroupedMm Addmm Mv Addmv Baddbmm Addbmm Dot Vdot Outer Kron Convolution Linear".split()
+    """Mul Mm Bmm GroupedMm Addmm Mv Addmv Baddbmm Addbmm Dot Vdot Outer Kron Convolution Linear
+    GridSampler2D GridSampler3D""".split()
 )
 _ATTENTION = re.compile(r"ScaledDotProduct|FlashAttention|EfficientAttention|CudnnAttention")
 

@@ -33,6 +33,7 @@ from lxt_plus.engine.detect import (
     input_embeddings,
     is_hf_model,
     model_dtype,
+    patch_size,
     precut_patch_layout,
 )
 from lxt_plus.engine.hf import ATTENTION_KEYS, original_attention, register_keys, switch_configs
@@ -397,6 +398,21 @@ def _with_image(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, 
     return None
 
 
+def _patch_list_probe(model: nn.Module, device: torch.device) -> dict[str, torch.Tensor] | None:
+    """A 2 × 3 grid of patches as SigLIP2's processor lays it out, in a list padded to 8."""
+    size = patch_size(model)
+    if size is None:
+        return None
+    channels = image_shape(model)[0]
+    mask = torch.zeros(1, 8, dtype=torch.long, device=device)
+    mask[:, :6] = 1
+    return {
+        "pixel_values": torch.randn(1, 8, size * size * channels, device=device, dtype=model_dtype(model)),
+        "pixel_attention_mask": mask,
+        "spatial_shapes": torch.tensor([[2, 3]], device=device),
+    }
+
+
 def _probe_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
     name = getattr(model, "main_input_name", None)
     device = input_device(model)
@@ -421,6 +437,8 @@ def _probe_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
                 )
                 return inputs
             return _with_image(model, inputs) or inputs
+        if name == "pixel_values" and accepts(model, "spatial_shapes"):  # SigLIP2's patch lists
+            return _patch_list_probe(model, device)
         if name == "pixel_values" or (name == "inputs" and _takes_images(model)):
             return {name: torch.randn(1, *image_shape(model), device=device, dtype=model_dtype(model))}
     except (AttributeError, NotImplementedError, TypeError):

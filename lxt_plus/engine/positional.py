@@ -182,13 +182,86 @@ class _BufferReads(TorchFunctionMode):
         return out
 
 
+# a view or reshape of a whole position table (SigLIP2's and GLM-4V's, resized in ``forward``)
+_WHOLE = frozenset(
+    (
+        Tensor.reshape,
+        Tensor.view,
+        Tensor.unsqueeze,
+        Tensor.permute,
+        Tensor.transpose,
+        Tensor.flatten,
+        Tensor.t,
+    )
+)
+
+
+class _WholeReads(TorchFunctionMode):
+    """A position embedding's weight read whole (``weight.reshape(side, side, -1)``, then resized
+    to the image's grid) becomes a leaf: ``make(out)`` is what the model goes on with."""
+
+    def __init__(self, weights: list[Tensor], make: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.weights = {id(w): w for w in weights}
+        self.make = make
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        if (
+            func in _WHOLE
+            and args
+            and isinstance(out, Tensor)
+            and isinstance(args[0], Tensor)
+            and self.weights.get(id(args[0])) is args[0]
+        ):
+            return self.make(out)
+        return out
+
+
+@contextlib.contextmanager
+def _whole_reads(owners: dict[nn.Module, list[Tensor]], make: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """:class:`_WholeReads` active while each owner of a position embedding runs (its own
+    ``forward`` only, so the rest of the model keeps torch's fast path)."""
+    active: list[_WholeReads] = []
+
+    def enter(weights: list[Tensor]) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            mode = _WholeReads(weights, make)
+            mode.__enter__()
+            active.append(mode)
+
+        return hook
+
+    def leave(module: nn.Module, args: Any, out: Any) -> None:
+        if active:
+            active.pop().__exit__(None, None, None)
+
+    handles = []
+    for owner, weights in owners.items():
+        handles.append(owner.register_forward_pre_hook(enter(weights)))
+        handles.append(owner.register_forward_hook(leave, always_call=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        while active:  # a forward that raised before its hook could leave
+            active.pop().__exit__(None, None, None)
+
+
 def position_buffer_leaves(
     model: nn.Module, make: Callable[[Tensor], Tensor]
 ) -> contextlib.AbstractContextManager[Any]:
     """While the model runs, what it reads from its position buffers
-    (:func:`lxt_plus.engine.detect.position_buffers`) goes through ``make`` (which returns a
-    leaf); a model without such buffers runs with no mode at all."""
-    from lxt_plus.engine.detect import position_buffers
+    (:func:`lxt_plus.engine.detect.position_buffers`), and a position embedding's weight read
+    whole by the module that holds it (:func:`lxt_plus.engine.detect.position_weight_owners`),
+    go through ``make`` (which returns a leaf); a model without either runs with no mode at all."""
+    from lxt_plus.engine.detect import position_buffers, position_weight_owners
 
-    tables = position_buffers(model)
-    return _BufferReads(tables, make) if tables else contextlib.nullcontext()
+    tables, owners = position_buffers(model), position_weight_owners(model)
+    stack = contextlib.ExitStack()
+    if tables:
+        stack.enter_context(_BufferReads(tables, make))
+    if owners:
+        stack.enter_context(_whole_reads(owners, make))
+    return stack

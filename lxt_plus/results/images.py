@@ -14,7 +14,7 @@ from torch import Tensor
 
 from lxt_plus.errors import InputError
 
-__all__ = ["ImageRelevance", "pool_patches", "patch_map"]
+__all__ = ["ImageRelevance", "pool_patches", "patch_map", "patch_list_images"]
 
 
 def pool_patches(relevance: Tensor, size: int | tuple[int, int]) -> Tensor:
@@ -30,6 +30,17 @@ def pool_patches(relevance: Tensor, size: int | tuple[int, int]) -> Tensor:
     lead = relevance.shape[:-2]
     grid = relevance.reshape(*lead, (h + pad_h) // ph, ph, (w + pad_w) // pw, pw)
     return grid.sum((-3, -1))
+
+
+def patch_list_images(t: Tensor, shape: tuple[int, int], patch: int) -> Tensor:
+    """SigLIP2's patch lists ``(batch, patches, P·P·C)`` (its processor cuts each image into a
+    row-major grid of ``shape = (rows, columns)`` patches, each flattened as ``(P, P, C)``, then
+    pads the list) back onto the image grid: ``(batch, C, rows·P, columns·P)``, padding dropped."""
+    h, w = shape
+    b, _, d = t.shape
+    channels = d // (patch * patch)
+    x = t[:, : h * w].reshape(b, h, w, patch, patch, channels)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, h * patch, w * patch)
 
 
 def patch_map(relevance: Tensor, size: int) -> Tensor:

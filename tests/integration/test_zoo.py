@@ -100,6 +100,13 @@ CONSERVE_BY_MECHANISM = {
     "attention modules named MLA": [("causal-lm", "longcat_flash")],
     "an input-dependent attention mask under AH-LRP (Doge)": [("causal-lm", "doge")],
     "a position table read from a buffer in forward (CTRL)": [("causal-lm", "ctrl"), ("seqcls", "ctrl")],
+    "a position embedding's weight read whole and resized in forward (SigLIP2, GLM-4V)": [
+        ("image-cls", "siglip2"),
+        ("image-text", "glm4v"),
+    ],
+    "a vision tower checked on the first input with images, its learned newline token (LLaVA-Next)": [
+        ("image-text", "llava_next")
+    ],
 }
 
 

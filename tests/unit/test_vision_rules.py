@@ -368,3 +368,57 @@ def test_eager_and_sdpa_give_the_same_image_relevance(model_type: str, rules: st
     # implementations differ by float32 rounding (their logits too), not by the rules
     scale = float(got["eager"].abs().max())
     torch.testing.assert_close(got["eager"], got["sdpa"], rtol=1e-5, atol=1e-6 * scale)
+
+
+def _siglip2() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    import zoo
+
+    model = zoo.build("siglip2", "image-cls")
+    return model, zoo._inputs(model)
+
+
+def test_siglip2_patch_lists_go_back_onto_the_image_grid() -> None:
+    """The layout is transformers' own: an image cut by its SigLIP2 processor's
+    ``convert_image_to_patches`` comes back exactly."""
+    from transformers.models.siglip2.image_processing_pil_siglip2 import convert_image_to_patches
+
+    from lxt_plus.results.images import patch_list_images
+
+    image = torch.randn(3, 12, 20, generator=torch.Generator().manual_seed(0))
+    patches = torch.from_numpy(convert_image_to_patches(image.numpy(), 4))  # (15, 48): a 3 x 5 grid
+    padded = torch.cat([patches, torch.zeros(5, 48)])[None]  # the processor pads the list
+    torch.testing.assert_close(patch_list_images(padded, (3, 5), 4)[0], image, rtol=0, atol=0)
+
+
+def test_siglip2_classifier_conserves_with_its_position_table() -> None:
+    """SigLIP2 reads its learned position table whole and resizes it to the patch grid in forward:
+    that read is a position leaf, so relevance conserves with the table's share reported."""
+    model, inputs = _siglip2()
+    res = lxt_plus.explain(model, inputs, rules="conservative-check")
+    assert res.image_relevance is not None and res.image_relevance.shape == (1, 12, 16)  # 3 x 4 patches of 4
+    c = res.conservation
+    position = float(c["position_relevance"][0])
+    assert abs(position) > 1e-3 * abs(float(c["target_logit"][0]))  # the table takes a share
+    total = float(res.batch_relevance.sum()) + position
+    assert total == pytest.approx(float(c["target_logit"][0]), rel=1e-6)
+    assert lxt_plus.audit(model, "conservative-check", inputs=inputs).ok
+
+
+def test_siglip2_inputs_it_cannot_read_are_refused_by_name() -> None:
+    from lxt_plus.errors import InputError
+
+    model, inputs = _siglip2()
+    with pytest.raises(InputError, match="takes images as patch lists"):
+        lxt_plus.explain(model, torch.randn(1, 3, 16, 16, dtype=torch.float64))
+    two = {k: torch.cat([v, v]) for k, v in inputs.items()}
+    two["spatial_shapes"] = torch.tensor([[3, 4], [4, 3]])
+    with pytest.raises(InputError, match="different patch grids"):
+        lxt_plus.explain(model, two)
+    wrong = {**inputs, "spatial_shapes": torch.tensor([[5, 4]])}
+    with pytest.raises(InputError, match="do not hold a 5 x 4 grid"):
+        lxt_plus.explain(model, wrong)
+    import zoo
+
+    dual = tf.Siglip2Model(zoo.tiny_vision_config("siglip2")).eval()
+    with pytest.raises(UnsupportedModelError, match="does not read patch lists"):
+        lxt_plus.explain_similarity(dual, {"input_ids": torch.tensor([[5, 6, 7]]), **inputs})
