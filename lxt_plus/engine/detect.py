@@ -236,7 +236,9 @@ def position_weight_owners(model: nn.Module) -> dict[nn.Module, list[torch.Tenso
     """The modules holding a position embedding (learned, 2-D), with its weight: a module may read
     that weight whole in ``forward`` and resize it to the input (SigLIP2's patch grid, GLM-4V's)
     rather than call the embedding; explaining then turns the read into a position leaf
-    (:func:`lxt_plus.engine.positional.position_buffer_leaves`)."""
+    (:func:`lxt_plus.engine.positional.position_buffer_leaves`). Only embedding stages count, not
+    a module that also runs a stack of layers (GPT-2's model holds ``wpe``): reads are watched
+    while the owner runs, which must stay a few operations."""
     named = dict(model.named_modules())
     owners: dict[nn.Module, list[torch.Tensor]] = {}
     for path, m in named.items():
@@ -249,7 +251,9 @@ def position_weight_owners(model: nn.Module) -> dict[nn.Module, list[torch.Tenso
             and is_added_embedding(m, path)
             and is_position_embedding(m, path)
         ):
-            owners.setdefault(named[path.rpartition(".")[0]], []).append(weight)
+            owner = named[path.rpartition(".")[0]]
+            if not any(isinstance(c, nn.ModuleList) for c in owner.modules()):
+                owners.setdefault(owner, []).append(weight)
     return owners
 
 
