@@ -163,6 +163,46 @@ def _layer_list(value: list[Any], n: int) -> list[Any]:
     return [value[i] for i in picked]
 
 
+def _config_fixes(base: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Sizes the generic shrinking leaves inconsistent: Mamba heads that must tile the mixer's inner
+    width (FalconH1, Mamba2), hybrids with no attention layer among the layers kept (Jamba,
+    GraniteMoeHybrid), DeepSeek's routing counts left ``None`` by default, and DBRX's nested
+    attention and expert configs (its attention needs ``clip_qkv`` set: transformers clamps with
+    ``None`` bounds otherwise)."""
+    fixes: dict[str, Any] = {}
+    hidden = kwargs.get("hidden_size", getattr(base, "hidden_size", None))
+    expand, heads = (
+        getattr(base, "mamba_expand", None),
+        kwargs.get("mamba_n_heads", getattr(base, "mamba_n_heads", None)),
+    )
+    if (
+        isinstance(expand, int)
+        and isinstance(heads, int)
+        and isinstance(hidden, int)
+        and hasattr(base, "mamba_d_head")
+    ):
+        fixes["mamba_n_heads"] = heads = min(heads, 4)
+        fixes["mamba_d_head"] = expand * hidden // heads
+        if hasattr(base, "mamba_d_ssm"):
+            fixes["mamba_d_ssm"] = expand * hidden
+    if base.model_type == "mamba2" and isinstance(hidden, int):  # heads x head width = expand x hidden
+        fixes["num_heads"], fixes["head_dim"], fixes["n_groups"] = 4, base.expand * hidden // 4, 1
+    if hasattr(base, "n_routed_experts"):
+        for name in ("num_experts_per_tok", "n_group", "topk_group"):
+            if getattr(base, name, 0) is None:
+                fixes[name] = _MOE[name]
+    # hybrids whose default puts no attention layer among the first two: one of each kind
+    if isinstance(getattr(base, "attn_layer_period", None), int):  # Jamba
+        fixes["attn_layer_period"], fixes["attn_layer_offset"] = 2, 1
+    types = kwargs.get("layer_types", vars(base).get("layer_types"))  # a field, not a derived property
+    if isinstance(types, list) and types and set(types) == {"linear_attention"}:  # GraniteMoeHybrid
+        fixes["layer_types"], fixes["num_hidden_layers"] = ["linear_attention", "attention"], 2
+    if base.model_type == "dbrx":
+        fixes["attn_config"] = {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0}
+        fixes["ffn_config"] = {"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2}
+    return fixes
+
+
 def tiny_config(model_type: str) -> Any:
     base = tf.AutoConfig.for_model(model_type)
     kwargs: dict[str, Any] = {}
@@ -188,6 +228,7 @@ def tiny_config(model_type: str) -> Any:
             kwargs[name] = cut
     if "layer_types" in kwargs:
         kwargs["num_hidden_layers"] = len(kwargs["layer_types"])
+    kwargs.update(_config_fixes(base, kwargs))
     cfg = tf.AutoConfig.for_model(model_type, **kwargs)
     vocab = getattr(cfg, "vocab_size", VOCAB) or VOCAB
     for name in _TOKENS:

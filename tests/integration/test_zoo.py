@@ -121,6 +121,38 @@ def test_formerly_refused_architectures_conserve(head: str, model_type: str) -> 
     assert s.status == "conserves", s.detail
 
 
+def test_bamba_conserves_with_a_config_of_its_own() -> None:
+    """Bamba (Mamba2 mixers and attention) needs a config the generic shrinking cannot make (its
+    per-layer types are derived): built by hand, every preset runs and conservative-check conserves."""
+    import transformers as tf
+
+    import lxt_plus
+
+    torch.manual_seed(0)
+    cfg = tf.BambaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        mamba_n_heads=8,
+        mamba_d_head=16,
+        mamba_d_state=16,
+        mamba_n_groups=1,
+        mamba_expand=2,
+        mamba_chunk_size=16,
+        attn_layer_indices=[1],
+    )
+    model = tf.BambaForCausalLM(cfg).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    res = lxt_plus.explain(model, ids, rules="conservative-check")
+    c = res.conservation
+    assert abs(float(c["absorbed"][0])) <= 1e-5 * abs(float(c["target_logit"][0]))
+    for rules in ("attnlrp", "cp-lrp", "ah-lrp"):
+        lxt_plus.explain(model, ids, rules=rules)
+
+
 def test_head_activation_hook_is_held_for_the_head_call_only() -> None:
     """The global hook that rules BigBird's ``ACT2FN`` activation exists during the classifier's
     call only: not inside the backbone, and not after explaining."""
