@@ -966,6 +966,13 @@ MUTANTS: tuple[Mutant, ...] = (
         (ZOO_GAPS,),
     ),
     M(
+        "segments-sentence-ranks-wrong",
+        "lxt_plus/render/summary.py",
+        "    up, down = _extremes(names, values, k)",
+        "    up, down = _extremes(names, -values, k)",
+        ("tests/unit/test_segments.py",),
+    ),
+    M(
         "tune-group-epsilon-ignored",
         "lxt_plus/evaluation/tune.py",
         "            if g or e != eps:  # γ (with the group's ε) or the group's own ε",

@@ -24,7 +24,7 @@ from lxt_plus.render._common import (
     row_items,
     row_positions,
 )
-from lxt_plus.render.summary import generation_summary, summary_line
+from lxt_plus.render.summary import generation_summary, segments_summary, summary_line
 from lxt_plus.results.images import patch_map
 from lxt_plus.results.words import NEWLINE_SYMBOL, display_token
 from lxt_plus.results.words import normalize as _normalize
@@ -405,4 +405,5 @@ def segments_html(segs: Segments) -> str:
         )
     limit = float(values.abs().max()) if len(values) else 0.0
     head = _header([("segments by", segs.by), ("count", str(len(segs)))])
-    return f'<div class="lxt">{CSS}{head}{"".join(rows)}{legend_html(limit)}</div>'
+    summary = f'<div class="lxt-summary">{escape(segments_summary(segs))}</div>'
+    return f'<div class="lxt">{CSS}{head}{summary}{"".join(rows)}{legend_html(limit)}</div>'

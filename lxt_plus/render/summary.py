@@ -11,8 +11,9 @@ from lxt_plus.results.images import pool_patches
 
 if TYPE_CHECKING:
     from lxt_plus.results.result import Explanation, GenerationExplanation
+    from lxt_plus.results.segments import Segments
 
-__all__ = ["generation_summary", "summary_line"]
+__all__ = ["generation_summary", "segments_summary", "summary_line"]
 
 
 def _names(items: list[tuple[str, float]]) -> str:
@@ -77,7 +78,7 @@ def _sentence(
     up: list[tuple[str, float]],
     down: list[tuple[str, float]],
     values: torch.Tensor,
-    logit: float,
+    logit: float | None,
     unit: str,
     colored: bool,
 ) -> str:
@@ -85,10 +86,17 @@ def _sentence(
     pos, neg = float(values.clamp(min=0).sum()), float(values.clamp(max=0).sum())
     parts = [f"Pushing {what} up ({up_mark}): {_names(up)}" if up else f"Nothing pushes {what} up"]
     parts.append(f"pushing it down ({down_mark}): {_names(down)}" if down else "nothing pushes it down")
-    return (
-        "; ".join(parts)
-        + f". The {unit} for it carry {pos:+.3g} and those against it {neg:+.3g} of the explained logit {logit:.3g}."
-    )
+    of = "" if logit is None else f" of the explained logit {logit:.3g}"
+    return "; ".join(parts) + f". The {unit} for it carry {pos:+.3g} and those against it {neg:+.3g}{of}."
+
+
+def segments_summary(segs: Segments, k: int = 3, colored: bool = True) -> str:
+    """:func:`summary_line` for segments: which passages (or sentences) pushed the prediction up
+    and down, each named (or its first words), and how much the two groups carry."""
+    names = [seg.name or (seg.text if len(seg.text) <= 40 else seg.text[:37] + "...") for seg in segs]
+    values = segs.relevance
+    up, down = _extremes(names, values, k)
+    return _sentence("the prediction", up, down, values, None, "segments", colored)
 
 
 def generation_summary(gen: GenerationExplanation, t: int, k: int = 3, colored: bool = True) -> str:

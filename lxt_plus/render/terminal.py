@@ -23,7 +23,7 @@ from lxt_plus.render._common import (
     row_items,
     row_positions,
 )
-from lxt_plus.render.summary import generation_summary, summary_line
+from lxt_plus.render.summary import generation_summary, segments_summary, summary_line
 from lxt_plus.results.words import NEWLINE_SYMBOL, display_token
 from lxt_plus.results.words import normalize as _normalize
 
@@ -253,4 +253,5 @@ def segments_terminal(segs: Segments, width: int | None = None, color: bool | No
         text = (label + seg.text).replace("\n", " ")
         text = text if len(text) <= room else text[: room - 3] + "..."
         console.print(Text().append(cell, style=_style(n) if color else None).append(" " + text))
+    console.print(Text(segments_summary(segs, colored=color)))
     return console.file.getvalue()

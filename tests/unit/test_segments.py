@@ -68,6 +68,12 @@ def test_views_show_every_segment() -> None:
     assert "\x1b" not in text and re.search(r"\+46\s+\+44%\s+b: Code: 4821", text)
     assert "\x1b[" in segs.to_terminal(color=True, width=80)
     assert segs.to_dict()["segments"][1]["name"] == "b"
+    # the plain-language sentence: which segments pushed the prediction, and what each side carries
+    sentence = "Pushing the prediction up (red): (other) (+50), b (+46), a (+9); nothing pushes it down."
+    assert sentence in html
+    plain = " ".join(segs.to_terminal(color=False, width=300).split())
+    assert "Pushing the prediction up (+): (other) (+50), b (+46), a (+9)" in plain
+    assert "The segments for it carry +105 and those against it +0." in plain
 
 
 def test_explanation_segments_sum_to_the_relevance() -> None:
