@@ -740,13 +740,10 @@ def explain(
     ):
         _check_fits(model, handle, batch, checkpointing)
         if "pixel_values" in batch.model_inputs and batch.input_ids is not None:  # a vision-language input
-            device = input_device(model)
-            given = {
-                "input_ids": batch.input_ids,
-                "attention_mask": batch.attention_mask,
-                **batch.model_inputs,
-            }
-            check_images(handle, {k: v.to(device) for k, v in given.items() if isinstance(v, Tensor)})
+            check_images(
+                handle,
+                {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, **batch.model_inputs},
+            )
         preset_name = handle.preset.name
         recorder = _make_recorder(model, captures)
         extra: list[Tensor] = []

@@ -33,6 +33,7 @@ from lxt_plus.api.explain import (
 from lxt_plus.engine.detect import accepts, decoder_start, input_device, patch_size
 from lxt_plus.engine.functional import acc
 from lxt_plus.engine.offload import offloaded_saves
+from lxt_plus.engine.patching import check_images
 from lxt_plus.engine.plan import Preset, get_preset
 from lxt_plus.engine.positional import positional_leaves
 from lxt_plus.errors import (
@@ -301,7 +302,9 @@ def _attribute(
         kwargs["logits_to_keep"] = positions
     store: list[Tensor] = []
     extra: list[Tensor] = []
-    with explaining(model, rules):
+    with explaining(model, rules) as handle:
+        if pixels is not None:  # a vision tower the patch-time probe could not reach: checked here
+            check_images(handle, {**kwargs, "pixel_values": pixels.detach()})
         with (
             leaf_at_embeddings(model, store, extra, 1),
             offloaded_saves(model),

@@ -717,7 +717,7 @@ def _check_operations(
 
 def check_images(handle: Handle, inputs: dict[str, Any]) -> None:
     """Check the operations of a vision-language model's vision tower on ``inputs`` (a batch with
-    images), once per model and plan, where the patch-time probe could build no image for it (an
+    images, on any device: moved to the model's only when the check runs), once per model and plan, where the patch-time probe could build no image for it (an
     image layout of its own: LLaVA-Next's tiles, Mllama's aspect ratios, ...). The patch-time check
     covered the text path only; an unknown operation in the vision tower raises
     :class:`~lxt_plus.errors.UnsupportedModelError` (or warns, with ``strict=False``) here, before
@@ -733,6 +733,8 @@ def check_images(handle: Handle, inputs: dict[str, Any]) -> None:
         or not any(v.is_floating_point() for v in tensors.values())
     ):
         return
+    device = input_device(model)
+    tensors = {k: v.to(device) for k, v in tensors.items()}
     _check_operations(model, plan, tensors, handle.strict, dict(model.named_modules()), handle._undo)
     with _LOCK:
         cached = _PLAN_CACHE.get(model, {}).get((plan.preset, handle.strict))

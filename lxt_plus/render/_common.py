@@ -10,7 +10,9 @@ import torch
 from lxt_plus.errors import InputError, MissingDependencyError
 from lxt_plus.render import colors
 from lxt_plus.results.conservation import conservation_kind
+from lxt_plus.results.images import patch_map
 from lxt_plus.results.words import NEWLINE_SYMBOL, aggregate_words, detect_scheme, display_token
+from lxt_plus.results.words import normalize as normalized
 
 if TYPE_CHECKING:
     from lxt_plus.results.result import Explanation
@@ -121,3 +123,13 @@ def conservation_note(exp: Explanation, r: int) -> str:
         f"{head}: the other {absorbed:.4g} went to {where}, not to tokens; it is not a leak. "
         "The conservative-check preset (biases zeroed) conserves exactly."
     )
+
+
+def patch_overlay(
+    pixels: torch.Tensor, relevance: torch.Tensor, patch_size: int | None, normalize: str
+) -> torch.Tensor:
+    """An image ``(C, H, W)`` overlaid with its relevance ``(H, W)``, pooled to the model's patches
+    where it has them, on its own colour scale: ``(H, W, 3)`` (:func:`~lxt_plus.render.colors.overlay`)."""
+    rel = relevance.detach().float().cpu()
+    norm = normalized(patch_map(rel, patch_size) if patch_size else rel, normalize)
+    return colors.overlay(pixels, norm, float(norm.abs().max()) or 1.0)

@@ -20,6 +20,7 @@ from lxt_plus.render._common import (
     conservation_note,
     header_fields,
     legend_labels,
+    patch_overlay,
     row_indices,
     row_items,
     row_positions,
@@ -294,11 +295,8 @@ def _image_rows(gen: GenerationExplanation, normalize: str) -> tuple[list[str], 
 def _overlay_url(
     pixels: torch.Tensor, relevance: torch.Tensor, patch_size: int | None, normalize: str
 ) -> str:
-    """An image ``(C, H, W)`` overlaid with its relevance ``(H, W)`` (pooled to the model's patches
-    where it has them), on its own colour scale, as a PNG data URL."""
-    rel = relevance.detach().float().cpu()
-    norm = _normalize(patch_map(rel, patch_size) if patch_size else rel, normalize)
-    return png_data_url(colors.overlay(pixels, norm, float(norm.abs().max()) or 1.0))
+    """:func:`~lxt_plus.render._common.patch_overlay` as a PNG data URL."""
+    return png_data_url(patch_overlay(pixels, relevance, patch_size, normalize))
 
 
 def _row_images_html(exp: Explanation, r: int, normalize: str) -> str:

@@ -16,13 +16,13 @@ from lxt_plus.render import colors
 from lxt_plus.render._common import (
     header_fields,
     legend_labels,
+    patch_overlay,
     require,
     row_indices,
     row_items,
     row_positions,
 )
 from lxt_plus.render.summary import summary_line
-from lxt_plus.results.images import patch_map
 from lxt_plus.results.words import NEWLINE_SYMBOL, display_token
 from lxt_plus.results.words import normalize as _normalize
 
@@ -194,12 +194,10 @@ def _draw_row_images(ax: Axes, exp: Explanation, r: int, normalize: str) -> None
         return
     images = exp.images.of_row(r)
     for i in range(len(images.channels)):
-        rel = images.relevance[i].detach().float().cpu()
-        if images.patch_size:
-            rel = patch_map(rel, images.patch_size)
-        norm = _normalize(rel, normalize)
         inset = ax.inset_axes((1.02 + 0.27 * i, 0.0, 0.25, 1.0))
-        inset.imshow(colors.overlay(images.pixels[i], norm, float(norm.abs().max()) or 1.0).numpy())
+        inset.imshow(
+            patch_overlay(images.pixels[i], images.relevance[i], images.patch_size, normalize).numpy()
+        )
         inset.set_axis_off()
         inset.set_title(f"image {float(images.relevance[i].sum()):+.3g}", fontsize=FONT_SIZE * 0.7)
 

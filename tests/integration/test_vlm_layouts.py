@@ -113,5 +113,9 @@ def test_an_unknown_operation_in_the_vision_tower_is_refused() -> None:
     ):
         lxt_plus.explain(model, inputs)
     assert handle_of(model) is None  # restored
+    with pytest.raises(
+        UnsupportedModelError, match=r"mul of two input-dependent tensors in model\.vision_tower"
+    ):
+        lxt_plus.explain_generation(model, None, inputs, continuation=[9])  # the same check there
     with pytest.warns(LxtPlusWarning, match="NOT conservative"):
         lxt_plus.explain(model, inputs, strict=False)
