@@ -89,7 +89,9 @@ def attribute(model: Any, method: str, task: dict[str, Any], ig_steps: int) -> t
     ids, target = task["ids"], task["target"]
     if method == "integrated_gradients":
         mask = torch.ones_like(ids)
-        rel = integrated_gradients(model, ids, mask, torch.tensor([target]), steps=ig_steps, batch_size=4)
+        # the steps' inputs side by side cost memory as several contexts do: one at a time when long
+        batch = max(1, 4096 // ids.shape[1])
+        rel = integrated_gradients(model, ids, mask, torch.tensor([target]), steps=ig_steps, batch_size=batch)
         return rel.reshape(-1)
     return explain(model, ids, target=target, rules=method).relevance.reshape(-1)
 
@@ -107,7 +109,12 @@ def score(rel: torch.Tensor, task: dict[str, Any]) -> tuple[bool, float]:
 
 
 def run(
-    lengths: list[int], examples: dict[int, int], passages: int, ig_up_to: int, ig_steps: int
+    lengths: list[int],
+    examples: dict[int, int],
+    passages: int,
+    ig_up_to: int,
+    ig_steps: int,
+    methods: list[str] = METHODS,
 ) -> dict[str, Any]:
     from lxt_plus.demo import load_smollm2
 
@@ -119,7 +126,7 @@ def run(
             with torch.no_grad():
                 logits = model(input_ids=task["ids"], use_cache=False, logits_to_keep=1).logits[0, -1]
             predicted = int(logits.argmax()) == task["target"]
-            for method in METHODS:
+            for method in methods:
                 if method == "integrated_gradients" and length > ig_up_to:
                     continue
                 start = time.perf_counter()
@@ -194,6 +201,12 @@ def main(argv: list[str] | None = None) -> None:
         "--ig-up-to", type=int, default=1024, help="run Integrated Gradients up to this length"
     )
     parser.add_argument("--ig-steps", type=int, default=16)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="add these rows to the JSON already written (same length, example and method: replaced)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "context_attribution.md")
     parser.add_argument("--from-json", type=Path)
     args = parser.parse_args(argv)
@@ -209,8 +222,18 @@ def main(argv: list[str] | None = None) -> None:
         args.passages,
         args.ig_up_to,
         args.ig_steps,
+        args.methods,
     )
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    saved = args.out.with_suffix(".json")
+    if args.merge and saved.exists():
+        old = json.loads(saved.read_text())
+        if (old["passages"], old["ig_steps"]) != (result["passages"], result["ig_steps"]):
+            raise SystemExit("--merge: the saved results used other --passages or --ig-steps")
+        new = {(r["length"], r["seed"], r["method"]) for r in result["rows"]}
+        result["rows"] = [
+            r for r in old["rows"] if (r["length"], r["seed"], r["method"]) not in new
+        ] + result["rows"]
+    saved.write_text(json.dumps(result, indent=1))
     args.out.write_text(table(result))
     print(table(result))
 

@@ -979,6 +979,28 @@ MUTANTS: tuple[Mutant, ...] = (
         "            if g:",
         ("tests/unit/test_tune.py",),
     ),
+    # ------------------------------------------------------------------ bad input
+    M(
+        "contrast-equal-to-target-accepted",
+        "lxt_plus/api/explain.py",
+        "if cids and set(cids) == set(ids):",
+        "if cids and set(cids) == set(ids) and False:",
+        ("tests/integration/test_hostile.py",),
+    ),
+    M(
+        "position-bool-accepted",
+        "lxt_plus/api/explain.py",
+        "        if isinstance(value, bool):\n            raise TypeError\n",
+        "",
+        ("tests/integration/test_hostile.py",),
+    ),
+    M(
+        "model-type-unchecked",
+        "lxt_plus/engine/detect.py",
+        '    if not isinstance(model, nn.Module):\n        raise InputError(\n            f"{caller}()',
+        '    if False:\n        raise InputError(\n            f"{caller}()',
+        ("tests/integration/test_hostile.py",),
+    ),
 )
 
 # Changes that cannot alter any result, so no test can (or should) catch them.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import operator
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from lxt_plus.engine.detect import (
     is_position_embedding,
     patch_size,
     precut_patch_layout,
+    require_module,
 )
 from lxt_plus.engine.functional import acc, input_relevance
 from lxt_plus.engine.memory import check_fits
@@ -726,6 +728,9 @@ def explain(
         )
     if pipeline_kwargs is not None:
         raise InputError("pipeline_kwargs= is for a pipeline passed as the model")
+    require_module(model, "explain")
+    if position is not None:
+        position = _index(position, "position")
     if images is not None or processor is not None:
         inputs, tokenizer = _processed(model, inputs, images, processor, tokenizer)
     kind = model_kind(model)
@@ -1327,6 +1332,16 @@ def _logits_of(output: Any) -> Tensor:
     return output if isinstance(output, Tensor) else output.logits
 
 
+def _index(value: Any, name: str) -> int:
+    """``value`` as a Python int (numpy and 0-d tensor integers too), or a TargetError."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise TargetError(f"{name} must be a token index (an int), got {value!r}") from None
+
+
 def _targets(
     model: nn.Module,
     kind: str,
@@ -1375,6 +1390,11 @@ def _targets(
                 cids = (cspec % n_out,)
             ids = (spec % n_out,)
             targets.append(Target("output", ids, str(ids[0]), None, cids, None if not cids else str(cids[0])))
+        if cids and set(cids) == set(ids):
+            raise TargetError(
+                f"the contrast is the target itself ({targets[-1].label!r}): logit(target) - logit(contrast) "
+                "is zero and there is nothing to explain; pass another token or class as contrast="
+            )
         sel.append(ids)
         foil.append(cids)
     return targets, sel, foil

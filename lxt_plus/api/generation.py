@@ -30,7 +30,7 @@ from lxt_plus.api.explain import (
     prepare_text,
     with_pixel_leaf,
 )
-from lxt_plus.engine.detect import accepts, decoder_start, input_device, patch_size
+from lxt_plus.engine.detect import accepts, decoder_start, input_device, patch_size, require_module
 from lxt_plus.engine.functional import acc
 from lxt_plus.engine.offload import offloaded_saves
 from lxt_plus.engine.patching import check_images
@@ -182,6 +182,7 @@ def explain_generation(
     at the ``n_generated`` predicting positions) and input-only backward passes through the shared
     graph, up to 32 targets per batched pass (Achtibat et al. 2024, AttnLRP, applied per target).
     """
+    require_module(model, "explain_generation")
     if model_kind(model) != "causal-lm":
         raise UnsupportedModelError(
             f"explain_generation needs a causal LM, got {type(model).__name__}; explain a classifier with explain()"

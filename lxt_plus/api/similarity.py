@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from lxt_plus.api.explain import check_image, explaining, leaf_at_embeddings
-from lxt_plus.engine.detect import input_device, patch_size
+from lxt_plus.engine.detect import input_device, patch_size, require_module
 from lxt_plus.engine.functional import acc, uniform_matmul
 from lxt_plus.engine.patching import dual_embeddings, is_dual_encoder
 from lxt_plus.engine.plan import Preset
@@ -80,6 +80,7 @@ def explain_similarity(
     -------
     SimilarityExplanation
     """
+    require_module(model, "explain_similarity")
     if not is_dual_encoder(model):
         raise UnsupportedModelError(
             f"{type(model).__name__} is not an image-text dual encoder (get_image_features and "

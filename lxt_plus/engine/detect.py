@@ -15,6 +15,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from lxt_plus.errors import InputError
+
 __all__ = [
     "ROLES",
     "accepts",
@@ -520,3 +522,13 @@ def accepts(model: nn.Module, name: str) -> bool:
         return name in inspect.signature(type(model).forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def require_module(model: Any, caller: str) -> None:
+    """An :class:`InputError` unless ``model`` is a torch module (a model name, a path or a
+    tokenizer passed by mistake fails here, not deep inside the call)."""
+    if not isinstance(model, nn.Module):
+        raise InputError(
+            f"{caller}() needs a torch module (a transformers model), got {type(model).__name__}; "
+            "load one first, e.g. AutoModelForCausalLM.from_pretrained(...)"
+        )

@@ -35,6 +35,7 @@ from lxt_plus.engine.detect import (
     model_dtype,
     patch_size,
     precut_patch_layout,
+    require_module,
 )
 from lxt_plus.engine.hf import ATTENTION_KEYS, original_attention, register_keys, switch_configs
 from lxt_plus.engine.install import ATTENTION_RULES, Site
@@ -46,7 +47,6 @@ from lxt_plus.engine.positional import position_buffer_leaves
 from lxt_plus.engine.rules import AttentionRule, gate_products
 from lxt_plus.errors import (
     AlreadyPatchedError,
-    InputError,
     LxtPlusWarning,
     NotPatchedError,
     UnsupportedModelError,
@@ -493,8 +493,7 @@ def patch(
     The patch lasts on this instance until removed: forward values are unchanged for every preset
     except ``conservative-check`` (biases zeroed), but gradients are LRP relevance gradients.
     """
-    if not isinstance(model, nn.Module):
-        raise InputError(f"patch() needs a torch.nn.Module, got {type(model).__name__}")
+    require_module(model, "patch")
     preset = get_preset(rules)
     with _LOCK:
         existing = _PATCHED.get(model)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from lxt_plus.api.explain import frozen_eval, model_kind, prepare_text, resolve_token
-from lxt_plus.engine.detect import is_hf_model
+from lxt_plus.engine.detect import is_hf_model, require_module
 from lxt_plus.engine.functional import acc
 from lxt_plus.engine.plan import PRESETS, Preset, get_preset
 from lxt_plus.errors import InputError, TargetError
@@ -518,6 +518,7 @@ def evaluate(
     EvaluationReport
         ``.table()``, ``.plot()``, ``.summary()``, ``.to_dict()``.
     """
+    require_module(model, "evaluate")
     items = list(methods.items()) if isinstance(methods, Mapping) else [(None, m) for m in methods]
     if not items:
         raise InputError("no methods to evaluate")

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lxt_plus.engine.detect import ModuleInfo, detect_roles, find_block_list
+from lxt_plus.engine.detect import ModuleInfo, detect_roles, find_block_list, require_module
 from lxt_plus.engine.plan import Preset, get_preset
 from lxt_plus.engine.rules import AHLRP, PAAHLRP, AttnLRP, Epsilon, Gamma, PAAttnLRP, Rule
 from lxt_plus.errors import InputError, LxtPlusError, UnsupportedModelError
@@ -405,6 +405,7 @@ def tune(
     """
     from tqdm.auto import tqdm
 
+    require_module(model, "tune")
     if budget_trials < 1:
         raise InputError(f"budget_trials must be >= 1, got {budget_trials}")
     start_time = time.perf_counter()

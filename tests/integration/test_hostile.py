@@ -278,6 +278,33 @@ def test_target_out_of_range(llama: nn.Module, tok: Any) -> None:
     fails(classifier, TargetError, "unknown target label 'happy'", IDS, target="happy")
 
 
+def test_position_that_is_not_an_index_and_a_contrast_equal_to_the_target(llama: nn.Module) -> None:
+    fails(llama, TargetError, r"position must be a token index \(an int\), got 1.5", IDS, position=1.5)
+    fails(llama, TargetError, r"position must be a token index \(an int\), got True", IDS, position=True)
+    at = explain(llama, IDS, position=torch.tensor(3)).target_logit
+    assert torch.equal(at, explain(llama, IDS, position=3).target_logit)  # a 0-d integer tensor is an index
+    fails(llama, TargetError, "the contrast is the target itself", IDS, target=5, contrast=5)
+    classifier = build("llama", head="seqcls")
+    fails(classifier, TargetError, "the contrast is the target itself", IDS, target=1, contrast=1)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: lxt_plus.explain(m, IDS),
+        lambda m: lxt_plus.explain_generation(m, None, IDS[0], max_new_tokens=2),
+        lambda m: lxt_plus.patch(m),
+        lambda m: lxt_plus.tune(m, [IDS]),
+        lambda m: lxt_plus.evaluate(m, IDS, ["attnlrp"]),
+        lambda m: lxt_plus.explain_similarity(m, {}),
+    ],
+    ids=["explain", "explain_generation", "patch", "tune", "evaluate", "explain_similarity"],
+)
+def test_a_model_name_instead_of_a_model(call: Any) -> None:
+    with pytest.raises(InputError, match=r"needs a torch module \(a transformers model\), got str; load one"):
+        call("HuggingFaceTB/SmolLM2-135M")
+
+
 def test_token_ids_beyond_the_vocabulary(llama: nn.Module) -> None:
     fails(
         llama,
