@@ -1001,6 +1001,49 @@ MUTANTS: tuple[Mutant, ...] = (
         '    if False:\n        raise InputError(\n            f"{caller}()',
         ("tests/integration/test_hostile.py",),
     ),
+    M(
+        "negative-stabiliser-accepted",
+        "lxt_plus/engine/rules.py",
+        "            if value < 0:\n                raise ConfigError",
+        "            if value < -1:\n                raise ConfigError",
+        ("tests/unit/test_plan.py",),
+    ),
+    M(
+        "unmatched-selector-silent",
+        "lxt_plus/engine/plan.py",
+        "        if not any(selector_matches(sel, info) for info in infos):",
+        "        if False:",
+        ("tests/unit/test_plan.py",),
+    ),
+    M(
+        "attention-rule-on-any-module-forward-route",
+        "lxt_plus/engine/rules.py",
+        'return Installed("ops", done.undo)',
+        'return Installed("ops" if site.role == "attention" else done.route, done.undo)',
+        ("tests/unit/test_plan.py",),
+    ),
+    # ------------------------------------------------------------------ linear attention, RWKV
+    M(
+        "attention-exp-keeps-its-gradient",
+        "lxt_plus/engine/modes.py",
+        "if self.detach_weights and isinstance(out, Tensor) and out.grad_fn is not None:",
+        "if False:",
+        ("tests/integration/test_rwkv_reference.py",),
+    ),
+    M(
+        "inline-square-plain-gradient",
+        "lxt_plus/engine/modes.py",
+        '    "square",  # RWKV\'s channel mix: square(relu(x))\n',
+        "",
+        ("tests/integration/test_rwkv_reference.py",),
+    ),
+    M(
+        "attention-hits-only-without-gradient",
+        "lxt_plus/engine/patching.py",
+        "    _refuse_unseen(model, inputs, [e for e in unseen if not stats[e.path].get(\"attention_hits\")])",
+        "    _refuse_unseen(model, inputs, unseen)",
+        ("tests/integration/test_zoo.py::test_formerly_refused_architectures_conserve",),
+    ),
 )
 
 # Changes that cannot alter any result, so no test can (or should) catch them.

@@ -258,7 +258,19 @@ def is_gate(t: Tensor) -> bool:
     return False
 
 
-_INLINE_ACTIVATIONS = ("sigmoid", "silu", "gelu", "tanh", "relu", "softplus", "mish", "elu", "clamp", "clip")
+_INLINE_ACTIVATIONS = (
+    "sigmoid",
+    "silu",
+    "gelu",
+    "tanh",
+    "relu",
+    "softplus",
+    "mish",
+    "elu",
+    "clamp",
+    "clip",
+    "square",  # RWKV's channel mix: square(relu(x))
+)
 
 
 class ProductMode(_RuleMode):
@@ -420,7 +432,19 @@ class AttentionOpsMode(SDPARuleMode):
             **cls.on(_MUL, cls._mul),
             F.normalize: cls._normalize,
             **cls.on(_funcs("tanh", modules=(torch, _T, _TB, F)), cls._tanh),
+            **cls.on(_funcs("exp", modules=(torch, _T)), cls._exp),
         }
+
+    def _exp(self, func, args, kwargs):  # type: ignore[no-untyped-def]
+        """Weights held constant: an ``exp`` of input-dependent scores (a softmax written out, or
+        RWKV's WKV weights ``exp(k + decay)`` over their running sum) is a constant too, so what it
+        weighs (the values) takes all the relevance; under AttnLRP it keeps its gradient, and the
+        operation check names it."""
+        out = func(*args, **kwargs)
+        if self.detach_weights and isinstance(out, Tensor) and out.grad_fn is not None:
+            self._count()
+            return out.detach()
+        return out
 
     def _mul(self, func, args, kwargs):  # type: ignore[no-untyped-def]
         if len(args) == 2 and not kwargs and _both_depend_on_input(args[0], args[1]):

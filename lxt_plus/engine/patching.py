@@ -597,23 +597,42 @@ def _verify(
             rerouted = True
     if rerouted:
         run()
-    missed = [
+    norms = [
         e
         for e in plan.entries
-        if (e.role == "norm" and e.route != "none" and not stats[e.path].get("norm_hits"))
-        or (e.route == "ops" and not stats[e.path].get("attention_hits"))
+        if e.role == "norm" and e.route != "none" and not stats[e.path].get("norm_hits")
     ]
+    _refuse_unseen(model, inputs, norms)
+    # an attention rule's inline route counts products of two input-dependent tensors too (linear
+    # attention, MiniMax's lightning attention, has no softmax), which only a pass with gradients
+    # tells apart from products with weights: the operation check's pass counts them again
+    unseen = [e for e in plan.entries if e.route == "ops" and not stats[e.path].get("attention_hits")]
+    _check_operations(model, plan, inputs, strict, named, handle._undo)
+    _refuse_unseen(model, inputs, [e for e in unseen if not stats[e.path].get("attention_hits")])
+
+
+def _refuse_unseen(model: nn.Module, inputs: dict[str, torch.Tensor], missed: list[PlanEntry]) -> None:
+    """Refuse the plan entries whose rule never saw the operation it changes on the probe input."""
     if missed:  # modules not called at all on the probe input (an unused pooler) are not evidence
         called = _called_modules(model, inputs)
         missed = [e for e in missed if e.path in called]
-    if missed:
-        listing = "; ".join(f"{e.path} ({e.type_name}, {e.role})" for e in missed[:8])
+    if not missed:
+        return
+    misplaced = [e for e in missed if e.route == "ops" and e.role != "attention"]
+    if misplaced:  # an attention rule given to modules that compute no attention
+        listing = "; ".join(f"{e.path} ({e.type_name}, {e.role})" for e in misplaced[:8])
         raise UnsupportedModelError(
-            f"{type(model).__name__}: the rule for these modules never saw the operation it must change, so "
-            f"their forward computes it in a way lxt_plus does not recognise: {listing}. "
-            "Pass strict=False to let them through with plain gradients, or report the architecture."
+            f"{type(model).__name__}: rule {misplaced[0].rule.name!r} is an attention rule, and these "
+            f"modules compute no attention (no softmax, attention kernel or product of two "
+            f"input-dependent tensors ran in them): {listing}. Select attention modules for it (the "
+            "'attention' role, or type:/name: of the attention module)"
         )
-    _check_operations(model, plan, inputs, strict, named, handle._undo)
+    listing = "; ".join(f"{e.path} ({e.type_name}, {e.role})" for e in missed[:8])
+    raise UnsupportedModelError(
+        f"{type(model).__name__}: the rule for these modules never saw the operation it must change, so "
+        f"their forward computes it in a way lxt_plus does not recognise: {listing}. "
+        "Pass strict=False to let them through with plain gradients, or report the architecture."
+    )
 
 
 def _passes_everything(preset: Preset) -> bool:

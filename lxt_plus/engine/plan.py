@@ -8,6 +8,7 @@ A :class:`Preset` is an ordered first-match list of ``(selector, rule)``. Select
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,7 +38,7 @@ from lxt_plus.engine.rules import (
     UniformProduct,
     rule_from_spec,
 )
-from lxt_plus.errors import ConfigError, PresetError, UnsupportedModelError, nearest
+from lxt_plus.errors import ConfigError, LxtPlusWarning, PresetError, UnsupportedModelError, nearest
 
 __all__ = [
     "Preset",
@@ -358,6 +359,19 @@ class Plan:
         return "\n".join(lines)
 
 
+def _warn_unmatched(model: nn.Module, preset: Preset, infos: list[ModuleInfo]) -> None:
+    """A ``name:`` or ``type:`` selector that matches no module of ``model`` is most likely a typo
+    or a preset tuned on another model: its rule is applied nowhere, which the user should know."""
+    for sel in dict.fromkeys(s for s, _ in preset.rules if s.startswith(("name:", "type:"))):
+        if not any(selector_matches(sel, info) for info in infos):
+            warnings.warn(
+                f"preset {preset.name!r}: selector {sel!r} matches no module of {type(model).__name__}, so "
+                "its rule is applied nowhere; check the name against lxt_plus.patch(model, ...).plan",
+                LxtPlusWarning,
+                stacklevel=4,
+            )
+
+
 def build_plan(model: nn.Module, preset: Preset, strict: bool = True, op_checked: bool = False) -> Plan:
     """Resolve ``preset`` on ``model``. Raises :class:`UnsupportedModelError` (before anything is
     touched) listing the modules no rule accounts for, unless ``strict=False``.
@@ -387,6 +401,7 @@ def build_plan(model: nn.Module, preset: Preset, strict: bool = True, op_checked
             continue
         route = "none" if rule.is_noop() else "forward"
         plan.entries.append(PlanEntry(info.path, info.type_name, info.role, rule, route))
+    _warn_unmatched(model, preset, infos)
     if missing:
         listing = "; ".join(f"{m.path or '<model>'} ({m.type_name}, role {m.role})" for m in missing[:12])
         more = f" and {len(missing) - 12} more" if len(missing) > 12 else ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -91,6 +92,18 @@ class Rule:
     # kinds of operation (see lxt_plus.engine.opcheck) this rule keeps on the autograd path on
     # purpose, as its own definition: AttnLRP's softmax rule *is* the softmax's gradient
     covers: ClassVar[frozenset[str]] = frozenset()
+
+    def __post_init__(self) -> None:
+        # a stabiliser or a γ below zero, or not finite, turns the rule into another one (a
+        # negative ε pushes denominators towards zero): refused when the rule is made
+        for key in ("eps", "gamma"):
+            value = getattr(self, key, None)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"rule {self.name!r}: {key} must be a finite number, got {value!r}")
+            if value < 0:
+                raise ConfigError(f"rule {self.name!r}: {key} must be >= 0, got {value!r}")
 
     def wrap(self, module: nn.Module, forward: Forward, probe: dict[str, int]) -> Forward | None:
         """The module's new forward, built from its current ``forward``; ``None`` for no change.
@@ -261,6 +274,7 @@ class AlphaBeta(LinearRule):
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.alpha < 0 or self.beta < 0 or abs(self.alpha - self.beta - 1.0) > 1e-12:
             raise ConfigError(
                 f"alpha-beta needs alpha >= 0, beta >= 0 and alpha - beta = 1, "
@@ -478,8 +492,10 @@ class AttentionRule(Rule):
             if self.positional:
                 wrap_forward(module, lambda fwd: positional_forward(module, fwd), undo)
             return Installed("registry", undo)
+        # the ops route on any module (one of unknown role given an attention rule by type or
+        # name too): the probe then proves that the module computes attention it could rule
         done = super().install(site)
-        return Installed("ops" if site.role == "attention" else done.route, done.undo)
+        return Installed("ops", done.undo)
 
 
 @dataclass(frozen=True, repr=False)
@@ -863,7 +879,10 @@ def rule_from_spec(spec: Any, where: str = "rule") -> Rule:
                 f"{where}: rule {spec!r} has no parameter {key!r}{nearest(key, valid)}; "
                 f"valid: {', '.join(sorted(valid)) or '(none)'}"
             )
+    values = {k: _coerce(cls, k, v, where) for k, v in params.items()}
     try:
-        return cls(**{k: _coerce(cls, k, v, where) for k, v in params.items()})
+        return cls(**values)
+    except ConfigError as exc:  # a value the rule refuses (Rule.__post_init__)
+        raise ConfigError(f"{where}: {exc}") from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: bad parameters for rule {spec!r}: {exc}") from None

@@ -13,7 +13,7 @@ from PIL import Image
 
 import lxt_plus
 from lxt_plus.engine.patching import _PATCHED
-from lxt_plus.errors import InputError, UnsupportedModelError
+from lxt_plus.errors import InputError, TargetError, UnsupportedModelError
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import families as F  # noqa: E402
@@ -47,8 +47,12 @@ def test_text_classification() -> None:
 def test_sentiment_analysis_alias_and_contrast() -> None:
     model = F.build("distilbert", head="seqcls")
     pipe = tf.pipeline("sentiment-analysis", model=model, tokenizer=F.tiny_tokenizer())
-    exp = lxt_plus.explain(pipe, "a boring film", contrast=2)
-    assert exp.target.contrast_ids == (2,)
+    predicted = model.config.label2id[pipe("a boring film")[0]["label"]]
+    foil = (predicted + 1) % model.config.num_labels
+    exp = lxt_plus.explain(pipe, "a boring film", contrast=foil)
+    assert exp.target.ids == (predicted,) and exp.target.contrast_ids == (foil,)
+    with pytest.raises(TargetError, match="the contrast is the target itself"):  # a zero margin
+        lxt_plus.explain(pipe, "a boring film", contrast=predicted)
 
 
 def test_text_generation_explains_the_generated_token() -> None:

@@ -107,6 +107,13 @@ CONSERVE_BY_MECHANISM = {
     "a vision tower checked on the first input with images, its learned newline token (LLaVA-Next)": [
         ("image-text", "llava_next")
     ],
+    "an exp of input-dependent scores held constant with the weights, square(relu) (RWKV)": [
+        ("causal-lm", "rwkv")
+    ],
+    "linear attention without a softmax, seen by its products in the checked pass (MiniMax)": [
+        ("causal-lm", "minimax"),
+        ("seqcls", "minimax"),
+    ],
 }
 
 

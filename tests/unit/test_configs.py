@@ -113,7 +113,10 @@ def _write(tmp_path: Path, text: str) -> Path:
             r"rules\[0\] must be a mapping with keys",
         ),
         ("base: attnlrp\nzero_bias: maybe\n", "zero_bias must be true or false"),
-        ("base: attnlrp\nrules:\n  - select: linear\n    rule: {epsilon: {eps: lots}}\n", "bad parameters"),
+        (
+            "base: attnlrp\nrules:\n  - select: linear\n    rule: {epsilon: {eps: lots}}\n",
+            "parameter 'eps' of rule 'epsilon' is a number, got 'lots'",
+        ),
         ("- just\n- a list\n", "a preset is a mapping"),
         ("name: empty\n", "no rules and no base preset"),
     ],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import lxt_plus
 from lxt_plus.engine.detect import detect_roles
 from lxt_plus.engine.plan import PRESETS, Preset, build_plan, get_preset
 from lxt_plus.engine.rules import AHLRP, AttnLRP, Epsilon, Gamma, Identity, Pass, rule_from_spec
-from lxt_plus.errors import ConfigError, PresetError
+from lxt_plus.errors import ConfigError, PresetError, UnsupportedModelError
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import families as F  # noqa: E402
@@ -93,6 +94,44 @@ def test_rule_specs_and_their_errors() -> None:
         rule_from_spec({"gamma": {"gama": 0.1}})
     with pytest.raises(ConfigError, match=r"unknown selector 'norms' \(did you mean 'norm'\?\)"):
         get_preset("attnlrp").override("norms", "identity")
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"epsilon": {"eps": -1e-3}}, r"rule 'epsilon': eps must be >= 0, got -0.001"),
+        ({"gamma": {"gamma": -0.25}}, r"rule 'gamma': gamma must be >= 0, got -0.25"),
+        ({"gamma": {"gamma": float("nan")}}, r"rule 'gamma': gamma must be a finite number, got nan"),
+        ({"identity": {"eps": float("inf")}}, r"rule 'identity': eps must be a finite number, got inf"),
+    ],
+)
+def test_a_negative_or_infinite_stabiliser_or_gamma_is_refused(spec: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        rule_from_spec(spec)
+    ((name, params),) = spec.items()
+    with pytest.raises(ConfigError, match=message):  # in Python too
+        type(rule_from_spec(name))(**params)
+    assert rule_from_spec({"epsilon": {"eps": 0}}) == Epsilon(eps=0.0)  # zero is LRP-0
+
+
+def test_a_name_selector_that_matches_no_module_warns_and_an_attention_rule_on_linears_is_refused() -> None:
+    model = F.build("llama")
+    ids = torch.tensor([[3, 5, 7, 9]])
+    typo = get_preset("attnlrp").override("name:model.layer.0.*", {"epsilon": {"eps": 0.1}})
+    with pytest.warns(
+        lxt_plus.errors.LxtPlusWarning, match=r"selector 'name:model.layer.0.\*' matches no module"
+    ):
+        lxt_plus.explain(model, ids, rules=typo)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lxt_plus.errors.LxtPlusWarning)  # one that matches: no warning
+        lxt_plus.explain(
+            model, ids, rules=get_preset("attnlrp").override("name:model.layers.0.*_proj", "epsilon")
+        )
+    misplaced = get_preset("attnlrp").override("linear", "attnlrp")
+    with pytest.raises(
+        UnsupportedModelError, match=r"rule 'attnlrp' is an attention rule, and these modules"
+    ):
+        lxt_plus.explain(model, ids, rules=misplaced)
 
 
 def test_preset_yaml_round_trip(tmp_path: Path) -> None:
