@@ -1040,9 +1040,16 @@ MUTANTS: tuple[Mutant, ...] = (
     M(
         "attention-hits-only-without-gradient",
         "lxt_plus/engine/patching.py",
-        "    _refuse_unseen(model, inputs, [e for e in unseen if not stats[e.path].get(\"attention_hits\")])",
+        '    _refuse_unseen(model, inputs, [e for e in unseen if not stats[e.path].get("attention_hits")])',
         "    _refuse_unseen(model, inputs, unseen)",
         ("tests/integration/test_zoo.py::test_formerly_refused_architectures_conserve",),
+    ),
+    M(
+        "vlm-patch-list-columns-swapped",
+        "lxt_plus/api/explain.py",
+        "        return patch_list_images(t, shape, cast(int, patch_size(model)))",
+        "        return patch_list_images(t, shape[::-1], cast(int, patch_size(model)))",
+        ("tests/integration/test_vlm_layouts.py",),
     ),
 )
 

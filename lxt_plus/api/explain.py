@@ -167,7 +167,7 @@ def _prepare_multimodal(
         raise InputError(f"pixel_values must be a floating-point tensor, got {type(pixels).__name__}")
     single = ids.dim() == 1
     ids = ids[None] if single else ids
-    image_owners(model, pixels, ids.shape[0], data.get("image_grid_thw"))  # refused before the forward pass
+    image_owners(model, pixels, ids.shape[0], image_grid(data))  # refused before the forward pass
     mask = data.get("attention_mask", mask)
     mask = torch.ones_like(ids) if mask is None else (mask[None] if mask.dim() == 1 else mask)
     check_ids(model, ids, length=0)
@@ -896,12 +896,43 @@ def explain(
     )
 
 
-_GRID = "_lxt_plus_image_grid"  # a pixel leaf's image_grid_thw (pre-cut patches)
+_GRID = "_lxt_plus_image_grid"  # a pixel leaf's image_grid_thw (pre-cut patches) or spatial_shapes
+
+
+def image_grid(inputs: Any) -> Tensor | None:
+    """How a vision-language input's pixels go back into images: Qwen2-VL's ``image_grid_thw``
+    (pre-cut patches), or SigLIP2's ``spatial_shapes`` (patch lists, LFM2-VL); ``None`` for images."""
+    grid = inputs.get("image_grid_thw")
+    if grid is None:
+        grid = inputs.get("spatial_shapes")
+    return torch.as_tensor(grid) if grid is not None else None
 
 
 def pixel_grid(leaf: Tensor) -> Tensor | None:
-    """The ``image_grid_thw`` that came with a pixel leaf of pre-cut patches (see :func:`with_pixel_leaf`)."""
+    """The :func:`image_grid` that came with a pixel leaf (see :func:`with_pixel_leaf`)."""
     return cast(Tensor | None, getattr(leaf, _GRID, None))
+
+
+def _patch_list_grid(model: nn.Module, pixels: Tensor, grid: Tensor) -> tuple[int, int]:
+    """``(rows, columns)`` of the patch grid of patch lists ``(images, patches, P·P·C)``, all of one size."""
+    size = patch_size(model)
+    if grid.shape != (pixels.shape[0], 2):
+        raise InputError(
+            f"spatial_shapes of shape {tuple(grid.shape)} does not describe the {pixels.shape[0]} patch lists "
+            "of pixel_values; pass the processor's output unchanged"
+        )
+    if bool((grid != grid[:1]).any()):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: images of different patch grids in one input ({grid.tolist()}); "
+            "explain one image at a time, or resize them to one size"
+        )
+    h, w = int(grid[0, 0]), int(grid[0, 1])
+    if size is None or h * w > pixels.shape[1] or pixels.shape[2] % (size * size):
+        raise InputError(
+            f"{type(model).__name__}: patch lists of shape {tuple(pixels.shape)} do not hold a {h} x {w} grid "
+            f"of patches of {size} pixels; pass the model's image processor output unchanged"
+        )
+    return h, w
 
 
 def _patch_layout(model: nn.Module) -> tuple[int, int, int]:
@@ -919,7 +950,8 @@ def _unmapped(model: nn.Module, pixels: Tensor) -> UnsupportedModelError:
     """The error for ``pixel_values`` in a layout :func:`as_images` cannot read."""
     return UnsupportedModelError(
         f"{type(model).__name__} takes pixel_values of shape {tuple(pixels.shape)} (neither images laid out as "
-        "(images, C, H, W) or (rows, images, C, H, W), nor pre-cut patches with image_grid_thw); "
+        "(images, C, H, W) or (rows, images, C, H, W), nor pre-cut patches with image_grid_thw, nor patch "
+        "lists with spatial_shapes); "
         "lxt_plus cannot map that relevance back onto the image"
     )
 
@@ -952,12 +984,17 @@ def as_images(model: nn.Module, t: Tensor, grid: Tensor | None, copies: str = "s
     - Qwen2-VL's pre-cut patches ``(patches, C·T·P·P)`` with their ``image_grid_thw`` put back in
       place (the processor orders patches by merge window, and repeats each image ``T`` times
       along the patch): ``copies="sum"`` adds up the ``T`` copies (relevance), ``"mean"`` averages
-      them (the pixels).
+      them (the pixels);
+    - SigLIP2's patch lists ``(images, patches, P·P·C)`` with their ``spatial_shapes`` (LFM2-VL),
+      padding dropped.
     """
     if t.dim() == 4:
         return t
     if t.dim() == 5:
         return t.flatten(0, 1)
+    if t.dim() == 3 and grid is not None and grid.dim() == 2 and grid.shape[-1] == 2:
+        shape = _patch_list_grid(model, t, grid)
+        return patch_list_images(t, shape, cast(int, patch_size(model)))
     if t.dim() != 2 or grid is None:
         raise _unmapped(model, t)
     patch, frames, merge = _patch_layout(model)
@@ -978,7 +1015,10 @@ def image_owners(model: nn.Module, pixels: Tensor, rows: int, grid: Tensor | Non
         raise InputError(f"pixel_values must be a floating-point tensor, got {pixels.dtype}")
     if pixels.dim() == 5 and pixels.shape[0] == rows:  # (rows, images, C, H, W): Idefics3, SmolVLM
         return torch.arange(rows).repeat_interleave(pixels.shape[1])
-    if pixels.dim() == 2 and grid is not None:
+    if pixels.dim() == 3 and grid is not None and grid.dim() == 2 and grid.shape[-1] == 2:
+        _patch_list_grid(model, pixels, grid)  # patch lists (LFM2-VL)
+        n = pixels.shape[0]
+    elif pixels.dim() == 2 and grid is not None:
         _patch_layout(model)
         _check_grid(model, pixels, grid)
         n = grid.shape[0]
@@ -1003,7 +1043,7 @@ def with_pixel_leaf(inputs: dict[str, Any], device: torch.device) -> tuple[dict[
     leaf = moved.get("pixel_values")
     if isinstance(leaf, Tensor):
         leaf = moved["pixel_values"] = leaf.detach().requires_grad_(True)
-        setattr(leaf, _GRID, moved.get("image_grid_thw"))  # how pre-cut patches go back into images
+        setattr(leaf, _GRID, image_grid(moved))  # how pre-cut patches or patch lists go back into images
     return moved, leaf
 
 

@@ -20,6 +20,7 @@ from lxt_plus.api.explain import (
     as_images,
     check_ids,
     explaining,
+    image_grid,
     image_input_errors,
     image_owners,
     is_seq2seq,
@@ -252,7 +253,7 @@ def explain_generation(
         image_matrix=image_matrix,
         pixels=None
         if pixels is None or image_matrix is None
-        else as_images(model, pixels.detach(), image_inputs.get("image_grid_thw"), copies="mean").cpu(),
+        else as_images(model, pixels.detach(), image_grid(image_inputs), copies="mean").cpu(),
         patch_size=patch_size(model) if image_matrix is not None else None,
     )
 
@@ -264,7 +265,7 @@ def _image_inputs(model: nn.Module, images: dict[str, Any] | None) -> dict[str, 
     pixels = images.get("pixel_values")
     if not isinstance(pixels, Tensor):
         raise InputError("images= needs 'pixel_values', a floating-point tensor (the processor's output)")
-    image_owners(model, pixels, rows=1, grid=images.get("image_grid_thw"))
+    image_owners(model, pixels, rows=1, grid=image_grid(images))
     return {k: v for k, v in images.items() if v is not None}
 
 

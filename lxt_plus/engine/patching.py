@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextvars
+import inspect
 import threading
 import warnings
 import weakref
@@ -339,7 +340,8 @@ def _image_layouts(model: nn.Module, device: torch.device) -> Iterator[dict[str,
     """One small image in each layout that vision-language models take, the plain one first:
     ``(images, C, H, W)``; with ``image_sizes`` (Pixtral, Mistral3); ``(rows, images, C, H, W)``
     (Idefics3, SmolVLM), with ``image_sizes`` too (LLaVA-Next's tiles); Qwen2-VL's pre-cut patches
-    ``(patches, C·T·P·P)`` with ``image_grid_thw``."""
+    ``(patches, C·T·P·P)`` with ``image_grid_thw``; SigLIP2's padded patch lists with
+    ``spatial_shapes`` (LFM2-VL)."""
     c, h, w = image_shape(model)
     dtype = model_dtype(model)
     pixels = torch.randn(1, c, h, w, device=device, dtype=dtype)
@@ -354,6 +356,13 @@ def _image_layouts(model: nn.Module, device: torch.device) -> Iterator[dict[str,
         side = 2 * merge
         flat = torch.randn(side * side, c * frames * patch * patch, device=device, dtype=dtype)
         yield {"pixel_values": flat, "image_grid_thw": torch.tensor([[1, side, side]], device=device)}
+    get = getattr(model, "get_image_features", None)
+    if callable(get) and "spatial_shapes" in inspect.signature(get).parameters:
+        # SigLIP2 towers (LFM2-VL): a padded patch list; an even grid for towers that merge 2 × 2
+        for grid in ((2, 3), (4, 4)):
+            probe = _patch_list_probe(model, device, grid)
+            if probe is not None:
+                yield probe
 
 
 def _image_token(model: nn.Module) -> int | None:
@@ -398,18 +407,23 @@ def _with_image(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, 
     return None
 
 
-def _patch_list_probe(model: nn.Module, device: torch.device) -> dict[str, torch.Tensor] | None:
-    """A 2 × 3 grid of patches as SigLIP2's processor lays it out, in a list padded to 8."""
+def _patch_list_probe(
+    model: nn.Module, device: torch.device, grid: tuple[int, int] = (2, 3)
+) -> dict[str, torch.Tensor] | None:
+    """A grid of patches (2 × 3 by default) as SigLIP2's processor lays it out, in a list padded
+    by two."""
     size = patch_size(model)
     if size is None:
         return None
     channels = image_shape(model)[0]
-    mask = torch.zeros(1, 8, dtype=torch.long, device=device)
-    mask[:, :6] = 1
+    real = grid[0] * grid[1]
+    mask = torch.zeros(1, real + 2, dtype=torch.long, device=device)
+    mask[:, :real] = 1
+    pixels = torch.randn(1, real + 2, size * size * channels, device=device, dtype=model_dtype(model))
     return {
-        "pixel_values": torch.randn(1, 8, size * size * channels, device=device, dtype=model_dtype(model)),
+        "pixel_values": pixels,
         "pixel_attention_mask": mask,
-        "spatial_shapes": torch.tensor([[2, 3]], device=device),
+        "spatial_shapes": torch.tensor([list(grid)], device=device),
     }
 
 

@@ -119,3 +119,35 @@ def test_an_unknown_operation_in_the_vision_tower_is_refused() -> None:
         lxt_plus.explain_generation(model, None, inputs, continuation=[9])  # the same check there
     with pytest.warns(LxtPlusWarning, match="NOT conservative"):
         lxt_plus.explain(model, inputs, strict=False)
+
+
+def test_patch_lists_of_a_vision_language_model_go_back_onto_the_image() -> None:
+    """LFM2-VL takes SigLIP2's patch lists (``(images, patches, P·P·C)`` with ``spatial_shapes``
+    and ``pixel_attention_mask``): pixel relevance comes back on the image grid, in the layout of
+    its own image processor (checked by cutting an image with it), and sums with the tokens'
+    relevance to the logit under conservative-check. (LFM2-VL's processor cuts patches as
+    SigLIP2's does; its own module needs torchvision, so SigLIP2's cuts the image here.)"""
+    from transformers.models.siglip2.image_processing_pil_siglip2 import convert_image_to_patches
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import zoo
+
+    model = zoo.build("lfm2_vl", "image-text")
+    inputs = zoo._vlm_inputs(model)
+    rows, cols = (int(v) for v in inputs["spatial_shapes"][0])
+    size = model.config.vision_config.patch_size
+    image = torch.randn(1, 3, rows * size, cols * size, generator=torch.Generator().manual_seed(1))
+    patches = torch.from_numpy(convert_image_to_patches(image[0].numpy(), size))[None]
+    padded = inputs["pixel_values"].clone()
+    padded[:, : rows * cols] = patches
+    inputs["pixel_values"] = padded
+    result = lxt_plus.explain(model, inputs, rules="conservative-check")
+    torch.testing.assert_close(result.images.pixels, image)  # the processor's layout, undone
+    assert result.images.channels.shape == image.shape
+    c = result.conservation  # tokens, pixels and the vision tower's position table
+    assert abs(float(c["absorbed"])) <= 1e-4 * abs(float(c["target_logit"]))
+    assert abs(float(c["image_relevance"])) > 1e-3 * abs(float(c["target_logit"]))
+    assert float(result.images.channels.abs().sum()) > 0  # the image takes relevance
+    bad = {**inputs, "spatial_shapes": torch.tensor([[rows + 3, cols]])}  # more patches than the list holds
+    with pytest.raises(lxt_plus.errors.InputError, match="do not hold a"):
+        lxt_plus.explain(model, bad)

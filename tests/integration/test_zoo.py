@@ -110,6 +110,11 @@ CONSERVE_BY_MECHANISM = {
     "an exp of input-dependent scores held constant with the weights, square(relu) (RWKV)": [
         ("causal-lm", "rwkv")
     ],
+    "a vision config shrunk whole (Pixtral's head width, VipLlava's feature taps), patch lists (LFM2-VL)": [
+        ("image-text", "mistral3"),
+        ("image-text", "vipllava"),
+        ("image-text", "lfm2_vl"),
+    ],
     "linear attention without a softmax, seen by its products in the checked pass (MiniMax)": [
         ("causal-lm", "minimax"),
         ("seqcls", "minimax"),
