@@ -160,7 +160,7 @@ def table(result: dict[str, Any]) -> str:
         f"{result['passages']}). Share: its relevance over the passages' total |relevance|. "
         f"Integrated Gradients: {result['ig_steps']} steps from the zero embedding. "
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"{time.strftime('%Y-%m-%d')}.",
+        f"{time.strftime('%Y-%m-%d')}." + (f" {result['note']}" if result.get("note") else ""),
         "",
         "| tokens | examples | model answers right | "
         + " | ".join(f"{m} hit / share / s" for m in METHODS)
@@ -210,8 +210,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "context_attribution.md")
     parser.add_argument("--from-json", type=Path)
     args = parser.parse_args(argv)
-    if args.from_json:
-        print(table(json.loads(args.from_json.read_text())))
+    if args.from_json:  # the table again from saved results (written to --out too)
+        report = table(json.loads(args.from_json.read_text()))
+        args.out.write_text(report)
+        print(report)
         return
     counts = (
         args.examples if len(args.examples) == len(args.lengths) else args.examples[:1] * len(args.lengths)
