@@ -420,7 +420,7 @@ def tiny_vlm_config(model_type: str) -> Any:
             vis["head_dim"] = vis["hidden_size"] // heads  # Pixtral (Mistral3) keeps its full-size head width
         layers = vis.get("num_hidden_layers")
         if isinstance(data.get("vision_feature_layer"), list) and isinstance(layers, int):
-            data["vision_feature_layer"] = [-1, 0]  # VipLlava's taps, within the layers kept
+            data["vision_feature_layer"] = [-2, -1]  # VipLlava's taps: the last two layers kept
         if all(isinstance(vis.get(n), int) for n in ("window_size", "patch_size", "spatial_merge_size")):
             # Qwen2.5-VL's window attention: windows of two merged patches a side
             vis["window_size"] = 2 * vis["patch_size"] * vis["spatial_merge_size"]
