@@ -206,23 +206,7 @@ def _prepare_patch_lists(model: nn.Module, data: dict[str, Any]) -> _Batch:
             f"{type(model).__name__} takes pixel_values as patch lists (batch, patches, values), got "
             f"{tuple(pixels.shape) if isinstance(pixels, Tensor) else type(pixels).__name__}"
         )
-    shapes = torch.as_tensor(shapes)
-    if shapes.shape != (pixels.shape[0], 2):
-        raise InputError(
-            f"spatial_shapes must be (batch, 2) for {pixels.shape[0]} rows, got {tuple(shapes.shape)}"
-        )
-    if bool((shapes != shapes[0]).any()):
-        raise InputError(
-            f"{type(model).__name__}: images of different patch grids in one batch ({shapes.tolist()}); explain "
-            "one image at a time, or resize them to one size"
-        )
-    size = patch_size(model)
-    h, w = (int(v) for v in shapes[0])
-    if size is None or h * w > pixels.shape[1] or pixels.shape[2] % (size * size):
-        raise InputError(
-            f"{type(model).__name__}: patch lists of shape {tuple(pixels.shape)} do not hold a {h} x {w} grid of "
-            f"patches of {size} pixels; pass the model's image processor output unchanged"
-        )
+    _patch_list_grid(model, pixels, torch.as_tensor(shapes))
     extras = {k: data[k] for k in _PATCH_LIST_KEYS if data.get(k) is not None}
     return _Batch(None, None, pixels, False, model_inputs=extras)
 
@@ -913,24 +897,24 @@ def pixel_grid(leaf: Tensor) -> Tensor | None:
     return cast(Tensor | None, getattr(leaf, _GRID, None))
 
 
-def _patch_list_grid(model: nn.Module, pixels: Tensor, grid: Tensor) -> tuple[int, int]:
-    """``(rows, columns)`` of the patch grid of patch lists ``(images, patches, P·P·C)``, all of one size."""
-    size = patch_size(model)
-    if grid.shape != (pixels.shape[0], 2):
+def _patch_list_grid(model: nn.Module, pixels: Tensor, shapes: Tensor) -> tuple[int, int]:
+    """``(rows, columns)`` of the patch grid of SigLIP2's patch lists ``(images, patches, P·P·C)``
+    with their ``spatial_shapes``, checked: one grid for every image, and one the lists hold."""
+    if shapes.shape != (pixels.shape[0], 2):
         raise InputError(
-            f"spatial_shapes of shape {tuple(grid.shape)} does not describe the {pixels.shape[0]} patch lists "
-            "of pixel_values; pass the processor's output unchanged"
+            f"spatial_shapes must be (batch, 2) for {pixels.shape[0]} rows, got {tuple(shapes.shape)}"
         )
-    if bool((grid != grid[:1]).any()):
-        raise UnsupportedModelError(
-            f"{type(model).__name__}: images of different patch grids in one input ({grid.tolist()}); "
-            "explain one image at a time, or resize them to one size"
+    if bool((shapes != shapes[0]).any()):
+        raise InputError(
+            f"{type(model).__name__}: images of different patch grids in one batch ({shapes.tolist()}); explain "
+            "one image at a time, or resize them to one size"
         )
-    h, w = int(grid[0, 0]), int(grid[0, 1])
+    size = patch_size(model)
+    h, w = (int(v) for v in shapes[0])
     if size is None or h * w > pixels.shape[1] or pixels.shape[2] % (size * size):
         raise InputError(
-            f"{type(model).__name__}: patch lists of shape {tuple(pixels.shape)} do not hold a {h} x {w} grid "
-            f"of patches of {size} pixels; pass the model's image processor output unchanged"
+            f"{type(model).__name__}: patch lists of shape {tuple(pixels.shape)} do not hold a {h} x {w} grid of "
+            f"patches of {size} pixels; pass the model's image processor output unchanged"
         )
     return h, w
 
