@@ -1051,6 +1051,20 @@ MUTANTS: tuple[Mutant, ...] = (
         "        return patch_list_images(t, shape[::-1], cast(int, patch_size(model)))",
         ("tests/integration/test_vlm_layouts.py",),
     ),
+    M(
+        "plain-module-operations-unchecked",
+        "lxt_plus/api/explain.py",
+        "        if batch.values is not None and not is_hf_model(model):\n",
+        "        if False:\n",
+        ("tests/unit/test_patching.py::test_plain_module_operations_are_checked_on_the_explained_input",),
+    ),
+    M(
+        "plain-module-check-not-remembered",
+        "lxt_plus/engine/patching.py",
+        '    _check_operations(model, plan, {"input": values.detach()}, handle.strict, named, handle._undo)\n    _remember_operations(handle)\n',
+        '    _check_operations(model, plan, {"input": values.detach()}, handle.strict, named, handle._undo)\n',
+        ("tests/unit/test_patching.py::test_plain_module_operations_are_checked_on_the_explained_input",),
+    ),
 )
 
 # Changes that cannot alter any result, so no test can (or should) catch them.

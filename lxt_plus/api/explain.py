@@ -30,7 +30,7 @@ from lxt_plus.engine.detect import (
 from lxt_plus.engine.functional import acc, input_relevance
 from lxt_plus.engine.memory import check_fits
 from lxt_plus.engine.offload import offloaded_saves
-from lxt_plus.engine.patching import Handle, check_images, handle_of, patch
+from lxt_plus.engine.patching import Handle, check_images, check_plain, handle_of, patch
 from lxt_plus.engine.plan import Preset, get_preset
 from lxt_plus.engine.positional import position_buffer_leaves, positional_leaves, positional_relevance
 from lxt_plus.errors import (
@@ -728,6 +728,8 @@ def explain(
         _checkpointing(model, checkpointing),
     ):
         _check_fits(model, handle, batch, checkpointing)
+        if batch.values is not None and not is_hf_model(model):
+            check_plain(handle, batch.values.to(input_device(model)))
         if "pixel_values" in batch.model_inputs and batch.input_ids is not None:  # a vision-language input
             check_images(
                 handle,

@@ -495,7 +495,10 @@ def patch(
         Raise :class:`~lxt_plus.errors.UnsupportedModelError` (before touching the model) when a
         module matches no rule. ``False`` lets such modules pass with plain gradients.
     verify:
-        Run one tiny forward pass to prove every norm and attention module was reached by its rule.
+        Run one tiny forward pass to prove every norm and attention module was reached by its rule,
+        and one with gradients proving every operation on the relevance path has a rule. A plain
+        module (not a HuggingFace model) gets no probe input: :func:`~lxt_plus.explain` checks
+        its operations on the first input it is given.
 
     Returns
     -------
@@ -697,6 +700,10 @@ def _check_operations(
             def run() -> Any:
                 image, text = dual_embeddings(model, **probe)
                 return torch.cat([image.flatten(), text.flatten()])
+        elif not is_hf_model(model):  # a plain module takes its one input positionally
+
+            def run() -> Any:
+                return model(*probe.values())
         else:
 
             def run() -> Any:
@@ -768,10 +775,30 @@ def check_images(handle: Handle, inputs: dict[str, Any]) -> None:
     device = input_device(model)
     tensors = {k: v.to(device) for k, v in tensors.items()}
     _check_operations(model, plan, tensors, handle.strict, dict(model.named_modules()), handle._undo)
+    _remember_operations(handle)
+
+
+def check_plain(handle: Handle, values: torch.Tensor) -> None:
+    """Check the operations of a plain (not HuggingFace) module on the input ``explain`` was given,
+    once per model and plan: the patch-time probe cannot build an input for a module it knows
+    nothing about, so without this an inline softmax or product in its ``forward`` would pass with
+    plain gradients unnoticed. An operation without a rule raises
+    :class:`~lxt_plus.errors.UnsupportedModelError` (or warns, with ``strict=False``) before any
+    relevance is computed."""
+    model, plan = handle.model, handle.plan
+    if is_hf_model(model) or plan.operations is not None:
+        return
+    named = dict(model.named_modules())
+    _check_operations(model, plan, {"input": values.detach()}, handle.strict, named, handle._undo)
+    _remember_operations(handle)
+
+
+def _remember_operations(handle: Handle) -> None:
+    """Keep an operation check made after patching with the cached plan, so it runs once."""
     with _LOCK:
-        cached = _PLAN_CACHE.get(model, {}).get((plan.preset, handle.strict))
+        cached = _PLAN_CACHE.get(handle.model, {}).get((handle.plan.preset, handle.strict))
         if cached is not None:
-            cached[1].operations = plan.operations
+            cached[1].operations = handle.plan.operations
 
 
 def _called_modules(model: nn.Module, inputs: dict[str, torch.Tensor]) -> set[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,15 @@ from transformers.masking_utils import AttentionMaskInterface
 
 import lxt_plus
 from lxt_plus.engine.hf import ATTENTION_KEYS
-from lxt_plus.engine.patching import is_patched
+from lxt_plus.engine.patching import handle_of, is_patched
 from lxt_plus.engine.plan import PRESETS
-from lxt_plus.errors import AlreadyPatchedError, ConservationError, NotPatchedError, UnsupportedModelError
+from lxt_plus.errors import (
+    AlreadyPatchedError,
+    ConservationError,
+    LxtPlusWarning,
+    NotPatchedError,
+    UnsupportedModelError,
+)
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import families as F  # noqa: E402
@@ -332,6 +339,39 @@ def test_plain_torch_model_features() -> None:
         logit = net(x)[:, 1]
     torch.testing.assert_close(res.relevance.sum(-1), logit, rtol=1e-5, atol=1e-6)
     assert res.modality == "features"
+
+
+class _InlineMixer(torch.nn.Module):
+    """A plain module whose forward computes attention and a gated product inline."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.head = torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        mixed = torch.softmax(h @ h.transpose(-1, -2), -1) @ h
+        return self.head((torch.tanh(self.proj(mixed)) * h).mean(1))
+
+
+def test_plain_module_operations_are_checked_on_the_explained_input() -> None:
+    """The patch-time probe cannot build an input for a plain module; explain checks its operations
+    on the input it was given, so an inline softmax is refused by name, not passed as a gradient."""
+    torch.manual_seed(0)
+    net, x = _InlineMixer().eval(), torch.randn(2, 5, 8)
+    with pytest.raises(UnsupportedModelError, match="softmax") as info:
+        lxt_plus.explain(net, x, target=1)
+    assert "tanh" in str(info.value) and "mul of two input-dependent" in str(info.value)
+    assert handle_of(net) is None  # refused before any relevance, and unpatched
+    with pytest.warns(LxtPlusWarning, match="NOT conservative"):
+        res = lxt_plus.explain(net, x, target=1, strict=False)
+    assert res.relevance.shape == x.shape
+    # a plain module the rules cover is checked too, and passes
+    seq = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LxtPlusWarning)
+        lxt_plus.explain(seq, torch.randn(4, 6), target=1)
+    with lxt_plus.patched(seq) as handle:
+        assert handle.plan.operations is not None and handle.plan.operations.ok
 
 
 @pytest.mark.parametrize("rules", ["attnlrp", "ah-lrp"])
